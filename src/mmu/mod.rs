@@ -1,0 +1,248 @@
+//! The `Mmu` seam: what the caches need from an address space.
+//!
+//! Two implementations: [`Window`], a reserved `PROT_NONE` region into which
+//! frames of the memfd are `mmap`ped, and [`ModelMmu`], which makes no
+//! system call at all (a slot's address is the frame's direct-map address) so
+//! loom models and simulations of hundreds of CPUs can run on it. Nothing
+//! above this module calls `mmap`.
+
+mod model;
+mod window;
+
+pub use model::ModelMmu;
+pub use window::{Window, WindowBuilder};
+
+use std::fmt;
+use std::ptr::NonNull;
+
+use crate::error::{Error, Result};
+use crate::phys::{PhysMem, Pfn};
+use crate::sync::{AtomicU64, AtomicUsize, Ordering};
+
+/// The index of a slot in a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot(pub usize);
+
+/// An address space into which frames of one [`PhysMem`] are mapped, one
+/// frame per slot.
+///
+/// Implementations count what they do ([`MmuStats`]); wrappers (fault
+/// injection, tracing) can implement it by delegating.
+pub trait Mmu: Send + Sync + fmt::Debug {
+    /// The memory whose frames this MMU maps.
+    fn phys(&self) -> &PhysMem;
+
+    /// Slots in the window.
+    fn capacity(&self) -> usize;
+
+    /// Bytes per slot (the frame size).
+    fn slot_size(&self) -> usize {
+        self.phys().frame_size()
+    }
+
+    /// Map `count` contiguous frames starting at `pfn` into the `count`
+    /// adjacent slots starting at `slot`, with one operation (one system call
+    /// for the window). Returns the address of the first slot; the run is
+    /// contiguous from there.
+    ///
+    /// # Safety
+    /// The caller owns the slots (from the slot allocator) and nothing may be
+    /// entered there, nor any reference to their old contents be live.
+    unsafe fn enter(&self, slot: Slot, pfn: Pfn, count: usize) -> Result<NonNull<u8>>;
+
+    /// Remove the mappings of `count` adjacent slots entered together (or
+    /// separately) from `slot`. After it returns `Ok`, nothing is mapped
+    /// there and the slots may go back to the allocator.
+    ///
+    /// # Safety
+    /// No access through these slots may happen during or after the call.
+    unsafe fn remove(&self, slot: Slot, count: usize) -> Result<()>;
+
+    /// The frame entered at `slot` now, if any. No system call.
+    fn translate(&self, slot: Slot) -> Option<Pfn>;
+
+    /// The address of `slot` with whatever is entered there, `None` if
+    /// nothing is. No system call.
+    fn kva(&self, slot: Slot) -> Option<NonNull<u8>>;
+
+    /// Counters of operations and system calls.
+    fn stats(&self) -> MmuStats;
+}
+
+/// Counters of an [`Mmu`]. `enters` and `removes` count calls (a run is one);
+/// `pages_entered`/`pages_removed` count slots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmuStats {
+    /// Calls of `enter`.
+    pub enters: u64,
+    /// Calls of `remove`.
+    pub removes: u64,
+    /// Slots entered, summed over calls.
+    pub pages_entered: u64,
+    /// Slots removed, summed over calls.
+    pub pages_removed: u64,
+    /// System calls made (0 for the model).
+    pub syscalls: u64,
+    /// Removes that fell back to `munmap` because the kernel refused the
+    /// `PROT_NONE` remap (`ENOMEM` at the `vm.max_map_count` wall).
+    pub remove_fallbacks: u64,
+    /// Slots mapped now.
+    pub mapped: u64,
+}
+
+impl MmuStats {
+    /// Field-wise difference `self - earlier`, for measuring one operation.
+    pub fn since(&self, earlier: &MmuStats) -> MmuStats {
+        MmuStats {
+            enters: self.enters - earlier.enters,
+            removes: self.removes - earlier.removes,
+            pages_entered: self.pages_entered - earlier.pages_entered,
+            pages_removed: self.pages_removed - earlier.pages_removed,
+            syscalls: self.syscalls - earlier.syscalls,
+            remove_fallbacks: self.remove_fallbacks - earlier.remove_fallbacks,
+            mapped: self.mapped,
+        }
+    }
+}
+
+impl fmt::Display for MmuStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "enters {} ({} pages), removes {} ({} pages), syscalls {}, munmap fallbacks {}, mapped now {}",
+            self.enters,
+            self.pages_entered,
+            self.removes,
+            self.pages_removed,
+            self.syscalls,
+            self.remove_fallbacks,
+            self.mapped
+        )
+    }
+}
+
+// === SlotTable: state and counters shared by both backends ===
+
+/// Per-slot record of what is entered (`pfn + 1`, 0 for nothing) plus flags,
+/// and the counters. Both backends keep one so `translate` and the stats
+/// mean the same on both.
+#[derive(Debug)]
+pub(crate) struct SlotTable {
+    slots: Box<[AtomicUsize]>,
+    frames: usize,
+    enters: AtomicU64,
+    removes: AtomicU64,
+    pages_entered: AtomicU64,
+    pages_removed: AtomicU64,
+    syscalls: AtomicU64,
+    remove_fallbacks: AtomicU64,
+    mapped: AtomicU64,
+}
+
+/// The reservation of this slot was lost (it was `munmap`ped): the next
+/// enter must not use `MAP_FIXED` blindly.
+pub(crate) const HOLE: usize = 1 << (usize::BITS - 1);
+const PFN_MASK: usize = !HOLE;
+
+impl SlotTable {
+    pub(crate) fn new(capacity: usize, frames: usize) -> Self {
+        SlotTable {
+            slots: (0..capacity).map(|_| AtomicUsize::new(0)).collect(),
+            frames,
+            enters: AtomicU64::new(0),
+            removes: AtomicU64::new(0),
+            pages_entered: AtomicU64::new(0),
+            pages_removed: AtomicU64::new(0),
+            syscalls: AtomicU64::new(0),
+            remove_fallbacks: AtomicU64::new(0),
+            mapped: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Reject ranges outside the window or the memory (a clear error, even
+    /// though the callers are `unsafe`).
+    pub(crate) fn check(&self, slot: Slot, pfn: Option<Pfn>, count: usize) -> Result<()> {
+        if count == 0 || slot.0.checked_add(count).is_none_or(|e| e > self.slots.len()) {
+            return Err(Error::config(
+                "slot range",
+                format!("slots {}..+{count} outside a window of {}", slot.0, self.slots.len()),
+            ));
+        }
+        if let Some(p) = pfn {
+            if p.0.checked_add(count).is_none_or(|e| e > self.frames) {
+                return Err(Error::config(
+                    "frame range",
+                    format!("frames {}..+{count} outside a memory of {}", p.0, self.frames),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn translate(&self, slot: Slot) -> Option<Pfn> {
+        let v = self.slots.get(slot.0)?.load(Ordering::Acquire) & PFN_MASK;
+        v.checked_sub(1).map(Pfn)
+    }
+
+    pub(crate) fn any_hole(&self, slot: Slot, count: usize) -> bool {
+        self.slots[slot.0..slot.0 + count].iter().any(|s| s.load(Ordering::Relaxed) & HOLE != 0)
+    }
+
+    pub(crate) fn is_hole(&self, slot: usize) -> bool {
+        self.slots[slot].load(Ordering::Relaxed) & HOLE != 0
+    }
+
+    /// Record an enter; returns whether any slot already had a frame (a bug
+    /// in the caller: the model treats it as fatal).
+    pub(crate) fn entered(&self, slot: Slot, pfn: Pfn, count: usize) -> bool {
+        let mut overwrote = false;
+        for i in 0..count {
+            // Release: publishes the mapping to `translate` readers.
+            let old = self.slots[slot.0 + i].swap(pfn.0 + i + 1, Ordering::Release);
+            overwrote |= old & PFN_MASK != 0;
+        }
+        self.enters.fetch_add(1, Ordering::Relaxed);
+        self.pages_entered.fetch_add(count as u64, Ordering::Relaxed);
+        self.mapped.fetch_add(count as u64, Ordering::Relaxed);
+        overwrote
+    }
+
+    /// Record a remove; returns whether any slot was empty (a caller bug).
+    pub(crate) fn removed(&self, slot: Slot, count: usize, keep_hole: bool) -> bool {
+        let mut empty = false;
+        for i in 0..count {
+            let new = if keep_hole { HOLE } else { 0 };
+            let old = self.slots[slot.0 + i].swap(new, Ordering::Release);
+            empty |= old & PFN_MASK == 0;
+        }
+        self.removes.fetch_add(1, Ordering::Relaxed);
+        self.pages_removed.fetch_add(count as u64, Ordering::Relaxed);
+        self.mapped.fetch_sub(count as u64, Ordering::Relaxed);
+        empty
+    }
+
+    pub(crate) fn syscall(&self) {
+        self.syscalls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn fallback(&self) {
+        self.remove_fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> MmuStats {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MmuStats {
+            enters: r(&self.enters),
+            removes: r(&self.removes),
+            pages_entered: r(&self.pages_entered),
+            pages_removed: r(&self.pages_removed),
+            syscalls: r(&self.syscalls),
+            remove_fallbacks: r(&self.remove_fallbacks),
+            mapped: r(&self.mapped),
+        }
+    }
+}

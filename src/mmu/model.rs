@@ -1,0 +1,88 @@
+//! The model MMU: no system calls; a slot's address is the direct-map
+//! address of the frame entered there.
+
+use std::fmt;
+use std::ptr::NonNull;
+
+use super::{Mmu, MmuStats, Slot, SlotTable};
+use crate::error::{Error, Result};
+use crate::phys::{PhysMem, Pfn};
+
+/// The model backend. Entering frame F at slot S makes S's address F's bytes
+/// in the direct map, so writes through a "mapping" land in the frame, as
+/// with the real window, without any system call. It checks the protocol as
+/// it goes: entering an occupied slot or removing an empty one panics (the
+/// real window would silently clobber or succeed), which is what makes it
+/// useful under loom.
+///
+/// ```
+/// use lwbuf::{Backing, ModelMmu, Mmu, PhysMem, Pfn, Slot};
+/// let mem = PhysMem::builder().frames(4).backing(Backing::Heap).build()?;
+/// let mmu = ModelMmu::new(&mem, 2)?;
+/// // SAFETY: slot 1 is ours and empty.
+/// unsafe { mmu.enter(Slot(1), Pfn(2), 1)? };
+/// assert_eq!(mmu.translate(Slot(1)), Some(Pfn(2)));
+/// assert_eq!(mmu.stats().syscalls, 0);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+pub struct ModelMmu {
+    phys: PhysMem,
+    table: SlotTable,
+}
+
+impl ModelMmu {
+    /// A model window of `slots` slots over `phys`, which must be directly
+    /// mapped (heap backing always is).
+    pub fn new(phys: &PhysMem, slots: usize) -> Result<ModelMmu> {
+        if !phys.has_direct_map() {
+            return Err(Error::NoDirectMap);
+        }
+        if slots == 0 {
+            return Err(Error::config("slots", "a window needs at least one slot"));
+        }
+        Ok(ModelMmu { phys: phys.clone(), table: SlotTable::new(slots, phys.frames()) })
+    }
+}
+
+impl Mmu for ModelMmu {
+    fn phys(&self) -> &PhysMem {
+        &self.phys
+    }
+
+    fn capacity(&self) -> usize {
+        self.table.capacity()
+    }
+
+    unsafe fn enter(&self, slot: Slot, pfn: Pfn, count: usize) -> Result<NonNull<u8>> {
+        self.table.check(slot, Some(pfn), count)?;
+        let addr = self.phys.direct_ptr(pfn).expect("checked: direct map and frame in range");
+        let overwrote = self.table.entered(slot, pfn, count);
+        assert!(!overwrote, "model MMU: enter into occupied slots {}..+{count}", slot.0);
+        Ok(addr)
+    }
+
+    unsafe fn remove(&self, slot: Slot, count: usize) -> Result<()> {
+        self.table.check(slot, None, count)?;
+        let empty = self.table.removed(slot, count, false);
+        assert!(!empty, "model MMU: remove of empty slots {}..+{count}", slot.0);
+        Ok(())
+    }
+
+    fn translate(&self, slot: Slot) -> Option<Pfn> {
+        self.table.translate(slot)
+    }
+
+    fn kva(&self, slot: Slot) -> Option<NonNull<u8>> {
+        self.phys.direct_ptr(self.table.translate(slot)?)
+    }
+
+    fn stats(&self) -> MmuStats {
+        self.table.stats()
+    }
+}
+
+impl fmt::Debug for ModelMmu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelMmu").field("slots", &self.table.capacity()).field("stats", &self.table.stats()).finish()
+    }
+}

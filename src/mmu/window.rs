@@ -1,0 +1,275 @@
+//! The real window: a reserved `PROT_NONE` region of the process's address
+//! space into which frames of the memfd are mapped with `MAP_FIXED`.
+
+use std::ffi::c_void;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::ptr::NonNull;
+
+use nix::errno::Errno;
+use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
+
+use super::{Mmu, MmuStats, Slot, SlotTable};
+use crate::error::{Error, Result};
+use crate::phys::{Backing, PhysMem, Pfn, MAX_REGION_BYTES};
+
+/// Builds a [`Window`]. See [`Window::builder`].
+#[derive(Debug)]
+pub struct WindowBuilder {
+    phys: PhysMem,
+    slots: usize,
+}
+
+impl WindowBuilder {
+    /// Slots in the window (default: as many as the memory has frames, but
+    /// at most 65,536).
+    pub fn slots(mut self, n: usize) -> Self {
+        self.slots = n;
+        self
+    }
+
+    /// Reserve the window: one `mmap(PROT_NONE, MAP_NORESERVE)`. It costs
+    /// address space only, however large.
+    pub fn build(self) -> Result<Window> {
+        if self.phys.backing() != Backing::Memfd {
+            return Err(Error::config("backing", "the real window maps a memfd; use ModelMmu for heap memory"));
+        }
+        if self.slots == 0 {
+            return Err(Error::config("slots", "a window needs at least one slot"));
+        }
+        let slot_size = self.phys.frame_size();
+        let len = self.slots.checked_mul(slot_size).filter(|&b| b <= MAX_REGION_BYTES).ok_or_else(|| {
+            Error::config(
+                "slots",
+                format!(
+                    "{} slots of {slot_size} bytes exceed the {} TiB address-space limit",
+                    self.slots,
+                    MAX_REGION_BYTES >> 40
+                ),
+            )
+        })?;
+        let nz = NonZeroUsize::new(len).expect("len > 0");
+        // SAFETY: an anonymous PROT_NONE mapping at an address the kernel
+        // chooses cannot clobber anything.
+        let base = unsafe {
+            mmap_anonymous(None, nz, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE)
+        }
+        .map_err(|e| Error::sys("mmap(reserve window)", e))?;
+        let table = SlotTable::new(self.slots, self.phys.frames());
+        table.syscall();
+        Ok(Window { phys: self.phys, base: base.cast(), slot_size, len, table })
+    }
+}
+
+/// The real backend: a reserved region of `slots * frame_size` bytes.
+///
+/// `enter` is `mmap(MAP_SHARED | MAP_FIXED)` of the memfd at the frame's
+/// offset (one call for a run); `remove` remaps the slots `PROT_NONE`, and
+/// when the kernel refuses that (`ENOMEM` at the `vm.max_map_count` wall)
+/// falls back to `munmap`, keeping the slot usable: the next enter there uses
+/// `MAP_FIXED_NOREPLACE` so it can never clobber a mapping someone else made
+/// in the hole. Dropping the window unmaps all of it.
+///
+/// ```
+/// use lwbuf::{Mmu, PhysMem, Pfn, Slot, Window};
+/// let mem = PhysMem::builder().frames(16).build()?;
+/// let win = Window::builder(&mem).slots(8).build()?;
+/// // SAFETY: slot 0 is ours and empty; nothing refers to it.
+/// let p = unsafe { win.enter(Slot(0), Pfn(3), 1)? };
+/// // SAFETY: the slot maps frame 3, a whole frame of writable bytes.
+/// unsafe { p.as_ptr().write(42) };
+/// let mut b = [0u8];
+/// mem.read_frame(Pfn(3), 0, &mut b)?;
+/// assert_eq!(b[0], 42);
+/// // SAFETY: no reference into slot 0 remains.
+/// unsafe { win.remove(Slot(0), 1)? };
+/// assert_eq!(win.stats().syscalls, 3); // reserve, enter, remove
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+pub struct Window {
+    phys: PhysMem,
+    base: NonNull<u8>,
+    slot_size: usize,
+    len: usize,
+    table: SlotTable,
+}
+
+// SAFETY: the window owns its reservation; all mutation of mappings goes
+// through `unsafe` methods whose callers own the slots they touch, and the
+// bookkeeping is atomic.
+unsafe impl Send for Window {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Window {}
+
+impl Window {
+    /// A builder for a window mapping frames of `phys`.
+    pub fn builder(phys: &PhysMem) -> WindowBuilder {
+        WindowBuilder { phys: phys.clone(), slots: phys.frames().min(1 << 16) }
+    }
+
+    /// The first byte of the window.
+    pub fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// Bytes the window spans.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never: a window has at least one slot.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn addr(&self, slot: Slot) -> NonNull<u8> {
+        // SAFETY: callers pass a slot checked against the capacity, so the
+        // offset stays inside the reservation.
+        unsafe { self.base.add(slot.0 * self.slot_size) }
+    }
+
+    /// Restore a `PROT_NONE` reservation over `len` bytes at `addr`.
+    fn reserve_at(&self, addr: NonNull<u8>, len: usize, flags: MapFlags) -> nix::Result<()> {
+        self.table.syscall();
+        // SAFETY: `addr..addr+len` lies inside our window and its caller owns
+        // those slots (or, with NOREPLACE, the kernel refuses if anyone else
+        // has mapped there).
+        unsafe {
+            mmap_anonymous(
+                Some(NonZeroUsize::new(addr.as_ptr() as usize).expect("non-null")),
+                NonZeroUsize::new(len).expect("len > 0"),
+                ProtFlags::PROT_NONE,
+                flags | MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+            )
+        }
+        .map(|_| ())
+    }
+}
+
+impl Mmu for Window {
+    fn phys(&self) -> &PhysMem {
+        &self.phys
+    }
+
+    fn capacity(&self) -> usize {
+        self.table.capacity()
+    }
+
+    unsafe fn enter(&self, slot: Slot, pfn: Pfn, count: usize) -> Result<NonNull<u8>> {
+        self.table.check(slot, Some(pfn), count)?;
+        let fd = self.phys.memfd().expect("window PhysMem is memfd-backed");
+        let addr = self.addr(slot);
+        let len = count * self.slot_size;
+        let offset = (pfn.0 * self.slot_size) as i64;
+        // A slot whose reservation was lost must not be mapped with plain
+        // MAP_FIXED: another mmap of the process may have landed there.
+        let fixed = if self.table.any_hole(slot, count) {
+            MapFlags::MAP_FIXED_NOREPLACE
+        } else {
+            MapFlags::MAP_FIXED
+        };
+        self.table.syscall();
+        // SAFETY: the range lies inside the window and the caller owns these
+        // slots (method contract), so MAP_FIXED replaces only our own
+        // PROT_NONE reservation; holes use MAP_FIXED_NOREPLACE instead.
+        let r = unsafe {
+            mmap(
+                Some(NonZeroUsize::new(addr.as_ptr() as usize).expect("non-null")),
+                NonZeroUsize::new(len).expect("count > 0"),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED | fixed,
+                fd,
+                offset,
+            )
+        };
+        match r {
+            Ok(p) if p.cast::<u8>() == addr => {
+                self.table.entered(slot, pfn, count);
+                Ok(addr)
+            }
+            Ok(p) => {
+                // Kernels before 4.17 treat NOREPLACE as a hint: undo.
+                // SAFETY: `p` is the mapping just made, at an address the
+                // kernel chose; nobody else knows it.
+                let _ = unsafe { munmap(p, len) };
+                Err(Error::sys("mmap(enter)", Errno::EEXIST))
+            }
+            Err(e) => Err(Error::sys("mmap(enter)", e)),
+        }
+    }
+
+    unsafe fn remove(&self, slot: Slot, count: usize) -> Result<()> {
+        self.table.check(slot, None, count)?;
+        let addr = self.addr(slot);
+        let len = count * self.slot_size;
+        match self.reserve_at(addr, len, MapFlags::MAP_FIXED) {
+            Ok(()) => {
+                self.table.removed(slot, count, false);
+                Ok(())
+            }
+            Err(Errno::ENOMEM) => {
+                // At the vm.max_map_count wall even the PROT_NONE remap fails
+                // (it needs a new VMA before the old one goes); plain munmap
+                // still works because it only removes.
+                self.table.fallback();
+                self.table.syscall();
+                // SAFETY: the caller owns these slots and promises nothing
+                // accesses them (method contract).
+                unsafe { munmap(addr.cast::<c_void>(), len) }.map_err(|e| Error::sys("munmap(remove)", e))?;
+                // With one VMA fewer the reservation usually fits again;
+                // NOREPLACE so we never clobber a mapping made in between.
+                let rereserved = self.reserve_at(addr, len, MapFlags::MAP_FIXED_NOREPLACE).is_ok();
+                self.table.removed(slot, count, !rereserved);
+                Ok(())
+            }
+            Err(e) => Err(Error::sys("mmap(remove)", e)),
+        }
+    }
+
+    fn translate(&self, slot: Slot) -> Option<Pfn> {
+        self.table.translate(slot)
+    }
+
+    fn kva(&self, slot: Slot) -> Option<NonNull<u8>> {
+        self.table.translate(slot).map(|_| self.addr(slot))
+    }
+
+    fn stats(&self) -> MmuStats {
+        self.table.stats()
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // Unmap the window in segments, skipping slots whose reservation was
+        // lost: whatever is mapped there now is not ours.
+        let cap = self.table.capacity();
+        let mut i = 0;
+        while i < cap {
+            if self.table.is_hole(i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < cap && !self.table.is_hole(i) {
+                i += 1;
+            }
+            let addr = self.addr(Slot(start));
+            // SAFETY: the window is being dropped, so no handle can refer to
+            // any slot (handles borrow the cache that borrows the window), and
+            // the segment is ours.
+            let _ = unsafe { munmap(addr.cast::<c_void>(), (i - start) * self.slot_size) };
+        }
+    }
+}
+
+impl fmt::Debug for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Window")
+            .field("base", &self.base)
+            .field("slots", &self.table.capacity())
+            .field("slot_size", &self.slot_size)
+            .field("stats", &self.table.stats())
+            .finish()
+    }
+}

@@ -1,0 +1,122 @@
+//! [`Page`]: the `vm_page` stand-in, a reference-counted hold on one frame.
+
+use std::fmt;
+use std::ptr::NonNull;
+
+use super::{PhysMem, Pfn};
+use crate::error::Result;
+use crate::kaddr::Kaddr;
+use crate::sync::{fence, AtomicUsize, Ordering};
+
+struct PageInner {
+    /// Holds on the frame. The std `Arc` protocol: increment `Relaxed`,
+    /// decrement `Release`, `Acquire` fence before the frame is freed.
+    refs: AtomicUsize,
+    mem: PhysMem,
+    pfn: Pfn,
+}
+
+/// A hold on one frame of a [`PhysMem`] (the kernel's wired `vm_page`).
+///
+/// Cloning is a hold (one relaxed atomic increment, no system call); the
+/// frame returns to the allocator when the last clone is dropped, on
+/// whichever thread that happens. A `Page` does not map anything: map it
+/// with an lwbuf cache or the sf_buf pool, or read it through the direct map.
+pub struct Page {
+    inner: NonNull<PageInner>,
+}
+
+// SAFETY: `PageInner` is only shared through atomics and immutable fields
+// (`PhysMem` is Send + Sync); the last holder frees it after an Acquire fence.
+unsafe impl Send for Page {}
+// SAFETY: as above; `&Page` only reads immutable fields or bumps the count.
+unsafe impl Sync for Page {}
+
+const MAX_REFS: usize = isize::MAX as usize;
+
+impl Page {
+    pub(crate) fn new(mem: PhysMem, pfn: Pfn) -> Page {
+        let inner = Box::new(PageInner { refs: AtomicUsize::new(1), mem, pfn });
+        Page { inner: NonNull::from(Box::leak(inner)) }
+    }
+
+    fn inner(&self) -> &PageInner {
+        // SAFETY: `inner` stays allocated while any `Page` (this one) holds it.
+        unsafe { self.inner.as_ref() }
+    }
+
+    /// The frame number.
+    pub fn pfn(&self) -> Pfn {
+        self.inner().pfn
+    }
+
+    /// The memory this frame belongs to.
+    pub fn phys(&self) -> &PhysMem {
+        &self.inner().mem
+    }
+
+    /// Holds on this frame now (a racy reading, for tests and stats).
+    pub fn hold_count(&self) -> usize {
+        self.inner().refs.load(Ordering::Relaxed)
+    }
+
+    /// Byte offset of the frame in the memfd.
+    pub fn offset(&self) -> u64 {
+        (self.pfn().0 * self.phys().frame_size()) as u64
+    }
+
+    /// The frame's bytes through the direct map; [`crate::Error::NoDirectMap`]
+    /// if the `PhysMem` has none. No system call.
+    pub fn direct(&self) -> Result<Kaddr<'_>> {
+        self.phys().direct_view(self.pfn(), 1)
+    }
+}
+
+impl Clone for Page {
+    fn clone(&self) -> Page {
+        // Relaxed: a new hold can only be made from an existing one, which
+        // already keeps the frame alive; no data is published by it.
+        let old = self.inner().refs.fetch_add(1, Ordering::Relaxed);
+        if old > MAX_REFS {
+            // As std's Arc: a count this high means leaked clones; wrapping
+            // would free a frame still in use.
+            std::process::abort();
+        }
+        Page { inner: self.inner }
+    }
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        // Release: everything this holder did with the frame happens before
+        // the frame is freed by whoever drops the last hold.
+        #[cfg(not(lwbuf_mutant = "page_relaxed"))]
+        let last = self.inner().refs.fetch_sub(1, Ordering::Release) == 1;
+        #[cfg(lwbuf_mutant = "page_relaxed")]
+        let last = self.inner().refs.fetch_sub(1, Ordering::Relaxed) == 1;
+        if !last {
+            return;
+        }
+        // Acquire: pairs with the Release decrements of the other holders.
+        #[cfg(not(lwbuf_mutant = "page_relaxed"))]
+        fence(Ordering::Acquire);
+        // SAFETY: this was the last hold: no other `Page` points at `inner`,
+        // and it was allocated by `Box` in `Page::new`.
+        let inner = unsafe { Box::from_raw(self.inner.as_ptr()) };
+        inner.mem.free_frame(inner.pfn);
+    }
+}
+
+impl PartialEq for Page {
+    /// Same frame of the same memory.
+    fn eq(&self, other: &Page) -> bool {
+        self.pfn() == other.pfn() && self.phys().same_as(other.phys())
+    }
+}
+impl Eq for Page {}
+
+impl fmt::Debug for Page {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Page").field("pfn", &self.pfn().0).field("holds", &self.hold_count()).finish()
+    }
+}

@@ -1,0 +1,105 @@
+//! The one sync facade.
+//!
+//! Every atomic, lock, `UnsafeCell`, `Arc`, thread-local and spawn in the crate
+//! comes from here. Normally these are std's (and crossbeam-utils') types;
+//! under `--cfg loom` they are loom's, so the loom models in `loom-tests/` run
+//! the library's own code. The std side mirrors loom's API
+//! (`UnsafeCell::with`/`with_mut`) so call sites do not change between the two.
+
+#![allow(unused_imports, dead_code)]
+
+#[cfg(not(loom))]
+mod imp {
+    pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+    pub(crate) use std::thread;
+    pub(crate) use std::thread_local;
+
+    /// `UnsafeCell` with loom's closure API.
+    #[derive(Debug, Default)]
+    pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+    impl<T> UnsafeCell<T> {
+        pub(crate) const fn new(v: T) -> Self {
+            Self(std::cell::UnsafeCell::new(v))
+        }
+        #[inline(always)]
+        pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+            f(self.0.get())
+        }
+        #[inline(always)]
+        pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+            f(self.0.get())
+        }
+    }
+
+    /// Yield inside a spin loop (a plain spin hint outside loom).
+    #[inline(always)]
+    pub(crate) fn spin_loop() {
+        std::hint::spin_loop();
+    }
+}
+
+#[cfg(loom)]
+mod imp {
+    pub(crate) use loom::cell::UnsafeCell;
+    pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
+    pub(crate) use loom::thread;
+    pub(crate) use loom::thread_local;
+
+    /// Under loom a spin loop must yield, or the model never makes progress.
+    pub(crate) fn spin_loop() {
+        loom::thread::yield_now();
+    }
+}
+
+pub(crate) use imp::*;
+
+pub(crate) use crossbeam_utils::CachePadded;
+
+/// Lock a mutex, ignoring poisoning: every critical section in the crate
+/// leaves its data consistent before anything that can panic, so a poisoned
+/// lock (a panic elsewhere while it was held) still guards valid state.
+#[inline]
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    #[cfg(not(loom))]
+    {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    #[cfg(loom)]
+    {
+        m.lock().unwrap()
+    }
+}
+
+/// Try to lock a mutex without blocking; `None` if another thread holds it.
+#[inline]
+pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        #[cfg(not(loom))]
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(_) => None,
+    }
+}
+
+/// Sizes that shrink under loom so that models stay small enough to explore
+/// exhaustively (as tokio shrinks its queue capacity from 256 to 4 under loom).
+pub(crate) mod env {
+    /// How many slots a CPU takes from (and returns to) the shared slot
+    /// allocator at once.
+    #[cfg(not(loom))]
+    pub(crate) const SLOT_BATCH: usize = 32;
+    /// Under loom: 2, so a model of a 4-slot window exercises batching.
+    #[cfg(loom)]
+    pub(crate) const SLOT_BATCH: usize = 2;
+
+    /// Mailbox length beyond which a sender drains the mailbox on the
+    /// owner's behalf if the owner is not running the library right now.
+    #[cfg(not(loom))]
+    pub(crate) const MAILBOX_DRAIN_AT: usize = 256;
+    /// Under loom: 1, so the drain-on-behalf path is in every model.
+    #[cfg(loom)]
+    pub(crate) const MAILBOX_DRAIN_AT: usize = 1;
+}
