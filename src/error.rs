@@ -118,14 +118,12 @@ impl fmt::Display for Error {
                 f,
                 "out of frames: asked for {requested} contiguous, {free} free, largest free run {largest_run}"
             ),
-            Error::WindowFull { requested, capacity } => write!(
-                f,
-                "window full: no {requested} free slot(s) among {capacity}, and no cached mapping to evict"
-            ),
-            Error::MapLimit { budget } => write!(
-                f,
-                "mapping budget of {budget} mappings (from vm.max_map_count) is in use, nothing to evict"
-            ),
+            Error::WindowFull { requested, capacity } => {
+                write!(f, "window full: no {requested} free slot(s) among {capacity}, and no cached mapping to evict")
+            }
+            Error::MapLimit { budget } => {
+                write!(f, "mapping budget of {budget} mappings (from vm.max_map_count) is in use, nothing to evict")
+            }
             Error::WouldBlock => f.write_str("no free slot and the request may not wait"),
             Error::TimedOut => f.write_str("timed out waiting for a free slot"),
             Error::Cancelled => f.write_str("cancelled while waiting for a free slot"),

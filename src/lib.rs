@@ -29,17 +29,22 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
+mod cpu;
 mod error;
+mod hash;
+mod lru;
+mod lwbuf;
 mod extent;
 mod kaddr;
-#[allow(dead_code)]
 mod kva;
 mod mmu;
 mod phys;
 mod sync;
 
+pub use cpu::{pin_to_core, CpuMask, INLINE_CPUS, MAX_BINDINGS_PER_THREAD};
 pub use error::{Error, Result};
+pub use lwbuf::{CpuGuard, CpuStats, Lwbuf, LwbufStats, Lwbufs, LwbufsBuilder, MAX_CPUS};
 pub use extent::ExtentStats;
 pub use kaddr::Kaddr;
-pub use mmu::{ModelMmu, Mmu, MmuStats, Slot, Window, WindowBuilder};
-pub use phys::{system_page_size, Backing, FrameStats, Page, PhysMem, PhysMemBuilder, Pfn, MAX_REGION_BYTES};
+pub use mmu::{Mmu, MmuStats, ModelMmu, Slot, Window, WindowBuilder};
+pub use phys::{system_page_size, Backing, FrameStats, Page, Pfn, PhysMem, PhysMemBuilder, MAX_REGION_BYTES};

@@ -16,7 +16,7 @@ use std::fmt;
 use std::ptr::NonNull;
 
 use crate::error::{Error, Result};
-use crate::phys::{PhysMem, Pfn};
+use crate::phys::{Pfn, PhysMem};
 use crate::sync::{AtomicU64, AtomicUsize, Ordering};
 
 /// The index of a slot in a window.

@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 
 use super::{Mmu, MmuStats, Slot, SlotTable};
 use crate::error::{Error, Result};
-use crate::phys::{PhysMem, Pfn};
+use crate::phys::{Pfn, PhysMem};
 
 /// The model backend. Entering frame F at slot S makes S's address F's bytes
 /// in the direct map, so writes through a "mapping" land in the frame, as

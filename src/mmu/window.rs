@@ -11,7 +11,7 @@ use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use super::{Mmu, MmuStats, Slot, SlotTable};
 use crate::error::{Error, Result};
-use crate::phys::{Backing, PhysMem, Pfn, MAX_REGION_BYTES};
+use crate::phys::{Backing, Pfn, PhysMem, MAX_REGION_BYTES};
 
 /// Builds a [`Window`]. See [`Window::builder`].
 #[derive(Debug)]
@@ -51,10 +51,9 @@ impl WindowBuilder {
         let nz = NonZeroUsize::new(len).expect("len > 0");
         // SAFETY: an anonymous PROT_NONE mapping at an address the kernel
         // chooses cannot clobber anything.
-        let base = unsafe {
-            mmap_anonymous(None, nz, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE)
-        }
-        .map_err(|e| Error::sys("mmap(reserve window)", e))?;
+        let base =
+            unsafe { mmap_anonymous(None, nz, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE) }
+                .map_err(|e| Error::sys("mmap(reserve window)", e))?;
         let table = SlotTable::new(self.slots, self.phys.frames());
         table.syscall();
         Ok(Window { phys: self.phys, base: base.cast(), slot_size, len, table })
@@ -163,11 +162,7 @@ impl Mmu for Window {
         let offset = (pfn.0 * self.slot_size) as i64;
         // A slot whose reservation was lost must not be mapped with plain
         // MAP_FIXED: another mmap of the process may have landed there.
-        let fixed = if self.table.any_hole(slot, count) {
-            MapFlags::MAP_FIXED_NOREPLACE
-        } else {
-            MapFlags::MAP_FIXED
-        };
+        let fixed = if self.table.any_hole(slot, count) { MapFlags::MAP_FIXED_NOREPLACE } else { MapFlags::MAP_FIXED };
         self.table.syscall();
         // SAFETY: the range lies inside the window and the caller owns these
         // slots (method contract), so MAP_FIXED replaces only our own

@@ -104,27 +104,20 @@ impl PhysMemBuilder {
         if self.frame_size < page || !self.frame_size.is_power_of_two() {
             return Err(Error::config(
                 "frame_size",
-                format!(
-                    "{} is not a power-of-two multiple of the system page size ({page})",
-                    self.frame_size
-                ),
+                format!("{} is not a power-of-two multiple of the system page size ({page})", self.frame_size),
             ));
         }
-        let bytes = self
-            .frames
-            .checked_mul(self.frame_size)
-            .filter(|&b| b <= MAX_REGION_BYTES)
-            .ok_or_else(|| {
-                Error::config(
-                    "frames",
-                    format!(
-                        "{} frames of {} bytes exceed the {} TiB limit",
-                        self.frames,
-                        self.frame_size,
-                        MAX_REGION_BYTES >> 40
-                    ),
-                )
-            })?;
+        let bytes = self.frames.checked_mul(self.frame_size).filter(|&b| b <= MAX_REGION_BYTES).ok_or_else(|| {
+            Error::config(
+                "frames",
+                format!(
+                    "{} frames of {} bytes exceed the {} TiB limit",
+                    self.frames,
+                    self.frame_size,
+                    MAX_REGION_BYTES >> 40
+                ),
+            )
+        })?;
         let store = match self.backing {
             Backing::Memfd => Store::memfd(&self.name, bytes, self.direct_map)?,
             Backing::Heap => Store::heap(bytes, self.frame_size)?,
@@ -179,11 +172,11 @@ impl Store {
     }
 
     fn heap(bytes: usize, align: usize) -> Result<Store> {
-        let layout = std::alloc::Layout::from_size_align(bytes, align)
-            .map_err(|e| Error::config("frames", e.to_string()))?;
+        let layout =
+            std::alloc::Layout::from_size_align(bytes, align).map_err(|e| Error::config("frames", e.to_string()))?;
         // SAFETY: `layout` has a non-zero size (frames >= 1, frame_size >= page).
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).ok_or_else(|| Error::OutOfFrames { requested: bytes, free: 0, largest_run: 0 })?;
+        let ptr = NonNull::new(ptr).ok_or(Error::OutOfFrames { requested: bytes, free: 0, largest_run: 0 })?;
         Ok(Store::Heap { ptr, layout })
     }
 

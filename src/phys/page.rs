@@ -3,7 +3,7 @@
 use std::fmt;
 use std::ptr::NonNull;
 
-use super::{PhysMem, Pfn};
+use super::{Pfn, PhysMem};
 use crate::error::Result;
 use crate::kaddr::Kaddr;
 use crate::sync::{fence, AtomicUsize, Ordering};

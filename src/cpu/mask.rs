@@ -1,0 +1,130 @@
+//! [`CpuMask`]: a set of CPU ids with atomic words, inline up to 256 CPUs.
+
+use std::fmt;
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// CPUs a mask holds without a heap allocation.
+pub const INLINE_CPUS: usize = 256;
+const INLINE_WORDS: usize = INLINE_CPUS / 64;
+
+enum Words {
+    Inline([AtomicU64; INLINE_WORDS]),
+    Heap(Box<[AtomicU64]>),
+}
+
+/// A set of CPU ids, sized for a given CPU count. Every word is atomic, so a
+/// mask may be read and extended through a shared reference (an lwbuf handle
+/// used from several CPUs at once). Up to 256 CPUs it lives inline (no heap
+/// allocation); beyond that it takes one.
+pub struct CpuMask {
+    words: Words,
+    nwords: usize,
+}
+
+impl CpuMask {
+    /// An empty mask for CPUs `0..ncpus`.
+    pub fn new(ncpus: usize) -> Self {
+        let nwords = ncpus.div_ceil(64).max(1);
+        let words = if nwords <= INLINE_WORDS {
+            Words::Inline(std::array::from_fn(|_| AtomicU64::new(0)))
+        } else {
+            Words::Heap((0..nwords).map(|_| AtomicU64::new(0)).collect())
+        };
+        CpuMask { words, nwords }
+    }
+
+    /// A mask holding only `cpu`.
+    pub fn single(ncpus: usize, cpu: usize) -> Self {
+        let m = CpuMask::new(ncpus);
+        m.insert(cpu);
+        m
+    }
+
+    #[inline]
+    fn words(&self) -> &[AtomicU64] {
+        match &self.words {
+            Words::Inline(w) => &w[..self.nwords],
+            Words::Heap(w) => w,
+        }
+    }
+
+    /// CPU ids the mask can hold.
+    pub fn capacity(&self) -> usize {
+        self.nwords * 64
+    }
+
+    /// Add `cpu`; returns whether it was already there. Panics if `cpu` is
+    /// beyond the capacity (callers check the CPU id first).
+    #[inline]
+    pub fn insert(&self, cpu: usize) -> bool {
+        // Relaxed: the mask records membership; the entries it names are
+        // protected by their CPU's lock, which orders everything else.
+        self.words()[cpu / 64].fetch_or(1 << (cpu % 64), Ordering::Relaxed) & (1 << (cpu % 64)) != 0
+    }
+
+    /// Remove `cpu`; returns whether it was there.
+    #[inline]
+    pub fn remove(&self, cpu: usize) -> bool {
+        self.words()[cpu / 64].fetch_and(!(1 << (cpu % 64)), Ordering::Relaxed) & (1 << (cpu % 64)) != 0
+    }
+
+    /// Whether `cpu` is in the mask (false beyond the capacity).
+    #[inline]
+    pub fn contains(&self, cpu: usize) -> bool {
+        self.words().get(cpu / 64).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (cpu % 64)) != 0)
+    }
+
+    /// Number of CPUs in the mask.
+    pub fn count(&self) -> usize {
+        self.words().iter().map(|w| w.load(Ordering::Relaxed).count_ones() as usize).sum()
+    }
+
+    /// Whether the mask is empty.
+    pub fn is_empty(&self) -> bool {
+        self.words().iter().all(|w| w.load(Ordering::Relaxed) == 0)
+    }
+
+    /// The CPUs in the mask, in increasing order (a snapshot per word).
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words().iter().enumerate().flat_map(|(i, w)| {
+            let mut bits = w.load(Ordering::Relaxed);
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(i * 64 + b)
+            })
+        })
+    }
+}
+
+impl fmt::Debug for CpuMask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_ops_inline_and_heap() {
+        for n in [1, 64, 65, 256, 257, 1024] {
+            let m = CpuMask::new(n);
+            assert!(m.is_empty());
+            assert!(!m.insert(0));
+            assert!(m.insert(0));
+            assert!(!m.insert(n - 1));
+            assert!(m.contains(n - 1));
+            assert!(!m.contains(n + 1000));
+            assert_eq!(m.count(), if n == 1 { 1 } else { 2 });
+            assert_eq!(m.iter().collect::<Vec<_>>(), if n == 1 { vec![0] } else { vec![0, n - 1] });
+            assert!(m.remove(0));
+            assert!(!m.remove(0));
+        }
+    }
+}

@@ -1,0 +1,545 @@
+//! Per-CPU lwbuf caches (DragonFly BSD's `lwbuf`).
+//!
+//! Each CPU keeps `frame -> {slot, refcnt}`. [`Lwbufs::alloc`] on CPU c finds
+//! or creates c's entry and returns an [`Lwbuf`] whose cpumask is `{c}`;
+//! asking for the address on a CPU d outside the mask makes (or bumps) d's
+//! entry and adds d; dropping the handle decrefs the current CPU's entry
+//! locally and posts one decref message to every other CPU in the mask,
+//! which applies it at its next library call (a passive IPI). Entries whose
+//! count reaches zero stay mapped on an LRU for reuse, up to the per-CPU
+//! *excess* limit. See `DESIGN.md` for the protocol and its history.
+
+mod pcpu;
+mod stats;
+
+pub use stats::{CpuStats, LwbufStats};
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use pcpu::{miss_error, Key, Local, Miss, Pcpu};
+
+use crate::cpu::{self, BindTable, CpuMask};
+use crate::error::{Error, Result};
+use crate::kaddr::Kaddr;
+use crate::kva::KvaSpace;
+use crate::mmu::Mmu;
+use crate::phys::Page;
+use crate::sync::{env, lock, try_lock, Arc, AtomicU64, AtomicUsize, CachePadded, MutexGuard, Ordering};
+
+/// The largest CPU count a system accepts.
+pub const MAX_CPUS: usize = 4096;
+
+/// Builds an [`Lwbufs`] system. See [`Lwbufs::builder`].
+#[derive(Debug)]
+pub struct LwbufsBuilder {
+    mmu: std::sync::Arc<dyn Mmu>,
+    cpus: usize,
+    max_excess: Option<usize>,
+}
+
+impl LwbufsBuilder {
+    /// CPU ids `0..n` (virtual: any count up to [`MAX_CPUS`], independent of
+    /// the cores the machine has). Default: the available parallelism.
+    pub fn cpus(mut self, n: usize) -> Self {
+        self.cpus = n;
+        self
+    }
+
+    /// Unused mappings each CPU keeps cached (the *excess* limit). Default:
+    /// an even share of half the window, at least 1.
+    pub fn max_excess(mut self, n: usize) -> Self {
+        self.max_excess = Some(n);
+        self
+    }
+
+    /// Create the system. No system call.
+    pub fn build(self) -> Result<Lwbufs> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(Error::config("cpus", format!("{} is not in 1..={MAX_CPUS}", self.cpus)));
+        }
+        let kva = KvaSpace::new(self.mmu);
+        let max_excess = self.max_excess.unwrap_or_else(|| (kva.capacity() / (2 * self.cpus)).max(1));
+        let binds = BindTable::new(self.cpus);
+        Ok(Lwbufs {
+            id: cpu::table_id(&binds),
+            cpus: (0..self.cpus).map(|c| CachePadded::new(Pcpu::new(c))).collect(),
+            binds,
+            kva,
+            max_excess: AtomicUsize::new(max_excess),
+            unbound_sent: AtomicU64::new(0),
+        })
+    }
+}
+
+/// A set of per-CPU lwbuf caches over one window.
+///
+/// ```
+/// use std::sync::Arc;
+/// use lwbuf::{Lwbufs, PhysMem, Window};
+///
+/// let mem = PhysMem::builder().frames(64).build()?;
+/// let lw = Lwbufs::builder(Arc::new(Window::builder(&mem).slots(32).build()?)).cpus(4).build()?;
+/// let page = mem.alloc_page()?;
+///
+/// let cpu0 = lw.bind(0)?;                   // this thread is CPU 0 now
+/// let buf = lw.alloc(&page)?;               // a miss: one mmap
+/// buf.kva()?.write_at(0, b"hello")?;
+/// drop(buf);                                // stays mapped, cached
+/// let again = lw.alloc(&page)?;             // a hit: no system call
+/// let mut b = [0u8; 5];
+/// again.kva()?.read_at(0, &mut b)?;
+/// assert_eq!(&b, b"hello");
+/// drop(again);
+/// assert_eq!(lw.stats().total.hits, 1);
+/// drop(cpu0);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+pub struct Lwbufs {
+    id: usize,
+    cpus: Box<[CachePadded<Pcpu>]>,
+    binds: Arc<BindTable>,
+    kva: KvaSpace,
+    max_excess: AtomicUsize,
+    unbound_sent: AtomicU64,
+}
+
+/// The binding of the calling thread to one CPU of an [`Lwbufs`]; dropping
+/// it unbinds. Not `Send`: a binding belongs to its thread.
+#[must_use = "the CPU is unbound as soon as the guard is dropped"]
+pub struct CpuGuard<'a> {
+    sys: &'a Lwbufs,
+    cpu: usize,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl CpuGuard<'_> {
+    /// The CPU id held.
+    pub fn cpu(&self) -> usize {
+        self.cpu
+    }
+}
+
+impl Drop for CpuGuard<'_> {
+    fn drop(&mut self) {
+        cpu::unbind(&self.sys.binds, self.cpu);
+        // Messages posted while we were bound would otherwise wait for the
+        // next owner: drain them now. A sender that posts after this drain
+        // sees the CPU unbound and drains for itself (see `send_decref`).
+        self.sys.drain_on_behalf(self.cpu, true);
+    }
+}
+
+impl fmt::Debug for CpuGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CpuGuard").field("cpu", &self.cpu).finish()
+    }
+}
+
+/// What an [`Lwbuf`] holds the frames with.
+enum Hold {
+    One(Page),
+    Run(Vec<Page>),
+}
+
+/// A mapping of one page (or a run of contiguous pages), valid on every CPU
+/// in its mask. `Send` and `Sync`: pass it to another thread and ask for the
+/// address there. Dropping it releases it (see the module docs).
+pub struct Lwbuf<'a> {
+    sys: &'a Lwbufs,
+    hold: Hold,
+    key: Key,
+    mask: CpuMask,
+    home: u32,
+    home_idx: u32,
+    home_addr: NonNull<u8>,
+}
+
+// SAFETY: `home_addr` is an address in the window, valid while the handle
+// holds its home entry, from any thread; everything else is Send.
+unsafe impl Send for Lwbuf<'_> {}
+// SAFETY: `&Lwbuf` only reads immutable fields or extends the atomic mask
+// under the target CPU's lock.
+unsafe impl Sync for Lwbuf<'_> {}
+
+impl Lwbufs {
+    /// A builder over `mmu` (any [`Mmu`]: the real [`crate::Window`] or the
+    /// [`crate::ModelMmu`]).
+    pub fn builder(mmu: std::sync::Arc<dyn Mmu>) -> LwbufsBuilder {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        LwbufsBuilder { mmu, cpus, max_excess: None }
+    }
+
+    /// CPUs configured.
+    pub fn cpus(&self) -> usize {
+        self.cpus.len()
+    }
+
+    /// The MMU below the caches.
+    pub fn mmu(&self) -> &std::sync::Arc<dyn Mmu> {
+        self.kva.mmu()
+    }
+
+    /// Bind the calling thread to `cpu`. Errors: [`Error::NoSuchCpu`],
+    /// [`Error::CpuBusy`] (another live thread has it),
+    /// [`Error::AlreadyBound`] (this thread holds a CPU of this system).
+    /// No system call.
+    pub fn bind(&self, cpu: usize) -> Result<CpuGuard<'_>> {
+        if cpu >= self.cpus.len() {
+            return Err(Error::NoSuchCpu { cpu, ncpus: self.cpus.len() });
+        }
+        cpu::bind(&self.binds, cpu)?;
+        Ok(CpuGuard { sys: self, cpu, _not_send: PhantomData })
+    }
+
+    /// [`bind`](Self::bind), and pin the thread to core `cpu % cores` (one
+    /// system call).
+    pub fn bind_pinned(&self, cpu: usize) -> Result<CpuGuard<'_>> {
+        let g = self.bind(cpu)?;
+        cpu::pin_to_core(cpu);
+        Ok(g)
+    }
+
+    /// The CPU bound to the calling thread, if any. No system call.
+    #[inline]
+    pub fn current_cpu(&self) -> Option<usize> {
+        cpu::current(self.id)
+    }
+
+    fn require_cpu(&self) -> Result<usize> {
+        self.current_cpu().ok_or(Error::NotBound)
+    }
+
+    /// The unused mappings each CPU keeps.
+    pub fn max_excess(&self) -> usize {
+        self.max_excess.load(Ordering::Relaxed)
+    }
+
+    /// Change the excess limit. CPUs not running the library right now are
+    /// trimmed at once; the others at their next library call.
+    pub fn set_max_excess(&self, n: usize) {
+        self.max_excess.store(n, Ordering::Relaxed);
+        for cpu in 0..self.cpus.len() {
+            if let Some(mut l) = try_lock(&self.cpus[cpu].local) {
+                l.drain(&self.cpus[cpu].mailbox, &self.kva, n);
+            }
+        }
+    }
+
+    /// Lock `cpu`'s cache as its owner: apply pending messages first (the
+    /// passive IPI), then enforce the excess limit.
+    #[inline]
+    fn enter_cpu(&self, cpu: usize) -> MutexGuard<'_, Local> {
+        let pc = &self.cpus[cpu];
+        let mut l = lock(&pc.local);
+        let max = self.max_excess();
+        if pc.mailbox.has_mail() || l.cached() > max {
+            l.drain(&pc.mailbox, &self.kva, max);
+        }
+        l
+    }
+
+    /// Map `page` on the calling thread's CPU. A hit (the frame is cached on
+    /// this CPU) makes no system call and no heap allocation; a miss makes
+    /// one `mmap` (plus a `PROT_NONE` remap if it evicts).
+    ///
+    /// Errors: [`Error::NotBound`], [`Error::ForeignPage`],
+    /// [`Error::WindowFull`] (every slot mapped and in use), or the MMU's
+    /// [`Error::Sys`].
+    pub fn alloc(&self, page: &Page) -> Result<Lwbuf<'_>> {
+        self.kva.check_page(page)?;
+        let key = Key { pfn: page.pfn().0, pages: 1 };
+        self.alloc_key(key, Hold::One(page.clone()))
+    }
+
+    /// Map a run of pages whose frames are contiguous (as a page-cache file
+    /// lays them out) into adjacent slots with one `mmap`, cached as one
+    /// entry: the kernel sees one VMA, and its eventual unmap is one cheap
+    /// shootdown instead of one per page. Errors as [`alloc`](Self::alloc),
+    /// plus [`Error::Config`] if the frames are not contiguous or `pages` is
+    /// empty.
+    pub fn alloc_run(&self, pages: &[Page]) -> Result<Lwbuf<'_>> {
+        let first = pages.first().ok_or_else(|| Error::config("pages", "a run needs at least one page"))?;
+        for (i, p) in pages.iter().enumerate() {
+            self.kva.check_page(p)?;
+            if p.pfn().0 != first.pfn().0 + i {
+                return Err(Error::config("pages", format!("frame {} breaks the run at index {i}", p.pfn().0)));
+            }
+        }
+        if pages.len() == 1 {
+            return self.alloc(first);
+        }
+        let key = Key { pfn: first.pfn().0, pages: pages.len() };
+        self.alloc_key(key, Hold::Run(pages.to_vec()))
+    }
+
+    fn alloc_key(&self, key: Key, hold: Hold) -> Result<Lwbuf<'_>> {
+        let cpu = self.require_cpu()?;
+        let (idx, addr) = self.acquire_on(cpu, key)?;
+        Ok(Lwbuf {
+            sys: self,
+            hold,
+            key,
+            mask: CpuMask::single(self.cpus.len(), cpu),
+            home: cpu as u32,
+            home_idx: idx,
+            home_addr: addr,
+        })
+    }
+
+    /// Take a reference on `key` in `cpu`'s cache, reclaiming slots from
+    /// other CPUs if the window is otherwise full.
+    fn acquire_on(&self, cpu: usize, key: Key) -> Result<(u32, NonNull<u8>)> {
+        let mut reclaimed = false;
+        loop {
+            let r = self.enter_cpu(cpu).acquire(&self.kva, key);
+            match r {
+                Ok(v) => return Ok(v),
+                Err(Miss::NoSlots) if !reclaimed => {
+                    // Our lock is released: take the others one at a time.
+                    reclaimed = true;
+                    self.reclaim_except(cpu);
+                }
+                Err(m) => return Err(miss_error(m, &self.kva, key.pages)),
+            }
+        }
+    }
+
+    /// Apply this CPU's pending messages and enforce the excess limit now
+    /// (otherwise done at the start of every call on this CPU).
+    pub fn poll(&self) -> Result<()> {
+        let cpu = self.require_cpu()?;
+        drop(self.enter_cpu(cpu));
+        Ok(())
+    }
+
+    /// Drain every CPU's mailbox and unmap every cached unused mapping, on
+    /// behalf of CPUs whose threads are idle or gone. Returns the slots given
+    /// back to the window. Each unmap is a system call.
+    pub fn reclaim(&self) -> usize {
+        self.reclaim_except(usize::MAX)
+    }
+
+    fn reclaim_except(&self, except: usize) -> usize {
+        let mut freed = 0;
+        for (cpu, pc) in self.cpus.iter().enumerate() {
+            if cpu == except {
+                continue;
+            }
+            let mut l = lock(&pc.local);
+            l.drain(&pc.mailbox, &self.kva, usize::MAX);
+            freed += l.shrink(&self.kva);
+        }
+        freed
+    }
+
+    /// Drain `cpu`'s mailbox for it. `wait`: block for its lock (only for
+    /// CPUs without an owner, whose lock is held briefly by other drainers);
+    /// otherwise give up if someone (its owner) is in the library.
+    fn drain_on_behalf(&self, cpu: usize, wait: bool) {
+        let pc = &self.cpus[cpu];
+        let guard = if wait { Some(lock(&pc.local)) } else { try_lock(&pc.local) };
+        if let Some(mut l) = guard {
+            l.drain(&pc.mailbox, &self.kva, self.max_excess());
+        }
+    }
+
+    /// Post a decref for `key` to `cpu`.
+    fn send_decref(&self, from: Option<usize>, cpu: usize, key: Key) {
+        let pc = &self.cpus[cpu];
+        let queued = pc.mailbox.push(key);
+        match from {
+            Some(f) => self.cpus[f].sent.fetch_add(1, Ordering::Relaxed),
+            None => self.unbound_sent.fetch_add(1, Ordering::Relaxed),
+        };
+        // The push took the mailbox lock after any drain an unbinding owner
+        // did (or before it, and then that drain took our message): if the
+        // CPU has no owner now, nobody else will apply it, so we do.
+        if !self.binds.is_bound(cpu) {
+            self.drain_on_behalf(cpu, true);
+        } else if queued >= env::MAILBOX_DRAIN_AT {
+            // Keep an idle owner's backlog bounded.
+            self.drain_on_behalf(cpu, false);
+        }
+    }
+
+    /// Counters per CPU and summed, with the MMU's. Takes each CPU's lock
+    /// briefly.
+    pub fn stats(&self) -> LwbufStats {
+        let per_cpu: Vec<CpuStats> = self
+            .cpus
+            .iter()
+            .map(|pc| {
+                let l = lock(&pc.local);
+                CpuStats::read(&l, pc)
+            })
+            .collect();
+        LwbufStats::new(per_cpu, self.unbound_sent.load(Ordering::Relaxed), self.kva.mmu_stats())
+    }
+
+    /// Check every internal invariant, for tests: every entry's slot maps
+    /// its frame, every frame is mapped at most once per CPU, and the slot
+    /// accounting adds up. Returns the summed reference counts.
+    pub fn check_consistency(&self) -> std::result::Result<u64, String> {
+        let mmu = self.kva.mmu();
+        let mut refs = 0;
+        let mut slots_held = 0;
+        for pc in self.cpus.iter() {
+            let l = lock(&pc.local);
+            let mut seen = std::collections::HashSet::new();
+            for (key, slot, r) in l.entries() {
+                if !seen.insert(key) {
+                    return Err(format!("CPU {}: {key:?} mapped twice", l.cpu));
+                }
+                for i in 0..key.pages {
+                    let got = mmu.translate(crate::mmu::Slot(slot.0 + i));
+                    if got != Some(crate::phys::Pfn(key.pfn + i)) {
+                        return Err(format!("CPU {}: slot {} maps {got:?}, expected frame {}", l.cpu, slot.0 + i, key.pfn + i));
+                    }
+                }
+                slots_held += key.pages;
+                refs += r as u64;
+            }
+            slots_held += l.free_slot_count();
+            debug_assert_eq!(refs >= l.total_refs(), true);
+        }
+        let total = slots_held + self.kva.free_slots();
+        if total != self.kva.capacity() {
+            return Err(format!(
+                "slots: {slots_held} held by CPUs + {} free = {total}, window has {}",
+                self.kva.free_slots(),
+                self.kva.capacity()
+            ));
+        }
+        Ok(refs)
+    }
+}
+
+impl Drop for Lwbufs {
+    fn drop(&mut self) {
+        // No handle or guard can exist: both borrow the system.
+        for pc in self.cpus.iter() {
+            let mut l = lock(&pc.local);
+            let mut msgs = Vec::new();
+            pc.mailbox.take_all(&mut msgs);
+            l.teardown(&self.kva);
+        }
+    }
+}
+
+impl fmt::Debug for Lwbufs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lwbufs")
+            .field("cpus", &self.cpus.len())
+            .field("max_excess", &self.max_excess())
+            .field("mmu", self.kva.mmu())
+            .finish()
+    }
+}
+
+// === impl Lwbuf ===
+
+impl<'a> Lwbuf<'a> {
+    /// The first (or only) page.
+    pub fn page(&self) -> &Page {
+        match &self.hold {
+            Hold::One(p) => p,
+            Hold::Run(v) => &v[0],
+        }
+    }
+
+    /// Pages mapped (1, or the run's length).
+    pub fn pages(&self) -> usize {
+        self.key.pages
+    }
+
+    /// The CPU that allocated the handle.
+    pub fn home_cpu(&self) -> usize {
+        self.home as usize
+    }
+
+    /// The CPUs the handle has an entry on.
+    pub fn cpumask(&self) -> &CpuMask {
+        &self.mask
+    }
+
+    fn len(&self) -> usize {
+        self.key.pages * self.sys.kva.slot_size()
+    }
+
+    /// The mapped bytes, on the calling thread's CPU (`lwbuf_kva`). On the
+    /// home CPU this is a field read; on another CPU in the mask, a lookup
+    /// in that CPU's cache; on a CPU not yet in the mask, it creates (or
+    /// bumps) that CPU's entry, possibly with one `mmap`, and adds the CPU.
+    /// The view borrows the handle, so it cannot outlive the mapping.
+    ///
+    /// Errors: [`Error::NotBound`]; on a new CPU, as [`Lwbufs::alloc`].
+    pub fn kva(&self) -> Result<Kaddr<'_>> {
+        let cpu = self.sys.require_cpu()?;
+        let addr = if cpu == self.home as usize {
+            self.home_addr
+        } else {
+            self.foreign_addr(cpu)?
+        };
+        // SAFETY: the handle holds a reference on this CPU's entry for its
+        // whole life (home entry, or the entry added to the mask), so the
+        // mapping of `len` bytes stays for the borrow of `self`.
+        Ok(unsafe { Kaddr::new(addr, self.len()) })
+    }
+
+    #[cold]
+    fn foreign_addr(&self, cpu: usize) -> Result<NonNull<u8>> {
+        let sys = self.sys;
+        if self.mask.contains(cpu) {
+            return Ok(sys.enter_cpu(cpu).addr_of(self.key));
+        }
+        // Only a thread bound to `cpu` adds `cpu` to a mask, under its lock:
+        // the test above cannot race with another insert of the same CPU.
+        let (_, addr) = sys.acquire_on(cpu, self.key)?;
+        sys.enter_cpu(cpu).c.foreign += 1;
+        self.mask.insert(cpu);
+        Ok(addr)
+    }
+}
+
+impl Drop for Lwbuf<'_> {
+    fn drop(&mut self) {
+        let sys = self.sys;
+        let me = sys.current_cpu();
+        let home = self.home as usize;
+        // The common case: released on its home CPU, used nowhere else.
+        if me == Some(home) {
+            {
+                let mut l = sys.enter_cpu(home);
+                l.decref_idx(self.home_idx as usize);
+                l.trim(&sys.kva, sys.max_excess());
+            }
+            if self.mask.count() == 1 {
+                return;
+            }
+        }
+        for cpu in self.mask.iter() {
+            if Some(cpu) == me {
+                if cpu != home {
+                    let mut l = sys.enter_cpu(cpu);
+                    l.decref_key(self.key);
+                    l.trim(&sys.kva, sys.max_excess());
+                }
+            } else {
+                sys.send_decref(me, cpu, self.key);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Lwbuf<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lwbuf")
+            .field("pfn", &self.key.pfn)
+            .field("pages", &self.key.pages)
+            .field("home", &self.home)
+            .field("cpumask", &self.mask)
+            .finish()
+    }
+}
