@@ -14,7 +14,39 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::extent::Extents;
 use crate::mmu::{Mmu, MmuStats, Slot};
-use crate::phys::{Page, Pfn, PhysMem};
+use crate::phys::{Page, Pfn};
+use crate::sync::{AtomicUsize, Ordering};
+
+/// What a cached mapping maps: `pages` contiguous frames from `pfn` (1 for
+/// an ordinary mapping, more for a run mapping). The key of both caches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct MapKey {
+    pub(crate) pfn: usize,
+    pub(crate) pages: usize,
+}
+
+/// The frames a mapping handle holds: one page, or a run.
+#[derive(Debug)]
+pub(crate) enum Hold {
+    One(Page),
+    Run(Vec<Page>),
+}
+
+impl Hold {
+    pub(crate) fn first(&self) -> &Page {
+        match self {
+            Hold::One(p) => p,
+            Hold::Run(v) => &v[0],
+        }
+    }
+
+    pub(crate) fn pages(&self) -> &[Page] {
+        match self {
+            Hold::One(p) => std::slice::from_ref(p),
+            Hold::Run(v) => v,
+        }
+    }
+}
 
 /// A claim on `len` adjacent free slots. Not `Clone`: it must be mapped or
 /// given back.
@@ -30,7 +62,6 @@ pub(crate) struct SlotRun {
 #[must_use = "a Mapping must be unmapped before its slots are reused"]
 pub(crate) struct Mapping {
     run: SlotRun,
-    pfn: Pfn,
     addr: NonNull<u8>,
 }
 
@@ -41,39 +72,60 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
+    /// Whether an error means "no room for another mapping": the budget, or
+    /// the kernel's `ENOMEM` at the `vm.max_map_count` wall. Evicting a
+    /// cached mapping and retrying is the cure for both.
+    pub(crate) fn no_room(e: &Error) -> bool {
+        matches!(e, Error::MapLimit { .. }) || e.errno() == Some(libc::ENOMEM)
+    }
+
     pub(crate) fn addr(&self) -> NonNull<u8> {
         self.addr
-    }
-    pub(crate) fn pfn(&self) -> Pfn {
-        self.pfn
     }
     pub(crate) fn slot(&self) -> Slot {
         Slot(self.run.start)
     }
-    pub(crate) fn pages(&self) -> usize {
-        self.run.len
-    }
 }
 
-/// One window's address space: the MMU and who owns which slot.
+/// One window's address space: the MMU, who owns which slot, and the
+/// budget of live mappings that keeps the process below `vm.max_map_count`.
 #[derive(Debug)]
 pub(crate) struct KvaSpace {
     mmu: Arc<dyn Mmu>,
     slots: Extents,
+    /// Live mappings (enter calls not yet removed): each is at least one VMA.
+    live: AtomicUsize,
+    budget: usize,
+}
+
+/// The default budget of live mappings for one window: what
+/// `/proc/sys/vm/max_map_count` allows, less headroom for the rest of the
+/// process (an eighth, at least 1024), halved because a single-page mapping
+/// inside a `PROT_NONE` reservation splits it and so costs up to two VMAs.
+/// 28,669 with the default limit of 65,530.
+pub fn default_map_budget() -> usize {
+    let max = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(65_530);
+    let headroom = (max / 8).max(1024);
+    (max.saturating_sub(headroom) / 2).max(1)
 }
 
 impl KvaSpace {
-    pub(crate) fn new(mmu: Arc<dyn Mmu>) -> Self {
+    pub(crate) fn new(mmu: Arc<dyn Mmu>, budget: Option<usize>) -> Self {
         let slots = Extents::new(mmu.capacity());
-        KvaSpace { mmu, slots }
+        let budget = budget.unwrap_or_else(default_map_budget);
+        KvaSpace { mmu, slots, live: AtomicUsize::new(0), budget }
+    }
+
+    /// Live mappings now, and the budget.
+    pub(crate) fn live_mappings(&self) -> (usize, usize) {
+        (self.live.load(Ordering::Relaxed), self.budget)
     }
 
     pub(crate) fn mmu(&self) -> &Arc<dyn Mmu> {
         &self.mmu
-    }
-
-    pub(crate) fn phys(&self) -> &PhysMem {
-        self.mmu.phys()
     }
 
     pub(crate) fn capacity(&self) -> usize {
@@ -100,6 +152,31 @@ impl KvaSpace {
         } else {
             Err(Error::ForeignPage)
         }
+    }
+
+    /// The key and hold for a run of pages whose frames must be contiguous
+    /// frames of this window's memory.
+    pub(crate) fn run_key(&self, pages: &[Page]) -> Result<(MapKey, Hold)> {
+        let first = pages.first().ok_or_else(|| Error::config("pages", "a run needs at least one page"))?;
+        for (i, p) in pages.iter().enumerate() {
+            self.check_page(p)?;
+            if p.pfn().0 != first.pfn().0 + i {
+                return Err(Error::config("pages", format!("frame {} breaks the run at index {i}", p.pfn().0)));
+            }
+        }
+        if pages.len() > self.capacity() {
+            return Err(Error::WindowFull { requested: pages.len(), capacity: self.capacity() });
+        }
+        let key = MapKey { pfn: first.pfn().0, pages: pages.len() };
+        let hold = if pages.len() == 1 { Hold::One(first.clone()) } else { Hold::Run(pages.to_vec()) };
+        Ok((key, hold))
+    }
+
+    /// The key and hold for one page of this window's memory.
+    #[inline]
+    pub(crate) fn page_key(&self, page: &Page) -> Result<(MapKey, Hold)> {
+        self.check_page(page)?;
+        Ok((MapKey { pfn: page.pfn().0, pages: 1 }, Hold::One(page.clone())))
     }
 
     /// Claim `n` adjacent free slots.
@@ -130,12 +207,22 @@ impl KvaSpace {
 
     /// Enter `run.len` contiguous frames from `pfn` into the claimed slots:
     /// one MMU call. On failure the claim comes back with the error.
+    /// [`Error::MapLimit`] if the budget of live mappings is used up (evict
+    /// a cached mapping and retry).
     pub(crate) fn map(&self, run: SlotRun, pfn: Pfn) -> std::result::Result<Mapping, (Error, SlotRun)> {
+        // Relaxed: a counter; the budget is a soft limit checked per call.
+        if self.live.fetch_add(1, Ordering::Relaxed) >= self.budget {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return Err((Error::MapLimit { budget: self.budget }, run));
+        }
         // SAFETY: `run` is a claim on free slots: nothing is entered there and
         // nothing refers to them (the SlotRun protocol of this module).
         match unsafe { self.mmu.enter(Slot(run.start), pfn, run.len) } {
-            Ok(addr) => Ok(Mapping { run, pfn, addr }),
-            Err(e) => Err((e, run)),
+            Ok(addr) => Ok(Mapping { run, addr }),
+            Err(e) => {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                Err((e, run))
+            }
         }
     }
 
@@ -148,7 +235,10 @@ impl KvaSpace {
     pub(crate) unsafe fn unmap(&self, m: Mapping) -> std::result::Result<SlotRun, (Error, Mapping)> {
         // SAFETY: the caller guarantees nothing accesses the slots.
         match unsafe { self.mmu.remove(Slot(m.run.start), m.run.len) } {
-            Ok(()) => Ok(m.run),
+            Ok(()) => {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                Ok(m.run)
+            }
             Err(e) => Err((e, m)),
         }
     }

@@ -29,22 +29,26 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
+mod counter;
 mod cpu;
 mod error;
-mod hash;
-mod lru;
-mod lwbuf;
 mod extent;
+mod hash;
 mod kaddr;
 mod kva;
+mod lru;
+mod lwbuf;
 mod mmu;
 mod phys;
+mod sfbuf;
 mod sync;
 
 pub use cpu::{pin_to_core, CpuMask, INLINE_CPUS, MAX_BINDINGS_PER_THREAD};
 pub use error::{Error, Result};
-pub use lwbuf::{CpuGuard, CpuStats, Lwbuf, LwbufStats, Lwbufs, LwbufsBuilder, MAX_CPUS};
 pub use extent::ExtentStats;
 pub use kaddr::Kaddr;
+pub use kva::default_map_budget;
+pub use lwbuf::{CpuGuard, CpuStats, Lwbuf, LwbufStats, Lwbufs, LwbufsBuilder, MAX_CPUS};
 pub use mmu::{Mmu, MmuStats, ModelMmu, Slot, Window, WindowBuilder};
 pub use phys::{system_page_size, Backing, FrameStats, Page, Pfn, PhysMem, PhysMemBuilder, MAX_REGION_BYTES};
+pub use sfbuf::{CancelToken, SfBuf, SfPool, SfPoolBuilder, SfStats, Wait};

@@ -29,10 +29,6 @@ impl Default for Lru {
 }
 
 impl Lru {
-    pub(crate) fn with_capacity(n: usize) -> Self {
-        Lru { links: vec![UNLINKED; n], ..Lru::default() }
-    }
-
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -88,11 +84,6 @@ impl Lru {
         self.remove(i);
         Some(i)
     }
-
-    /// The least recently used index, left in place.
-    pub(crate) fn front(&self) -> Option<usize> {
-        (self.head != NIL).then_some(self.head as usize)
-    }
 }
 
 #[cfg(all(test, not(loom)))]
@@ -108,7 +99,6 @@ mod tests {
         assert_eq!(l.len(), 4);
         assert!(l.remove(4));
         assert!(!l.remove(4));
-        assert_eq!(l.front(), Some(3));
         assert_eq!(l.pop_front(), Some(3));
         l.push_back(3);
         assert_eq!(l.pop_front(), Some(1));

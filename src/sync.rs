@@ -103,3 +103,98 @@ pub(crate) mod env {
     #[cfg(loom)]
     pub(crate) const MAILBOX_DRAIN_AT: usize = 1;
 }
+
+/// The concurrent map of the sf_buf pool: dashmap normally; under loom a
+/// mutex around a `HashMap`, because dashmap's own locks are invisible to
+/// loom (and would spin forever in a model). Every closure runs under the
+/// lock of the key's shard, which is what the pool's eviction argument
+/// relies on.
+pub(crate) use map::ConcurrentMap;
+
+mod map {
+    use std::hash::Hash;
+
+    use crate::hash::BuildWordHasher;
+
+    #[cfg(not(loom))]
+    pub(crate) struct ConcurrentMap<K, V>(dashmap::DashMap<K, V, BuildWordHasher>);
+
+    #[cfg(not(loom))]
+    impl<K: Hash + Eq + Copy, V: Copy> ConcurrentMap<K, V> {
+        pub(crate) fn new(shards: usize) -> Self {
+            let shards = shards.next_power_of_two().max(2);
+            ConcurrentMap(dashmap::DashMap::with_capacity_and_hasher_and_shard_amount(
+                0,
+                BuildWordHasher::default(),
+                shards,
+            ))
+        }
+
+        /// Run `f` on the value of `k` under its shard's read lock.
+        #[inline]
+        pub(crate) fn get_with<R>(&self, k: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
+            self.0.get(k).map(|r| f(r.value()))
+        }
+
+        /// Insert `v` if `k` is vacant (`None`), else run `f` on the existing
+        /// value (`Some`), under the shard's write lock either way.
+        pub(crate) fn insert_or_with<R>(&self, k: K, v: V, f: impl FnOnce(&V) -> R) -> Option<R> {
+            match self.0.entry(k) {
+                dashmap::mapref::entry::Entry::Occupied(o) => Some(f(o.get())),
+                dashmap::mapref::entry::Entry::Vacant(vac) => {
+                    vac.insert(v);
+                    None
+                }
+            }
+        }
+
+        /// Remove `k` if `f` says so, under the shard's write lock.
+        pub(crate) fn remove_if(&self, k: &K, f: impl FnOnce(&V) -> bool) -> bool {
+            self.0.remove_if(k, |_, v| f(v)).is_some()
+        }
+
+        pub(crate) fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    #[cfg(loom)]
+    pub(crate) struct ConcurrentMap<K, V>(super::Mutex<std::collections::HashMap<K, V, BuildWordHasher>>);
+
+    #[cfg(loom)]
+    impl<K: Hash + Eq + Copy, V: Copy> ConcurrentMap<K, V> {
+        pub(crate) fn new(_shards: usize) -> Self {
+            ConcurrentMap(super::Mutex::new(Default::default()))
+        }
+
+        pub(crate) fn get_with<R>(&self, k: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
+            super::lock(&self.0).get(k).map(f)
+        }
+
+        pub(crate) fn insert_or_with<R>(&self, k: K, v: V, f: impl FnOnce(&V) -> R) -> Option<R> {
+            let mut m = super::lock(&self.0);
+            match m.get(&k) {
+                Some(old) => Some(f(old)),
+                None => {
+                    m.insert(k, v);
+                    None
+                }
+            }
+        }
+
+        pub(crate) fn remove_if(&self, k: &K, f: impl FnOnce(&V) -> bool) -> bool {
+            let mut m = super::lock(&self.0);
+            match m.get(k) {
+                Some(v) if f(v) => {
+                    m.remove(k);
+                    true
+                }
+                _ => false,
+            }
+        }
+
+        pub(crate) fn len(&self) -> usize {
+            super::lock(&self.0).len()
+        }
+    }
+}

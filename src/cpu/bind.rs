@@ -68,10 +68,7 @@ pub(crate) fn table_id(t: &Arc<BindTable>) -> usize {
 /// The CPU of table `id` bound to this thread, if any. No system call.
 #[inline]
 pub(crate) fn current(id: usize) -> Option<usize> {
-    BINDINGS
-        .try_with(|b| b.fast.get().iter().find(|&&(t, _)| t == id).map(|&(_, cpu)| cpu))
-        .ok()
-        .flatten()
+    BINDINGS.try_with(|b| b.fast.get().iter().find(|&&(t, _)| t == id).map(|&(_, cpu)| cpu)).ok().flatten()
 }
 
 /// Bind this thread to `cpu` of `table`.

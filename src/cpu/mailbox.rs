@@ -33,15 +33,6 @@ impl<T> Mailbox<T> {
         n
     }
 
-    /// Queue several messages under one lock.
-    pub(crate) fn push_all(&self, msgs: impl IntoIterator<Item = T>) -> usize {
-        let mut q = lock(&self.queue);
-        q.extend(msgs);
-        let n = q.len();
-        self.len.store(n, Ordering::Relaxed);
-        n
-    }
-
     /// Whether there may be mail (a hint: a push racing with this call may
     /// or may not be seen; it will be seen by the next drain).
     #[inline]

@@ -18,12 +18,12 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-use pcpu::{miss_error, Key, Local, Miss, Pcpu};
+use pcpu::{Key, Local, Miss, Pcpu};
 
 use crate::cpu::{self, BindTable, CpuMask};
 use crate::error::{Error, Result};
 use crate::kaddr::Kaddr;
-use crate::kva::KvaSpace;
+use crate::kva::{Hold, KvaSpace};
 use crate::mmu::Mmu;
 use crate::phys::Page;
 use crate::sync::{env, lock, try_lock, Arc, AtomicU64, AtomicUsize, CachePadded, MutexGuard, Ordering};
@@ -37,6 +37,7 @@ pub struct LwbufsBuilder {
     mmu: std::sync::Arc<dyn Mmu>,
     cpus: usize,
     max_excess: Option<usize>,
+    map_budget: Option<usize>,
 }
 
 impl LwbufsBuilder {
@@ -54,12 +55,21 @@ impl LwbufsBuilder {
         self
     }
 
+    /// Live mappings allowed at once (default: [`crate::default_map_budget`],
+    /// derived from `vm.max_map_count`). Beyond it, cached mappings are
+    /// evicted, and with nothing to evict `alloc` returns
+    /// [`Error::MapLimit`].
+    pub fn map_budget(mut self, n: usize) -> Self {
+        self.map_budget = Some(n);
+        self
+    }
+
     /// Create the system. No system call.
     pub fn build(self) -> Result<Lwbufs> {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(Error::config("cpus", format!("{} is not in 1..={MAX_CPUS}", self.cpus)));
         }
-        let kva = KvaSpace::new(self.mmu);
+        let kva = KvaSpace::new(self.mmu, self.map_budget);
         let max_excess = self.max_excess.unwrap_or_else(|| (kva.capacity() / (2 * self.cpus)).max(1));
         let binds = BindTable::new(self.cpus);
         Ok(Lwbufs {
@@ -137,12 +147,6 @@ impl fmt::Debug for CpuGuard<'_> {
     }
 }
 
-/// What an [`Lwbuf`] holds the frames with.
-enum Hold {
-    One(Page),
-    Run(Vec<Page>),
-}
-
 /// A mapping of one page (or a run of contiguous pages), valid on every CPU
 /// in its mask. `Send` and `Sync`: pass it to another thread and ask for the
 /// address there. Dropping it releases it (see the module docs).
@@ -168,7 +172,7 @@ impl Lwbufs {
     /// [`crate::ModelMmu`]).
     pub fn builder(mmu: std::sync::Arc<dyn Mmu>) -> LwbufsBuilder {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        LwbufsBuilder { mmu, cpus, max_excess: None }
+        LwbufsBuilder { mmu, cpus, max_excess: None, map_budget: None }
     }
 
     /// CPUs configured.
@@ -245,12 +249,13 @@ impl Lwbufs {
     /// one `mmap` (plus a `PROT_NONE` remap if it evicts).
     ///
     /// Errors: [`Error::NotBound`], [`Error::ForeignPage`],
-    /// [`Error::WindowFull`] (every slot mapped and in use), or the MMU's
-    /// [`Error::Sys`].
+    /// [`Error::WindowFull`] (every slot mapped and in use),
+    /// [`Error::MapLimit`] (the mapping budget is in use), or the MMU's
+    /// [`Error::Sys`] (`ENOMEM` at the `vm.max_map_count` wall once nothing
+    /// is left to evict).
     pub fn alloc(&self, page: &Page) -> Result<Lwbuf<'_>> {
-        self.kva.check_page(page)?;
-        let key = Key { pfn: page.pfn().0, pages: 1 };
-        self.alloc_key(key, Hold::One(page.clone()))
+        let (key, hold) = self.kva.page_key(page)?;
+        self.alloc_key(key, hold)
     }
 
     /// Map a run of pages whose frames are contiguous (as a page-cache file
@@ -260,18 +265,8 @@ impl Lwbufs {
     /// plus [`Error::Config`] if the frames are not contiguous or `pages` is
     /// empty.
     pub fn alloc_run(&self, pages: &[Page]) -> Result<Lwbuf<'_>> {
-        let first = pages.first().ok_or_else(|| Error::config("pages", "a run needs at least one page"))?;
-        for (i, p) in pages.iter().enumerate() {
-            self.kva.check_page(p)?;
-            if p.pfn().0 != first.pfn().0 + i {
-                return Err(Error::config("pages", format!("frame {} breaks the run at index {i}", p.pfn().0)));
-            }
-        }
-        if pages.len() == 1 {
-            return self.alloc(first);
-        }
-        let key = Key { pfn: first.pfn().0, pages: pages.len() };
-        self.alloc_key(key, Hold::Run(pages.to_vec()))
+        let (key, hold) = self.kva.run_key(pages)?;
+        self.alloc_key(key, hold)
     }
 
     fn alloc_key(&self, key: Key, hold: Hold) -> Result<Lwbuf<'_>> {
@@ -296,12 +291,12 @@ impl Lwbufs {
             let r = self.enter_cpu(cpu).acquire(&self.kva, key);
             match r {
                 Ok(v) => return Ok(v),
-                Err(Miss::NoSlots) if !reclaimed => {
+                Err(Miss::NoRoom(_)) if !reclaimed => {
                     // Our lock is released: take the others one at a time.
                     reclaimed = true;
                     self.reclaim_except(cpu);
                 }
-                Err(m) => return Err(miss_error(m, &self.kva, key.pages)),
+                Err(m) => return Err(m.into_error()),
             }
         }
     }
@@ -395,7 +390,12 @@ impl Lwbufs {
                 for i in 0..key.pages {
                     let got = mmu.translate(crate::mmu::Slot(slot.0 + i));
                     if got != Some(crate::phys::Pfn(key.pfn + i)) {
-                        return Err(format!("CPU {}: slot {} maps {got:?}, expected frame {}", l.cpu, slot.0 + i, key.pfn + i));
+                        return Err(format!(
+                            "CPU {}: slot {} maps {got:?}, expected frame {}",
+                            l.cpu,
+                            slot.0 + i,
+                            key.pfn + i
+                        ));
                     }
                 }
                 slots_held += key.pages;
@@ -443,10 +443,12 @@ impl fmt::Debug for Lwbufs {
 impl<'a> Lwbuf<'a> {
     /// The first (or only) page.
     pub fn page(&self) -> &Page {
-        match &self.hold {
-            Hold::One(p) => p,
-            Hold::Run(v) => &v[0],
-        }
+        self.hold.first()
+    }
+
+    /// Every page held (one, or the run).
+    pub fn page_run(&self) -> &[Page] {
+        self.hold.pages()
     }
 
     /// Pages mapped (1, or the run's length).
@@ -477,11 +479,7 @@ impl<'a> Lwbuf<'a> {
     /// Errors: [`Error::NotBound`]; on a new CPU, as [`Lwbufs::alloc`].
     pub fn kva(&self) -> Result<Kaddr<'_>> {
         let cpu = self.sys.require_cpu()?;
-        let addr = if cpu == self.home as usize {
-            self.home_addr
-        } else {
-            self.foreign_addr(cpu)?
-        };
+        let addr = if cpu == self.home as usize { self.home_addr } else { self.foreign_addr(cpu)? };
         // SAFETY: the handle holds a reference on this CPU's entry for its
         // whole life (home entry, or the entry added to the mask), so the
         // mapping of `len` bytes stays for the borrow of `self`.

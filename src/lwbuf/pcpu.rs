@@ -14,18 +14,11 @@ use std::ptr::NonNull;
 use crate::cpu::Mailbox;
 use crate::error::Error;
 use crate::hash::WordMap;
+pub(crate) use crate::kva::MapKey as Key;
 use crate::kva::{KvaSpace, Mapping, SlotRun};
 use crate::lru::Lru;
 use crate::phys::Pfn;
 use crate::sync::{env, AtomicU64, Mutex};
-
-/// What an entry maps: `pages` contiguous frames from `pfn` (1 for an
-/// ordinary lwbuf, more for a run mapping).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct Key {
-    pub(crate) pfn: usize,
-    pub(crate) pages: usize,
-}
 
 #[derive(Debug)]
 struct Entry {
@@ -51,10 +44,11 @@ pub(crate) struct Counters {
 /// Why a lookup could not produce a mapping.
 #[derive(Debug)]
 pub(crate) enum Miss {
-    /// No slot free here or in the shared allocator; other CPUs may have
-    /// some to give back.
-    NoSlots,
-    /// The MMU refused.
+    /// No free slot, or no room under the mapping budget, and nothing of
+    /// this CPU's to evict; other CPUs may have some to give back. The error
+    /// says which ([`Error::WindowFull`] or [`Error::MapLimit`]/`ENOMEM`).
+    NoRoom(Error),
+    /// The MMU refused for another reason.
     Failed(Error),
 }
 
@@ -188,13 +182,18 @@ impl Local {
     /// `vm.max_map_count` wall), evict a cached entry and try again.
     fn map_new(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<Mapping, Miss> {
         loop {
-            let run = self.take_slots(kva, key.pages).ok_or(Miss::NoSlots)?;
+            let run = self
+                .take_slots(kva, key.pages)
+                .ok_or_else(|| Miss::NoRoom(Error::WindowFull { requested: key.pages, capacity: kva.capacity() }))?;
             match kva.map(run, Pfn(key.pfn)) {
                 Ok(m) => return Ok(m),
                 Err((e, run)) => {
                     self.put_slots(kva, run);
-                    if e.errno() == Some(libc::ENOMEM) && self.evict_one(kva) {
-                        continue;
+                    if Mapping::no_room(&e) {
+                        if self.evict_one(kva) {
+                            continue;
+                        }
+                        return Err(Miss::NoRoom(e));
                     }
                     return Err(Miss::Failed(e));
                 }
@@ -248,7 +247,12 @@ impl Local {
     /// the LRU. The caller trims afterwards.
     pub(crate) fn decref_idx(&mut self, idx: usize) {
         let e = &mut self.entries[idx];
-        assert!(e.refs > 0 && e.mapping.is_some(), "lwbuf: decref of unreferenced entry {:?} on CPU {}", e.key, self.cpu);
+        assert!(
+            e.refs > 0 && e.mapping.is_some(),
+            "lwbuf: decref of unreferenced entry {:?} on CPU {}",
+            e.key,
+            self.cpu
+        );
         e.refs -= 1;
         if e.refs == 0 {
             self.lru.push_back(idx);
@@ -333,11 +337,11 @@ impl Local {
     }
 }
 
-/// Map an MMU failure or shortage to the error the caller sees.
-pub(crate) fn miss_error(m: Miss, kva: &KvaSpace, pages: usize) -> Error {
-    match m {
-        Miss::NoSlots => Error::WindowFull { requested: pages, capacity: kva.capacity() },
-        Miss::Failed(e) => e,
+impl Miss {
+    /// The error the caller sees.
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            Miss::NoRoom(e) | Miss::Failed(e) => e,
+        }
     }
 }
-

@@ -330,8 +330,10 @@ impl PhysMem {
     pub(crate) fn direct_view(&self, pfn: Pfn, count: usize) -> Result<Kaddr<'_>> {
         if pfn.0.checked_add(count).is_none_or(|end| end > self.inner.frames) {
             return Err(Error::OutOfBounds {
-                offset: pfn.0 * self.inner.frame_size,
-                len: count * self.inner.frame_size,
+                // Saturating: `pfn` may be anything (e.g. `Pfn(usize::MAX)`),
+                // and reporting it must not overflow.
+                offset: pfn.0.saturating_mul(self.inner.frame_size),
+                len: count.saturating_mul(self.inner.frame_size),
                 size: self.bytes(),
             });
         }

@@ -1,0 +1,97 @@
+//! A deterministic byte pattern: the content of generated files, which a
+//! receiver can verify at any offset without a copy of the file.
+
+/// An odd constant (2^64 / golden ratio): multiplying by it is a bijection,
+/// so no two words of one file are equal.
+const K: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The bytes of a generated file: the little-endian 8-byte word `w` (bytes
+/// `8w..8w+8` of the file) is a mix of `w` and the seed, so every word of a
+/// file differs from every other and two seeds give different files. A
+/// receiver checks what it got at any offset with [`Pattern::check`]; a
+/// shifted, duplicated or stale page does not pass.
+///
+/// ```
+/// use lwbuf::sendfile::Pattern;
+/// let p = Pattern::new(7);
+/// let mut buf = [0u8; 100];
+/// p.fill(4093, &mut buf);
+/// assert_eq!(p.check(4093, &buf), None);
+/// buf[50] ^= 1;
+/// assert_eq!(p.check(4093, &buf), Some(50));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pattern {
+    seed: u64,
+}
+
+impl Pattern {
+    /// The pattern of `seed`.
+    pub const fn new(seed: u64) -> Pattern {
+        Pattern { seed }
+    }
+
+    /// The seed.
+    pub const fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    #[inline(always)]
+    fn word(&self, w: u64) -> u64 {
+        let x = (w ^ self.seed).wrapping_mul(K);
+        x ^ (x >> 29)
+    }
+
+    /// The byte at file offset `offset`.
+    pub fn byte_at(&self, offset: u64) -> u8 {
+        self.word(offset / 8).to_le_bytes()[(offset % 8) as usize]
+    }
+
+    /// Fill `buf` with the file's bytes from `offset` on.
+    pub fn fill(&self, offset: u64, buf: &mut [u8]) {
+        let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
+        let (h, rest) = buf.split_at_mut(head);
+        for (i, b) in h.iter_mut().enumerate() {
+            *b = self.byte_at(offset + i as u64);
+        }
+        let base = (offset + head as u64) / 8;
+        let body = (rest.len() / 8) * 8;
+        let (words, tail) = rest.split_at_mut(body);
+        for (i, c) in words.chunks_exact_mut(8).enumerate() {
+            c.copy_from_slice(&self.word(base + i as u64).to_le_bytes());
+        }
+        let tail_off = offset + (head + body) as u64;
+        for (i, b) in tail.iter_mut().enumerate() {
+            *b = self.byte_at(tail_off + i as u64);
+        }
+    }
+
+    /// The index of the first byte of `buf` that is not the file's byte at
+    /// `offset + index`, or `None` if all are.
+    pub fn check(&self, offset: u64, buf: &[u8]) -> Option<usize> {
+        let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
+        for (i, &b) in buf[..head].iter().enumerate() {
+            if b != self.byte_at(offset + i as u64) {
+                return Some(i);
+            }
+        }
+        let base = (offset + head as u64) / 8;
+        let body = &buf[head..];
+        let mut chunks = body.chunks_exact(8);
+        for (i, c) in chunks.by_ref().enumerate() {
+            let got = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            if got != self.word(base + i as u64) {
+                let want = self.word(base + i as u64).to_le_bytes();
+                let j = c.iter().zip(want).position(|(a, b)| *a != b).unwrap_or(0);
+                return Some(head + i * 8 + j);
+            }
+        }
+        let done = head + (body.len() / 8) * 8;
+        for (i, &b) in chunks.remainder().iter().enumerate() {
+            if b != self.byte_at(offset + (done + i) as u64) {
+                return Some(done + i);
+            }
+        }
+        None
+    }
+}

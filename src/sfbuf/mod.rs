@@ -1,0 +1,726 @@
+//! The shared sf_buf pool (FreeBSD/DragonFly `sf_buf`, made dynamic and
+//! lock-light).
+//!
+//! One pool for every thread: a concurrent map `frame -> slot` and, per
+//! slot, an entry with an atomic state word (reference count and flags).
+//! A hit is a map lookup under a shard read lock plus one CAS on the entry;
+//! a freed sf_buf stays mapped on an inactive LRU so the next alloc of the
+//! frame is a hit; the pool grows on demand up to the window and caps its
+//! cached-but-unused entries at `max_excess`, tunable at run time.
+//!
+//! # The race that matters
+//!
+//! A lookup that finds an entry while another thread evicts it must never
+//! return an address that is, or is about to be, unmapped or remapped. The
+//! argument:
+//!
+//! 1. A hit takes its reference (CAS `refs + 1`) *inside* the map's read
+//!    lock for the key's shard, and only on an entry the map points at.
+//! 2. An eviction kills an entry (CAS `refs == 0` to `DEAD`) and removes it
+//!    from the map *in one step under the same shard's write lock*
+//!    (`remove_if`). So a hit either bumped the count first (the kill's CAS
+//!    then fails and the entry lives) or runs after the removal (it misses
+//!    and maps the frame anew elsewhere). It can never bump a dead entry.
+//! 3. The unmap happens after the removal, outside any lock: by then no
+//!    lookup can find the entry and its count is zero, so no handle holds
+//!    its address. Its slots go back to the allocator only after the unmap
+//!    returns (the `SlotRun`/`Mapping` types of `kva` enforce that order).
+//! 4. A new mapping is fully written (mapping, address, count 1) before it
+//!    is inserted into the map under the write lock, which publishes it.
+//!
+//! The loom model `sfbuf_hit_vs_eviction` checks this with `max_excess = 0`.
+
+mod stats;
+mod wait;
+
+pub use stats::SfStats;
+pub use wait::{CancelToken, Wait};
+
+use std::fmt;
+use std::ptr::NonNull;
+
+use wait::{Outcome, WaitQueue};
+
+use crate::counter::Striped;
+use crate::error::{Error, Result};
+use crate::kaddr::Kaddr;
+use crate::kva::{Hold, KvaSpace, MapKey, Mapping, SlotRun};
+use crate::lru::Lru;
+use crate::mmu::Mmu;
+use crate::phys::{Page, Pfn};
+use crate::sync::{
+    lock, Arc, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering, UnsafeCell,
+};
+
+// === entry state ===
+
+const REFS: u32 = (1 << 28) - 1;
+/// Used since the clock hand last passed: one more round on the LRU.
+const REFERENCED: u32 = 1 << 28;
+/// On the inactive LRU (or being looked at by an evictor that popped it).
+const ON_LRU: u32 = 1 << 29;
+/// Killed by an evictor: out of the map, about to be unmapped.
+const DEAD: u32 = 1 << 30;
+
+/// One per slot; meaningful at the first slot of a mapping.
+struct Entry {
+    state: AtomicU32,
+    /// The key, written before the entry is published in the map.
+    pfn: AtomicUsize,
+    pages: AtomicUsize,
+    addr: AtomicUsize,
+    /// Written by the thread that maps the entry before it publishes it,
+    /// taken by the evictor that killed it: never two at once (see the
+    /// module docs).
+    mapping: UnsafeCell<Option<Mapping>>,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Entry {
+            state: AtomicU32::new(0),
+            pfn: AtomicUsize::new(0),
+            pages: AtomicUsize::new(0),
+            addr: AtomicUsize::new(0),
+            mapping: UnsafeCell::new(None),
+        }
+    }
+
+    fn key(&self) -> MapKey {
+        MapKey { pfn: self.pfn.load(Ordering::Relaxed), pages: self.pages.load(Ordering::Relaxed) }
+    }
+
+    /// Take a reference on a live entry (caller holds its shard's lock and
+    /// found it in the map).
+    #[inline]
+    fn bump(&self) {
+        let mut s = self.state.load(Ordering::Relaxed);
+        loop {
+            debug_assert!(s & DEAD == 0 && s & REFS < REFS, "sf_buf: bump of dead or saturated entry");
+            // Acquire: pairs with the Release of the last release so this
+            // holder sees the bytes its predecessors wrote.
+            match self.state.compare_exchange_weak(s, (s + 1) | REFERENCED, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(now) => s = now,
+            }
+        }
+    }
+}
+
+/// What the evictor decided about an LRU entry.
+enum Verdict {
+    Evict,
+    SecondChance,
+    InUse,
+}
+
+// === the pool ===
+
+/// Builds an [`SfPool`]. See [`SfPool::builder`].
+#[derive(Debug)]
+pub struct SfPoolBuilder {
+    mmu: std::sync::Arc<dyn Mmu>,
+    max_excess: Option<usize>,
+    map_budget: Option<usize>,
+    shards: usize,
+}
+
+impl SfPoolBuilder {
+    /// Cached unused sf_bufs kept at most. Default: a quarter of the window.
+    pub fn max_excess(mut self, n: usize) -> Self {
+        self.max_excess = Some(n);
+        self
+    }
+
+    /// Live mappings allowed (default [`crate::default_map_budget`]).
+    pub fn map_budget(mut self, n: usize) -> Self {
+        self.map_budget = Some(n);
+        self
+    }
+
+    /// Shards of the concurrent map (rounded up to a power of two; default
+    /// 256).
+    pub fn shards(mut self, n: usize) -> Self {
+        self.shards = n;
+        self
+    }
+
+    /// Create the pool. No system call; no mapping is made until used.
+    pub fn build(self) -> Result<SfPool> {
+        if self.shards == 0 || self.shards > 1 << 16 {
+            return Err(Error::config("shards", format!("{} is not in 1..=65536", self.shards)));
+        }
+        let kva = KvaSpace::new(self.mmu, self.map_budget);
+        let cap = kva.capacity();
+        Ok(SfPool {
+            map: ConcurrentMap::new(self.shards),
+            entries: (0..cap).map(|_| CachePadded::new(Entry::new())).collect(),
+            lru: Mutex::new(Lru::default()),
+            lru_len: AtomicUsize::new(0),
+            max_excess: AtomicUsize::new(self.max_excess.unwrap_or((cap / 4).max(1))),
+            waitq: WaitQueue::new(),
+            peak: AtomicU64::new(0),
+            c: Counters::default(),
+            kva,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: Striped,
+    misses: Striped,
+    used: Striped,
+    grows: Striped,
+    evictions: Striped,
+    waits: Striped,
+    timeouts: Striped,
+    cancels: Striped,
+    nowait_fails: Striped,
+    lost_races: Striped,
+    unmap_errors: Striped,
+}
+
+/// A pool of cached mappings shared by every thread.
+///
+/// ```
+/// use std::sync::Arc;
+/// use lwbuf::{PhysMem, SfPool, Wait, Window};
+///
+/// let mem = PhysMem::builder().frames(64).build()?;
+/// let pool = SfPool::builder(Arc::new(Window::builder(&mem).slots(16).build()?)).build()?;
+/// let page = mem.alloc_page()?;
+/// let sf = pool.alloc(&page, Wait::NoWait)?;     // a miss: one mmap
+/// sf.kva().write_at(0, b"sf_buf")?;
+/// drop(sf);                                      // cached, still mapped
+/// let sf = pool.alloc(&page, Wait::Forever)?;    // a hit: no system call
+/// assert_eq!(sf.kva().read_u64(0)? & 0xffff, u64::from_ne_bytes(*b"sf_buf\0\0") & 0xffff);
+/// assert_eq!(pool.stats().hits, 1);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+pub struct SfPool {
+    kva: KvaSpace,
+    map: ConcurrentMap<MapKey, u32>,
+    entries: Box<[CachePadded<Entry>]>,
+    lru: Mutex<Lru>,
+    /// Mirror of the LRU's length, for the lock-free check on release.
+    lru_len: AtomicUsize,
+    max_excess: AtomicUsize,
+    waitq: Arc<WaitQueue>,
+    peak: AtomicU64,
+    c: Counters,
+}
+
+/// A mapping from the pool; dropping it releases it (it stays cached).
+/// `Send` and `Sync`: the address is valid in every thread.
+pub struct SfBuf<'a> {
+    pool: &'a SfPool,
+    hold: Hold,
+    slot: u32,
+    addr: NonNull<u8>,
+}
+
+// SAFETY: the address is valid process-wide while the handle holds its
+// reference; the pool is Sync.
+unsafe impl Send for SfBuf<'_> {}
+// SAFETY: `&SfBuf` only reads immutable fields.
+unsafe impl Sync for SfBuf<'_> {}
+
+impl SfPool {
+    /// A builder over `mmu` (the real [`crate::Window`] or
+    /// [`crate::ModelMmu`]).
+    pub fn builder(mmu: std::sync::Arc<dyn Mmu>) -> SfPoolBuilder {
+        SfPoolBuilder { mmu, max_excess: None, map_budget: None, shards: 256 }
+    }
+
+    /// The MMU below the pool.
+    pub fn mmu(&self) -> &std::sync::Arc<dyn Mmu> {
+        self.kva.mmu()
+    }
+
+    /// Slots in the window: the most sf_bufs that can be mapped at once.
+    pub fn capacity(&self) -> usize {
+        self.kva.capacity()
+    }
+
+    /// The cap on cached unused sf_bufs.
+    pub fn max_excess(&self) -> usize {
+        self.max_excess.load(Ordering::Relaxed)
+    }
+
+    /// Change the cap; enforced before this returns (each eviction is a
+    /// system call).
+    pub fn set_max_excess(&self, n: usize) {
+        self.max_excess.store(n, Ordering::Relaxed);
+        self.trim();
+    }
+
+    /// Map `page`. A hit (the frame is cached) makes no system call; a miss
+    /// makes one `mmap`, plus an unmap when it evicts. When every slot is
+    /// mapped and in use, `how` decides (see [`Wait`]).
+    ///
+    /// Errors: [`Error::ForeignPage`], [`Error::WouldBlock`],
+    /// [`Error::TimedOut`], [`Error::Cancelled`], [`Error::Closed`],
+    /// [`Error::MapLimit`] / [`Error::Sys`] when the mapping budget or the
+    /// kernel refuses and nothing is left to evict, without waiting.
+    pub fn alloc(&self, page: &Page, how: Wait<'_>) -> Result<SfBuf<'_>> {
+        let (key, hold) = self.kva.page_key(page)?;
+        self.alloc_key(key, hold, how)
+    }
+
+    /// Map a run of pages whose frames are contiguous into adjacent slots
+    /// with one `mmap`, cached as one entry and released with one unmap:
+    /// the kernel sees one VMA and does one shootdown instead of one per
+    /// page. Errors as [`alloc`](Self::alloc), plus [`Error::Config`] for a
+    /// broken run.
+    pub fn alloc_run(&self, pages: &[Page], how: Wait<'_>) -> Result<SfBuf<'_>> {
+        let (key, hold) = self.kva.run_key(pages)?;
+        self.alloc_key(key, hold, how)
+    }
+
+    /// Map every page, all or nothing. It never holds some mappings while
+    /// waiting for the rest (FreeBSD's sendfile deadlock): each attempt takes
+    /// them without waiting, and if one is missing, gives back what it took
+    /// before sleeping as `how` allows. Contiguous frames are mapped as runs
+    /// of up to `max_run` pages (1: one mapping per page).
+    pub fn alloc_all(&self, pages: &[Page], max_run: usize, how: Wait<'_>) -> Result<Vec<SfBuf<'_>>> {
+        let mut groups: Vec<&[Page]> = Vec::new();
+        let max_run = max_run.max(1);
+        let mut rest = pages;
+        while !rest.is_empty() {
+            let mut n = 1;
+            while n < rest.len() && n < max_run && rest[n].pfn().0 == rest[0].pfn().0 + n {
+                n += 1;
+            }
+            groups.push(&rest[..n]);
+            rest = &rest[n..];
+        }
+        let slots_needed: usize = groups.iter().map(|g| g.len()).sum();
+        if slots_needed > self.capacity() {
+            return Err(Error::WindowFull { requested: slots_needed, capacity: self.capacity() });
+        }
+        let attempt = || -> Result<Option<Vec<SfBuf<'_>>>> {
+            let mut got = Vec::with_capacity(groups.len());
+            for g in &groups {
+                match self.alloc_run(g, Wait::NoWait) {
+                    Ok(b) => got.push(b),
+                    Err(Error::WouldBlock) => return Ok(None), // `got` drops: all given back
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Some(got))
+        };
+        let mut failure = None;
+        let r = WaitQueue::wait_for(
+            &self.waitq,
+            how,
+            || match attempt() {
+                Ok(v) => v,
+                Err(e) => {
+                    failure = Some(e);
+                    Some(Vec::new())
+                }
+            },
+            |o| self.count_wait(o),
+        );
+        match failure {
+            Some(e) => Err(e),
+            None => r,
+        }
+    }
+
+    fn count_wait(&self, o: Outcome) {
+        match o {
+            Outcome::Waited => self.c.waits.inc(),
+            Outcome::NoWait => self.c.nowait_fails.inc(),
+            Outcome::TimedOut => self.c.timeouts.inc(),
+            Outcome::Cancelled => self.c.cancels.inc(),
+            Outcome::Closed => {}
+        }
+    }
+
+    fn alloc_key(&self, key: MapKey, hold: Hold, how: Wait<'_>) -> Result<SfBuf<'_>> {
+        if let Some((slot, addr)) = self.try_hit(key) {
+            self.c.hits.inc();
+            return Ok(self.handle(hold, slot, addr));
+        }
+        let mut failure = None;
+        let r = WaitQueue::wait_for(
+            &self.waitq,
+            how,
+            || match self.try_miss(key) {
+                Ok(v) => v,
+                Err(e) => {
+                    failure = Some(e);
+                    Some((0, NonNull::dangling()))
+                }
+            },
+            |o| self.count_wait(o),
+        );
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let (slot, addr) = r?;
+        Ok(self.handle(hold, slot, addr))
+    }
+
+    fn handle(&self, hold: Hold, slot: u32, addr: NonNull<u8>) -> SfBuf<'_> {
+        SfBuf { pool: self, hold, slot, addr }
+    }
+
+    /// Look `key` up and take a reference, under the shard's read lock.
+    #[inline]
+    fn try_hit(&self, key: MapKey) -> Option<(u32, NonNull<u8>)> {
+        self.map.get_with(&key, |&slot| {
+            let e = &self.entries[slot as usize];
+            e.bump();
+            (slot, self.addr_of(e))
+        })
+    }
+
+    fn addr_of(&self, e: &Entry) -> NonNull<u8> {
+        NonNull::new(e.addr.load(Ordering::Relaxed) as *mut u8).expect("published entry has an address")
+    }
+
+    /// One attempt at a miss: `Ok(None)` when there is no room now (the
+    /// caller may wait), `Err` for a failure that waiting will not cure.
+    fn try_miss(&self, key: MapKey) -> Result<Option<(u32, NonNull<u8>)>> {
+        // Someone may have mapped it since we looked.
+        if let Some(v) = self.try_hit(key) {
+            self.c.hits.inc();
+            return Ok(Some(v));
+        }
+        let Some(run) = self.take_slots(key.pages) else { return Ok(None) };
+        let m = match self.kva.map(run, Pfn(key.pfn)) {
+            Ok(m) => m,
+            Err((e, run)) => {
+                self.give_slots(run);
+                if Mapping::no_room(&e) {
+                    // Budget or kernel wall: evict a cached mapping and let
+                    // the caller retry; with none left, report it.
+                    if let Some(run) = self.evict_one() {
+                        self.give_slots(run);
+                        return self.try_miss(key);
+                    }
+                    return Err(e);
+                }
+                return Err(e);
+            }
+        };
+        let slot = m.slot().0 as u32;
+        let e = &self.entries[slot as usize];
+        let addr = m.addr();
+        e.pfn.store(key.pfn, Ordering::Relaxed);
+        e.pages.store(key.pages, Ordering::Relaxed);
+        e.addr.store(addr.as_ptr() as usize, Ordering::Relaxed);
+        // SAFETY: the slot was free (ours from `take_slots`), so no other
+        // thread can reach this entry until we publish it below.
+        e.mapping.with_mut(|p| unsafe { *p = Some(m) });
+        e.state.store(1 | REFERENCED, Ordering::Relaxed);
+        // Publishing: the insert's write lock releases everything above.
+        match self.map.insert_or_with(key, slot, |&other| {
+            self.entries[other as usize].bump();
+            other
+        }) {
+            None => {
+                self.c.misses.inc();
+                self.c.grows.inc();
+                self.c.used.inc();
+                let used = self.c.used.get();
+                self.peak.fetch_max(used, Ordering::Relaxed);
+                Ok(Some((slot, addr)))
+            }
+            Some(other) => {
+                // Lost the race to map this frame: use theirs, undo ours.
+                self.c.lost_races.inc();
+                self.c.hits.inc();
+                e.state.store(0, Ordering::Relaxed);
+                // SAFETY: never published, so ours alone.
+                let m = e.mapping.with_mut(|p| unsafe { (*p).take() }).expect("just stored");
+                self.unmap_and_free(m);
+                Ok(Some((other, self.addr_of(&self.entries[other as usize]))))
+            }
+        }
+    }
+
+    /// `n` adjacent free slots: free ones, or by evicting cached entries.
+    fn take_slots(&self, n: usize) -> Option<SlotRun> {
+        loop {
+            if let Some(run) = self.kva.take(n) {
+                return Some(run);
+            }
+            let freed = self.evict_one()?;
+            if freed.len == n {
+                return Some(freed);
+            }
+            self.give_slots(freed);
+        }
+    }
+
+    fn give_slots(&self, run: SlotRun) {
+        self.kva.give(run);
+        self.waitq.wake();
+    }
+
+    fn unmap_and_free(&self, m: Mapping) {
+        // SAFETY: callers pass a mapping no handle or lookup can reach.
+        match unsafe { self.kva.unmap(m) } {
+            Ok(run) => self.give_slots(run),
+            Err((_, m)) => {
+                // Keep the slots out of circulation rather than reuse a slot
+                // that is still mapped; the window unmaps it when dropped.
+                self.c.unmap_errors.inc();
+                std::mem::forget(m);
+            }
+        }
+    }
+
+    /// Evict one cached unused entry (clock order: entries used since the
+    /// last pass get a second chance). Returns its slots, unmapped.
+    fn evict_one(&self) -> Option<SlotRun> {
+        let mut budget = 2 * self.lru_len.load(Ordering::Relaxed) + 2;
+        while budget > 0 {
+            budget -= 1;
+            let slot = {
+                let mut l = lock(&self.lru);
+                let s = l.pop_front();
+                self.lru_len.store(l.len(), Ordering::Relaxed);
+                s?
+            };
+            let e = &self.entries[slot];
+            let key = e.key();
+            let mut verdict = Verdict::InUse;
+            let removed = self.map.remove_if(&key, |&s| {
+                debug_assert_eq!(s as usize, slot, "map and entry disagree");
+                verdict = Self::judge(e);
+                matches!(verdict, Verdict::Evict)
+            });
+            match verdict {
+                Verdict::Evict => {
+                    debug_assert!(removed);
+                    // SAFETY: the entry is dead and out of the map (one step
+                    // under the shard lock), so nobody else can reach it.
+                    let m = e.mapping.with_mut(|p| unsafe { (*p).take() }).expect("live entry has a mapping");
+                    self.c.evictions.inc();
+                    // SAFETY: no handle holds it (count was 0) and no lookup
+                    // can find it (removed): see the module docs.
+                    match unsafe { self.kva.unmap(m) } {
+                        Ok(run) => {
+                            e.state.store(0, Ordering::Relaxed);
+                            return Some(run);
+                        }
+                        Err((_, m)) => {
+                            self.c.unmap_errors.inc();
+                            // Still mapped: bring it back as a cached entry.
+                            // SAFETY: dead and unreachable, ours alone.
+                            e.mapping.with_mut(|p| unsafe { *p = Some(m) });
+                            e.state.store(ON_LRU, Ordering::Relaxed);
+                            let reinserted = self.map.insert_or_with(key, slot as u32, |_| ()).is_none();
+                            debug_assert!(reinserted);
+                            self.push_lru(slot);
+                            return None;
+                        }
+                    }
+                }
+                Verdict::SecondChance => self.push_lru(slot),
+                Verdict::InUse => {}
+            }
+        }
+        None
+    }
+
+    /// Decide an LRU entry's fate under its shard's write lock.
+    fn judge(e: &Entry) -> Verdict {
+        let mut s = e.state.load(Ordering::Relaxed);
+        loop {
+            let (new, verdict) = if s & REFS != 0 {
+                // In use: off the LRU; its last release puts it back.
+                (s & !(ON_LRU | REFERENCED), Verdict::InUse)
+            } else if s & REFERENCED != 0 {
+                (s & !REFERENCED, Verdict::SecondChance)
+            } else {
+                (DEAD, Verdict::Evict)
+            };
+            // AcqRel: the kill acquires what the last holder released; the
+            // flag changes release to the next release's fetch_sub.
+            match e.state.compare_exchange(s, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return verdict,
+                Err(now) => s = now,
+            }
+        }
+    }
+
+    fn push_lru(&self, slot: usize) {
+        let mut l = lock(&self.lru);
+        l.push_back(slot);
+        self.lru_len.store(l.len(), Ordering::Relaxed);
+    }
+
+    /// Evict until the LRU (an upper bound on unused entries) is within
+    /// `max_excess`.
+    fn trim(&self) {
+        while self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
+            match self.evict_one() {
+                Some(run) => self.give_slots(run),
+                None => {
+                    // Only in-use entries were left to look at, or an unmap
+                    // failed: re-check the length and stop if nothing moved.
+                    if self.lru_len.load(Ordering::Relaxed) > self.max_excess() && self.evictable() == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Unused entries on the LRU now (a scan: for `trim`'s rare exit path
+    /// and the stats).
+    fn evictable(&self) -> usize {
+        self.entries.iter().filter(|e| e.state.load(Ordering::Relaxed) & (REFS | ON_LRU | DEAD) == ON_LRU).count()
+    }
+
+    fn release(&self, slot: u32) {
+        let e = &self.entries[slot as usize];
+        // AcqRel: Release publishes this holder's writes to the next holder
+        // and to the evictor; Acquire orders it after an evictor's flag
+        // change (the wake-up argument in `wait`).
+        #[cfg(not(lwbuf_mutant = "sfbuf_relaxed_release"))]
+        let old = e.state.fetch_sub(1, Ordering::AcqRel);
+        #[cfg(lwbuf_mutant = "sfbuf_relaxed_release")]
+        let old = e.state.fetch_sub(1, Ordering::Relaxed);
+        debug_assert!(old & REFS != 0 && old & DEAD == 0, "sf_buf: release of unreferenced entry");
+        if old & REFS != 1 {
+            return;
+        }
+        self.c.used.sub(1);
+        if old & ON_LRU == 0 {
+            let prev = e.state.fetch_or(ON_LRU, Ordering::AcqRel);
+            if prev & ON_LRU == 0 {
+                self.push_lru(slot as usize);
+            }
+        }
+        if self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
+            self.trim();
+        }
+        self.waitq.wake();
+    }
+
+    /// Stop: every waiter, now and later, fails with [`Error::Closed`].
+    /// Live handles stay valid; the pool unmaps everything when dropped.
+    pub fn close(&self) {
+        self.waitq.close();
+    }
+
+    /// Counters, with the MMU's. Scans the entries for `used`/`cached`.
+    pub fn stats(&self) -> SfStats {
+        let mut used = 0;
+        let mut cached = 0;
+        let mut mapped = 0;
+        for e in self.entries.iter() {
+            let s = e.state.load(Ordering::Relaxed);
+            if s & DEAD != 0 || e.addr.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            if s & REFS != 0 {
+                used += 1;
+                mapped += 1;
+            } else if s & ON_LRU != 0 {
+                cached += 1;
+                mapped += 1;
+            }
+        }
+        let (live, budget) = self.kva.live_mappings();
+        SfStats {
+            used,
+            cached,
+            mapped,
+            peak: self.peak.load(Ordering::Relaxed),
+            hits: self.c.hits.get(),
+            misses: self.c.misses.get(),
+            grows: self.c.grows.get(),
+            evictions: self.c.evictions.get(),
+            waits: self.c.waits.get(),
+            timeouts: self.c.timeouts.get(),
+            cancels: self.c.cancels.get(),
+            nowait_fails: self.c.nowait_fails.get(),
+            lost_races: self.c.lost_races.get(),
+            unmap_errors: self.c.unmap_errors.get(),
+            waiters: self.waitq.waiters() as u64,
+            live_mappings: live as u64,
+            map_budget: budget as u64,
+            max_excess: self.max_excess() as u64,
+            mmu: self.kva.mmu_stats(),
+        }
+    }
+}
+
+impl Drop for SfPool {
+    fn drop(&mut self) {
+        // Handles borrow the pool: none is alive. Unmap every entry.
+        self.waitq.close();
+        for e in self.entries.iter() {
+            // SAFETY: `&mut self`: no other thread can touch the entries.
+            if let Some(m) = e.mapping.with_mut(|p| unsafe { (*p).take() }) {
+                // SAFETY: no handle exists, no lookup can run.
+                if let Ok(run) = unsafe { self.kva.unmap(m) } {
+                    self.kva.give(run);
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for SfPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SfPool")
+            .field("capacity", &self.capacity())
+            .field("max_excess", &self.max_excess())
+            .field("mapped", &self.map.len())
+            .field("mmu", self.kva.mmu())
+            .finish()
+    }
+}
+
+// === impl SfBuf ===
+
+impl SfBuf<'_> {
+    /// The mapped bytes (the frame, or the whole run). No system call. The
+    /// view borrows the handle, so it cannot outlive the mapping.
+    pub fn kva(&self) -> Kaddr<'_> {
+        let len = self.hold.pages().len() * self.pool.kva.slot_size();
+        // SAFETY: the handle holds a reference on the entry, which keeps the
+        // mapping of `len` bytes until the handle is dropped.
+        unsafe { Kaddr::new(self.addr, len) }
+    }
+
+    /// The first (or only) page.
+    pub fn page(&self) -> &Page {
+        self.hold.first()
+    }
+
+    /// Every page held.
+    pub fn pages(&self) -> &[Page] {
+        self.hold.pages()
+    }
+
+    /// The window slot of the mapping's first page.
+    pub fn slot(&self) -> crate::Slot {
+        crate::Slot(self.slot as usize)
+    }
+}
+
+impl Drop for SfBuf<'_> {
+    fn drop(&mut self) {
+        self.pool.release(self.slot);
+    }
+}
+
+impl fmt::Debug for SfBuf<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SfBuf")
+            .field("pfn", &self.page().pfn().0)
+            .field("pages", &self.hold.pages().len())
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
