@@ -40,11 +40,20 @@ mod lru;
 mod lwbuf;
 mod mmu;
 mod phys;
+pub mod sendfile;
 mod sfbuf;
 mod sync;
 
 pub use cpu::{pin_to_core, CpuMask, INLINE_CPUS, MAX_BINDINGS_PER_THREAD};
 pub use error::{Error, Result};
+
+/// Loom-only hooks for the model-checking suite in `loom-tests/`.
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod __loom {
+    pub use crate::sync::mutants::{set as set_mutant, Mutant};
+}
+
 pub use extent::ExtentStats;
 pub use kaddr::Kaddr;
 pub use kva::default_map_budget;

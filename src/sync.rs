@@ -99,9 +99,11 @@ pub(crate) mod env {
     /// owner's behalf if the owner is not running the library right now.
     #[cfg(not(loom))]
     pub(crate) const MAILBOX_DRAIN_AT: usize = 256;
-    /// Under loom: 1, so the drain-on-behalf path is in every model.
+    /// Under loom: 3, above what the models' two producers send, so the
+    /// mailbox model checks the owner's own drain and the unowned-CPU model
+    /// checks the unbind drain, with no helping drain to mask either.
     #[cfg(loom)]
-    pub(crate) const MAILBOX_DRAIN_AT: usize = 1;
+    pub(crate) const MAILBOX_DRAIN_AT: usize = 3;
 }
 
 /// The concurrent map of the sf_buf pool: dashmap normally; under loom a
@@ -198,3 +200,72 @@ mod map {
         }
     }
 }
+
+/// Deliberate protocol breakages ("mutants") that the loom suite switches on
+/// one at a time to show that each model can fail. They exist only under
+/// `cfg(loom)`; in every other build `mutant()` is a constant `false` and the
+/// branches vanish.
+#[cfg(loom)]
+pub mod mutants {
+    use std::cell::Cell;
+
+    /// One way to break a protocol.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[non_exhaustive]
+    pub enum Mutant {
+        /// `Page` drop decrements `Relaxed` and skips the `Acquire` fence.
+        PageRelaxed,
+        /// The owner's mailbox check always says "no mail".
+        SkipDrain,
+        /// Unbinding a CPU does not drain its mailbox.
+        NoUnbindDrain,
+        /// A handle dropped on one CPU releases only that CPU's entry and
+        /// sends no messages (DragonFly's first lwbuf leak, in spirit).
+        NoRemoteDecref,
+        /// The sf_buf evictor kills an entry without re-checking its count.
+        EvictNoRecheck,
+        /// Releases do not bump the wait queue's generation.
+        LostWakeup,
+    }
+
+    std::thread_local! {
+        // A std thread-local on purpose: loom runs every thread of a model
+        // on the test's OS thread, so this reaches all of them and no other
+        // test running in parallel.
+        static ACTIVE: Cell<Option<Mutant>> = const { Cell::new(None) };
+    }
+
+    /// Switch a mutant on (or all off with `None`) for models run by the
+    /// calling test thread.
+    pub fn set(m: Option<Mutant>) {
+        ACTIVE.with(|a| a.set(m));
+    }
+
+    pub(crate) fn is(m: Mutant) -> bool {
+        ACTIVE.with(|a| a.get() == Some(m))
+    }
+}
+
+#[cfg(loom)]
+pub(crate) use mutants::Mutant;
+
+/// Whether mutant `m` is on (always false outside loom).
+#[cfg(loom)]
+#[inline]
+pub(crate) fn mutant_on(m: Mutant) -> bool {
+    mutants::is(m)
+}
+
+#[cfg(not(loom))]
+macro_rules! mutant {
+    ($m:ident) => {
+        false
+    };
+}
+#[cfg(loom)]
+macro_rules! mutant {
+    ($m:ident) => {
+        $crate::sync::mutant_on($crate::sync::Mutant::$m)
+    };
+}
+pub(crate) use mutant;

@@ -98,13 +98,24 @@ pub(crate) fn bind(table: &Arc<BindTable>, cpu: usize) -> Result<()> {
 /// Undo `bind` on this thread.
 pub(crate) fn unbind(table: &Arc<BindTable>, cpu: usize) {
     let id = table_id(table);
-    let _ = BINDINGS.try_with(|b| {
-        let mut fast = b.fast.get();
-        for e in fast.iter_mut().filter(|e| e.0 == id) {
-            *e = (0, 0);
-        }
-        b.fast.set(fast);
-        b.keep.borrow_mut().retain(|(t, _)| table_id(t) != id);
-    });
-    table.release(cpu);
+    let held = BINDINGS
+        .try_with(|b| {
+            let mut fast = b.fast.get();
+            for e in fast.iter_mut().filter(|e| e.0 == id) {
+                *e = (0, 0);
+            }
+            b.fast.set(fast);
+            let mut keep = b.keep.borrow_mut();
+            let before = keep.len();
+            keep.retain(|(t, _)| table_id(t) != id);
+            keep.len() != before
+        })
+        .unwrap_or(false);
+    // Release only a binding this thread still records. A guard dropped by a
+    // thread-local destructor that runs after `BINDINGS`' own finds it gone:
+    // that destructor released the CPU already, and another thread may have
+    // bound it since, so releasing again would give the CPU two owners.
+    if held {
+        table.release(cpu);
+    }
 }

@@ -37,14 +37,7 @@ impl<T> Mailbox<T> {
     /// or may not be seen; it will be seen by the next drain).
     #[inline]
     pub(crate) fn has_mail(&self) -> bool {
-        #[cfg(lwbuf_mutant = "skip_drain")]
-        {
-            false
-        }
-        #[cfg(not(lwbuf_mutant = "skip_drain"))]
-        {
-            self.len.load(Ordering::Relaxed) != 0
-        }
+        !crate::sync::mutant!(SkipDrain) && self.len.load(Ordering::Relaxed) != 0
     }
 
     /// Messages waiting now (a hint, as `has_mail`).

@@ -76,6 +76,7 @@ impl LwbufsBuilder {
             id: cpu::table_id(&binds),
             cpus: (0..self.cpus).map(|c| CachePadded::new(Pcpu::new(c))).collect(),
             binds,
+            slot_size: kva.slot_size(),
             kva,
             max_excess: AtomicUsize::new(max_excess),
             unbound_sent: AtomicU64::new(0),
@@ -111,6 +112,8 @@ pub struct Lwbufs {
     cpus: Box<[CachePadded<Pcpu>]>,
     binds: Arc<BindTable>,
     kva: KvaSpace,
+    /// `kva.slot_size()`, kept here so `Lwbuf::kva` makes no dynamic call.
+    slot_size: usize,
     max_excess: AtomicUsize,
     unbound_sent: AtomicU64,
 }
@@ -137,7 +140,9 @@ impl Drop for CpuGuard<'_> {
         // Messages posted while we were bound would otherwise wait for the
         // next owner: drain them now. A sender that posts after this drain
         // sees the CPU unbound and drains for itself (see `send_decref`).
-        self.sys.drain_on_behalf(self.cpu, true);
+        if !crate::sync::mutant!(NoUnbindDrain) {
+            self.sys.drain_on_behalf(self.cpu, true);
+        }
     }
 }
 
@@ -345,9 +350,18 @@ impl Lwbufs {
         let pc = &self.cpus[cpu];
         let queued = pc.mailbox.push(key);
         match from {
-            Some(f) => self.cpus[f].sent.fetch_add(1, Ordering::Relaxed),
-            None => self.unbound_sent.fetch_add(1, Ordering::Relaxed),
-        };
+            Some(f) => {
+                // Only the thread bound to `f` counts as `f`, so a load and a
+                // store do (an atomic add costs ~10x more); the bind hand-over
+                // (`BindTable`: AcqRel take, Release give) orders one owner's
+                // increments before the next owner's.
+                let sent = &self.cpus[f].sent;
+                sent.store(sent.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            }
+            None => {
+                self.unbound_sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         // The push took the mailbox lock after any drain an unbinding owner
         // did (or before it, and then that drain took our message): if the
         // CPU has no owner now, nobody else will apply it, so we do.
@@ -467,7 +481,7 @@ impl<'a> Lwbuf<'a> {
     }
 
     fn len(&self) -> usize {
-        self.key.pages * self.sys.kva.slot_size()
+        self.key.pages * self.sys.slot_size
     }
 
     /// The mapped bytes, on the calling thread's CPU (`lwbuf_kva`). On the
@@ -524,7 +538,7 @@ impl Drop for Lwbuf<'_> {
                     l.decref_key(self.key);
                     l.trim(&sys.kva, sys.max_excess());
                 }
-            } else {
+            } else if !crate::sync::mutant!(NoRemoteDecref) {
                 sys.send_decref(me, cpu, self.key);
             }
         }

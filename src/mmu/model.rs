@@ -44,6 +44,14 @@ impl ModelMmu {
     }
 }
 
+impl ModelMmu {
+    /// The slots that have `pfn` entered now (a scan; for checks in tests
+    /// and models: a handle's frame must be mapped while it is held).
+    pub fn slots_of(&self, pfn: Pfn) -> Vec<Slot> {
+        (0..self.table.capacity()).map(Slot).filter(|&s| self.table.translate(s) == Some(pfn)).collect()
+    }
+}
+
 impl Mmu for ModelMmu {
     fn phys(&self) -> &PhysMem {
         &self.phys

@@ -14,6 +14,10 @@ struct PageInner {
     refs: AtomicUsize,
     mem: PhysMem,
     pfn: Pfn,
+    /// Loom-only instrumentation: holders read it when they touch the
+    /// frame, the last holder writes it before freeing.
+    #[cfg(loom)]
+    probe: crate::sync::UnsafeCell<()>,
 }
 
 /// A hold on one frame of a [`PhysMem`] (the kernel's wired `vm_page`).
@@ -36,7 +40,13 @@ const MAX_REFS: usize = isize::MAX as usize;
 
 impl Page {
     pub(crate) fn new(mem: PhysMem, pfn: Pfn) -> Page {
-        let inner = Box::new(PageInner { refs: AtomicUsize::new(1), mem, pfn });
+        let inner = Box::new(PageInner {
+            refs: AtomicUsize::new(1),
+            mem,
+            pfn,
+            #[cfg(loom)]
+            probe: crate::sync::UnsafeCell::new(()),
+        });
         Page { inner: NonNull::from(Box::leak(inner)) }
     }
 
@@ -68,6 +78,8 @@ impl Page {
     /// The frame's bytes through the direct map; [`crate::Error::NoDirectMap`]
     /// if the `PhysMem` has none. No system call.
     pub fn direct(&self) -> Result<Kaddr<'_>> {
+        #[cfg(loom)]
+        self.inner().probe.with(|_| ());
         self.phys().direct_view(self.pfn(), 1)
     }
 }
@@ -90,16 +102,19 @@ impl Drop for Page {
     fn drop(&mut self) {
         // Release: everything this holder did with the frame happens before
         // the frame is freed by whoever drops the last hold.
-        #[cfg(not(lwbuf_mutant = "page_relaxed"))]
-        let last = self.inner().refs.fetch_sub(1, Ordering::Release) == 1;
-        #[cfg(lwbuf_mutant = "page_relaxed")]
-        let last = self.inner().refs.fetch_sub(1, Ordering::Relaxed) == 1;
-        if !last {
+        let relaxed = crate::sync::mutant!(PageRelaxed);
+        let order = if relaxed { Ordering::Relaxed } else { Ordering::Release };
+        if self.inner().refs.fetch_sub(1, order) != 1 {
             return;
         }
         // Acquire: pairs with the Release decrements of the other holders.
-        #[cfg(not(lwbuf_mutant = "page_relaxed"))]
-        fence(Ordering::Acquire);
+        if !relaxed {
+            fence(Ordering::Acquire);
+        }
+        // Under loom, the teardown writes what every holder read (see
+        // `probe`), so a missing happens-before edge is a reported race.
+        #[cfg(loom)]
+        self.inner().probe.with_mut(|_| ());
         // SAFETY: this was the last hold: no other `Page` points at `inner`,
         // and it was allocated by `Box` in `Page::new`.
         let inner = unsafe { Box::from_raw(self.inner.as_ptr()) };

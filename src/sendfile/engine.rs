@@ -163,7 +163,13 @@ pub(crate) fn classify(op: &'static str, e: io::Error) -> Step {
 
 /// Send all of `buf` with `send(flags | MSG_NOSIGNAL)` (or `write` on a
 /// non-socket), waiting on `EAGAIN`.
-pub(crate) fn send_all(out: &mut Out<'_>, buf: &[u8], flags: i32, opts: &SendOptions, st: &mut SendStats) -> Result<()> {
+pub(crate) fn send_all(
+    out: &mut Out<'_>,
+    buf: &[u8],
+    flags: i32,
+    opts: &SendOptions,
+    st: &mut SendStats,
+) -> Result<()> {
     let mut q: IovQueue<()> = IovQueue::new();
     q.push(buf.as_ptr(), buf.len(), None);
     drain_queue(out, &mut q, flags, opts, st, |_| {})
@@ -233,7 +239,7 @@ pub fn send_mapped<M: MapSource>(
                 Ok(m) => m,
                 // Nothing free: send and release what this request holds,
                 // then ask once more (never hold some while waiting for more).
-                Err(Error::WindowFull { .. } | Error::MapLimit { .. } | Error::WouldBlock) if !q.is_done() => {
+                Err(e) if no_room(&e) && !q.is_done() => {
                     drain_queue(&mut out, &mut q, 0, opts, &mut st, drop)?;
                     continue;
                 }
@@ -253,6 +259,14 @@ pub fn send_mapped<M: MapSource>(
     }
     drain_queue(&mut out, &mut q, 0, opts, &mut st, drop)?;
     Ok(st)
+}
+
+/// Whether a [`MapSource`] error means "nothing free now": release what is
+/// held and ask again (the window or the mapping budget is full, a no-wait
+/// pool is empty, or the kernel's `ENOMEM` at the `vm.max_map_count` wall).
+pub(crate) fn no_room(e: &Error) -> bool {
+    matches!(e, Error::WindowFull { .. } | Error::MapLimit { .. } | Error::WouldBlock)
+        || e.errno() == Some(libc::ENOMEM)
 }
 
 /// Pages a mapping covers, checked against what was asked.

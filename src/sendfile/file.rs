@@ -9,7 +9,7 @@ use std::path::Path;
 
 use super::pattern::Pattern;
 use crate::error::{Error, Result};
-use crate::phys::{Page, PhysMem, Pfn};
+use crate::phys::{Page, Pfn, PhysMem};
 
 /// Bytes copied per step when loading content.
 const LOAD_CHUNK: usize = 1 << 20;
@@ -87,7 +87,7 @@ impl PageFileBuilder {
 
     /// A file of the first `len` bytes read from `reader` (fewer if it ends
     /// first: the file is then as long as what was read).
-    pub fn reader(self, mut reader: impl Read, len: u64) -> Result<PageFile> {
+    pub fn reader(self, reader: impl Read, len: u64) -> Result<PageFile> {
         let mut data = Vec::new();
         reader.take(len).read_to_end(&mut data).map_err(|source| Error::Sys { op: "read", source })?;
         self.bytes(&data)
@@ -237,7 +237,7 @@ impl PageFile {
     /// call). [`Error::OutOfBounds`] past the end, [`Error::NoDirectMap`]
     /// without a direct map.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let end = offset.checked_add(buf.len() as u64).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(buf.len() as u64);
         let mut done = 0;
         for run in self.runs(offset..end)? {
             let view = self.phys.direct_view(run.pfn(), run.pages.len())?;
@@ -271,7 +271,11 @@ impl PageFile {
 
 impl fmt::Debug for PageFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PageFile").field("len", &self.len).field("pages", &self.pages.len()).field("runs", &self.extents.len()).finish()
+        f.debug_struct("PageFile")
+            .field("len", &self.len)
+            .field("pages", &self.pages.len())
+            .field("runs", &self.extents.len())
+            .finish()
     }
 }
 

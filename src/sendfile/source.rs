@@ -135,9 +135,10 @@ pub struct WindowSource {
 
 impl WindowSource {
     /// Map through `mmu` (a [`Window`] or a [`crate::ModelMmu`]); its slots
-    /// are this source's to hand out, so nothing else may enter any.
+    /// are this source's to hand out, so nothing else may enter any. Live
+    /// mappings are capped by [`crate::default_map_budget`].
     pub fn new(mmu: Arc<dyn Mmu>) -> WindowSource {
-        WindowSource { kva: KvaSpace::new(mmu), unmap_failures: AtomicU64::new(0) }
+        WindowSource { kva: KvaSpace::new(mmu, None), unmap_failures: AtomicU64::new(0) }
     }
 
     /// A new [`Window`] of `slots` slots over `phys`: one `mmap(PROT_NONE)`.

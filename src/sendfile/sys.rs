@@ -60,14 +60,13 @@ pub(crate) fn writev(fd: BorrowedFd<'_>, iov: &[iovec]) -> io::Result<usize> {
     cvt(unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as c_int) })
 }
 
-/// `send(fd, buf, flags | MSG_NOSIGNAL)`.
-pub(crate) fn send(fd: BorrowedFd<'_>, buf: &[u8], flags: c_int) -> io::Result<usize> {
-    // SAFETY: `buf` is a live Rust slice of `buf.len()` readable bytes.
-    cvt(unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast::<c_void>(), buf.len(), flags | libc::MSG_NOSIGNAL) })
-}
-
 /// `sendfile(out, in, &offset, count)`: advances `offset` by what was sent.
-pub(crate) fn sendfile(out: BorrowedFd<'_>, input: BorrowedFd<'_>, offset: &mut i64, count: usize) -> io::Result<usize> {
+pub(crate) fn sendfile(
+    out: BorrowedFd<'_>,
+    input: BorrowedFd<'_>,
+    offset: &mut i64,
+    count: usize,
+) -> io::Result<usize> {
     let mut off: libc::off_t = *offset as libc::off_t;
     // SAFETY: both descriptors are open (borrowed for the call) and `off` is a
     // valid off_t the kernel updates in place.
@@ -222,7 +221,8 @@ pub(crate) fn recv_zc_notices(fd: BorrowedFd<'_>, out: &mut Vec<ZcNotice>) -> io
             let hdr = unsafe { &*cmsg };
             let ip = hdr.cmsg_level == libc::SOL_IP && hdr.cmsg_type == libc::IP_RECVERR;
             let ip6 = hdr.cmsg_level == libc::SOL_IPV6 && hdr.cmsg_type == IPV6_RECVERR;
-            let need = libc::CMSG_LEN(size_of::<libc::sock_extended_err>() as u32) as usize;
+            // SAFETY: CMSG_LEN is pure arithmetic on its argument.
+            let need = unsafe { libc::CMSG_LEN(size_of::<libc::sock_extended_err>() as u32) } as usize;
             if (ip || ip6) && hdr.cmsg_len as usize >= need {
                 // SAFETY: the cmsg holds at least a sock_extended_err (checked
                 // against cmsg_len); read_unaligned as CMSG_DATA may be unaligned.

@@ -75,6 +75,15 @@ struct Entry {
     mapping: UnsafeCell<Option<Mapping>>,
 }
 
+// SAFETY: every field but `mapping` is atomic. `mapping` has one owner at a
+// time, handed over by the state word and the map's shard lock: the thread
+// that took the free slot writes it before publishing the entry (insert under
+// the write lock), the evictor that killed it (DEAD and removed from the map
+// in one step under the same lock) takes it, a miss that lost the insert race
+// takes back its never-published one, and `Drop` has `&mut`. No two threads
+// ever touch it at once (the module docs' argument).
+unsafe impl Sync for Entry {}
+
 impl Entry {
     fn new() -> Self {
         Entry {
@@ -533,7 +542,9 @@ impl SfPool {
     fn judge(e: &Entry) -> Verdict {
         let mut s = e.state.load(Ordering::Relaxed);
         loop {
-            let (new, verdict) = if s & REFS != 0 {
+            let (new, verdict) = if crate::sync::mutant!(EvictNoRecheck) {
+                (DEAD, Verdict::Evict)
+            } else if s & REFS != 0 {
                 // In use: off the LRU; its last release puts it back.
                 (s & !(ON_LRU | REFERENCED), Verdict::InUse)
             } else if s & REFERENCED != 0 {
@@ -584,10 +595,7 @@ impl SfPool {
         // AcqRel: Release publishes this holder's writes to the next holder
         // and to the evictor; Acquire orders it after an evictor's flag
         // change (the wake-up argument in `wait`).
-        #[cfg(not(lwbuf_mutant = "sfbuf_relaxed_release"))]
         let old = e.state.fetch_sub(1, Ordering::AcqRel);
-        #[cfg(lwbuf_mutant = "sfbuf_relaxed_release")]
-        let old = e.state.fetch_sub(1, Ordering::Relaxed);
         debug_assert!(old & REFS != 0 && old & DEAD == 0, "sf_buf: release of unreferenced entry");
         if old & REFS != 1 {
             return;

@@ -132,8 +132,9 @@ impl WaitQueue {
     /// Wake every waiter if there is any. Call after making room.
     #[inline]
     pub(crate) fn wake(&self) {
-        #[cfg(not(lwbuf_mutant = "lost_wakeup"))]
-        self.gen.fetch_add(1, Ordering::SeqCst);
+        if !crate::sync::mutant!(LostWakeup) {
+            self.gen.fetch_add(1, Ordering::SeqCst);
+        }
         if self.waiters.load(Ordering::SeqCst) > 0 {
             let _g = lock(&self.mutex);
             self.cond.notify_all();

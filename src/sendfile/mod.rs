@@ -1,0 +1,125 @@
+//! Sending file pages to sockets, sendfile style: the page-cache stand-in
+//! ([`PageFile`]) and every way of getting a byte range of it onto a socket.
+//!
+//! | [`Mode`] | how | per request |
+//! | --- | --- | --- |
+//! | [`Mode::Sendfile`] | `sendfile(2)` from the memfd, pages by reference | 1 call per run + hold bookkeeping |
+//! | [`Mode::Copy`] | copy out of the direct map into a buffer, `send` | 1 `send` per buffer |
+//! | [`Mode::MmapPerRequest`] | map runs into a window, `writev`, unmap | 2 mapping calls per run + `writev`s |
+//! | [`Mode::DirectMap`] | `writev` from the direct map | `writev`s only |
+//! | [`Mode::ZeroCopy`] | `sendmsg(MSG_ZEROCOPY)` from the direct map | `sendmsg`s + completions |
+//!
+//! The mapping-based modes share one engine ([`send_mapped`]): it asks a
+//! [`MapSource`] for mappings of the runs of a range, sends up to
+//! `IOV_MAX` of them per `sendmsg(MSG_NOSIGNAL)`, handles partial writes and
+//! `EAGAIN`, and drops each mapping as soon as a call has taken its last
+//! byte. New mapping schemes (the lwbuf caches, the sf_buf pool) plug in as
+//! more `MapSource`s.
+//!
+//! Two modes leave the kernel holding references to the pages after the
+//! call returns, so they keep [`Page`](crate::Page) holds past it:
+//! [`SendfileHolds`] until the data has been acknowledged, [`ZeroCopy`] until
+//! the completion notification. [`Sender`] and [`Connection`] wrap it all:
+//! one `Sender` per server, one `Connection` per socket.
+//!
+//! ```
+//! use std::io::Read;
+//! use std::os::fd::AsFd;
+//! use lwbuf::PhysMem;
+//! use lwbuf::sendfile::{send_mapped, DirectMapSource, PageFile, Pattern, SendOptions};
+//!
+//! let mem = PhysMem::builder().frames(64).build()?;
+//! let file = PageFile::pattern(&mem, 20_000, 9)?;
+//! let (tx, mut rx) = std::os::unix::net::UnixStream::pair()?;
+//! let st = send_mapped(tx.as_fd(), &file, 0..20_000, b"hdr:", &DirectMapSource::new(&mem)?, &SendOptions::default())?;
+//! assert_eq!(st.bytes, 20_004);
+//! let mut got = vec![0u8; 20_004];
+//! rx.read_exact(&mut got)?;
+//! assert_eq!(&got[..4], b"hdr:");
+//! assert_eq!(Pattern::new(9).check(0, &got[4..]), None);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod conn;
+mod engine;
+mod file;
+mod kernel;
+mod pattern;
+mod source;
+mod sys;
+mod zerocopy;
+
+use std::time::Duration;
+
+pub use conn::{Connection, Mode, Sender};
+pub use engine::{send_copy, send_mapped};
+pub use file::{FileRun, PageFile, PageFileBuilder, Runs};
+pub use kernel::SendfileHolds;
+pub use pattern::Pattern;
+pub use source::{DirectMapSource, DirectMapping, MapSource, Mapped, WindowMapping, WindowSource};
+pub use sys::ignore_sigpipe;
+pub use zerocopy::{ZeroCopy, ZeroCopyStats};
+
+/// The most `iovec`s the engine passes to one `sendmsg` (Linux's `UIO_MAXIOV`).
+pub const IOV_MAX: usize = sys::IOV_MAX;
+
+/// Knobs of the send paths. `SendOptions::default()` suits a server; tests
+/// shorten the timeouts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendOptions {
+    /// How long one send may wait for a full socket to take more bytes
+    /// (`POLLOUT`) or for a zero-copy completion before failing with
+    /// [`Error::TimedOut`](crate::Error::TimedOut); `None` waits forever.
+    /// Default 30 s.
+    pub stall_timeout: Option<Duration>,
+    /// The most bytes the mapping-based modes map ahead of the kernel: a
+    /// batch is sent (and its mappings released) when it reaches this or
+    /// [`IOV_MAX`] regions. Default 4 MiB.
+    pub batch_bytes: usize,
+    /// [`Mode::Copy`]'s buffer. Default 64 KiB.
+    pub copy_buffer: usize,
+    /// Slots of the window [`Sender::new`] reserves for
+    /// [`Mode::MmapPerRequest`]. Default 8192 (32 MiB of 4 KiB frames).
+    pub window_slots: usize,
+    /// [`Mode::ZeroCopy`]: bytes held for sends in flight on one connection
+    /// beyond which a new send first waits for completions. Default 16 MiB.
+    pub zerocopy_max_held: usize,
+    /// How long dropping a [`Connection`] waits for its holds to be released
+    /// before leaking them. Default 1 s.
+    pub close_timeout: Duration,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            stall_timeout: Some(Duration::from_secs(30)),
+            batch_bytes: 4 << 20,
+            copy_buffer: 64 << 10,
+            window_slots: 8192,
+            zerocopy_max_held: 16 << 20,
+            close_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What one send did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendStats {
+    /// Bytes the kernel took (header included).
+    pub bytes: u64,
+    /// Send system calls that took bytes (`sendmsg`, `writev`, `sendfile`).
+    pub calls: u64,
+    /// Times the socket was full (`EAGAIN`) and the send waited.
+    pub waits: u64,
+    /// Mappings asked of the [`MapSource`] (0 for copy and sendfile).
+    pub mappings: u64,
+}
+
+impl std::ops::AddAssign for SendStats {
+    fn add_assign(&mut self, o: SendStats) {
+        self.bytes += o.bytes;
+        self.calls += o.calls;
+        self.waits += o.waits;
+        self.mappings += o.mappings;
+    }
+}
