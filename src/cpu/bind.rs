@@ -54,6 +54,15 @@ impl Drop for ThreadBindings {
     }
 }
 
+#[cfg(not(loom))]
+thread_local! {
+    static BINDINGS: ThreadBindings = const {
+        ThreadBindings { fast: Cell::new([(0, 0); MAX_BINDINGS_PER_THREAD]), keep: RefCell::new(Vec::new()) }
+    };
+}
+
+// loom's `thread_local!` has no `const` form.
+#[cfg(loom)]
 thread_local! {
     static BINDINGS: ThreadBindings = ThreadBindings {
         fast: Cell::new([(0, 0); MAX_BINDINGS_PER_THREAD]),

@@ -7,11 +7,13 @@
 mod bind;
 mod mailbox;
 mod mask;
+mod owned;
 
 pub use bind::MAX_BINDINGS_PER_THREAD;
 pub(crate) use bind::{bind, current, table_id, unbind, BindTable};
 pub(crate) use mailbox::Mailbox;
 pub use mask::{CpuMask, INLINE_CPUS};
+pub(crate) use owned::{OwnerGuard, Owned};
 
 /// Pin the calling thread to core `cpu % cores` (core_affinity). Returns
 /// whether the OS accepted it. A system call; do it once per thread.

@@ -20,13 +20,13 @@ use std::ptr::NonNull;
 
 use pcpu::{Key, Local, Miss, Pcpu};
 
-use crate::cpu::{self, BindTable, CpuMask};
+use crate::cpu::{self, BindTable, CpuMask, OwnerGuard};
 use crate::error::{Error, Result};
 use crate::kaddr::Kaddr;
 use crate::kva::{Hold, KvaSpace};
 use crate::mmu::Mmu;
 use crate::phys::Page;
-use crate::sync::{env, lock, try_lock, Arc, AtomicU64, AtomicUsize, CachePadded, MutexGuard, Ordering};
+use crate::sync::{env, Arc, AtomicU64, AtomicUsize, CachePadded, Ordering};
 
 /// The largest CPU count a system accepts.
 pub const MAX_CPUS: usize = 4096;
@@ -230,18 +230,20 @@ impl Lwbufs {
     pub fn set_max_excess(&self, n: usize) {
         self.max_excess.store(n, Ordering::Relaxed);
         for cpu in 0..self.cpus.len() {
-            if let Some(mut l) = try_lock(&self.cpus[cpu].local) {
+            if let Some(mut l) = self.cpus[cpu].local.steal(false) {
                 l.drain(&self.cpus[cpu].mailbox, &self.kva, n);
             }
         }
     }
 
-    /// Lock `cpu`'s cache as its owner: apply pending messages first (the
-    /// passive IPI), then enforce the excess limit.
+    /// Enter `cpu`'s cache as its owner (the caller is the thread bound to
+    /// `cpu`): apply pending messages first (the passive IPI), then enforce
+    /// the excess limit. No atomic read-modify-write (see `cpu::Owned`).
     #[inline]
-    fn enter_cpu(&self, cpu: usize) -> MutexGuard<'_, Local> {
+    fn enter_cpu(&self, cpu: usize) -> OwnerGuard<'_, Local> {
+        debug_assert_eq!(self.current_cpu(), Some(cpu), "enter_cpu by a thread not bound to CPU {cpu}");
         let pc = &self.cpus[cpu];
-        let mut l = lock(&pc.local);
+        let mut l = pc.local.owner();
         let max = self.max_excess();
         if pc.mailbox.has_mail() || l.cached() > max {
             l.drain(&pc.mailbox, &self.kva, max);
@@ -292,6 +294,7 @@ impl Lwbufs {
     /// other CPUs if the window is otherwise full.
     fn acquire_on(&self, cpu: usize, key: Key) -> Result<(u32, NonNull<u8>)> {
         let mut reclaimed = false;
+        let mut refused = None;
         loop {
             let r = self.enter_cpu(cpu).acquire(&self.kva, key);
             match r {
@@ -299,7 +302,12 @@ impl Lwbufs {
                 Err(Miss::NoRoom(_)) if !reclaimed => {
                     // Our lock is released: take the others one at a time.
                     reclaimed = true;
-                    self.reclaim_except(cpu);
+                    refused = self.reclaim_except(cpu).1;
+                }
+                // Full because another CPU's cached mapping could not be
+                // unmapped: that refusal is the error to report.
+                Err(Miss::NoRoom(Error::WindowFull { .. })) if refused.is_some() => {
+                    return Err(refused.expect("checked"));
                 }
                 Err(m) => return Err(m.into_error()),
             }
@@ -318,20 +326,27 @@ impl Lwbufs {
     /// behalf of CPUs whose threads are idle or gone. Returns the slots given
     /// back to the window. Each unmap is a system call.
     pub fn reclaim(&self) -> usize {
-        self.reclaim_except(usize::MAX)
+        self.reclaim_except(usize::MAX).0
     }
 
-    fn reclaim_except(&self, except: usize) -> usize {
+    /// Reclaim every CPU but `except`; also returns the first unmap the MMU
+    /// refused while doing it (that entry stays cached, counted).
+    fn reclaim_except(&self, except: usize) -> (usize, Option<Error>) {
         let mut freed = 0;
+        let mut refused = None;
         for (cpu, pc) in self.cpus.iter().enumerate() {
             if cpu == except {
                 continue;
             }
-            let mut l = lock(&pc.local);
+            let mut l = pc.local.steal(true).expect("a waiting steal always succeeds");
             l.drain(&pc.mailbox, &self.kva, usize::MAX);
+            l.take_unmap_error();
             freed += l.shrink(&self.kva);
+            if let Some(e) = l.take_unmap_error() {
+                refused.get_or_insert(e);
+            }
         }
-        freed
+        (freed, refused)
     }
 
     /// Drain `cpu`'s mailbox for it. `wait`: block for its lock (only for
@@ -339,7 +354,7 @@ impl Lwbufs {
     /// otherwise give up if someone (its owner) is in the library.
     fn drain_on_behalf(&self, cpu: usize, wait: bool) {
         let pc = &self.cpus[cpu];
-        let guard = if wait { Some(lock(&pc.local)) } else { try_lock(&pc.local) };
+        let guard = pc.local.steal(wait);
         if let Some(mut l) = guard {
             l.drain(&pc.mailbox, &self.kva, self.max_excess());
         }
@@ -380,7 +395,7 @@ impl Lwbufs {
             .cpus
             .iter()
             .map(|pc| {
-                let l = lock(&pc.local);
+                let l = pc.local.steal(true).expect("a waiting steal always succeeds");
                 CpuStats::read(&l, pc)
             })
             .collect();
@@ -395,7 +410,7 @@ impl Lwbufs {
         let mut refs = 0;
         let mut slots_held = 0;
         for pc in self.cpus.iter() {
-            let l = lock(&pc.local);
+            let l = pc.local.steal(true).expect("a waiting steal always succeeds");
             let mut seen = std::collections::HashSet::new();
             for (key, slot, r) in l.entries() {
                 if !seen.insert(key) {
@@ -416,7 +431,6 @@ impl Lwbufs {
                 refs += r as u64;
             }
             slots_held += l.free_slot_count();
-            debug_assert_eq!(refs >= l.total_refs(), true);
         }
         let total = slots_held + self.kva.free_slots();
         if total != self.kva.capacity() {
@@ -434,7 +448,7 @@ impl Drop for Lwbufs {
     fn drop(&mut self) {
         // No handle or guard can exist: both borrow the system.
         for pc in self.cpus.iter() {
-            let mut l = lock(&pc.local);
+            let mut l = pc.local.steal(true).expect("a waiting steal always succeeds");
             let mut msgs = Vec::new();
             pc.mailbox.take_all(&mut msgs);
             l.teardown(&self.kva);

@@ -18,7 +18,8 @@ pub(crate) use crate::kva::MapKey as Key;
 use crate::kva::{KvaSpace, Mapping, SlotRun};
 use crate::lru::Lru;
 use crate::phys::Pfn;
-use crate::sync::{env, AtomicU64, Mutex};
+use crate::cpu::Owned;
+use crate::sync::{env, AtomicU64};
 
 #[derive(Debug)]
 struct Entry {
@@ -64,13 +65,17 @@ pub(crate) struct Local {
     free_slots: Vec<SlotRun>,
     /// The mailbox's spare vector, swapped in at each drain.
     spare: Vec<Key>,
+    /// The error of the last unmap the MMU refused during the current miss,
+    /// so that a miss that found nothing it could evict reports it rather
+    /// than a full window.
+    unmap_error: Option<Error>,
     pub(crate) c: Counters,
 }
 
 /// One CPU: its cache and its mailbox, each on its own cache lines.
 #[derive(Debug)]
 pub(crate) struct Pcpu {
-    pub(crate) local: Mutex<Local>,
+    pub(crate) local: Owned<Local>,
     pub(crate) mailbox: Mailbox<Key>,
     /// Decref messages sent by threads bound to this CPU.
     pub(crate) sent: AtomicU64,
@@ -78,7 +83,7 @@ pub(crate) struct Pcpu {
 
 impl Pcpu {
     pub(crate) fn new(cpu: usize) -> Self {
-        Pcpu { local: Mutex::new(Local::new(cpu)), mailbox: Mailbox::default(), sent: AtomicU64::new(0) }
+        Pcpu { local: Owned::new(Local::new(cpu)), mailbox: Mailbox::default(), sent: AtomicU64::new(0) }
     }
 }
 
@@ -92,6 +97,7 @@ impl Local {
             lru: Lru::default(),
             free_slots: Vec::new(),
             spare: Vec::new(),
+            unmap_error: None,
             c: Counters::default(),
         }
     }
@@ -109,11 +115,6 @@ impl Local {
     /// Single slots held unmapped.
     pub(crate) fn free_slot_count(&self) -> usize {
         self.free_slots.len()
-    }
-
-    /// Sum of the reference counts of all entries (for consistency checks).
-    pub(crate) fn total_refs(&self) -> u64 {
-        self.entries.iter().filter(|e| e.mapping.is_some()).map(|e| e.refs as u64).sum()
     }
 
     /// The frames mapped here with their slots and counts (for checks).
@@ -181,10 +182,14 @@ impl Local {
     /// the kernel refuses the mapping for lack of room (`ENOMEM`: the
     /// `vm.max_map_count` wall), evict a cached entry and try again.
     fn map_new(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<Mapping, Miss> {
+        self.unmap_error = None;
         loop {
-            let run = self
-                .take_slots(kva, key.pages)
-                .ok_or_else(|| Miss::NoRoom(Error::WindowFull { requested: key.pages, capacity: kva.capacity() }))?;
+            let Some(run) = self.take_slots(kva, key.pages) else {
+                // Every cached entry is in use, or the MMU refused to unmap
+                // the one we tried: say which.
+                let full = Error::WindowFull { requested: key.pages, capacity: kva.capacity() };
+                return Err(Miss::NoRoom(self.unmap_error.take().unwrap_or(full)));
+            };
             match kva.map(run, Pfn(key.pfn)) {
                 Ok(m) => return Ok(m),
                 Err((e, run)) => {
@@ -294,16 +299,22 @@ impl Local {
                 self.put_slots(kva, run);
                 true
             }
-            Err((_, m)) => {
+            Err((e, m)) => {
                 // Still mapped: put it back as it was, most recently used so
                 // the next eviction tries another one first.
                 self.entries[idx].mapping = Some(m);
                 self.map.insert(key, idx as u32);
                 self.lru.push_back(idx);
                 self.c.unmap_errors += 1;
+                self.unmap_error = Some(e);
                 false
             }
         }
+    }
+
+    /// The error of the last unmap the MMU refused, if any; clears it.
+    pub(crate) fn take_unmap_error(&mut self) -> Option<Error> {
+        self.unmap_error.take()
     }
 
     /// Evict every unused entry and give every free slot back to the
