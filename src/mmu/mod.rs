@@ -6,9 +6,11 @@
 //! loom models and simulations of hundreds of CPUs can run on it. Nothing
 //! above this module calls `mmap`.
 
+mod fault;
 mod model;
 mod window;
 
+pub use fault::{Fault, FaultStats, FaultyMmu};
 pub use model::ModelMmu;
 pub use window::{Window, WindowBuilder};
 

@@ -211,10 +211,13 @@ impl Mmu for Window {
                 // SAFETY: the caller owns these slots and promises nothing
                 // accesses them (method contract).
                 unsafe { munmap(addr.cast::<c_void>(), len) }.map_err(|e| Error::sys("munmap(remove)", e))?;
-                // With one VMA fewer the reservation usually fits again;
-                // NOREPLACE so we never clobber a mapping made in between.
-                let rereserved = self.reserve_at(addr, len, MapFlags::MAP_FIXED_NOREPLACE).is_ok();
-                self.table.removed(slot, count, !rereserved);
+                // Leave a hole: restoring the reservation here would take
+                // the one VMA the munmap just freed, and the caller unmapped
+                // precisely to make room for its next mapping (on 6.18 every
+                // mmap fails at the wall, even one that replaces a VMA
+                // exactly). The next enter here uses MAP_FIXED_NOREPLACE, so
+                // it never clobbers a mapping made in the hole meanwhile.
+                self.table.removed(slot, count, true);
                 Ok(())
             }
             Err(e) => Err(Error::sys("mmap(remove)", e)),

@@ -5,8 +5,10 @@ use std::fmt;
 use std::ops::Range;
 use std::os::fd::AsFd;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::cache::{CacheStats, LwbufSource, SfbufSource};
 use super::engine::{send_all, send_copy, send_mapped, Out};
 use super::file::PageFile;
 use super::kernel::SendfileHolds;
@@ -14,13 +16,13 @@ use super::source::{DirectMapSource, MapSource, WindowSource};
 use super::zerocopy::{ZeroCopy, ZeroCopyStats};
 use super::{SendOptions, SendStats};
 use crate::error::{Error, Result};
-use crate::mmu::MmuStats;
+use crate::lwbuf::CpuGuard;
+use crate::mmu::{Mmu, MmuStats};
 use crate::phys::{Backing, PhysMem};
 
 /// How a byte range of a [`PageFile`] gets to a socket.
 ///
-/// More modes (the lwbuf caches, the sf_buf pool) will join; match with a
-/// wildcard arm.
+/// More modes may join; match with a wildcard arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Mode {
@@ -40,15 +42,35 @@ pub enum Mode {
     /// `sendmsg(MSG_ZEROCOPY)` from the direct map, pages and mappings held
     /// until the completion notification ([`ZeroCopy`]).
     ZeroCopy,
+    /// `writev` from mappings of a shared sf_buf pool ([`SfbufSource`]):
+    /// runs of up to [`SendOptions::max_run`] pages, cached after the send;
+    /// a hit makes no system call. A request sleeps for room only while it
+    /// holds no mapping.
+    Sfbuf,
+    /// `writev` from the per-CPU lwbuf caches ([`LwbufSource`]), one mapping
+    /// per page, made and released on the worker's own CPU; a hit makes no
+    /// system call and touches no shared cache line.
+    Lwbuf,
+    /// As [`Mode::Lwbuf`], but contiguous frames are mapped as runs of up to
+    /// [`SendOptions::max_run`] pages: one `mmap` per run, one cache entry.
+    LwbufRun,
 }
 
 impl Mode {
     /// Every mode, in the order the benchmarks show them.
-    pub const ALL: &'static [Mode] =
-        &[Mode::Sendfile, Mode::Copy, Mode::MmapPerRequest, Mode::DirectMap, Mode::ZeroCopy];
+    pub const ALL: &'static [Mode] = &[
+        Mode::Sendfile,
+        Mode::Copy,
+        Mode::MmapPerRequest,
+        Mode::Sfbuf,
+        Mode::Lwbuf,
+        Mode::LwbufRun,
+        Mode::DirectMap,
+        Mode::ZeroCopy,
+    ];
 
-    /// The short name (`sendfile`, `copy`, `mmap`, `direct`, `zerocopy`),
-    /// which [`FromStr`] accepts.
+    /// The short name (`sendfile`, `copy`, `mmap`, `sfbuf`, `lwbuf`,
+    /// `lwbuf-run`, `direct`, `zerocopy`), which [`FromStr`] accepts.
     pub fn name(self) -> &'static str {
         match self {
             Mode::Sendfile => "sendfile",
@@ -56,13 +78,22 @@ impl Mode {
             Mode::MmapPerRequest => "mmap",
             Mode::DirectMap => "direct",
             Mode::ZeroCopy => "zerocopy",
+            Mode::Sfbuf => "sfbuf",
+            Mode::Lwbuf => "lwbuf",
+            Mode::LwbufRun => "lwbuf-run",
         }
     }
 
-    /// Whether the mode maps through a window (and so makes mapping system
-    /// calls that [`Sender::mmu_stats`] counts).
+    /// Whether the mode maps through a window of its own (and so makes
+    /// mapping system calls that [`Sender::mmu_stats`] counts).
     pub fn uses_window(self) -> bool {
-        matches!(self, Mode::MmapPerRequest)
+        matches!(self, Mode::MmapPerRequest | Mode::Sfbuf | Mode::Lwbuf | Mode::LwbufRun)
+    }
+
+    /// Whether the mode keeps mappings cached between requests (and so has
+    /// [`Sender::cache_stats`]).
+    pub fn caches_mappings(self) -> bool {
+        matches!(self, Mode::Sfbuf | Mode::Lwbuf | Mode::LwbufRun)
     }
 }
 
@@ -76,7 +107,8 @@ impl FromStr for Mode {
     type Err = Error;
 
     /// A name of [`Mode::name`] or a longer alias (`read-write`,
-    /// `mmap-per-request`, `direct-map`, `msg-zerocopy`), any case.
+    /// `mmap-per-request`, `direct-map`, `msg-zerocopy`, `sf-buf`,
+    /// `lwbuf-runs`), any case, `_` for `-`.
     fn from_str(s: &str) -> Result<Mode> {
         let m = match s.to_ascii_lowercase().replace('_', "-").as_str() {
             "sendfile" | "kernel-sendfile" => Mode::Sendfile,
@@ -84,6 +116,9 @@ impl FromStr for Mode {
             "mmap" | "mmap-per-request" | "window" => Mode::MmapPerRequest,
             "direct" | "direct-map" | "dmap" => Mode::DirectMap,
             "zerocopy" | "zero-copy" | "msg-zerocopy" => Mode::ZeroCopy,
+            "sfbuf" | "sf-buf" | "sf-bufs" => Mode::Sfbuf,
+            "lwbuf" | "lwbufs" => Mode::Lwbuf,
+            "lwbuf-run" | "lwbuf-runs" | "lwbufrun" => Mode::LwbufRun,
             _ => {
                 let names: Vec<_> = Mode::ALL.iter().map(|m| m.name()).collect();
                 return Err(Error::config("mode", format!("unknown mode {s:?}; known: {}", names.join(", "))));
@@ -96,9 +131,12 @@ impl FromStr for Mode {
 // === Sender ===
 
 /// What one server sends with: a [`Mode`], the options, and the mapping
-/// resources the mode needs (a window for [`Mode::MmapPerRequest`]).
-/// `Sync`: one `Sender` serves every worker thread; each socket gets a
-/// [`Connection`].
+/// resources the mode needs (a window for [`Mode::MmapPerRequest`], an
+/// sf_buf pool for [`Mode::Sfbuf`], per-CPU lwbuf caches for
+/// [`Mode::Lwbuf`] and [`Mode::LwbufRun`]). `Sync`: one `Sender` serves
+/// every worker thread, which share its caches; each socket gets a
+/// [`Connection`]. Mappings borrow the sender, so it outlives every worker
+/// (`std::thread::scope`, or workers joined before it is dropped).
 ///
 /// ```
 /// use std::io::Read;
@@ -128,33 +166,145 @@ impl FromStr for Mode {
 /// assert_eq!(sender.mmu_stats().map(|s| s.enters), Some(1));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// With a cache, the second send of the same pages makes no system call:
+///
+/// ```
+/// use std::io::Read;
+/// use std::os::unix::net::UnixStream;
+/// use lwbuf::PhysMem;
+/// use lwbuf::sendfile::{Mode, PageFile, SendOptions, Sender};
+///
+/// let mem = PhysMem::builder().frames(64).build()?;
+/// let file = PageFile::pattern(&mem, 40_000, 7)?;
+/// let opts = SendOptions { cpus: Some(2), ..SendOptions::default() };
+/// let sender = Sender::new(Mode::LwbufRun, &mem, opts)?;
+/// let worker = sender.bind_worker(0, false)?; // this thread is CPU 0 of the caches
+/// let (a, mut b) = UnixStream::pair()?;
+/// let mut conn = sender.connection(a)?;
+/// let mut got = vec![0u8; 40_000];
+/// conn.send(&file, 0..40_000, b"")?; // a miss: one mmap of the 10-page run
+/// b.read_exact(&mut got)?;
+/// let before = sender.mmu_stats().expect("window");
+/// conn.send(&file, 0..40_000, b"")?; // a hit
+/// b.read_exact(&mut got)?;
+/// assert_eq!(sender.mmu_stats().expect("window").since(&before).syscalls, 0);
+/// assert_eq!(sender.cache_stats().map(|c| c.hits), Some(1));
+/// drop(worker);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Sender {
     mode: Mode,
     opts: SendOptions,
     phys: PhysMem,
     direct: Option<DirectMapSource>,
     window: Option<WindowSource>,
+    sfbuf: Option<SfbufSource>,
+    lwbuf: Option<LwbufSource>,
+}
+
+/// The binding of a worker thread, from [`Sender::bind_worker`]; dropping
+/// it unbinds. Not `Send`: a binding belongs to its thread.
+#[must_use = "the worker is unbound as soon as the guard is dropped"]
+pub struct WorkerGuard<'s> {
+    cpu: usize,
+    guard: Option<CpuGuard<'s>>,
+}
+
+impl WorkerGuard<'_> {
+    /// The worker's CPU id.
+    pub fn cpu(&self) -> usize {
+        self.cpu
+    }
+
+    /// Whether the thread holds a CPU of the sender's lwbuf caches.
+    pub fn is_bound(&self) -> bool {
+        self.guard.is_some()
+    }
+}
+
+impl fmt::Debug for WorkerGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerGuard").field("cpu", &self.cpu).field("bound", &self.is_bound()).finish()
+    }
 }
 
 impl Sender {
-    /// A sender of `mode` for files in `phys`. [`Mode::MmapPerRequest`]
-    /// reserves a [`Window`](crate::Window) of
-    /// [`SendOptions::window_slots`] slots (one `mmap`). Errors:
-    /// [`Error::NoDirectMap`] for the direct-map modes without one,
-    /// [`Error::Config`] for sendfile or a window over heap memory.
+    /// A sender of `mode` for files in `phys`. The window-based modes
+    /// reserve a [`Window`](crate::Window) (one `mmap`):
+    /// [`SendOptions::window_slots`] slots for [`Mode::MmapPerRequest`]
+    /// and [`Mode::Sfbuf`], that many per CPU ([`SendOptions::cpus`]) for
+    /// the lwbuf modes. Errors: [`Error::NoDirectMap`] for the direct-map
+    /// modes without one, [`Error::Config`] for sendfile or a window over
+    /// heap memory.
     pub fn new(mode: Mode, phys: &PhysMem, opts: SendOptions) -> Result<Sender> {
-        let window = if mode.uses_window() { Some(WindowSource::window(phys, opts.window_slots)?) } else { None };
-        Self::build(mode, phys, window, opts)
+        let (mut window, mut sfbuf, mut lwbuf) = (None, None, None);
+        match mode {
+            Mode::MmapPerRequest => window = Some(WindowSource::window(phys, opts.window_slots)?),
+            Mode::Sfbuf => {
+                sfbuf = Some(SfbufSource::window(
+                    phys,
+                    opts.window_slots,
+                    opts.max_excess,
+                    opts.max_run,
+                    opts.stall_timeout,
+                )?)
+            }
+            Mode::Lwbuf | Mode::LwbufRun => {
+                lwbuf = Some(LwbufSource::window(
+                    phys,
+                    opts.lwbuf_cpus(),
+                    opts.window_slots,
+                    opts.max_excess,
+                    Self::lwbuf_run(mode, &opts),
+                )?)
+            }
+            _ => {}
+        }
+        Self::build(mode, phys, window, sfbuf, lwbuf, opts)
     }
 
-    /// A sender that maps through `window` (any [`Mmu`](crate::Mmu), e.g. a
+    /// A sender that maps through `window` (any [`Mmu`], e.g. a
     /// [`ModelMmu`](crate::ModelMmu)) for the window-based modes.
     pub fn with_window(mode: Mode, window: WindowSource, opts: SendOptions) -> Result<Sender> {
         let phys = window.mmu().phys().clone();
-        Self::build(mode, &phys, Some(window), opts)
+        Self::build(mode, &phys, Some(window), None, None, opts)
     }
 
-    fn build(mode: Mode, phys: &PhysMem, window: Option<WindowSource>, opts: SendOptions) -> Result<Sender> {
+    /// A sender of a window-based mode whose window, pool or caches map
+    /// through `mmu` (all of its slots; e.g. a [`ModelMmu`](crate::ModelMmu),
+    /// which makes no system call). [`Error::Config`] for other modes.
+    pub fn with_mmu(mode: Mode, mmu: Arc<dyn Mmu>, opts: SendOptions) -> Result<Sender> {
+        let phys = mmu.phys().clone();
+        let (mut window, mut sfbuf, mut lwbuf) = (None, None, None);
+        match mode {
+            Mode::MmapPerRequest => window = Some(WindowSource::new(mmu)),
+            Mode::Sfbuf => sfbuf = Some(SfbufSource::with_mmu(mmu, opts.max_excess, opts.max_run, opts.stall_timeout)?),
+            Mode::Lwbuf | Mode::LwbufRun => {
+                let run = Self::lwbuf_run(mode, &opts);
+                lwbuf = Some(LwbufSource::with_mmu(mmu, opts.lwbuf_cpus(), opts.max_excess, run)?)
+            }
+            _ => return Err(Error::config("mode", format!("{mode} maps through no window"))),
+        }
+        Self::build(mode, &phys, window, sfbuf, lwbuf, opts)
+    }
+
+    fn lwbuf_run(mode: Mode, opts: &SendOptions) -> usize {
+        if mode == Mode::LwbufRun {
+            opts.max_run
+        } else {
+            1
+        }
+    }
+
+    fn build(
+        mode: Mode,
+        phys: &PhysMem,
+        window: Option<WindowSource>,
+        sfbuf: Option<SfbufSource>,
+        lwbuf: Option<LwbufSource>,
+        opts: SendOptions,
+    ) -> Result<Sender> {
         let direct = if phys.has_direct_map() { Some(DirectMapSource::new(phys)?) } else { None };
         match mode {
             Mode::Copy | Mode::DirectMap | Mode::ZeroCopy if direct.is_none() => return Err(Error::NoDirectMap),
@@ -164,9 +314,13 @@ impl Sender {
             Mode::MmapPerRequest if window.is_none() => {
                 return Err(Error::config("window", "mmap mode needs a window"))
             }
+            Mode::Sfbuf if sfbuf.is_none() => return Err(Error::config("window", "sfbuf mode needs a pool")),
+            Mode::Lwbuf | Mode::LwbufRun if lwbuf.is_none() => {
+                return Err(Error::config("window", "lwbuf modes need lwbuf caches"))
+            }
             _ => {}
         }
-        Ok(Sender { mode, opts, phys: phys.clone(), direct, window })
+        Ok(Sender { mode, opts, phys: phys.clone(), direct, window, sfbuf, lwbuf })
     }
 
     /// The mode.
@@ -179,15 +333,63 @@ impl Sender {
         &self.opts
     }
 
-    /// The window source, for the window-based modes.
+    /// The window source, for [`Mode::MmapPerRequest`].
     pub fn window(&self) -> Option<&WindowSource> {
         self.window.as_ref()
+    }
+
+    /// The sf_buf pool source, for [`Mode::Sfbuf`].
+    pub fn sfbuf(&self) -> Option<&SfbufSource> {
+        self.sfbuf.as_ref()
+    }
+
+    /// The lwbuf caches source, for [`Mode::Lwbuf`] and [`Mode::LwbufRun`].
+    pub fn lwbuf(&self) -> Option<&LwbufSource> {
+        self.lwbuf.as_ref()
     }
 
     /// The window's MMU counters (mapping system calls), `None` for modes
     /// without a window.
     pub fn mmu_stats(&self) -> Option<MmuStats> {
-        self.window.as_ref().and_then(|w| w.mmu_stats())
+        if let Some(w) = &self.window {
+            w.mmu_stats()
+        } else if let Some(p) = &self.sfbuf {
+            p.mmu_stats()
+        } else {
+            self.lwbuf.as_ref().and_then(|l| l.mmu_stats())
+        }
+    }
+
+    /// Hits and lookups of the mode's mapping cache, `None` for modes
+    /// without one. Cheap but not free: it reads every CPU's counters
+    /// (lwbuf) or scans the pool's entries (sf_buf).
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        match (&self.sfbuf, &self.lwbuf) {
+            (Some(p), _) => Some(p.cache_stats()),
+            (_, Some(l)) => Some(l.cache_stats()),
+            _ => None,
+        }
+    }
+
+    /// Make the calling thread worker `cpu` of this sender, until the guard
+    /// is dropped: for the lwbuf modes, bind it to CPU `cpu` of the caches
+    /// (every mapping it makes then comes from, and goes back to, that
+    /// CPU's cache); with `pin`, also pin it to core `cpu % cores` (one
+    /// system call), in every mode. Do it once per worker thread, for its
+    /// whole life. Errors (lwbuf modes): [`Error::NoSuchCpu`] for `cpu` not
+    /// below [`SendOptions::cpus`], [`Error::CpuBusy`],
+    /// [`Error::AlreadyBound`].
+    pub fn bind_worker(&self, cpu: usize, pin: bool) -> Result<WorkerGuard<'_>> {
+        let guard = match &self.lwbuf {
+            Some(l) => Some(l.bind_worker(cpu, pin)?),
+            None => {
+                if pin {
+                    crate::cpu::pin_to_core(cpu);
+                }
+                None
+            }
+        };
+        Ok(WorkerGuard { cpu, guard })
     }
 
     /// Per-socket state for sending on `stream` (blocking or not). For
@@ -207,7 +409,12 @@ impl Sender {
 
 impl fmt::Debug for Sender {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sender").field("mode", &self.mode).field("window", &self.window).finish()
+        f.debug_struct("Sender")
+            .field("mode", &self.mode)
+            .field("window", &self.window)
+            .field("sfbuf", &self.sfbuf)
+            .field("lwbuf", &self.lwbuf)
+            .finish()
     }
 }
 
@@ -296,6 +503,16 @@ impl<'s, S: AsFd> Connection<'s, S> {
                 Some(w) => send_mapped(fd, file, range, header, w, opts),
                 None => Err(Error::config("window", "mmap mode needs a window")),
             },
+            (State::Plain, Mode::Sfbuf) => match &s.sfbuf {
+                Some(p) => send_mapped(fd, file, range, header, p, opts),
+                None => Err(Error::config("window", "sfbuf mode needs a pool")),
+            },
+            // Every mapping is released before `send_mapped` returns, so a
+            // thread that is no worker of the sender can borrow a CPU for it.
+            (State::Plain, Mode::Lwbuf | Mode::LwbufRun) => match &s.lwbuf {
+                Some(l) => l.with_cpu(|| send_mapped(fd, file, range, header, l, opts)),
+                None => Err(Error::config("window", "lwbuf modes need lwbuf caches")),
+            },
             (State::Plain, _) => match &s.direct {
                 Some(d) => send_mapped(fd, file, range, header, d, opts),
                 None => Err(Error::NoDirectMap),
@@ -365,8 +582,16 @@ impl<T: MapSource> MapSource for &T {
     where
         Self: 's;
 
-    fn map<'s>(&'s self, run: &[crate::phys::Page]) -> Result<Self::Mapping<'s>> {
+    fn map<'s>(&'s self, run: &'s [crate::phys::Page]) -> Result<Self::Mapping<'s>> {
         (**self).map(run)
+    }
+
+    fn map_idle<'s>(&'s self, run: &'s [crate::phys::Page]) -> Result<Self::Mapping<'s>> {
+        (**self).map_idle(run)
+    }
+
+    fn run_grid(&self) -> Option<usize> {
+        (**self).run_grid()
     }
 
     fn mmu_stats(&self) -> Option<MmuStats> {

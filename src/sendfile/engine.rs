@@ -10,6 +10,7 @@
 //! byte; on any error everything still queued is released before the error
 //! is returned.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::ops::Range;
@@ -24,6 +25,17 @@ use super::{SendOptions, SendStats};
 use crate::error::{Error, Result};
 
 // === IovQueue ===
+
+// std's `thread_local!`, not the sync facade's: a spare buffer shares
+// nothing between threads, so there is nothing for a loom model to check.
+std::thread_local! {
+    /// A spare `iovec` vector per thread, so that a send does not allocate
+    /// one (a server thread sends one response after another).
+    static SPARE_IOVS: Cell<Vec<iovec>> = const { Cell::new(Vec::new()) };
+}
+
+/// The most `iovec`s a spare vector keeps room for.
+const SPARE_MAX: usize = 4 * IOV_MAX;
 
 /// `iovec`s waiting to be sent, and the handles that own their memory: an
 /// owner is handed back (to drop, or to keep until a completion) once every
@@ -40,7 +52,8 @@ pub(crate) struct IovQueue<T> {
 
 impl<T> IovQueue<T> {
     pub(crate) fn new() -> Self {
-        IovQueue { iovs: Vec::new(), head: 0, owners: VecDeque::new(), queued: 0, sent: 0 }
+        let iovs = SPARE_IOVS.try_with(Cell::take).unwrap_or_default();
+        IovQueue { iovs, head: 0, owners: VecDeque::new(), queued: 0, sent: 0 }
     }
 
     /// Queue `len` bytes at `ptr`, owned by `owner` (if any) until sent.
@@ -102,6 +115,17 @@ impl<T> IovQueue<T> {
         if self.head == self.iovs.len() {
             self.iovs.clear();
             self.head = 0;
+        }
+    }
+}
+
+impl<T> Drop for IovQueue<T> {
+    fn drop(&mut self) {
+        let mut iovs = std::mem::take(&mut self.iovs);
+        if iovs.capacity() <= SPARE_MAX {
+            iovs.clear();
+            // A thread being torn down just frees it.
+            let _ = SPARE_IOVS.try_with(|c| c.set(iovs));
         }
     }
 }
@@ -232,10 +256,27 @@ pub fn send_mapped<M: MapSource>(
     let mut q: IovQueue<M::Mapping<'_>> = IovQueue::new();
     q.push(header.as_ptr(), header.len(), None);
     let fs = file.page_size();
+    let grid = source.run_grid().filter(|&g| g > 1);
+    let all = file.pages();
     for run in runs {
-        let (mut pages, mut off, mut left) = (run.pages, run.offset, run.len);
+        // The pages to ask for: from `idx` to the end of the piece, or with
+        // a grid, the chunk of the allocation run that holds page `idx`.
+        let end = run.index + run.pages.len();
+        let extent = match grid {
+            Some(_) => file.run_of(run.index).unwrap_or(run.index..end),
+            None => run.index..end,
+        };
+        let (mut idx, mut off, mut left) = (run.index, run.offset, run.len);
         while left > 0 {
-            let m = match source.map(pages) {
+            let (from, to) = match grid {
+                Some(g) => {
+                    let from = extent.start + (idx - extent.start) / g * g;
+                    (from, (from + g).min(extent.end))
+                }
+                None => (idx, end),
+            };
+            let ask = &all[from..to];
+            let m = match source.map(ask) {
                 Ok(m) => m,
                 // Nothing free: send and release what this request holds,
                 // then ask once more (never hold some while waiting for more).
@@ -243,13 +284,23 @@ pub fn send_mapped<M: MapSource>(
                     drain_queue(&mut out, &mut q, 0, opts, &mut st, drop)?;
                     continue;
                 }
+                // Nothing held: now the source may wait for room.
+                Err(e) if no_room(&e) => source.map_idle(ask)?,
                 Err(e) => return Err(e),
             };
             st.mappings += 1;
-            let npages = check_mapping(&m, fs, pages.len())?;
-            let take = left.min(npages * fs - off);
-            q.push(m.as_ptr().wrapping_add(off), take, Some(m));
-            pages = &pages[npages..];
+            let npages = check_mapping(&m, fs, ask.len())?;
+            let skip = idx - from;
+            if npages <= skip {
+                return Err(Error::config(
+                    "MapSource",
+                    format!("mapped {npages} pages of a chunk of {}: not up to page {skip}", ask.len()),
+                ));
+            }
+            let at = skip * fs + off;
+            let take = left.min(npages * fs - at);
+            q.push(m.as_ptr().wrapping_add(at), take, Some(m));
+            idx = from + npages;
             off = 0;
             left -= take;
             if q.pending_iovs() >= IOV_MAX || q.pending_bytes() >= opts.batch_bytes as u64 {

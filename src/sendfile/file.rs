@@ -233,6 +233,13 @@ impl PageFile {
         Ok(Runs { file: self, pos: range.start, end: range.end, extent })
     }
 
+    /// The page indices of the run of contiguous frames (allocation unit)
+    /// that holds page `index`, or `None` past the end.
+    pub fn run_of(&self, index: usize) -> Option<Range<usize>> {
+        let i = self.extents.partition_point(|e| e.first + e.len <= index);
+        self.extents.get(i).filter(|e| e.first <= index).map(|e| e.first..e.first + e.len)
+    }
+
     /// Copy bytes from `offset` into `buf` through the direct map (no system
     /// call). [`Error::OutOfBounds`] past the end, [`Error::NoDirectMap`]
     /// without a direct map.

@@ -6,6 +6,9 @@
 //! | [`Mode::Sendfile`] | `sendfile(2)` from the memfd, pages by reference | 1 call per run + hold bookkeeping |
 //! | [`Mode::Copy`] | copy out of the direct map into a buffer, `send` | 1 `send` per buffer |
 //! | [`Mode::MmapPerRequest`] | map runs into a window, `writev`, unmap | 2 mapping calls per run + `writev`s |
+//! | [`Mode::Sfbuf`] | `writev` from a shared sf_buf pool ([`SfbufSource`]) | `writev`s; a miss: 1 `mmap` (+ 1 unmap if it evicts) |
+//! | [`Mode::Lwbuf`] | `writev` from per-CPU lwbuf caches, a page per mapping ([`LwbufSource`]) | `writev`s; a miss: as sf_buf |
+//! | [`Mode::LwbufRun`] | the same, contiguous frames as one run mapping | `writev`s; a miss: as sf_buf |
 //! | [`Mode::DirectMap`] | `writev` from the direct map | `writev`s only |
 //! | [`Mode::ZeroCopy`] | `sendmsg(MSG_ZEROCOPY)` from the direct map | `sendmsg`s + completions |
 //!
@@ -13,8 +16,9 @@
 //! [`MapSource`] for mappings of the runs of a range, sends up to
 //! `IOV_MAX` of them per `sendmsg(MSG_NOSIGNAL)`, handles partial writes and
 //! `EAGAIN`, and drops each mapping as soon as a call has taken its last
-//! byte. New mapping schemes (the lwbuf caches, the sf_buf pool) plug in as
-//! more `MapSource`s.
+//! byte. The mapping schemes plug in as `MapSource`s: the direct map, a
+//! window mapped per request, the sf_buf pool and the lwbuf caches (which
+//! keep their mappings cached between requests).
 //!
 //! Two modes leave the kernel holding references to the pages after the
 //! call returns, so they keep [`Page`](crate::Page) holds past it:
@@ -40,6 +44,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod cache;
 mod conn;
 mod engine;
 mod file;
@@ -51,7 +56,8 @@ mod zerocopy;
 
 use std::time::Duration;
 
-pub use conn::{Connection, Mode, Sender};
+pub use cache::{CacheStats, LwbufMapping, LwbufSource, SfMapping, SfbufSource};
+pub use conn::{Connection, Mode, Sender, WorkerGuard};
 pub use engine::{send_copy, send_mapped};
 pub use file::{FileRun, PageFile, PageFileBuilder, Runs};
 pub use kernel::SendfileHolds;
@@ -78,9 +84,26 @@ pub struct SendOptions {
     pub batch_bytes: usize,
     /// [`Mode::Copy`]'s buffer. Default 64 KiB.
     pub copy_buffer: usize,
-    /// Slots of the window [`Sender::new`] reserves for
-    /// [`Mode::MmapPerRequest`]. Default 8192 (32 MiB of 4 KiB frames).
+    /// The mapping capacity of the window-based modes, in slots (frames):
+    /// the window [`Sender::new`] reserves for [`Mode::MmapPerRequest`],
+    /// the sf_buf pool's window for [`Mode::Sfbuf`], and each CPU's share
+    /// of the lwbuf window for [`Mode::Lwbuf`] and [`Mode::LwbufRun`] (whose
+    /// window has `cpus * window_slots` slots: every CPU maps what it sends
+    /// itself, so every CPU caches its own copy of a hot page). Default
+    /// 8192 (32 MiB of 4 KiB frames).
     pub window_slots: usize,
+    /// Cached unused mappings the caches keep: the sf_buf pool in all, each
+    /// lwbuf CPU on its own (entries: a run mapping is one). `None`: as many
+    /// as the window (per CPU for lwbuf) has slots, so a working set that
+    /// fits stays mapped. Default `None`.
+    pub max_excess: Option<usize>,
+    /// The longest run of contiguous frames [`Mode::Sfbuf`] and
+    /// [`Mode::LwbufRun`] map as one mapping, in pages (1: a mapping per
+    /// page). Default 16 (64 KiB of 4 KiB frames).
+    pub max_run: usize,
+    /// CPUs of the lwbuf caches: the number of worker threads that
+    /// [`Sender::bind_worker`] binds. `None`: the available parallelism.
+    pub cpus: Option<usize>,
     /// [`Mode::ZeroCopy`]: bytes held for sends in flight on one connection
     /// beyond which a new send first waits for completions. Default 16 MiB.
     pub zerocopy_max_held: usize,
@@ -96,9 +119,19 @@ impl Default for SendOptions {
             batch_bytes: 4 << 20,
             copy_buffer: 64 << 10,
             window_slots: 8192,
+            max_excess: None,
+            max_run: 16,
+            cpus: None,
             zerocopy_max_held: 16 << 20,
             close_timeout: Duration::from_secs(1),
         }
+    }
+}
+
+impl SendOptions {
+    /// [`cpus`](Self::cpus), or the available parallelism.
+    pub(crate) fn lwbuf_cpus(&self) -> usize {
+        self.cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 }
 

@@ -77,6 +77,26 @@ impl Pattern {
         }
         let base = (offset + head as u64) / 8;
         let body = &buf[head..];
+        // Blocks of 8 words without an early exit per word (the compiler
+        // keeps the multiplies in flight); a block that differs is searched
+        // word by word below.
+        const BLOCK: usize = 64;
+        let mut skip = 0;
+        for (b, block) in body.chunks_exact(BLOCK).enumerate() {
+            let w0 = base + (b * BLOCK / 8) as u64;
+            let mut diff = 0u64;
+            for (j, c) in block.chunks_exact(8).enumerate() {
+                let got = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                diff |= got ^ self.word(w0 + j as u64);
+            }
+            if diff != 0 {
+                break;
+            }
+            skip += BLOCK;
+        }
+        let base = base + (skip / 8) as u64;
+        let head = head + skip;
+        let body = &body[skip..];
         let mut chunks = body.chunks_exact(8);
         for (i, c) in chunks.by_ref().enumerate() {
             let got = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
@@ -93,5 +113,26 @@ impl Pattern {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pattern;
+
+    #[test]
+    fn check_finds_the_first_wrong_byte_anywhere() {
+        let p = Pattern::new(9);
+        for offset in [0u64, 3, 8, 61, 4093] {
+            let mut buf = vec![0u8; 1000];
+            p.fill(offset, &mut buf);
+            assert_eq!(p.check(offset, &buf), None);
+            for bad in [0, 1, 7, 8, 63, 64, 65, 200, 511, 512, 990, 999] {
+                let mut b = buf.clone();
+                b[bad] ^= 0x40;
+                b[bad + (1000 - bad) / 2] ^= 0x01; // a later error must not mask it
+                assert_eq!(p.check(offset, &b), Some(bad), "offset {offset}, byte {bad}");
+            }
+        }
     }
 }

@@ -31,7 +31,7 @@ pub trait Mapped {
 }
 
 /// Something that maps pages for the send paths: the direct map, a window
-/// mapped per request, and (later) the lwbuf caches and the sf_buf pool.
+/// mapped per request, the sf_buf pool and the lwbuf caches.
 ///
 /// `map` gets a run of pages whose frames are contiguous (one
 /// [`FileRun`](super::FileRun)) and maps a prefix of it, at least one page:
@@ -43,8 +43,9 @@ pub trait Mapped {
 ///
 /// Errors: [`Error::WindowFull`], [`Error::MapLimit`] and
 /// [`Error::WouldBlock`] mean "nothing free now": the engine sends what it
-/// has mapped, releases it, and asks again once; any other error ends the
-/// send.
+/// has mapped, releases it, and asks again; once it holds nothing, it asks
+/// [`map_idle`](Self::map_idle), which may wait for room. Any other error
+/// ends the send.
 pub trait MapSource {
     /// The handle of one mapping; it may borrow the source.
     type Mapping<'s>: Mapped
@@ -52,8 +53,29 @@ pub trait MapSource {
         Self: 's;
 
     /// Map a prefix (at least one page) of `run`, a non-empty slice of pages
-    /// with contiguous frames.
-    fn map<'s>(&'s self, run: &[Page]) -> Result<Self::Mapping<'s>>;
+    /// with contiguous frames. The mapping may borrow the pages (the cache
+    /// handles do, instead of taking a reference count on each).
+    fn map<'s>(&'s self, run: &'s [Page]) -> Result<Self::Mapping<'s>>;
+
+    /// As [`map`](Self::map), asked when `map` found nothing free and the
+    /// caller holds no mapping of this source: a source that can wait for
+    /// room (a pool whose slots other requests hold) waits here, where
+    /// waiting cannot deadlock. `map` itself must not wait. Default: `map`.
+    fn map_idle<'s>(&'s self, run: &'s [Page]) -> Result<Self::Mapping<'s>> {
+        self.map(run)
+    }
+
+    /// For a source that caches mappings by their frames (first frame and
+    /// length), the grid its mappings of a run lie on: the send engine then
+    /// asks for whole chunks of `grid` pages of a run of contiguous frames,
+    /// counted from the run's first page (the last chunk may be shorter),
+    /// and sends the part of each it needs, so that requests for different
+    /// ranges of a file map, and find, the same chunks. Such a source must
+    /// map every chunk whole (the engine fails the send otherwise). `None`
+    /// (the default): the engine asks for just the pages it sends.
+    fn run_grid(&self) -> Option<usize> {
+        None
+    }
 
     /// Counters of the MMU underneath, if the source maps through one.
     fn mmu_stats(&self) -> Option<MmuStats> {
@@ -109,7 +131,7 @@ impl MapSource for DirectMapSource {
     type Mapping<'s> = DirectMapping<'s>;
 
     /// The longest prefix of `run` whose frames are contiguous, in one piece.
-    fn map<'s>(&'s self, run: &[Page]) -> Result<DirectMapping<'s>> {
+    fn map<'s>(&'s self, run: &'s [Page]) -> Result<DirectMapping<'s>> {
         let first = run.first().ok_or_else(|| Error::config("run", "no pages to map"))?;
         if !first.phys().same_as(&self.phys) {
             return Err(Error::ForeignPage);
@@ -214,7 +236,7 @@ impl MapSource for WindowSource {
 
     /// The longest contiguous prefix of `run` that fits in adjacent free
     /// slots (halving the claim until one fits): one `enter`.
-    fn map<'s>(&'s self, run: &[Page]) -> Result<WindowMapping<'s>> {
+    fn map<'s>(&'s self, run: &'s [Page]) -> Result<WindowMapping<'s>> {
         let first = run.first().ok_or_else(|| Error::config("run", "no pages to map"))?;
         self.kva.check_page(first)?;
         let pfn0 = first.pfn().0;

@@ -1,5 +1,5 @@
-//! `MSG_ZEROCOPY`: send from mapped pages without a copy, holding pages and
-//! mappings until the kernel's completion notification.
+//! `MSG_ZEROCOPY`: send from mapped pages without a copy, holding the pages
+//! until the kernel's completion notification.
 
 use std::collections::VecDeque;
 use std::io;
@@ -39,20 +39,19 @@ impl std::ops::AddAssign for ZeroCopyStats {
     }
 }
 
-/// A mapping and the pages it shows, kept until the send that took its last
-/// byte (and every earlier one) is complete.
-struct Held<T> {
-    _mapping: T,
+/// Holds on the pages of one mapping, kept until the send that took its
+/// last byte (and every earlier one) is complete.
+struct Held {
     pages: Vec<Page>,
     bytes: usize,
 }
 
-/// One `sendmsg(MSG_ZEROCOPY)` call: its send id and the mappings whose
-/// last byte it took.
-struct InFlight<T> {
+/// One `sendmsg(MSG_ZEROCOPY)` call: its send id and the holds of the
+/// mappings whose last byte it took.
+struct InFlight {
     id: u32,
     done: bool,
-    held: Vec<Held<T>>,
+    held: Vec<Held>,
 }
 
 /// `MSG_ZEROCOPY` sending for one connection.
@@ -60,8 +59,12 @@ struct InFlight<T> {
 /// [`new`](Self::new) sets `SO_ZEROCOPY`; [`send`](Self::send) sends from
 /// mappings made by the source (the direct map by default) with
 /// `sendmsg(MSG_ZEROCOPY | MSG_NOSIGNAL)`. The kernel pins the pages instead
-/// of copying them, so each call's pages (a [`Page`] clone each) and
-/// mappings are held until its completion arrives on the socket's error
+/// of copying them: it takes references on the frames behind the addresses
+/// during the call, so a mapping is released as soon as the call that took
+/// its last byte returns (as in the writev engine), but the frames must
+/// keep their contents until the kernel is done. So each call's pages (a
+/// [`Page`] clone each, which keeps the frame from being reused) are held
+/// until its completion arrives on the socket's error
 /// queue (`recvmsg(MSG_ERRQUEUE)`: a `sock_extended_err` with origin
 /// `SO_EE_ORIGIN_ZEROCOPY` and the range of completed send ids in
 /// `ee_info..=ee_data`). Holds are released in send order, when a send and
@@ -80,7 +83,7 @@ struct InFlight<T> {
 pub struct ZeroCopy<'s, M: MapSource = DirectMapSource> {
     source: &'s M,
     next_id: u32,
-    inflight: VecDeque<InFlight<M::Mapping<'s>>>,
+    inflight: VecDeque<InFlight>,
     held_pages: usize,
     held_bytes: usize,
     stats: ZeroCopyStats,
@@ -142,7 +145,7 @@ impl<'s, M: MapSource> ZeroCopy<'s, M> {
         }
         let mut out = Out::new(sock);
         send_all(&mut out, header, if range.is_empty() { 0 } else { libc::MSG_MORE }, opts, &mut st)?;
-        let mut q: IovQueue<Held<M::Mapping<'s>>> = IovQueue::new();
+        let mut q: IovQueue<(M::Mapping<'_>, Held)> = IovQueue::new();
         let result = self.send_runs(&mut out, &mut q, runs, file.page_size(), opts, &mut st);
         if result.is_err() {
             self.abandon(&mut q);
@@ -150,41 +153,42 @@ impl<'s, M: MapSource> ZeroCopy<'s, M> {
         result.map(|()| st)
     }
 
-    fn send_runs(
+    fn send_runs<'m>(
         &mut self,
         out: &mut Out<'_>,
-        q: &mut IovQueue<Held<M::Mapping<'s>>>,
-        runs: super::file::Runs<'_>,
+        q: &mut IovQueue<(M::Mapping<'m>, Held)>,
+        runs: super::file::Runs<'m>,
         fs: usize,
         opts: &SendOptions,
         st: &mut SendStats,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        's: 'm,
+    {
+        let source: &'m M = self.source;
         for run in runs {
             let (mut pages, mut off, mut left) = (run.pages, run.offset, run.len);
             while left > 0 {
-                let m = match self.source.map(pages) {
+                let m = match source.map(pages) {
                     Ok(m) => m,
-                    // Nothing free: send what is queued and wait for a
-                    // completion to free something; give up only when
-                    // nothing is queued or in flight.
-                    Err(e) if no_room(&e) && (!q.is_done() || !self.inflight.is_empty()) => {
-                        if !q.is_done() {
-                            self.drain(out, q, opts, st)?;
-                        } else {
-                            self.wait_completion(out.fd, opts)?;
-                        }
+                    // Nothing free: send what is queued, which releases its
+                    // mappings, and ask again.
+                    Err(e) if no_room(&e) && !q.is_done() => {
+                        self.drain(out, q, opts, st)?;
                         continue;
                     }
+                    // Nothing mapped is held: the source may wait.
+                    Err(e) if no_room(&e) => source.map_idle(pages)?,
                     Err(e) => return Err(e),
                 };
                 st.mappings += 1;
                 let npages = check_mapping(&m, fs, pages.len())?;
                 let take = left.min(npages * fs - off);
                 let ptr = m.as_ptr().wrapping_add(off);
-                let held = Held { _mapping: m, pages: pages[..npages].to_vec(), bytes: take };
+                let held = Held { pages: pages[..npages].to_vec(), bytes: take };
                 self.held_pages += npages;
                 self.held_bytes += take;
-                q.push(ptr, take, Some(held));
+                q.push(ptr, take, Some((m, held)));
                 pages = &pages[npages..];
                 off = 0;
                 left -= take;
@@ -197,11 +201,12 @@ impl<'s, M: MapSource> ZeroCopy<'s, M> {
     }
 
     /// Send everything queued with `MSG_ZEROCOPY`, one send id per call that
-    /// takes bytes; each mapping moves to the call that took its last byte.
-    fn drain(
+    /// takes bytes; each mapping is released once a call took its last
+    /// byte, and its page holds move to that call.
+    fn drain<T>(
         &mut self,
         out: &mut Out<'_>,
-        q: &mut IovQueue<Held<M::Mapping<'s>>>,
+        q: &mut IovQueue<(T, Held)>,
         opts: &SendOptions,
         st: &mut SendStats,
     ) -> Result<()> {
@@ -214,7 +219,10 @@ impl<'s, M: MapSource> ZeroCopy<'s, M> {
                     self.stats.sends += 1;
                     let mut rec = InFlight { id: self.next_id, done: false, held: Vec::new() };
                     self.next_id = self.next_id.wrapping_add(1);
-                    q.advance(n, |h| rec.held.push(h));
+                    q.advance(n, |(mapping, h)| {
+                        drop(mapping);
+                        rec.held.push(h);
+                    });
                     self.inflight.push_back(rec);
                 }
                 // The socket's option memory is full of pending
@@ -236,13 +244,17 @@ impl<'s, M: MapSource> ZeroCopy<'s, M> {
         Ok(())
     }
 
-    /// After an error: mappings still queued may have had their first bytes
-    /// taken by the last call, whose completion is outstanding; they join
-    /// it. If it is complete (or there was none), they go now.
-    fn abandon(&mut self, q: &mut IovQueue<Held<M::Mapping<'s>>>) {
+    /// After an error: the pages of mappings still queued may have had their
+    /// first bytes taken by the last call, whose completion is outstanding;
+    /// their holds join it. If it is complete (or there was none), they go
+    /// now. The mappings go now either way.
+    fn abandon<T>(&mut self, q: &mut IovQueue<(T, Held)>) {
         let mut rest = Vec::new();
         // Hand every owner back by pretending the rest was sent.
-        q.advance(usize::MAX, |h| rest.push(h));
+        q.advance(usize::MAX, |(mapping, h)| {
+            drop(mapping);
+            rest.push(h);
+        });
         match self.inflight.back_mut() {
             Some(last) if !last.done => last.held.extend(rest),
             _ => {

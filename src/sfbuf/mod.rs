@@ -100,16 +100,16 @@ impl Entry {
     }
 
     /// Take a reference on a live entry (caller holds its shard's lock and
-    /// found it in the map).
+    /// found it in the map). Returns whether the entry was unused before.
     #[inline]
-    fn bump(&self) {
+    fn bump(&self) -> bool {
         let mut s = self.state.load(Ordering::Relaxed);
         loop {
             debug_assert!(s & DEAD == 0 && s & REFS < REFS, "sf_buf: bump of dead or saturated entry");
             // Acquire: pairs with the Release of the last release so this
             // holder sees the bytes its predecessors wrote.
             match self.state.compare_exchange_weak(s, (s + 1) | REFERENCED, Ordering::Acquire, Ordering::Relaxed) {
-                Ok(_) => return,
+                Ok(_) => return s & REFS == 0,
                 Err(now) => s = now,
             }
         }
@@ -166,6 +166,7 @@ impl SfPoolBuilder {
             entries: (0..cap).map(|_| CachePadded::new(Entry::new())).collect(),
             lru: Mutex::new(Lru::default()),
             lru_len: AtomicUsize::new(0),
+            stale: Mutex::new(Vec::new()),
             max_excess: AtomicUsize::new(self.max_excess.unwrap_or((cap / 4).max(1))),
             waitq: WaitQueue::new(),
             peak: AtomicU64::new(0),
@@ -214,6 +215,11 @@ pub struct SfPool {
     lru: Mutex<Lru>,
     /// Mirror of the LRU's length, for the lock-free check on release.
     lru_len: AtomicUsize,
+    /// Mappings whose unmap failed and that no entry can keep (a lost
+    /// race's duplicate, or an evicted entry whose key was mapped again
+    /// meanwhile): out of every lookup, their slots never reused, and
+    /// unmapped again at the next trim.
+    stale: Mutex<Vec<Mapping>>,
     max_excess: AtomicUsize,
     waitq: Arc<WaitQueue>,
     peak: AtomicU64,
@@ -382,7 +388,9 @@ impl SfPool {
     fn try_hit(&self, key: MapKey) -> Option<(u32, NonNull<u8>)> {
         self.map.get_with(&key, |&slot| {
             let e = &self.entries[slot as usize];
-            e.bump();
+            if e.bump() {
+                self.c.used.inc();
+            }
             (slot, self.addr_of(e))
         })
     }
@@ -399,7 +407,7 @@ impl SfPool {
             self.c.hits.inc();
             return Ok(Some(v));
         }
-        let Some(run) = self.take_slots(key.pages) else { return Ok(None) };
+        let Some(run) = self.take_slots(key.pages)? else { return Ok(None) };
         let m = match self.kva.map(run, Pfn(key.pfn)) {
             Ok(m) => m,
             Err((e, run)) => {
@@ -407,7 +415,7 @@ impl SfPool {
                 if Mapping::no_room(&e) {
                     // Budget or kernel wall: evict a cached mapping and let
                     // the caller retry; with none left, report it.
-                    if let Some(run) = self.evict_one() {
+                    if let Some(run) = self.evict_one()? {
                         self.give_slots(run);
                         return self.try_miss(key);
                     }
@@ -428,15 +436,22 @@ impl SfPool {
         e.state.store(1 | REFERENCED, Ordering::Relaxed);
         // Publishing: the insert's write lock releases everything above.
         match self.map.insert_or_with(key, slot, |&other| {
-            self.entries[other as usize].bump();
+            if self.entries[other as usize].bump() {
+                self.c.used.inc();
+            }
             other
         }) {
             None => {
                 self.c.misses.inc();
                 self.c.grows.inc();
                 self.c.used.inc();
+                // The stripes are read one by one while other threads move
+                // them, so the sum can be off by the operations in flight,
+                // below zero included (it wraps): never record that.
                 let used = self.c.used.get();
-                self.peak.fetch_max(used, Ordering::Relaxed);
+                if used <= self.entries.len() as u64 {
+                    self.peak.fetch_max(used, Ordering::Relaxed);
+                }
                 Ok(Some((slot, addr)))
             }
             Some(other) => {
@@ -453,14 +468,15 @@ impl SfPool {
     }
 
     /// `n` adjacent free slots: free ones, or by evicting cached entries.
-    fn take_slots(&self, n: usize) -> Option<SlotRun> {
+    /// `Ok(None)`: nothing left to evict; `Err`: an unmap failed.
+    fn take_slots(&self, n: usize) -> Result<Option<SlotRun>> {
         loop {
             if let Some(run) = self.kva.take(n) {
-                return Some(run);
+                return Ok(Some(run));
             }
-            let freed = self.evict_one()?;
+            let Some(freed) = self.evict_one()? else { return Ok(None) };
             if freed.len == n {
-                return Some(freed);
+                return Ok(Some(freed));
             }
             self.give_slots(freed);
         }
@@ -477,16 +493,18 @@ impl SfPool {
             Ok(run) => self.give_slots(run),
             Err((_, m)) => {
                 // Keep the slots out of circulation rather than reuse a slot
-                // that is still mapped; the window unmaps it when dropped.
+                // that is still mapped; the next trim tries again.
                 self.c.unmap_errors.inc();
-                std::mem::forget(m);
+                lock(&self.stale).push(m);
             }
         }
     }
 
     /// Evict one cached unused entry (clock order: entries used since the
-    /// last pass get a second chance). Returns its slots, unmapped.
-    fn evict_one(&self) -> Option<SlotRun> {
+    /// last pass get a second chance). Returns its slots, unmapped;
+    /// `Ok(None)` if no entry is unused; `Err` if the MMU refused the unmap
+    /// (the entry then stays cached, and the failure is counted).
+    fn evict_one(&self) -> Result<Option<SlotRun>> {
         let mut budget = 2 * self.lru_len.load(Ordering::Relaxed) + 2;
         while budget > 0 {
             budget -= 1;
@@ -494,7 +512,10 @@ impl SfPool {
                 let mut l = lock(&self.lru);
                 let s = l.pop_front();
                 self.lru_len.store(l.len(), Ordering::Relaxed);
-                s?
+                match s {
+                    Some(s) => s,
+                    None => return Ok(None),
+                }
             };
             let e = &self.entries[slot];
             let key = e.key();
@@ -510,24 +531,33 @@ impl SfPool {
                     // SAFETY: the entry is dead and out of the map (one step
                     // under the shard lock), so nobody else can reach it.
                     let m = e.mapping.with_mut(|p| unsafe { (*p).take() }).expect("live entry has a mapping");
-                    self.c.evictions.inc();
                     // SAFETY: no handle holds it (count was 0) and no lookup
                     // can find it (removed): see the module docs.
                     match unsafe { self.kva.unmap(m) } {
                         Ok(run) => {
+                            self.c.evictions.inc();
                             e.state.store(0, Ordering::Relaxed);
-                            return Some(run);
+                            return Ok(Some(run));
                         }
-                        Err((_, m)) => {
+                        Err((err, m)) => {
                             self.c.unmap_errors.inc();
-                            // Still mapped: bring it back as a cached entry.
+                            // Still mapped: bring it back as a cached entry,
+                            // published as a new one is (state, then insert).
                             // SAFETY: dead and unreachable, ours alone.
                             e.mapping.with_mut(|p| unsafe { *p = Some(m) });
                             e.state.store(ON_LRU, Ordering::Relaxed);
-                            let reinserted = self.map.insert_or_with(key, slot as u32, |_| ()).is_none();
-                            debug_assert!(reinserted);
-                            self.push_lru(slot);
-                            return None;
+                            if self.map.insert_or_with(key, slot as u32, |_| ()).is_none() {
+                                self.push_lru(slot);
+                            } else {
+                                // A miss mapped the frame again meanwhile: this
+                                // entry must not shadow it (on the LRU it would
+                                // be judged under the other entry's key).
+                                e.state.store(0, Ordering::Relaxed);
+                                // SAFETY: never republished, still ours alone.
+                                let m = e.mapping.with_mut(|p| unsafe { (*p).take() }).expect("just stored");
+                                lock(&self.stale).push(m);
+                            }
+                            return Err(err);
                         }
                     }
                 }
@@ -535,7 +565,7 @@ impl SfPool {
                 Verdict::InUse => {}
             }
         }
-        None
+        Ok(None)
     }
 
     /// Decide an LRU entry's fate under its shard's write lock.
@@ -570,15 +600,42 @@ impl SfPool {
     /// Evict until the LRU (an upper bound on unused entries) is within
     /// `max_excess`.
     fn trim(&self) {
+        self.retry_stale();
         while self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
             match self.evict_one() {
-                Some(run) => self.give_slots(run),
-                None => {
-                    // Only in-use entries were left to look at, or an unmap
-                    // failed: re-check the length and stop if nothing moved.
+                Ok(Some(run)) => self.give_slots(run),
+                Ok(None) => {
+                    // Only in-use entries were left to look at: re-check the
+                    // length and stop if nothing moved.
                     if self.lru_len.load(Ordering::Relaxed) > self.max_excess() && self.evictable() == 0 {
                         break;
                     }
+                }
+                // The MMU refused an unmap (counted; the entry stays cached):
+                // retrying now would spin if it keeps refusing. The next
+                // trim tries again.
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Try again to unmap the mappings whose unmap failed before.
+    fn retry_stale(&self) {
+        let stale = {
+            let mut g = lock(&self.stale);
+            if g.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *g)
+        };
+        for m in stale {
+            // SAFETY: stale mappings are out of the map and held by no
+            // handle: nothing can reach them.
+            match unsafe { self.kva.unmap(m) } {
+                Ok(run) => self.give_slots(run),
+                Err((_, m)) => {
+                    self.c.unmap_errors.inc();
+                    lock(&self.stale).push(m);
                 }
             }
         }
@@ -592,20 +649,32 @@ impl SfPool {
 
     fn release(&self, slot: u32) {
         let e = &self.entries[slot as usize];
-        // AcqRel: Release publishes this holder's writes to the next holder
-        // and to the evictor; Acquire orders it after an evictor's flag
-        // change (the wake-up argument in `wait`).
-        let old = e.state.fetch_sub(1, Ordering::AcqRel);
-        debug_assert!(old & REFS != 0 && old & DEAD == 0, "sf_buf: release of unreferenced entry");
+        // The last release drops the count and claims the LRU (`ON_LRU`) in
+        // one step. Two steps (decrement, then set the flag) let another
+        // thread re-hit, release, push and an evictor kill the entry in
+        // between; the late flag then landed on a dead or recycled entry and
+        // pushed it onto the LRU a second time. With one step, an entry
+        // whose flag we set is off the list and has no evictor looking at
+        // it (only an evictor's `InUse` verdict clears the flag, after
+        // popping it), so nobody can kill it before we push it.
+        let mut s = e.state.load(Ordering::Relaxed);
+        let old = loop {
+            debug_assert!(s & REFS != 0 && s & DEAD == 0, "sf_buf: release of unreferenced entry");
+            let new = if s & REFS == 1 { (s - 1) | ON_LRU } else { s - 1 };
+            // AcqRel: Release publishes this holder's writes to the next
+            // holder and to the evictor; Acquire orders it after an
+            // evictor's flag change (the wake-up argument in `wait`).
+            match e.state.compare_exchange_weak(s, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break s,
+                Err(now) => s = now,
+            }
+        };
         if old & REFS != 1 {
             return;
         }
         self.c.used.sub(1);
         if old & ON_LRU == 0 {
-            let prev = e.state.fetch_or(ON_LRU, Ordering::AcqRel);
-            if prev & ON_LRU == 0 {
-                self.push_lru(slot as usize);
-            }
+            self.push_lru(slot as usize);
         }
         if self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
             self.trim();
@@ -673,6 +742,12 @@ impl Drop for SfPool {
                 if let Ok(run) = unsafe { self.kva.unmap(m) } {
                     self.kva.give(run);
                 }
+            }
+        }
+        for m in std::mem::take(&mut *lock(&self.stale)) {
+            // SAFETY: as above; a stale mapping is reachable by nobody.
+            if let Ok(run) = unsafe { self.kva.unmap(m) } {
+                self.kva.give(run);
             }
         }
     }

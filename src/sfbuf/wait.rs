@@ -4,22 +4,63 @@
 //! No polling: a waiter sleeps on a condition variable and every release
 //! that makes room (an entry becoming unused, slots given back) wakes the
 //! waiters. The lost-wake-up argument, with `gen` a counter bumped by every
-//! room-making event: a waiter announces itself (`waiters += 1`), reads
-//! `gen`, makes its attempt *without* the queue mutex (so an attempt that
-//! itself makes room can wake others without deadlocking), then takes the
-//! mutex and sleeps only if `gen` has not moved. A releaser makes room, bumps
-//! `gen`, then reads `waiters` and notifies under the mutex. All four
-//! accesses are SeqCst, so either the waiter sees the new `gen` and retries,
-//! or the releaser sees the waiter and notifies it after it is asleep (the
-//! waiter holds the mutex from its second `gen` read until it sleeps).
+//! room-making event that finds a waiter:
+//!
+//! - A waiter announces itself (`waiters += 1`), then a SeqCst fence, reads
+//!   `gen`, makes its attempt *without* the queue mutex (so an attempt that
+//!   itself makes room can wake others without deadlocking), then takes the
+//!   mutex and sleeps only if `gen` has not moved.
+//! - A releaser makes room, then a SeqCst fence, then reads `waiters`; only
+//!   if there is one does it bump `gen` and notify under the mutex.
+//!
+//! The two fences make the announcement and the room a store-buffering
+//! pair: either the releaser sees the waiter, or every attempt the waiter
+//! makes after its fence sees the room. In the first case the bump comes
+//! after the room, and the waiter either reads the bumped `gen` before its
+//! attempt (and so sees the room), or sees it move under the mutex and
+//! retries, or is asleep when the releaser notifies (it holds the mutex
+//! from its second `gen` read until it sleeps). A release with no waiter
+//! costs a fence and a read of a line nobody writes: the common case (every
+//! hit's release) writes no shared line here, so threads scale.
 //! Cancel and close set their flag before taking the mutex to notify, and
 //! the waiter checks the flags again under the mutex.
+//!
+//! A waiter's own attempt can bump `gen` too: an all-or-nothing request
+//! (`alloc_all`, a run that evicts singles) gives back what it took when a
+//! later piece is missing, and that give-back must wake *other* waiters. It
+//! is no news to the waiter itself, so the waiter counts the bumps its
+//! attempt made (a thread-local tally, kept only for the queue it is
+//! attempting on) and sleeps if `gen` moved by exactly that much: every bump
+//! by another thread still makes it retry, so the argument above is
+//! unchanged. Before this, such a waiter never slept while another thread
+//! held what it needed (tens of thousands of retries in 200 ms). Because an
+//! attempt is not perfectly idempotent (a give-back may be trimmed, and a
+//! run may land elsewhere next time), a sleep that only its own bumps
+//! preceded is a timed one, 1 ms doubling to 64 ms, then a retry.
 
+use std::cell::Cell;
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::sync::{lock, Arc, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{fence, lock, thread_local, Arc, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
+
+// The queue whose attempt this thread is running in `sleep_loop` (its
+// address, 0 for none) and how many times the attempt bumped its `gen`.
+// Declared twice because loom's `thread_local!` takes no `const {}`.
+#[cfg(not(loom))]
+thread_local! {
+    static OWN_WAKES: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+}
+#[cfg(loom)]
+thread_local! {
+    static OWN_WAKES: Cell<(usize, usize)> = Cell::new((0, 0));
+}
+
+/// First and longest timed sleep of a waiter whose `gen` moved only by its
+/// own attempt's give-backs (see the module docs).
+const SELF_RETRY_MIN: Duration = Duration::from_millis(1);
+const SELF_RETRY_MAX: Duration = Duration::from_millis(64);
 
 /// What an allocation does when every slot is mapped and in use.
 #[derive(Clone, Copy, Debug)]
@@ -132,13 +173,45 @@ impl WaitQueue {
     /// Wake every waiter if there is any. Call after making room.
     #[inline]
     pub(crate) fn wake(&self) {
+        // SeqCst fence: pairs with the waiter's fence after `waiters += 1`
+        // (module docs): either we see the waiter here, or it sees the room
+        // we made before this call.
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         if !crate::sync::mutant!(LostWakeup) {
             self.gen.fetch_add(1, Ordering::SeqCst);
+            self.tally_own_wake();
         }
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _g = lock(&self.mutex);
-            self.cond.notify_all();
-        }
+        let _g = lock(&self.mutex);
+        self.cond.notify_all();
+    }
+
+    /// Count a `gen` bump made by the attempt this thread is running on this
+    /// queue, if it is running one.
+    #[inline]
+    fn tally_own_wake(&self) {
+        let me = self as *const Self as usize;
+        // `try_with`: a handle dropped by a thread-local destructor still
+        // wakes; it just is not tallied (no attempt is running then).
+        let _ = OWN_WAKES.try_with(|c| {
+            let (q, n) = c.get();
+            if q == me {
+                c.set((q, n + 1));
+            }
+        });
+    }
+
+    /// Run one attempt, returning its result and how many times it bumped
+    /// `gen` itself. Without the thread-local (thread exiting) it reports 0,
+    /// which only costs a spurious retry.
+    fn attempt_tallied<T>(&self, attempt: &mut impl FnMut() -> Option<T>) -> (Option<T>, usize) {
+        let me = self as *const Self as usize;
+        let prev = OWN_WAKES.try_with(|c| c.replace((me, 0))).unwrap_or((0, 0));
+        let r = attempt();
+        let own = OWN_WAKES.try_with(|c| c.replace(prev).1).unwrap_or(0);
+        (r, own)
     }
 
     /// Close: every waiter (and every later wait) fails with `Closed`.
@@ -196,6 +269,8 @@ impl WaitQueue {
         attempt: &mut impl FnMut() -> Option<T>,
     ) -> Result<T> {
         self.waiters.fetch_add(1, Ordering::SeqCst);
+        // Pairs with the fence in `wake` (module docs).
+        fence(Ordering::SeqCst);
         let stop = || {
             if self.closed.load(Ordering::SeqCst) {
                 Some(Error::Closed)
@@ -205,32 +280,48 @@ impl WaitQueue {
                 None
             }
         };
+        let mut backoff = SELF_RETRY_MIN;
         let r = 'outer: loop {
             let gen = self.gen.load(Ordering::SeqCst);
             if let Some(e) = stop() {
                 break Err(e);
             }
-            if let Some(v) = attempt() {
+            let (v, own) = self.attempt_tallied(attempt);
+            if let Some(v) = v {
                 break Ok(v);
             }
+            // Our own give-backs are no news to us: sleep unless `gen` moved
+            // by more than they did (module docs). If only they moved it,
+            // sleep a bounded while, then retry anyway.
+            let gen = gen.wrapping_add(own);
+            let retry_at = (own > 0).then(|| Instant::now() + backoff);
+            backoff = if own > 0 { (backoff * 2).min(SELF_RETRY_MAX) } else { SELF_RETRY_MIN };
             let mut g = lock(&self.mutex);
             // Sleep until something changes: room made (gen), cancel,
-            // close, or the deadline.
+            // close, the deadline, or the self-retry time.
             loop {
                 if self.gen.load(Ordering::SeqCst) != gen {
+                    backoff = SELF_RETRY_MIN;
                     continue 'outer;
                 }
                 if let Some(e) = stop() {
                     break 'outer Err(e);
                 }
-                match deadline {
+                let wake_at = match (deadline, retry_at) {
+                    (Some(d), Some(r)) => Some(d.min(r)),
+                    (d, r) => d.or(r),
+                };
+                match wake_at {
                     None => g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner()),
-                    Some(d) => {
+                    Some(t) => {
                         let now = Instant::now();
-                        if now >= d {
+                        if deadline.is_some_and(|d| now >= d) {
                             break 'outer Err(Error::TimedOut);
                         }
-                        g = wait_timeout(&self.cond, g, d - now);
+                        if now >= t {
+                            continue 'outer;
+                        }
+                        g = wait_timeout(&self.cond, g, t - now);
                     }
                 }
             }

@@ -1,0 +1,633 @@
+//! The benchmark: every mode, on every working set. Each mode's measured
+//! seconds are split into `--rounds` slices run in turn with the other
+//! modes' (sendfile, copy, ..., sendfile, copy, ...), so that a burst of
+//! load from elsewhere on the machine does not land on one mode only.
+//!
+//! Every slice starts new server threads and clients and warms them up.
+//! On the "inside" working set a mode keeps its `Sender` (and so its warm
+//! caches) from one slice to the next, as a server would: the first slice
+//! warms up for `--warmup`, the later ones for a quarter of it. On the
+//! "beyond" set every slice gets a new `Sender`: keeping the caches of all
+//! modes mapped at once there would take the process near the
+//! `vm.max_map_count` wall, and a cache that overflows is cold anyway.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lwbuf::sendfile::{CacheStats, Mode, SendOptions, Sender};
+use lwbuf::MmuStats;
+
+use crate::client::{self, Clock, Outcome, Plan, Progress, Target};
+use crate::fileset::FileSet;
+use crate::report::{self, Row};
+use crate::server::{self, Shared, Stats};
+use crate::BenchArgs;
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+fn default_csv() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("parallel_sendfile.csv")
+}
+
+pub fn run(args: &BenchArgs) -> Result<(), String> {
+    if args.modes.is_empty() {
+        return Err("no modes to run".into());
+    }
+    if args.connections == 0 {
+        return Err("--connections must be at least 1".into());
+    }
+    if args.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
+    }
+    crate::cache_slots(args.cache_mib)?;
+    for s in &args.sets {
+        if s != "inside" && s != "beyond" {
+            return Err(format!("unknown working set {s:?} (inside, beyond)"));
+        }
+    }
+    let cores = crate::cores(args.cpus);
+    let workers = cores.len();
+    let client_threads = args.client_threads.unwrap_or(workers).clamp(1, args.connections);
+    let cache = args.cache_mib << 20;
+    let (min, max) = args.sizes;
+
+    let t = Instant::now();
+    eprintln!("building the file set ({} MiB of {}..{} byte files) ...", mib(4 * cache), min, max);
+    let set = FileSet::generate(min, max, 4 * cache, args.max_run.max(1), args.seed).map_err(|e| e.to_string())?;
+    let mut inside = 0;
+    let mut acc = 0;
+    for e in &set.files {
+        if acc + e.file.len() > cache / 2 && inside > 0 {
+            break;
+        }
+        acc += e.file.len();
+        inside += 1;
+    }
+    eprintln!(
+        "{} files, {:.0} MiB in {:.2} s; working sets: inside = {} files / {:.1} MiB (cache {} MiB), beyond = {} files / {:.0} MiB",
+        set.files.len(),
+        mib(set.total_bytes()),
+        t.elapsed().as_secs_f64(),
+        inside,
+        mib(acc),
+        args.cache_mib,
+        set.files.len(),
+        mib(set.total_bytes())
+    );
+    let slice = args.duration / args.rounds;
+    eprintln!(
+        "{} server workers (pinned), {} client threads, {} connections; {:.1} s per mode and set in {} slices of \
+         {:.2} s (+ {:.2} s warm-up each), {} slices",
+        workers,
+        client_threads,
+        args.connections,
+        args.duration.as_secs_f64(),
+        args.rounds,
+        slice.as_secs_f64(),
+        args.warmup.as_secs_f64(),
+        args.sets.len() * args.modes.len() * args.rounds as usize
+    );
+
+    let mut rows = Vec::new();
+    for set_name in &args.sets {
+        let files = if set_name == "inside" { &set.files[..inside] } else { &set.files[..] };
+        let targets: Vec<Target> = files
+            .iter()
+            .map(|e| Target {
+                path: format!("/{}", e.name),
+                len: e.file.len(),
+                seed: if args.no_verify { None } else { e.seed },
+            })
+            .collect();
+        let mut sums: Vec<Sum> = args.modes.iter().map(|_| Sum::default()).collect();
+        let keep = set_name == "inside";
+        let mut senders: Vec<Option<Sender>> = args.modes.iter().map(|_| None).collect();
+        for round in 0..args.rounds {
+            for (k, &mode) in args.modes.iter().enumerate() {
+                let label = if args.rounds > 1 {
+                    format!("{set_name}/{mode} {}/{}", round + 1, args.rounds)
+                } else {
+                    format!("{set_name}/{mode}")
+                };
+                let warm = senders[k].is_some();
+                let sender = match senders[k].take() {
+                    Some(s) => s,
+                    None => new_sender(args, &set, mode, workers)?,
+                };
+                let warmup = if warm { args.warmup / 4 } else { args.warmup };
+                let slice = Run { label: &label, mode, duration: slice, warmup, settle: keep, round };
+                let s = run_slice(args, &set, &targets, &sender, &slice, &cores, client_threads)?;
+                sums[k].add(s);
+                if keep {
+                    senders[k] = Some(sender);
+                }
+            }
+        }
+        drop(senders);
+        for (sum, &mode) in sums.into_iter().zip(&args.modes) {
+            rows.push(sum.row(set_name, mode));
+        }
+    }
+    for set_name in &args.sets {
+        let base = rows.iter().find(|r| &r.set == set_name && r.mode == Mode::Sendfile.name()).map(|r| r.rps);
+        for r in rows.iter_mut().filter(|r| &r.set == set_name) {
+            r.vs_sendfile = base.filter(|b| *b > 0.0).map(|b| r.rps / b);
+        }
+    }
+
+    println!();
+    print!("{}", report::table(&rows));
+    print_footer(args, &rows, workers);
+    let csv_path = args.csv.clone().unwrap_or_else(default_csv);
+    report::write(&csv_path, &report::csv(&rows))?;
+    println!("wrote {}", csv_path.display());
+    if let Some(p) = &args.json {
+        let config = [
+            ("modes", args.modes.iter().map(|m| m.name()).collect::<Vec<_>>().join(",")),
+            ("sizes", format!("{min}-{max}")),
+            ("connections", args.connections.to_string()),
+            ("duration_s", args.duration.as_secs_f64().to_string()),
+            ("rounds", args.rounds.to_string()),
+            ("warmup_s", args.warmup.as_secs_f64().to_string()),
+            ("workers", workers.to_string()),
+            ("client_threads", client_threads.to_string()),
+            ("cache_mib", args.cache_mib.to_string()),
+            ("max_run_pages", args.max_run.to_string()),
+            ("map_run_pages", args.map_run.to_string()),
+            ("verify_every", if args.no_verify { "off".to_string() } else { args.verify_every.to_string() }),
+            ("files", set.files.len().to_string()),
+            ("inside_files", inside.to_string()),
+        ];
+        report::write(p, &report::json(&config, &rows))?;
+        println!("wrote {}", p.display());
+    }
+    let bad: u64 = rows.iter().map(|r| r.verify_failures).sum();
+    if bad > 0 {
+        return Err(format!("{bad} responses failed verification"));
+    }
+    Ok(())
+}
+
+fn print_footer(args: &BenchArgs, rows: &[Row], workers: usize) {
+    let zc: Vec<&Row> = rows.iter().filter(|r| r.zc_copied.is_some()).collect();
+    if !zc.is_empty() {
+        let pct: Vec<String> =
+            zc.iter().map(|r| format!("{}: {:.0}%", r.set, r.zc_copied.unwrap_or(0.0) * 100.0)).collect();
+        println!("zerocopy completions the kernel copied anyway (always on loopback): {}", pct.join(", "));
+    }
+    println!(
+        "GB/s = 10^9 body bytes per second received by the clients; latency = request sent to last byte received; \
+         map sc/req = window mmap/remap system calls per request; cache hit = mapping-cache hits (sfbuf, lwbuf); \
+         all over the measured seconds only (not the warm-ups)."
+    );
+    println!(
+        "Caches: mmap and sfbuf windows of {} MiB; lwbuf windows of {} MiB per CPU ({} CPUs, each caching what it \
+         sends); mappings of up to {} pages (sfbuf, lwbuf-run). Inside: a mode keeps its caches across its {} \
+         slices and is measured once they have not missed for 200 ms; beyond: every slice starts cold.",
+        args.cache_mib,
+        args.cache_mib,
+        workers,
+        args.map_run.max(1),
+        args.rounds
+    );
+    let verified: u64 = rows.iter().map(|r| r.fully_verified).sum();
+    let answered: u64 = rows.iter().map(|r| r.responses).sum();
+    if args.no_verify {
+        println!("Verification: status, length and framing of every response only (--no-verify).");
+    } else if args.verify_every <= 1 {
+        println!("Verification: status, length, framing and every byte of every response.");
+    } else {
+        println!(
+            "Verification: status, length and framing of every response; every byte of {verified} of {answered} \
+             responses ({:.1}%: each connection's first and a random 1 in {}); the first 8 bytes of every 4 KiB \
+             page of the others (a page from the wrong frame is caught on every response).",
+            100.0 * verified as f64 / answered.max(1) as f64,
+            args.verify_every
+        );
+    }
+    let other: Vec<f64> = rows.iter().filter_map(|r| r.other_cpu).collect();
+    if !other.is_empty() {
+        let mean = other.iter().sum::<f64>() / other.len() as f64;
+        let (worst, at) = rows
+            .iter()
+            .filter_map(|r| r.other_cpu.map(|o| (o, format!("{}/{}", r.set, r.mode))))
+            .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a });
+        println!(
+            "Other processes used {:.0}% of the CPUs on average during the measured seconds (most: {:.0}%, {at}); \
+             the modes share the machine with them, so compare ratios from several runs.",
+            100.0 * mean,
+            100.0 * worst
+        );
+    }
+}
+
+// === one slice ===
+
+/// What one slice measured (raw sums).
+#[derive(Default)]
+struct Slice {
+    secs: f64,
+    outcomes: Vec<Outcome>,
+    responses: u64,
+    served: u64,
+    calls: u64,
+    waits: u64,
+    map_syscalls: Option<u64>,
+    cache: Option<CacheStats>,
+    zc_completed: u64,
+    zc_copied: u64,
+    cpu: Option<CpuShare>,
+}
+
+/// A mode's slices added up.
+#[derive(Default)]
+struct Sum {
+    s: Slice,
+}
+
+impl Sum {
+    fn add(&mut self, o: Slice) {
+        let s = &mut self.s;
+        s.secs += o.secs;
+        s.outcomes.extend(o.outcomes);
+        s.responses += o.responses;
+        s.served += o.served;
+        s.calls += o.calls;
+        s.waits += o.waits;
+        s.map_syscalls = match (s.map_syscalls, o.map_syscalls) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        s.cache = match (s.cache, o.cache) {
+            (Some(a), Some(b)) => Some(CacheStats { lookups: a.lookups + b.lookups, hits: a.hits + b.hits }),
+            (a, b) => a.or(b),
+        };
+        s.zc_completed += o.zc_completed;
+        s.zc_copied += o.zc_copied;
+        s.cpu = match (s.cpu, o.cpu) {
+            (Some(a), Some(b)) => {
+                Some(CpuShare { all: a.all + b.all, ours: a.ours + b.ours, total: a.total + b.total })
+            }
+            (a, b) => a.or(b),
+        };
+    }
+
+    fn row(self, set: &str, mode: Mode) -> Row {
+        let s = self.s;
+        let secs = s.secs.max(1e-9);
+        let mut lat: Vec<u64> = s.outcomes.iter().flat_map(|o| o.latencies_ns.iter().copied()).collect();
+        lat.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+            lat[i] as f64 / 1e6
+        };
+        let bytes: u64 = s.outcomes.iter().map(|o| o.bytes).sum();
+        let requests: u64 = s.outcomes.iter().map(|o| o.requests).sum();
+        let served = s.served.max(1) as f64;
+        Row {
+            set: set.to_string(),
+            mode: mode.name().to_string(),
+            secs,
+            bytes,
+            requests,
+            gbps: bytes as f64 / secs / 1e9,
+            rps: requests as f64 / secs,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            map_calls_per_req: s.map_syscalls.map_or(0.0, |n| n as f64 / served),
+            send_calls_per_req: s.calls as f64 / served,
+            hit_rate: s.cache.map(|c| c.hit_rate()),
+            vs_sendfile: None,
+            zc_copied: (mode == Mode::ZeroCopy && s.zc_completed > 0)
+                .then(|| s.zc_copied as f64 / s.zc_completed as f64),
+            errors: s.outcomes.iter().map(|o| o.errors).sum(),
+            verify_failures: s.outcomes.iter().map(|o| o.verify_failures).sum(),
+            fully_verified: s.outcomes.iter().map(|o| o.fully_verified).sum(),
+            responses: s.responses,
+            other_cpu: s.cpu.map(|c| c.other()),
+        }
+    }
+}
+
+/// Server counters at one instant.
+struct Snapshot {
+    served: u64,
+    calls: u64,
+    mmu: Option<MmuStats>,
+    cache: Option<CacheStats>,
+    cpu: Option<CpuShare>,
+}
+
+fn new_sender(args: &BenchArgs, set: &FileSet, mode: Mode, workers: usize) -> Result<Sender, String> {
+    let opts = SendOptions {
+        stall_timeout: Some(Duration::from_secs(10)),
+        close_timeout: Duration::from_millis(200),
+        window_slots: crate::cache_slots(args.cache_mib)?,
+        max_run: args.map_run.max(1),
+        cpus: Some(workers),
+        ..SendOptions::default()
+    };
+    Sender::new(mode, &set.mem, opts).map_err(|e| format!("{mode}: {e}"))
+}
+
+/// One slice to run.
+struct Run<'a> {
+    label: &'a str,
+    mode: Mode,
+    duration: Duration,
+    warmup: Duration,
+    /// Warm up until the mapping cache stops missing.
+    settle: bool,
+    round: u32,
+}
+
+fn run_slice(
+    args: &BenchArgs,
+    set: &FileSet,
+    targets: &[Target],
+    sender: &Sender,
+    run: &Run<'_>,
+    cores: &[Option<core_affinity::CoreId>],
+    client_threads: usize,
+) -> Result<Slice, String> {
+    let Run { label, mode, duration, round, .. } = *run;
+    /// A cache that has not missed for this long is warm.
+    const QUIET: Duration = Duration::from_millis(200);
+    /// The longest warm-up, in warm-ups.
+    const WARMUP_CAP: u32 = 8;
+    let (port, listeners) = server::bind_listeners(0, cores.len()).map_err(|e| format!("bind: {e}"))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let stats = Stats::default();
+    let stop = AtomicBool::new(false);
+    let shared = Shared { files: set, sender, stop: &stop, stats: &stats };
+    let progress = Progress::default();
+    // Counters at the start and the end of the measured seconds.
+    let snap = || Snapshot {
+        served: stats.requests.load(Relaxed),
+        calls: stats.calls.load(Relaxed),
+        mmu: sender.mmu_stats(),
+        cache: sender.cache_stats(),
+        cpu: CpuShare::now(),
+    };
+    let mut snaps: [Option<Snapshot>; 2] = [None, None];
+
+    let start = Instant::now();
+    let clock = Clock::new(start);
+    // On a working set the caches hold, warm up until they stop missing
+    // (steady state), at most `WARMUP_CAP` times the warm-up.
+    let settle = run.settle && sender.cache_stats().is_some();
+    let mut quiet_since: Option<(Instant, CacheStats)> = None;
+    let (outcomes, worker_result) = thread::scope(|s| {
+        let workers = server::spawn_workers(s, listeners, &shared, cores);
+        let clients: Vec<_> = (0..client_threads)
+            .map(|i| {
+                let conns = args.connections / client_threads + usize::from(i < args.connections % client_threads);
+                let plan = Plan {
+                    addr,
+                    targets,
+                    connections: conns,
+                    clock: &clock,
+                    seed: args.seed ^ ((i as u64 + 1) << 32) ^ ((mode as u64) << 8) ^ u64::from(round),
+                    verify_every: args.verify_every.max(1),
+                };
+                let progress = &progress;
+                s.spawn(move || client::run(&plan, progress))
+            })
+            .collect();
+        let mut last = (Instant::now(), 0u64, 0u64);
+        while !clients.iter().all(|c| c.is_finished()) {
+            let now = Instant::now();
+            if snaps[0].is_none() {
+                // Warming up: start measuring once the warm-up is over (and,
+                // with `settle`, the cache has not missed for `QUIET`).
+                let warm = now >= start + run.warmup;
+                let settled = !settle
+                    || now >= start + run.warmup * WARMUP_CAP
+                    || match (quiet_since, sender.cache_stats()) {
+                        (Some((t, c0)), Some(c)) if c.lookups - c.hits == c0.lookups - c0.hits => {
+                            now.duration_since(t) >= QUIET
+                        }
+                        (_, c) => {
+                            quiet_since = c.map(|c| (now, c));
+                            false
+                        }
+                    };
+                if warm && settled {
+                    let s0 = snap();
+                    clock.begin(Instant::now(), duration);
+                    snaps[0] = Some(s0);
+                }
+            } else if snaps[1].is_none() && clock.deadline().is_some_and(|d| now >= d) {
+                snaps[1] = Some(snap());
+            }
+            // Wake at the end of the measured seconds, or to look again.
+            let mut wake = now + Duration::from_millis(if snaps[0].is_none() { 20 } else { 250 });
+            if let (None, Some(d)) = (&snaps[1], clock.deadline()) {
+                wake = wake.min(d);
+            }
+            thread::sleep(wake.saturating_duration_since(Instant::now()));
+            let now = Instant::now();
+            if snaps[0].is_none() {
+                continue;
+            }
+            let (b, r) = (progress.bytes.load(Relaxed), progress.requests.load(Relaxed));
+            let dt = now.duration_since(last.0).as_secs_f64();
+            if dt < 0.1 {
+                continue;
+            }
+            let (Some(measure_from), Some(deadline)) = (clock.measure_from(), clock.deadline()) else { continue };
+            let phase = if now < deadline { "measuring" } else { "draining" };
+            let elapsed = now.saturating_duration_since(measure_from).min(duration).as_secs_f64();
+            eprint!(
+                "\r  {label:<22} {phase:<9} {elapsed:4.1}/{:.1} s  {:6.2} GB/s  {:8.0} req/s  errors {}   ",
+                duration.as_secs_f64(),
+                (b - last.1) as f64 / dt / 1e9,
+                (r - last.2) as f64 / dt,
+                progress.errors.load(Relaxed)
+            );
+            let _ = std::io::stderr().flush();
+            last = (now, b, r);
+        }
+        // The clients stop right at the deadline when nothing is in flight:
+        // the loop may not have looked since.
+        if snaps[0].is_some() && snaps[1].is_none() {
+            snaps[1] = Some(snap());
+        }
+        let outcomes: Vec<Outcome> = clients.into_iter().map(|c| c.join().unwrap_or_default()).collect();
+        stop.store(true, Relaxed);
+        let mut wr = Ok(());
+        for w in workers {
+            match w.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => wr = Err(format!("{label}: server worker: {e}")),
+                Err(_) => wr = Err(format!("{label}: a server worker panicked")),
+            }
+        }
+        (outcomes, wr)
+    });
+    worker_result?;
+    if let Some(l) = sender.lwbuf() {
+        l.lwbufs().check_consistency().map_err(|e| format!("{label}: lwbuf caches inconsistent: {e}"))?;
+    }
+    let [Some(s0), Some(s1)] = snaps else {
+        return Err(format!("{label}: the clients finished before the measurement ended"));
+    };
+    let slice = Slice {
+        secs: duration.as_secs_f64(),
+        responses: progress.requests.load(Relaxed),
+        served: s1.served - s0.served,
+        calls: s1.calls - s0.calls,
+        waits: stats.waits.load(Relaxed),
+        map_syscalls: match (s0.mmu, s1.mmu) {
+            (Some(a), Some(b)) => Some(b.since(&a).syscalls),
+            _ => None,
+        },
+        cache: match (s0.cache, s1.cache) {
+            (Some(a), Some(b)) => Some(b.since(&a)),
+            _ => None,
+        },
+        zc_completed: stats.zc_completed.load(Relaxed),
+        zc_copied: stats.zc_copied.load(Relaxed),
+        cpu: match (s0.cpu, s1.cpu) {
+            (Some(a), Some(b)) => Some(b.since(&a)),
+            _ => None,
+        },
+        outcomes,
+    };
+    let bytes: u64 = slice.outcomes.iter().map(|o| o.bytes).sum();
+    let requests: u64 = slice.outcomes.iter().map(|o| o.requests).sum();
+    let errors: u64 = slice.outcomes.iter().map(|o| o.errors).sum();
+    eprintln!(
+        "\r  {label:<22} done: {:.2} GB/s, {:.0} req/s, {:.1} EAGAIN waits/req, {}{} errors{}{}",
+        bytes as f64 / slice.secs / 1e9,
+        requests as f64 / slice.secs,
+        slice.waits as f64 / slice.served.max(1) as f64,
+        slice.cache.map(|c| format!("{:.1}% hits, ", 100.0 * c.hit_rate())).unwrap_or_default(),
+        errors,
+        slice
+            .outcomes
+            .iter()
+            .find_map(|o| o.first_error.as_deref())
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default(),
+        " ".repeat(24)
+    );
+    Ok(slice)
+}
+
+// === CPU time of the machine vs. ours ===
+
+/// Clock ticks of CPU time: busy on the whole machine, used by this
+/// process, and elapsed on all CPUs.
+#[derive(Clone, Copy, Debug)]
+struct CpuShare {
+    all: u64,
+    ours: u64,
+    total: u64,
+}
+
+impl CpuShare {
+    /// From `/proc/stat` and `/proc/self/stat`; `None` if either is missing.
+    fn now() -> Option<CpuShare> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        if cpu.len() < 5 {
+            return None;
+        }
+        let total: u64 = cpu.iter().take(8).sum();
+        let idle = cpu[3] + cpu[4];
+        let me = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name (which may hold spaces): state is
+        // field 3, utime and stime fields 14 and 15.
+        let rest: Vec<&str> = me.rsplit_once(')')?.1.split_whitespace().collect();
+        let ours = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+        Some(CpuShare { all: total - idle, ours, total })
+    }
+
+    fn since(&self, e: &CpuShare) -> CpuShare {
+        CpuShare {
+            all: self.all.saturating_sub(e.all),
+            ours: self.ours.saturating_sub(e.ours),
+            total: self.total.saturating_sub(e.total),
+        }
+    }
+
+    /// The share of all CPU time used by other processes.
+    fn other(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.all.saturating_sub(self.ours) as f64 / self.total as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn short_run_of_every_mode_verifies_every_byte() {
+        let dir = std::env::temp_dir().join(format!("parallel_sendfile-test-{}", std::process::id()));
+        let csv = dir.join("out.csv");
+        let json = dir.join("out.json");
+        let cli = crate::Cli::try_parse_from([
+            "x",
+            "--duration",
+            "0.2",
+            "--warmup",
+            "0.05",
+            "--cache-mib",
+            "1",
+            "--sizes",
+            "4k-64k",
+            "--connections",
+            "6",
+            "--max-run",
+            "3",
+            "--verify-every",
+            "1",
+            "--csv",
+            csv.to_str().expect("utf-8"),
+            "--json",
+            json.to_str().expect("utf-8"),
+        ])
+        .expect("args");
+        run(&cli.bench).expect("benchmark run");
+        let text = std::fs::read_to_string(&csv).expect("csv");
+        assert_eq!(text.lines().count(), 1 + 2 * Mode::ALL.len());
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split(',').collect();
+            assert!(cols[4].parse::<u64>().expect("requests") > 0, "{line}");
+            assert_eq!(cols[15], "0", "no verify failures: {line}");
+        }
+        assert!(std::fs::read_to_string(&json).expect("json").contains("\"rows\""));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn cpu_share_reads() {
+        let a = CpuShare::now().expect("/proc");
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let b = CpuShare::now().expect("/proc").since(&a);
+        assert!(b.ours <= b.all + 2 && b.all <= b.total, "{b:?}");
+        assert!((0.0..=1.0).contains(&b.other()));
+    }
+}

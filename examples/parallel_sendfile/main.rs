@@ -1,0 +1,255 @@
+//! A sendfile-style HTTP/1.1 server on loopback, driven by parallel clients,
+//! with every sending mode of `lwbuf::sendfile` side by side.
+//!
+//! ```text
+//! cargo run --release --example parallel_sendfile              # the benchmark, ~1 minute
+//! cargo run --release --example parallel_sendfile -- --help
+//! cargo run --release --example parallel_sendfile -- serve --dir DIR --port 8080 --mode sendfile
+//! ```
+//!
+//! The benchmark builds a file set in the page-cache stand-in (generated
+//! content, so clients verify bytes without a copy), starts one pinned
+//! worker thread per CPU, and runs each mode for a few seconds against two
+//! working sets: one inside the configured cache capacity and one beyond it.
+//! It prints one table and writes it as CSV (and JSON with `--json`).
+
+mod bench;
+mod client;
+mod fileset;
+mod http;
+mod report;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use lwbuf::sendfile::Mode;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Sendfile-style server and parallel clients on loopback: every lwbuf send mode side by side"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the files of a directory over HTTP/1.1 (keep-alive) on 127.0.0.1.
+    Serve(ServeArgs),
+}
+
+/// Options of the benchmark (the default command).
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Modes to run, comma-separated (sendfile, copy, mmap, sfbuf, lwbuf, lwbuf-run, direct, zerocopy).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = parse_mode,
+        default_value = "sendfile,copy,mmap,sfbuf,lwbuf,lwbuf-run,direct,zerocopy"
+    )]
+    pub modes: Vec<Mode>,
+    /// File sizes: MIN-MAX (log-uniform) or one SIZE, with k/m suffixes.
+    #[arg(long, value_parser = parse_sizes, default_value = "4k-4m")]
+    pub sizes: (u64, u64),
+    /// Client connections (keep-alive), spread over the client threads.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Seconds measured per mode and working set (over all rounds).
+    #[arg(long, value_parser = parse_secs, default_value = "2.5")]
+    pub duration: Duration,
+    /// Slices each mode's measured seconds are split into, run in turn
+    /// with the other modes' (a fresh server each, cold caches).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: u32,
+    /// Seconds of warm-up before each slice.
+    #[arg(long, value_parser = parse_secs, default_value = "0.3")]
+    pub warmup: Duration,
+    /// Server worker threads, one per CPU, pinned (default: every core).
+    #[arg(long)]
+    pub cpus: Option<usize>,
+    /// Client threads (default: as many as server workers).
+    #[arg(long)]
+    pub client_threads: Option<usize>,
+    /// Cache capacity in MiB (the window of mmap and sfbuf, each CPU's share
+    /// of the lwbuf window): the "inside" working set is half of it, the
+    /// "beyond" one four times it.
+    #[arg(long, default_value_t = 64)]
+    pub cache_mib: u64,
+    /// Longest run of contiguous frames sfbuf and lwbuf-run map as one
+    /// mapping, in pages.
+    #[arg(long, default_value_t = 16)]
+    pub map_run: usize,
+    /// Working sets to run, comma-separated (inside, beyond).
+    #[arg(long, value_delimiter = ',', default_value = "inside,beyond")]
+    pub sets: Vec<String>,
+    /// Longest run of contiguous frames per file, in pages (page-cache
+    /// fragmentation; each run is its own mapping or sendfile call).
+    #[arg(long, default_value_t = 16)]
+    pub max_run: usize,
+    /// Seed of the file sizes, contents and request order.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Check every byte of one response in N, at random (and of each
+    /// connection's first); of the others, the first 8 bytes of every 4 KiB
+    /// page. Status, length and framing are checked on every response. 1:
+    /// every byte of every response (the clients then spend about a quarter
+    /// of the CPU time on it, which the server cannot use).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub verify_every: u64,
+    /// Skip the byte-by-byte check in the clients.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Where to write the table as CSV.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Also write the table as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Options of `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Directory whose files are served (loaded into the page-cache stand-in at startup).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Port on 127.0.0.1 (0: any free port, printed at startup).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Sending mode.
+    #[arg(long, value_parser = parse_mode, default_value = "sendfile")]
+    pub mode: Mode,
+    /// Worker threads, one per CPU, pinned (default: every core).
+    #[arg(long)]
+    pub cpus: Option<usize>,
+    /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
+    #[arg(long, value_parser = parse_secs)]
+    pub duration: Option<Duration>,
+    /// Refuse to load more than this many MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub max_mib: u64,
+    /// Longest run of contiguous frames per file, in pages (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub max_run: usize,
+    /// Cache capacity in MiB (window of mmap and sfbuf; per CPU for lwbuf).
+    #[arg(long, default_value_t = 64)]
+    pub cache_mib: u64,
+    /// Longest run of contiguous frames sfbuf and lwbuf-run map as one
+    /// mapping, in pages.
+    #[arg(long, default_value_t = 16)]
+    pub map_run: usize,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse::<Mode>().map_err(|e| e.to_string())
+}
+
+/// `4096`, `16k`, `1m`, `1MiB`, `2g`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (e.g. 4096, 16k, 4m)"))?;
+    n.checked_mul(mul).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_sizes(s: &str) -> Result<(u64, u64), String> {
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (parse_size(a)?, parse_size(b)?),
+        None => {
+            let v = parse_size(s)?;
+            (v, v)
+        }
+    };
+    if lo == 0 || lo > hi {
+        return Err(format!("sizes {s:?}: need 0 < MIN <= MAX"));
+    }
+    if hi > 1 << 30 {
+        return Err(format!("sizes {s:?}: files above 1 GiB are not supported here"));
+    }
+    Ok((lo, hi))
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.trim().trim_end_matches('s').parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v.is_finite() && (0.0..=86_400.0).contains(&v)) {
+        return Err(format!("{s:?}: seconds must be between 0 and 86400"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Window slots (4 KiB frames) of a cache of `mib` MiB.
+pub fn cache_slots(mib: u64) -> Result<usize, String> {
+    if mib == 0 || mib > 64 << 10 {
+        return Err("--cache-mib must be between 1 and 65536".into());
+    }
+    Ok(((mib << 20) / lwbuf::system_page_size() as u64) as usize)
+}
+
+/// Cores to pin `n` workers to (all cores if `n` is `None`), and their count.
+pub fn cores(n: Option<usize>) -> Vec<Option<core_affinity::CoreId>> {
+    let ids = core_affinity::get_core_ids().unwrap_or_default();
+    let n = n.unwrap_or(ids.len().max(1)).max(1);
+    (0..n).map(|i| if ids.is_empty() { None } else { Some(ids[i % ids.len()]) }).collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Serve(args)) => server::serve(&args),
+        None => bench::run(&cli.bench),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("parallel_sendfile: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("16k"), Ok(16 << 10));
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999999g").is_err());
+        assert_eq!(parse_sizes("4k-4m"), Ok((4096, 4 << 20)));
+        assert_eq!(parse_sizes("16k"), Ok((16384, 16384)));
+        assert!(parse_sizes("4m-4k").is_err());
+        assert!(parse_sizes("0").is_err());
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("nan").is_err());
+        assert_eq!(parse_secs("0.5"), Ok(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn cli_parses() {
+        Cli::try_parse_from(["x"]).expect("defaults");
+        Cli::try_parse_from(["x", "--modes", "sendfile,copy", "--duration", "1"]).expect("bench");
+        Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--mode", "zerocopy"]).expect("serve");
+        Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--mode", "lwbuf-run", "--cache-mib", "8"]).expect("serve");
+        Cli::try_parse_from(["x", "--modes", "sfbuf,lwbuf,lwbuf-run", "--verify-every", "4"]).expect("bench");
+        assert!(Cli::try_parse_from(["x", "--modes", "teleport"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--verify-every", "0"]).is_err());
+    }
+}

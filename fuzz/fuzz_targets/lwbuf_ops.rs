@@ -1,0 +1,24 @@
+//! Fuzz the lwbuf caches and the sf_buf pool with operation sequences,
+//! checked step by step against the reference model.
+//!
+//! The input is decoded three bytes per operation into the same [`Op`]s the
+//! property test `tests/proptest_model.rs` generates, and run by the same
+//! runner against the same model (`tests/common/model_ops.rs`), on the model
+//! MMU (no system calls, so many executions per second).
+//!
+//! ```text
+//! cargo +nightly fuzz run lwbuf_ops -- -max_total_time=300
+//! ```
+//!
+//! A crashing input goes into `tests/proptest_model.rs` as a regression test.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../../tests/common/model_ops.rs"]
+mod model_ops;
+
+fuzz_target!(|data: &[u8]| {
+    model_ops::run(&model_ops::decode(data), model_ops::Backend::Model);
+});

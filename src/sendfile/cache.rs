@@ -1,0 +1,381 @@
+//! The cache-backed [`MapSource`]s: the shared sf_buf pool ([`SfbufSource`])
+//! and the per-CPU lwbuf caches ([`LwbufSource`]), each over a window of its
+//! own. A hit makes no system call; the mapping stays cached after the send
+//! for the next request of the same pages.
+
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::source::{MapSource, Mapped};
+use crate::error::{Error, Result};
+use crate::lwbuf::{CpuGuard, Lwbuf, Lwbufs};
+use crate::mmu::{Mmu, MmuStats, Window};
+use crate::phys::{Page, PhysMem};
+use crate::sfbuf::{SfBuf, SfPool, Wait};
+
+/// Pages at the start of `run` whose frames follow the first one's, at most
+/// `max`.
+fn contiguous_prefix(run: &[Page], max: usize) -> usize {
+    let Some(first) = run.first() else { return 0 };
+    let pfn0 = first.pfn().0;
+    1 + run[1..].iter().take(max.saturating_sub(1)).enumerate().take_while(|(i, p)| p.pfn().0 == pfn0 + i + 1).count()
+}
+
+/// Hits and lookups of a mapping cache (the sf_buf pool or the lwbuf
+/// caches), as [`Sender::cache_stats`](super::Sender::cache_stats) reports
+/// them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Mappings asked of the cache.
+    pub lookups: u64,
+    /// Of those, found mapped already: no system call.
+    pub hits: u64,
+}
+
+impl CacheStats {
+    /// Hits over lookups (0 with none).
+    pub fn hit_rate(&self) -> f64 {
+        if self.lookups == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.lookups as f64
+        }
+    }
+
+    /// Field-wise difference `self - earlier`.
+    pub fn since(&self, earlier: &CacheStats) -> CacheStats {
+        CacheStats {
+            lookups: self.lookups.saturating_sub(earlier.lookups),
+            hits: self.hits.saturating_sub(earlier.hits),
+        }
+    }
+}
+
+// === SfbufSource ===
+
+/// Maps through a shared [`SfPool`]: every thread of a server uses the one
+/// pool, a freed mapping stays cached for the next request of its frame.
+///
+/// Contiguous frames are mapped as one run of up to `max_run` pages
+/// ([`SfPool::alloc_run`]: one `mmap`, one cache entry), or one page at a
+/// time with `max_run == 1`. [`map`](MapSource::map) never waits: with the
+/// pool full it fails with [`Error::WouldBlock`], and the send engine then
+/// sends and releases what the request holds before asking again with
+/// [`map_idle`](MapSource::map_idle), which may sleep (up to the source's
+/// wait limit) because the request holds nothing of the pool any more. So a
+/// request never holds some mappings while sleeping for others, the
+/// deadlock FreeBSD's sendfile avoids by letting only its first `sf_buf`
+/// sleep.
+pub struct SfbufSource {
+    pool: SfPool,
+    max_run: usize,
+    wait: Option<Duration>,
+}
+
+impl SfbufSource {
+    /// Map through `pool`: runs of up to `max_run` pages (0 is taken as 1);
+    /// [`map_idle`](MapSource::map_idle) sleeps at most `wait` (`None`:
+    /// until room is made).
+    pub fn new(pool: SfPool, max_run: usize, wait: Option<Duration>) -> SfbufSource {
+        SfbufSource { pool, max_run: max_run.max(1), wait }
+    }
+
+    /// A pool over `mmu` caching up to `max_excess` unused mappings
+    /// (default: all the MMU can map).
+    pub fn with_mmu(
+        mmu: Arc<dyn Mmu>,
+        max_excess: Option<usize>,
+        max_run: usize,
+        wait: Option<Duration>,
+    ) -> Result<SfbufSource> {
+        let cap = mmu.capacity();
+        let pool = SfPool::builder(mmu).max_excess(max_excess.unwrap_or(cap)).build()?;
+        Ok(Self::new(pool, max_run, wait))
+    }
+
+    /// A pool over a new [`Window`] of `slots` slots of `phys` (one
+    /// `mmap(PROT_NONE)`).
+    pub fn window(
+        phys: &PhysMem,
+        slots: usize,
+        max_excess: Option<usize>,
+        max_run: usize,
+        wait: Option<Duration>,
+    ) -> Result<SfbufSource> {
+        Self::with_mmu(Arc::new(Window::builder(phys).slots(slots).build()?), max_excess, max_run, wait)
+    }
+
+    /// The pool, for its [`stats`](SfPool::stats) and tuning.
+    pub fn pool(&self) -> &SfPool {
+        &self.pool
+    }
+
+    /// The longest run mapped as one mapping, in pages.
+    pub fn max_run(&self) -> usize {
+        self.max_run
+    }
+
+    /// Hits and lookups so far.
+    pub fn cache_stats(&self) -> CacheStats {
+        let s = self.pool.stats();
+        CacheStats { lookups: s.hits + s.misses, hits: s.hits }
+    }
+
+    fn alloc<'s>(&'s self, run: &'s [Page], how: Wait<'_>) -> Result<SfMapping<'s>> {
+        let n = contiguous_prefix(run, self.max_run);
+        let buf = match n {
+            0 => return Err(Error::config("run", "no pages to map")),
+            1 => self.pool.alloc(&run[0], how)?,
+            n => self.pool.alloc_run(&run[..n], how)?,
+        };
+        let k = buf.kva();
+        let (ptr, len) = (NonNull::new(k.as_ptr()).expect("mapped address"), k.len());
+        Ok(SfMapping { _buf: buf, ptr, len })
+    }
+}
+
+impl fmt::Debug for SfbufSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SfbufSource").field("pool", &self.pool).field("max_run", &self.max_run).finish()
+    }
+}
+
+/// An [`SfBuf`] as the send engine holds it; dropping it releases the
+/// sf_buf (it stays cached).
+#[derive(Debug)]
+pub struct SfMapping<'s> {
+    _buf: SfBuf<'s>,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the address is valid process-wide while `_buf` holds its
+// reference, and `SfBuf` is Send + Sync.
+unsafe impl Send for SfMapping<'_> {}
+// SAFETY: as for `Send`; `&SfMapping` only reads the address and length.
+unsafe impl Sync for SfMapping<'_> {}
+
+impl Mapped for SfMapping<'_> {
+    fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr().cast_const()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl MapSource for SfbufSource {
+    type Mapping<'s> = SfMapping<'s>;
+
+    /// A hit, or a miss with one `mmap` (plus an unmap if it evicts); never
+    /// waits ([`Error::WouldBlock`] when every slot is in use).
+    fn map<'s>(&'s self, run: &'s [Page]) -> Result<SfMapping<'s>> {
+        self.alloc(run, Wait::NoWait)
+    }
+
+    /// As `map`, but sleeps until a release makes room (at most the
+    /// source's wait limit, then [`Error::TimedOut`]).
+    fn map_idle<'s>(&'s self, run: &'s [Page]) -> Result<SfMapping<'s>> {
+        match self.wait {
+            Some(d) => self.alloc(run, Wait::Timeout(d)),
+            None => self.alloc(run, Wait::Forever),
+        }
+    }
+
+    /// Runs of `max_run` pages (none for single pages: every page is its
+    /// own key anyway).
+    fn run_grid(&self) -> Option<usize> {
+        (self.max_run > 1).then_some(self.max_run)
+    }
+
+    fn mmu_stats(&self) -> Option<MmuStats> {
+        Some(self.pool.mmu().stats())
+    }
+}
+
+// === LwbufSource ===
+
+/// Maps through per-CPU [`Lwbufs`] caches: each CPU keeps its own mappings,
+/// so a hit touches no shared cache line and makes no system call.
+///
+/// A thread must be bound to a CPU of the caches to map: a server binds
+/// each worker thread for its whole life with
+/// [`bind_worker`](Self::bind_worker) (and releases every mapping on the
+/// thread that made it, the cheap path). [`Connection::send`] on a thread
+/// that is not bound binds a free CPU for the duration of the send
+/// ([`with_cpu`](Self::with_cpu)).
+///
+/// With `max_run == 1` every page is its own mapping ([`Lwbufs::alloc`]);
+/// with more, contiguous frames are mapped as runs of up to `max_run` pages
+/// ([`Lwbufs::alloc_run`]: one `mmap`, cached as one entry).
+///
+/// [`Connection::send`]: super::Connection::send
+pub struct LwbufSource {
+    sys: Lwbufs,
+    max_run: usize,
+}
+
+impl LwbufSource {
+    /// Map through `sys`, runs of up to `max_run` pages (0 is taken as 1).
+    pub fn new(sys: Lwbufs, max_run: usize) -> LwbufSource {
+        LwbufSource { sys, max_run: max_run.max(1) }
+    }
+
+    /// Caches for `cpus` CPUs over `mmu`, each keeping up to `max_excess`
+    /// unused mappings (default: the window's share of one CPU).
+    pub fn with_mmu(mmu: Arc<dyn Mmu>, cpus: usize, max_excess: Option<usize>, max_run: usize) -> Result<LwbufSource> {
+        let share = (mmu.capacity() / cpus.max(1)).max(1);
+        let sys = Lwbufs::builder(mmu).cpus(cpus).max_excess(max_excess.unwrap_or(share)).build()?;
+        Ok(Self::new(sys, max_run))
+    }
+
+    /// Caches for `cpus` CPUs over a new [`Window`] of `cpus *
+    /// slots_per_cpu` slots of `phys` (one `mmap(PROT_NONE)`): every CPU
+    /// can cache `slots_per_cpu` pages, because every CPU maps the pages it
+    /// sends itself.
+    pub fn window(
+        phys: &PhysMem,
+        cpus: usize,
+        slots_per_cpu: usize,
+        max_excess: Option<usize>,
+        max_run: usize,
+    ) -> Result<LwbufSource> {
+        let slots = cpus
+            .checked_mul(slots_per_cpu)
+            .ok_or_else(|| Error::config("window_slots", format!("{cpus} x {slots_per_cpu} slots overflow")))?;
+        Self::with_mmu(Arc::new(Window::builder(phys).slots(slots).build()?), cpus, max_excess, max_run)
+    }
+
+    /// The caches, for their [`stats`](Lwbufs::stats) and checks.
+    pub fn lwbufs(&self) -> &Lwbufs {
+        &self.sys
+    }
+
+    /// The longest run mapped as one mapping, in pages.
+    pub fn max_run(&self) -> usize {
+        self.max_run
+    }
+
+    /// Hits and lookups so far (takes each CPU's lock briefly).
+    pub fn cache_stats(&self) -> CacheStats {
+        let t = self.sys.stats().total;
+        CacheStats { lookups: t.allocs, hits: t.hits }
+    }
+
+    /// Bind the calling thread to `cpu` of the caches until the guard is
+    /// dropped; `pin` also pins it to core `cpu % cores` (one system call).
+    /// Errors: [`Error::NoSuchCpu`], [`Error::CpuBusy`],
+    /// [`Error::AlreadyBound`].
+    pub fn bind_worker(&self, cpu: usize, pin: bool) -> Result<CpuGuard<'_>> {
+        if pin {
+            self.sys.bind_pinned(cpu)
+        } else {
+            self.sys.bind(cpu)
+        }
+    }
+
+    /// Run `f` with the calling thread bound to a CPU of the caches: the one
+    /// it is bound to already, or else the lowest free one (so that an
+    /// unbound thread keeps finding its mappings on the same CPU), bound for
+    /// the duration of `f` (no system call; the unbind drains that CPU's
+    /// mailbox). [`Error::CpuBusy`] if every CPU is bound to another
+    /// thread. Every mapping `f` makes must be released inside it.
+    pub fn with_cpu<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        if self.sys.current_cpu().is_some() {
+            return f();
+        }
+        for cpu in 0..self.sys.cpus() {
+            match self.sys.bind(cpu) {
+                Ok(guard) => {
+                    let r = f();
+                    drop(guard);
+                    return r;
+                }
+                Err(Error::CpuBusy { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::CpuBusy { cpu: 0 })
+    }
+}
+
+impl fmt::Debug for LwbufSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LwbufSource").field("lwbufs", &self.sys).field("max_run", &self.max_run).finish()
+    }
+}
+
+/// An [`Lwbuf`] as the send engine holds it; dropping it releases the
+/// lwbuf (it stays cached on its CPU).
+#[derive(Debug)]
+pub struct LwbufMapping<'s> {
+    _buf: Lwbuf<'s>,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the address is the mapping's on its home CPU, which `_buf` holds
+// a reference on until it is dropped; addresses are process-wide, and
+// `Lwbuf` is Send + Sync.
+unsafe impl Send for LwbufMapping<'_> {}
+// SAFETY: as for `Send`; `&LwbufMapping` only reads the address and length.
+unsafe impl Sync for LwbufMapping<'_> {}
+
+impl Mapped for LwbufMapping<'_> {
+    fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr().cast_const()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl MapSource for LwbufSource {
+    type Mapping<'s> = LwbufMapping<'s>;
+
+    /// On the calling thread's CPU: a hit (no system call, no allocation,
+    /// no shared cache line written), or a miss with one `mmap` (plus an
+    /// unmap if it evicts). [`Error::NotBound`] on a thread without a CPU (see
+    /// [`with_cpu`](Self::with_cpu)).
+    fn map<'s>(&'s self, run: &'s [Page]) -> Result<LwbufMapping<'s>> {
+        let n = contiguous_prefix(run, self.max_run);
+        let buf = match n {
+            0 => return Err(Error::config("run", "no pages to map")),
+            1 => self.sys.alloc(&run[0])?,
+            n => self.sys.alloc_run(&run[..n])?,
+        };
+        // On the home CPU this is a field read.
+        let k = buf.kva()?;
+        let (ptr, len) = (NonNull::new(k.as_ptr()).expect("mapped address"), k.len());
+        Ok(LwbufMapping { _buf: buf, ptr, len })
+    }
+
+    /// Runs of `max_run` pages (none for single pages).
+    fn run_grid(&self) -> Option<usize> {
+        (self.max_run > 1).then_some(self.max_run)
+    }
+
+    fn mmu_stats(&self) -> Option<MmuStats> {
+        Some(self.sys.mmu().stats())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_stops_at_gaps_and_max() {
+        let mem = PhysMem::builder().frames(16).build().expect("phys");
+        let run = mem.alloc_run(6).expect("run");
+        assert_eq!(contiguous_prefix(&run, 16), 6);
+        assert_eq!(contiguous_prefix(&run, 4), 4);
+        assert_eq!(contiguous_prefix(&run, 1), 1);
+        assert_eq!(contiguous_prefix(&run, 0), 1);
+        assert_eq!(contiguous_prefix(&[], 4), 0);
+        let gap = vec![run[0].clone(), run[1].clone(), run[3].clone()];
+        assert_eq!(contiguous_prefix(&gap, 16), 2);
+    }
+}
