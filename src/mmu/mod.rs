@@ -146,10 +146,29 @@ pub(crate) struct SlotTable {
 pub(crate) const HOLE: usize = 1 << (usize::BITS - 1);
 const PFN_MASK: usize = !HOLE;
 
+/// `n` slot records, all zero. Outside loom they come from `calloc`, whose
+/// large allocations are fresh anonymous memory: a huge window costs 8 bytes
+/// per slot of *address space*, made resident only as slots are used.
+#[cfg(not(loom))]
+fn zeroed_slots(n: usize) -> Box<[AtomicUsize]> {
+    let zeros: Box<[usize]> = vec![0usize; n].into_boxed_slice();
+    let len = zeros.len();
+    let ptr = Box::into_raw(zeros) as *mut usize as *mut AtomicUsize;
+    // SAFETY: `AtomicUsize` has the same size, alignment and bit validity as
+    // `usize` (std documents it), so the allocation of `len` zeroed `usize`s
+    // is one of `len` `AtomicUsize`s holding 0, freed with the same layout.
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) }
+}
+
+#[cfg(loom)]
+fn zeroed_slots(n: usize) -> Box<[AtomicUsize]> {
+    (0..n).map(|_| AtomicUsize::new(0)).collect()
+}
+
 impl SlotTable {
     pub(crate) fn new(capacity: usize, frames: usize) -> Self {
         SlotTable {
-            slots: (0..capacity).map(|_| AtomicUsize::new(0)).collect(),
+            slots: zeroed_slots(capacity),
             frames,
             enters: AtomicU64::new(0),
             removes: AtomicU64::new(0),
@@ -215,16 +234,18 @@ impl SlotTable {
 
     /// Record a remove; returns whether any slot was empty (a caller bug).
     pub(crate) fn removed(&self, slot: Slot, count: usize, keep_hole: bool) -> bool {
-        let mut empty = false;
+        let mut was_mapped = 0;
         for i in 0..count {
             let new = if keep_hole { HOLE } else { 0 };
             let old = self.slots[slot.0 + i].swap(new, Ordering::Release);
-            empty |= old & PFN_MASK == 0;
+            was_mapped += usize::from(old & PFN_MASK != 0);
         }
         self.removes.fetch_add(1, Ordering::Relaxed);
         self.pages_removed.fetch_add(count as u64, Ordering::Relaxed);
-        self.mapped.fetch_sub(count as u64, Ordering::Relaxed);
-        empty
+        // Only what was mapped: removing an empty slot is a caller bug the
+        // model reports, and must not wrap the counter.
+        self.mapped.fetch_sub(was_mapped as u64, Ordering::Relaxed);
+        was_mapped < count
     }
 
     pub(crate) fn syscall(&self) {

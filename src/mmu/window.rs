@@ -29,7 +29,8 @@ impl WindowBuilder {
     }
 
     /// Reserve the window: one `mmap(PROT_NONE, MAP_NORESERVE)`. It costs
-    /// address space only, however large.
+    /// address space, plus 8 bytes of bookkeeping per slot, itself allocated
+    /// zeroed and made resident only as slots are used.
     pub fn build(self) -> Result<Window> {
         if self.phys.backing() != Backing::Memfd {
             return Err(Error::config("backing", "the real window maps a memfd; use ModelMmu for heap memory"));
