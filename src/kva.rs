@@ -96,6 +96,9 @@ pub(crate) struct KvaSpace {
     /// Live mappings (enter calls not yet removed): each is at least one VMA.
     live: AtomicUsize,
     budget: usize,
+    /// The MMU's slot size, read once: every handle's `kva()` needs it, and
+    /// asking the `dyn Mmu` costs two indirect calls.
+    slot_size: usize,
 }
 
 /// The default budget of live mappings for one window: what
@@ -116,7 +119,8 @@ impl KvaSpace {
     pub(crate) fn new(mmu: Arc<dyn Mmu>, budget: Option<usize>) -> Self {
         let slots = Extents::new(mmu.capacity());
         let budget = budget.unwrap_or_else(default_map_budget);
-        KvaSpace { mmu, slots, live: AtomicUsize::new(0), budget }
+        let slot_size = mmu.slot_size();
+        KvaSpace { mmu, slots, live: AtomicUsize::new(0), budget, slot_size }
     }
 
     /// Live mappings now, and the budget.
@@ -136,8 +140,9 @@ impl KvaSpace {
         self.slots.free_count()
     }
 
+    #[inline]
     pub(crate) fn slot_size(&self) -> usize {
-        self.mmu.slot_size()
+        self.slot_size
     }
 
     pub(crate) fn mmu_stats(&self) -> MmuStats {

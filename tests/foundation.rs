@@ -268,8 +268,8 @@ fn contiguous_run_is_one_vma_scattered_frames_are_many() {
     assert!(mapped_vmas(&win).is_empty());
 
     // Contiguous frames in non-adjacent slots: separated by reservation.
-    for i in 0..64 {
-        enter(&win, 2 * i + 1, run[i].pfn().0, 1);
+    for (i, pg) in run.iter().enumerate() {
+        enter(&win, 2 * i + 1, pg.pfn().0, 1);
     }
     assert_eq!(mapped_vmas(&win).len(), 64, "contiguous frames in non-adjacent slots");
     for i in 0..64 {

@@ -203,7 +203,8 @@ fn full_window_for_sf_buf_with_each_wait_mode() {
             held.pop();
             let got = w.join().unwrap().expect("woken by the release");
             assert_eq!(got.page().pfn(), pages[4].pfn());
-            held.push(got); // every slot in use again
+            // Every slot in use again.
+            held.push(got);
             // More pages than the window has slots: WindowFull at once,
             // whatever the mode (waiting could never help).
             let all: Vec<Page> = pages.to_vec();

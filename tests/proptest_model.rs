@@ -7,8 +7,9 @@
 //! are in `tests/common/model_ops.rs`, shared with the cargo-fuzz target
 //! `fuzz/fuzz_targets/lwbuf_ops.rs`.
 //!
-//! Failing inputs found by fuzzing are kept below as regression tests that
-//! replay them.
+//! A failing input found by fuzzing goes below as a `#[test]` that replays
+//! it (`run(&decode(bytes), ..)`); none so far (two 5-minute runs, about
+//! 240,000 executions).
 
 #[path = "common/model_ops.rs"]
 mod model_ops;

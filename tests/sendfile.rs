@@ -780,8 +780,8 @@ fn zerocopy_from_the_cache_sources() {
     let mem = PhysMem::builder().frames(512).build().expect("phys");
     let len = 256 << 10;
     let file = PageFile::builder(&mem).max_run(8).pattern(len, 98).expect("file");
-    let sf = SfbufSource::window(&mem, 32, None, 8, Some(Duration::from_secs(5))).expect("pool");
-    let lw = LwbufSource::window(&mem, 1, 32, None, 8).expect("caches");
+    let sf = SfbufSource::window(&mem, 64, None, 8, Some(Duration::from_secs(5))).expect("pool");
+    let lw = LwbufSource::window(&mem, 1, 64, None, 8).expect("caches");
     let _cpu = lw.bind_worker(0, false).expect("bind");
     fn run<M: lwbuf::sendfile::MapSource>(src: &M, file: &PageFile, len: u64) {
         let (server, client) = tcp_pair();

@@ -7,10 +7,12 @@
 //! free): every response's status, `Content-Length` and framing are checked
 //! (a byte too many or too few breaks the next response); every byte of the
 //! first response of each connection and of a random one in
-//! `--verify-every` others is checked; of the other responses, the first
-//! word of every page (each 4 KiB of file offset) is checked, so a page
-//! sent from the wrong frame or a stale mapping is still caught on every
-//! response, and a wrong byte inside a page on the sampled ones.
+//! `--verify-every` others is checked. The other responses' bodies are
+//! dropped by the kernel without being copied (`recv(MSG_TRUNC)`), or, with
+//! `--spot-check`, read and checked at the first word of every page (each
+//! 4 KiB of file offset), so that a page sent from the wrong frame or a
+//! stale mapping is caught on every response, and a wrong byte inside a
+//! page on the sampled ones.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -100,6 +102,10 @@ pub struct Plan<'a> {
     pub seed: u64,
     /// Check every byte of one response in this many (at least 1).
     pub verify_every: u64,
+    /// Of the other responses, check the first word of every page (which
+    /// needs their bytes); otherwise let the kernel drop their bodies
+    /// unread (`recv(MSG_TRUNC)`), counting them.
+    pub spot_check: bool,
 }
 
 /// What one client thread measured (inside the measurement window).
@@ -290,7 +296,16 @@ fn step(
         return write_more(c).map_err(|e| (format!("write: {e}"), false));
     }
     for _ in 0..8 {
-        let n = match c.stream.read(rbuf) {
+        // The body of a response that is not checked: dropped unread.
+        let skip = match c.phase {
+            Phase::Body { left, .. } if !c.full_check && !plan.spot_check => Some(left),
+            _ => None,
+        };
+        let r = match skip {
+            Some(left) => discard(&c.stream, rbuf, left),
+            None => c.stream.read(rbuf),
+        };
+        let n = match r {
             Ok(0) => return Err(("server closed the connection".into(), false)),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -302,7 +317,10 @@ fn step(
             out.bytes += n as u64;
         }
         progress.bytes.fetch_add(n as u64, Relaxed);
-        let done = on_bytes(c, plan, &rbuf[..n], now, out, progress)?;
+        let done = match skip {
+            Some(_) => on_dropped(c, plan, n as u64, now, out, progress),
+            None => on_bytes(c, plan, &rbuf[..n], now, out, progress)?,
+        };
         if done {
             // The response is complete: the connection is idle, and the
             // next request goes out on the next turn of the loop.
@@ -393,6 +411,27 @@ fn on_bytes(
     if *left > 0 {
         return Ok(false);
     }
+    complete(c, plan, now, out, progress);
+    Ok(true)
+}
+
+/// `n` more body bytes were dropped unread; returns whether the response
+/// is complete.
+fn on_dropped(c: &mut Conn, plan: &Plan<'_>, n: u64, now: Instant, out: &mut Outcome, progress: &Progress) -> bool {
+    let Phase::Body { left, off } = &mut c.phase else { return false };
+    // `discard` never takes more than `left`.
+    *off += n;
+    *left -= n.min(*left);
+    if *left > 0 {
+        return false;
+    }
+    complete(c, plan, now, out, progress);
+    true
+}
+
+/// The response in flight on `c` is complete: count it.
+fn complete(c: &mut Conn, plan: &Plan<'_>, now: Instant, out: &mut Outcome, progress: &Progress) {
+    let target = &plan.targets[c.target];
     progress.requests.fetch_add(1, Relaxed);
     c.done += 1;
     if c.full_check && target.seed.is_some() {
@@ -402,7 +441,22 @@ fn on_bytes(
         out.requests += 1;
         out.latencies_ns.push(now.duration_since(c.sent_at).as_nanos() as u64);
     }
-    Ok(true)
+}
+
+/// Let the kernel drop up to `left` bytes of what `s` received, without
+/// copying them (`recv(MSG_TRUNC)` on TCP). Returns how many it dropped.
+fn discard(s: &TcpStream, buf: &mut [u8], left: u64) -> io::Result<usize> {
+    let len = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+    // SAFETY: `buf` is writable for `len` bytes (the kernel does not even
+    // write to it: with MSG_TRUNC a TCP socket drops the bytes).
+    let r = unsafe {
+        libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), len, libc::MSG_TRUNC | libc::MSG_DONTWAIT)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Never more than asked (it could only be more for a datagram socket).
+    Ok((r as usize).min(len))
 }
 
 /// Check the first word (up to 8 bytes) of every `SPOT_EVERY` bytes of file

@@ -13,7 +13,7 @@ pub use bind::MAX_BINDINGS_PER_THREAD;
 pub(crate) use bind::{bind, current, table_id, unbind, BindTable};
 pub(crate) use mailbox::Mailbox;
 pub use mask::{CpuMask, INLINE_CPUS};
-pub(crate) use owned::{OwnerGuard, Owned};
+pub(crate) use owned::{Owned, OwnerGuard, StealGuard};
 
 /// Pin the calling thread to core `cpu % cores` (core_affinity). Returns
 /// whether the OS accepted it. A system call; do it once per thread.

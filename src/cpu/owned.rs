@@ -102,9 +102,15 @@ impl<T> Owned<T> {
 
     /// Enter as a stealer. With `wait`, wait for the owner to leave (owner
     /// sections are short); without, give up if the owner is inside or
-    /// another stealer holds the cell. Costs a `membarrier` system call.
-    pub(crate) fn steal(&self, wait: bool) -> Option<StealGuard<'_, T>> {
+    /// another stealer holds the cell. Costs a `membarrier` system call,
+    /// unless `unowned()` says (under the steal lock) that no thread owns
+    /// the cell: a new owner calls [`owner_arrives`](Self::owner_arrives)
+    /// before it first enters, which waits for us.
+    pub(crate) fn steal_if(&self, wait: bool, unowned: impl FnOnce() -> bool) -> Option<StealGuard<'_, T>> {
         let g = if wait { lock(&self.steal_lock) } else { try_lock(&self.steal_lock)? };
+        if unowned() {
+            return Some(StealGuard { cell: self, _lock: g });
+        }
         self.stealing.store(true, Ordering::Relaxed);
         loop {
             barrier::heavy();
@@ -121,8 +127,23 @@ impl<T> Owned<T> {
     }
 }
 
+#[cfg(not(loom))]
+impl<T> Owned<T> {
+    /// Called by a thread that has just become the owner, before it first
+    /// enters: waits out any stealer that took the cell as unowned.
+    pub(crate) fn owner_arrives(&self) {
+        drop(lock(&self.steal_lock));
+    }
+}
+
 #[cfg(loom)]
 impl<T> Owned<T> {
+    pub(crate) fn owner_arrives(&self) {}
+
+    pub(crate) fn steal_if(&self, wait: bool, _unowned: impl FnOnce() -> bool) -> Option<StealGuard<'_, T>> {
+        self.steal(wait)
+    }
+
     pub(crate) fn new(v: T) -> Self {
         Owned { value: Mutex::new(v) }
     }
@@ -229,7 +250,12 @@ mod barrier {
             let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };
             // Owners rely on it (they issue only a compiler barrier), so a
             // failure after a successful registration cannot be papered over.
-            assert_eq!(r, 0, "membarrier(PRIVATE_EXPEDITED) failed after registration: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                r,
+                0,
+                "membarrier(PRIVATE_EXPEDITED) failed after registration: {}",
+                std::io::Error::last_os_error()
+            );
         } else {
             fence(Ordering::SeqCst);
         }

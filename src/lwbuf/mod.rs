@@ -20,7 +20,7 @@ use std::ptr::NonNull;
 
 use pcpu::{Key, Local, Miss, Pcpu};
 
-use crate::cpu::{self, BindTable, CpuMask, OwnerGuard};
+use crate::cpu::{self, BindTable, CpuMask, OwnerGuard, StealGuard};
 use crate::error::{Error, Result};
 use crate::kaddr::Kaddr;
 use crate::kva::{Hold, KvaSpace};
@@ -199,6 +199,9 @@ impl Lwbufs {
             return Err(Error::NoSuchCpu { cpu, ncpus: self.cpus.len() });
         }
         cpu::bind(&self.binds, cpu)?;
+        // A stealer that took this CPU as unowned (without the membarrier)
+        // may still be inside: wait for it before we enter as the owner.
+        self.cpus[cpu].local.owner_arrives();
         Ok(CpuGuard { sys: self, cpu, _not_send: PhantomData })
     }
 
@@ -230,10 +233,17 @@ impl Lwbufs {
     pub fn set_max_excess(&self, n: usize) {
         self.max_excess.store(n, Ordering::Relaxed);
         for cpu in 0..self.cpus.len() {
-            if let Some(mut l) = self.cpus[cpu].local.steal(false) {
+            if let Some(mut l) = self.steal_cpu(cpu, false) {
                 l.drain(&self.cpus[cpu].mailbox, &self.kva, n);
             }
         }
+    }
+
+    /// Take `cpu`'s cache on its owner's behalf. A CPU nobody has bound
+    /// cannot have an owner inside (binding waits for stealers), so it is
+    /// taken without the `membarrier`.
+    fn steal_cpu(&self, cpu: usize, wait: bool) -> Option<StealGuard<'_, Local>> {
+        self.cpus[cpu].local.steal_if(wait, || !self.binds.is_bound(cpu))
     }
 
     /// Enter `cpu`'s cache as its owner (the caller is the thread bound to
@@ -338,7 +348,7 @@ impl Lwbufs {
             if cpu == except {
                 continue;
             }
-            let mut l = pc.local.steal(true).expect("a waiting steal always succeeds");
+            let mut l = self.steal_cpu(cpu, true).expect("a waiting steal always succeeds");
             l.drain(&pc.mailbox, &self.kva, usize::MAX);
             l.take_unmap_error();
             freed += l.shrink(&self.kva);
@@ -354,7 +364,7 @@ impl Lwbufs {
     /// otherwise give up if someone (its owner) is in the library.
     fn drain_on_behalf(&self, cpu: usize, wait: bool) {
         let pc = &self.cpus[cpu];
-        let guard = pc.local.steal(wait);
+        let guard = self.steal_cpu(cpu, wait);
         if let Some(mut l) = guard {
             l.drain(&pc.mailbox, &self.kva, self.max_excess());
         }
@@ -394,8 +404,9 @@ impl Lwbufs {
         let per_cpu: Vec<CpuStats> = self
             .cpus
             .iter()
-            .map(|pc| {
-                let l = pc.local.steal(true).expect("a waiting steal always succeeds");
+            .enumerate()
+            .map(|(cpu, pc)| {
+                let l = self.steal_cpu(cpu, true).expect("a waiting steal always succeeds");
                 CpuStats::read(&l, pc)
             })
             .collect();
@@ -409,8 +420,8 @@ impl Lwbufs {
         let mmu = self.kva.mmu();
         let mut refs = 0;
         let mut slots_held = 0;
-        for pc in self.cpus.iter() {
-            let l = pc.local.steal(true).expect("a waiting steal always succeeds");
+        for cpu in 0..self.cpus.len() {
+            let l = self.steal_cpu(cpu, true).expect("a waiting steal always succeeds");
             let mut seen = std::collections::HashSet::new();
             for (key, slot, r) in l.entries() {
                 if !seen.insert(key) {
@@ -447,8 +458,8 @@ impl Lwbufs {
 impl Drop for Lwbufs {
     fn drop(&mut self) {
         // No handle or guard can exist: both borrow the system.
-        for pc in self.cpus.iter() {
-            let mut l = pc.local.steal(true).expect("a waiting steal always succeeds");
+        for (cpu, pc) in self.cpus.iter().enumerate() {
+            let mut l = self.steal_cpu(cpu, true).expect("a waiting steal always succeeds");
             let mut msgs = Vec::new();
             pc.mailbox.take_all(&mut msgs);
             l.teardown(&self.kva);

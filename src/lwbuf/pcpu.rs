@@ -12,13 +12,13 @@
 use std::ptr::NonNull;
 
 use crate::cpu::Mailbox;
+use crate::cpu::Owned;
 use crate::error::Error;
 use crate::hash::WordMap;
 pub(crate) use crate::kva::MapKey as Key;
 use crate::kva::{KvaSpace, Mapping, SlotRun};
 use crate::lru::Lru;
 use crate::phys::Pfn;
-use crate::cpu::Owned;
 use crate::sync::{env, AtomicU64};
 
 #[derive(Debug)]

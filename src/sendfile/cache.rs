@@ -75,11 +75,12 @@ pub struct SfbufSource {
 }
 
 impl SfbufSource {
-    /// Map through `pool`: runs of up to `max_run` pages (0 is taken as 1);
-    /// [`map_idle`](MapSource::map_idle) sleeps at most `wait` (`None`:
-    /// until room is made).
+    /// Map through `pool`: runs of up to `max_run` pages (taken into
+    /// `1..=capacity`); [`map_idle`](MapSource::map_idle) sleeps at most
+    /// `wait` (`None`: until room is made).
     pub fn new(pool: SfPool, max_run: usize, wait: Option<Duration>) -> SfbufSource {
-        SfbufSource { pool, max_run: max_run.max(1), wait }
+        let max_run = max_run.clamp(1, pool.capacity().max(1));
+        SfbufSource { pool, max_run, wait }
     }
 
     /// A pool over `mmu` caching up to `max_excess` unused mappings
@@ -198,7 +199,8 @@ impl MapSource for SfbufSource {
 // === LwbufSource ===
 
 /// Maps through per-CPU [`Lwbufs`] caches: each CPU keeps its own mappings,
-/// so a hit touches no shared cache line and makes no system call.
+/// so a hit makes no system call and takes no lock another CPU contends
+/// for.
 ///
 /// A thread must be bound to a CPU of the caches to map: a server binds
 /// each worker thread for its whole life with
@@ -218,9 +220,11 @@ pub struct LwbufSource {
 }
 
 impl LwbufSource {
-    /// Map through `sys`, runs of up to `max_run` pages (0 is taken as 1).
+    /// Map through `sys`, runs of up to `max_run` pages (taken into
+    /// `1..=` the window's slots).
     pub fn new(sys: Lwbufs, max_run: usize) -> LwbufSource {
-        LwbufSource { sys, max_run: max_run.max(1) }
+        let max_run = max_run.clamp(1, sys.mmu().capacity().max(1));
+        LwbufSource { sys, max_run }
     }
 
     /// Caches for `cpus` CPUs over `mmu`, each keeping up to `max_excess`
@@ -335,9 +339,8 @@ impl Mapped for LwbufMapping<'_> {
 impl MapSource for LwbufSource {
     type Mapping<'s> = LwbufMapping<'s>;
 
-    /// On the calling thread's CPU: a hit (no system call, no allocation,
-    /// no shared cache line written), or a miss with one `mmap` (plus an
-    /// unmap if it evicts). [`Error::NotBound`] on a thread without a CPU (see
+    /// On the calling thread's CPU: a hit (no system call), or a miss with
+    /// one `mmap` (plus an unmap if it evicts). [`Error::NotBound`] on a thread without a CPU (see
     /// [`with_cpu`](Self::with_cpu)).
     fn map<'s>(&'s self, run: &'s [Page]) -> Result<LwbufMapping<'s>> {
         let n = contiguous_prefix(run, self.max_run);

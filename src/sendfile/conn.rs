@@ -49,7 +49,7 @@ pub enum Mode {
     Sfbuf,
     /// `writev` from the per-CPU lwbuf caches ([`LwbufSource`]), one mapping
     /// per page, made and released on the worker's own CPU; a hit makes no
-    /// system call and touches no shared cache line.
+    /// system call.
     Lwbuf,
     /// As [`Mode::Lwbuf`], but contiguous frames are mapped as runs of up to
     /// [`SendOptions::max_run`] pages: one `mmap` per run, one cache entry.

@@ -38,8 +38,10 @@ use lwbuf::{Backing, CpuGuard, Error, Lwbuf, Lwbufs, Mmu, ModelMmu, Page, PhysMe
 pub const CPUS: usize = 4;
 /// Frames of the memory (one contiguous run).
 pub const FRAMES: usize = 16;
-/// Slots of the lwbuf window: more than any sequence can use.
-pub const LW_SLOTS: usize = 4096;
+/// Slots of the lwbuf window: more than any sequence can use (at most
+/// `MAX_OPS` handles of at most 4 pages on each of `CPUS` CPUs, plus the
+/// free slots each CPU keeps).
+pub const LW_SLOTS: usize = 2048;
 /// Slots of the sf_buf window: few, so it fills.
 pub const SF_SLOTS: usize = 6;
 /// Operations per sequence at most (the fuzz decoder stops there).
@@ -587,8 +589,10 @@ fn system(b: Backend) -> Sys {
     for p in &pages {
         p.direct().unwrap().write_u64(0, stamp(p.pfn().0)).unwrap();
     }
-    let lw = Lwbufs::builder(mmu(LW_SLOTS)).cpus(CPUS).max_excess(2).build().unwrap();
-    let pool = SfPool::builder(mmu(SF_SLOTS)).max_excess(2).build().unwrap();
+    // An explicit budget (far above anything mapped here): no reading of
+    // /proc per system, which a fuzz execution would pay each time.
+    let lw = Lwbufs::builder(mmu(LW_SLOTS)).cpus(CPUS).max_excess(2).map_budget(1 << 20).build().unwrap();
+    let pool = SfPool::builder(mmu(SF_SLOTS)).max_excess(2).map_budget(1 << 20).shards(8).build().unwrap();
     let foreign = other.alloc_page().unwrap();
     Sys { mem, pages, foreign, lw, pool }
 }
