@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
 
-/// Counters of an [`Extents`] allocator.
+/// Counters of a range allocator (frames of a `PhysMem`, slots of a window).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExtentStats {
     /// Units managed.

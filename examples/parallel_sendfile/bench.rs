@@ -193,7 +193,8 @@ fn print_footer(args: &BenchArgs, rows: &[Row], workers: usize) {
     println!(
         "Caches: mmap and sfbuf windows of {} MiB; lwbuf windows of {} MiB per CPU ({} CPUs, each caching what it \
          sends); mappings of up to {} pages (sfbuf, lwbuf-run). Inside: a mode keeps its caches across its {} \
-         slices and is measured once they have not missed for 200 ms; beyond: every slice starts cold.",
+         slices and is measured once they have not missed for 200 ms and 8 requests per file; beyond: every \
+         slice starts cold.",
         args.cache_mib,
         args.cache_mib,
         workers,
@@ -369,8 +370,10 @@ fn run_slice(
     client_threads: usize,
 ) -> Result<Slice, String> {
     let Run { label, mode, duration, round, .. } = *run;
-    /// A cache that has not missed for this long is warm.
+    /// A cache that has not missed for this long, and for `QUIET_REQUESTS`
+    /// requests per file of the working set, is warm.
     const QUIET: Duration = Duration::from_millis(200);
+    const QUIET_REQUESTS: u64 = 8;
     /// The longest warm-up, in warm-ups.
     const WARMUP_CAP: u32 = 8;
     let (port, listeners) = server::bind_listeners(0, cores.len()).map_err(|e| format!("bind: {e}"))?;
@@ -394,7 +397,8 @@ fn run_slice(
     // On a working set the caches hold, warm up until they stop missing
     // (steady state), at most `WARMUP_CAP` times the warm-up.
     let settle = run.settle && sender.cache_stats().is_some();
-    let mut quiet_since: Option<(Instant, CacheStats)> = None;
+    let mut quiet_since: Option<(Instant, u64, CacheStats)> = None;
+    let quiet_requests = QUIET_REQUESTS * targets.len() as u64;
     let (outcomes, worker_result) = thread::scope(|s| {
         let workers = server::spawn_workers(s, listeners, &shared, cores);
         let clients: Vec<_> = (0..client_threads)
@@ -418,16 +422,17 @@ fn run_slice(
             let now = Instant::now();
             if snaps[0].is_none() {
                 // Warming up: start measuring once the warm-up is over (and,
-                // with `settle`, the cache has not missed for `QUIET`).
+                // with `settle`, the cache has stopped missing).
                 let warm = now >= start + run.warmup;
+                let served = stats.requests.load(Relaxed);
                 let settled = !settle
                     || now >= start + run.warmup * WARMUP_CAP
                     || match (quiet_since, sender.cache_stats()) {
-                        (Some((t, c0)), Some(c)) if c.lookups - c.hits == c0.lookups - c0.hits => {
-                            now.duration_since(t) >= QUIET
+                        (Some((t, r0, c0)), Some(c)) if c.lookups - c.hits == c0.lookups - c0.hits => {
+                            now.duration_since(t) >= QUIET && served - r0 >= quiet_requests
                         }
                         (_, c) => {
-                            quiet_since = c.map(|c| (now, c));
+                            quiet_since = c.map(|c| (now, served, c));
                             false
                         }
                     };

@@ -35,6 +35,18 @@ pub struct Target {
     pub seed: Option<u64>,
 }
 
+impl Progress {
+    /// Move these counts into `to`.
+    fn flush_into(&self, to: &Progress) {
+        for (a, b) in [(&self.bytes, &to.bytes), (&self.requests, &to.requests), (&self.errors, &to.errors)] {
+            let n = a.swap(0, Relaxed);
+            if n > 0 {
+                b.fetch_add(n, Relaxed);
+            }
+        }
+    }
+}
+
 /// Counters all client threads bump as they go (for the progress line).
 #[derive(Default)]
 pub struct Progress {
@@ -152,7 +164,11 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
-pub fn run(plan: &Plan<'_>, progress: &Progress) -> Outcome {
+pub fn run(plan: &Plan<'_>, shared: &Progress) -> Outcome {
+    // Counted here and added to the shared counters once per turn of the
+    // loop: bumping those on every read would bounce their cache line
+    // between the client threads' CPUs.
+    let progress = &Progress::default();
     let mut out = Outcome::default();
     let mut rng = SmallRng::seed_from_u64(plan.seed);
     let mut rbuf = vec![0u8; 256 << 10];
@@ -173,11 +189,13 @@ pub fn run(plan: &Plan<'_>, progress: &Progress) -> Outcome {
         }
     }
     if plan.targets.is_empty() {
+        progress.flush_into(shared);
         return out;
     }
     let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(conns.len());
     let mut map: Vec<usize> = Vec::with_capacity(conns.len());
     loop {
+        progress.flush_into(shared);
         let now = Instant::now();
         let deadline = plan.clock.deadline();
         let stopping = deadline.is_some_and(|d| now >= d);
@@ -244,6 +262,7 @@ pub fn run(plan: &Plan<'_>, progress: &Progress) -> Outcome {
             }
         }
     }
+    progress.flush_into(shared);
     out
 }
 
@@ -449,9 +468,7 @@ fn discard(s: &TcpStream, buf: &mut [u8], left: u64) -> io::Result<usize> {
     let len = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
     // SAFETY: `buf` is writable for `len` bytes (the kernel does not even
     // write to it: with MSG_TRUNC a TCP socket drops the bytes).
-    let r = unsafe {
-        libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), len, libc::MSG_TRUNC | libc::MSG_DONTWAIT)
-    };
+    let r = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), len, libc::MSG_TRUNC | libc::MSG_DONTWAIT) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -35,12 +35,36 @@ pub struct Stats {
     pub zc_copied: AtomicU64,
 }
 
+/// A worker's counts of sent responses since it last added them to the
+/// shared [`Stats`]: bumping shared atomics on every response would bounce
+/// their cache line between the workers' CPUs.
+#[derive(Default)]
+struct Sent {
+    requests: u64,
+    bytes: u64,
+    calls: u64,
+    waits: u64,
+}
+
+impl Sent {
+    fn add(&mut self, st: SendStats) {
+        self.requests += 1;
+        self.bytes += st.bytes;
+        self.calls += st.calls;
+        self.waits += st.waits;
+    }
+}
+
 impl Stats {
-    fn sent(&self, st: SendStats) {
-        self.requests.fetch_add(1, Relaxed);
-        self.bytes.fetch_add(st.bytes, Relaxed);
-        self.calls.fetch_add(st.calls, Relaxed);
-        self.waits.fetch_add(st.waits, Relaxed);
+    /// Add a worker's counts (once per turn of its event loop).
+    fn flush(&self, s: &mut Sent) {
+        if s.requests > 0 {
+            self.requests.fetch_add(s.requests, Relaxed);
+            self.bytes.fetch_add(s.bytes, Relaxed);
+            self.calls.fetch_add(s.calls, Relaxed);
+            self.waits.fetch_add(s.waits, Relaxed);
+            *s = Sent::default();
+        }
     }
 
     fn closed(&self, c: &Connection<'_, std::net::TcpStream>) {
@@ -177,7 +201,9 @@ fn worker(cpu: usize, listener: TcpListener, sh: &Shared<'_>, pin: bool) -> io::
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 128];
     let mut rbuf = vec![0u8; 16 << 10];
     let mut head = Vec::with_capacity(256);
+    let mut sent = Sent::default();
     while !sh.stop.load(Relaxed) {
+        sh.stats.flush(&mut sent);
         let n = ep.wait(&mut events, 50)?;
         for ev in events.iter().take(n) {
             let token = ev.u64;
@@ -187,7 +213,7 @@ fn worker(cpu: usize, listener: TcpListener, sh: &Shared<'_>, pin: bool) -> io::
             }
             let idx = token as usize;
             let close = match slots.get_mut(idx).and_then(Option::as_mut) {
-                Some(c) => serve_client(c, sh, &mut rbuf, &mut head),
+                Some(c) => serve_client(c, sh, &mut rbuf, &mut head, &mut sent),
                 None => false,
             };
             if close {
@@ -199,6 +225,7 @@ fn worker(cpu: usize, listener: TcpListener, sh: &Shared<'_>, pin: bool) -> io::
             }
         }
     }
+    sh.stats.flush(&mut sent);
     for c in slots.into_iter().flatten() {
         sh.stats.closed(&c.conn);
     }
@@ -249,7 +276,7 @@ fn accept_all<'s>(
 
 /// Read what the client sent and answer every complete request. Returns
 /// whether to close the connection.
-fn serve_client(c: &mut Client<'_>, sh: &Shared<'_>, rbuf: &mut [u8], head: &mut Vec<u8>) -> bool {
+fn serve_client(c: &mut Client<'_>, sh: &Shared<'_>, rbuf: &mut [u8], head: &mut Vec<u8>, sent: &mut Sent) -> bool {
     let mut eof = false;
     loop {
         match c.conn.get_mut().read(rbuf) {
@@ -259,7 +286,10 @@ fn serve_client(c: &mut Client<'_>, sh: &Shared<'_>, rbuf: &mut [u8], head: &mut
             }
             Ok(n) => {
                 c.inbuf.extend_from_slice(&rbuf[..n]);
-                if c.inbuf.len() > 2 * http::MAX_HEAD {
+                // A short read took everything queued: the next read would
+                // only say EAGAIN (one system call per request saved; epoll
+                // is level-triggered, so anything arriving later is seen).
+                if n < rbuf.len() || c.inbuf.len() > 2 * http::MAX_HEAD {
                     break;
                 }
             }
@@ -296,7 +326,7 @@ fn serve_client(c: &mut Client<'_>, sh: &Shared<'_>, rbuf: &mut [u8], head: &mut
                                 if req.get { c.conn.send(&entry.file, 0..len, head) } else { c.conn.send_bytes(head) };
                             match r {
                                 Ok(st) => {
-                                    sh.stats.sent(st);
+                                    sent.add(st);
                                     true
                                 }
                                 Err(_) => {
