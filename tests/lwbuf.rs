@@ -16,61 +16,26 @@
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Condvar, Mutex};
 use std::thread;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use lwbuf::{
-    system_page_size, Backing, CpuGuard, Error, Lwbuf, Lwbufs, Mmu, ModelMmu, Page, PhysMem, Slot, Window, MAX_CPUS,
-};
+use lwbuf::{system_page_size, CpuGuard, Error, Lwbuf, Lwbufs, Page, PhysMem, Slot, MAX_CPUS};
 
 // === helpers ===
 
-/// Which `Mmu` implementation a test runs against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    /// The real reserved window over a memfd.
-    Window,
-    /// The model MMU over heap memory: no system calls.
-    Model,
-}
+#[macro_use]
+#[path = "common/backend.rs"]
+mod backend;
+use backend::{pattern, stamp, stamped_pages, Backend};
 
 impl Backend {
-    /// `frames` frames of the system page size this backend can map.
-    fn phys(self, frames: usize) -> PhysMem {
-        let backing = match self {
-            Backend::Window => Backing::Memfd,
-            Backend::Model => Backing::Heap,
-        };
-        PhysMem::builder().frames(frames).backing(backing).build().expect("build PhysMem")
-    }
-
-    fn mmu(self, mem: &PhysMem, slots: usize) -> Arc<dyn Mmu> {
-        match self {
-            Backend::Window => Arc::new(Window::builder(mem).slots(slots).build().expect("build Window")),
-            Backend::Model => Arc::new(ModelMmu::new(mem, slots).expect("build ModelMmu")),
-        }
-    }
-
     /// A system of `cpus` CPUs over a fresh window of `slots` slots.
     fn system(self, mem: &PhysMem, slots: usize, cpus: usize, max_excess: usize) -> Lwbufs {
         Lwbufs::builder(self.mmu(mem, slots)).cpus(cpus).max_excess(max_excess).build().expect("build Lwbufs")
     }
-}
-
-/// Instantiate each generic test `fn name(Backend)` once per backend, as
-/// `on_window::name` and `on_model::name`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod on_window {
-            $(#[test] fn $name() { super::$name(super::Backend::Window) })*
-        }
-        mod on_model {
-            $(#[test] fn $name() { super::$name(super::Backend::Model) })*
-        }
-    };
 }
 
 on_both_backends!(
@@ -91,32 +56,6 @@ on_both_backends!(
     window_full_when_every_slot_is_in_use,
     run_of_64_pages_is_one_enter_and_one_remove,
 );
-
-/// The word `word` of frame `pfn`'s stamp.
-fn pattern(pfn: usize, word: usize) -> u64 {
-    (pfn as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (word as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
-}
-
-/// Fill `page` with its pattern through the direct map.
-fn stamp(page: &Page) {
-    let fs = system_page_size();
-    let mut buf = vec![0u8; fs];
-    for (w, chunk) in buf.chunks_exact_mut(8).enumerate() {
-        chunk.copy_from_slice(&pattern(page.pfn().0, w).to_ne_bytes());
-    }
-    page.direct().expect("direct map").write_at(0, &buf).expect("stamp");
-}
-
-/// `n` fresh pages, stamped.
-fn stamped_pages(mem: &PhysMem, n: usize) -> Vec<Page> {
-    (0..n)
-        .map(|_| {
-            let p = mem.alloc_page().expect("alloc_page");
-            stamp(&p);
-            p
-        })
-        .collect()
-}
 
 /// Read the first, last and one random word of every page of `h` through
 /// `kva()` on the calling thread's CPU and check them against the stamps.

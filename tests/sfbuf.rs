@@ -28,20 +28,15 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use lwbuf::{
-    system_page_size, Backing, CancelToken, Error, Mmu, ModelMmu, Page, PhysMem, SfBuf, SfPool, SfStats, Slot, Wait,
-    Window,
+    system_page_size, CancelToken, Error, Mmu, ModelMmu, Page, PhysMem, SfBuf, SfPool, SfStats, Slot, Wait, Window,
 };
 
 // === helpers ===
 
-/// Which `Mmu` implementation a test runs against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    /// The real reserved window over a memfd.
-    Window,
-    /// The model MMU over heap memory: no system calls.
-    Model,
-}
+#[macro_use]
+#[path = "common/backend.rs"]
+mod backend;
+use backend::{pattern, stamped_pages, stamped_run, Backend};
 
 /// Memory, the MMU over it, and (real backend only) the window itself, for
 /// its base and length.
@@ -52,15 +47,6 @@ struct Rig {
 }
 
 impl Backend {
-    /// `frames` frames of the system page size this backend can map.
-    fn phys(self, frames: usize) -> PhysMem {
-        let backing = match self {
-            Backend::Window => Backing::Memfd,
-            Backend::Model => Backing::Heap,
-        };
-        PhysMem::builder().frames(frames).backing(backing).build().expect("build PhysMem")
-    }
-
     fn rig(self, frames: usize, slots: usize) -> Rig {
         let mem = self.phys(frames);
         match self {
@@ -82,19 +68,6 @@ impl Rig {
     }
 }
 
-/// Instantiate each generic test `fn name(Backend)` once per backend, as
-/// `on_window::name` and `on_model::name`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod on_window {
-            $(#[test] fn $name() { super::$name(super::Backend::Window) })*
-        }
-        mod on_model {
-            $(#[test] fn $name() { super::$name(super::Backend::Model) })*
-        }
-    };
-}
-
 on_both_backends!(
     hit_after_free_makes_no_mmu_call,
     max_excess_zero_one_and_many,
@@ -113,39 +86,6 @@ on_both_backends!(
     run_of_64_frames_is_one_enter_one_remove_one_vma,
     misuse_returns_its_error,
 );
-
-/// The word `word` of frame `pfn`'s stamp.
-fn pattern(pfn: usize, word: usize) -> u64 {
-    (pfn as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (word as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
-}
-
-/// Fill `page` with its pattern through the direct map.
-fn stamp(page: &Page) {
-    let fs = system_page_size();
-    let mut buf = vec![0u8; fs];
-    for (w, chunk) in buf.chunks_exact_mut(8).enumerate() {
-        chunk.copy_from_slice(&pattern(page.pfn().0, w).to_ne_bytes());
-    }
-    page.direct().expect("direct map").write_at(0, &buf).expect("stamp");
-}
-
-/// `n` fresh pages, stamped.
-fn stamped_pages(mem: &PhysMem, n: usize) -> Vec<Page> {
-    (0..n)
-        .map(|_| {
-            let p = mem.alloc_page().expect("alloc_page");
-            stamp(&p);
-            p
-        })
-        .collect()
-}
-
-/// A stamped run of `n` contiguous frames.
-fn stamped_run(mem: &PhysMem, n: usize) -> Vec<Page> {
-    let run = mem.alloc_run(n).expect("alloc_run");
-    run.iter().for_each(stamp);
-    run
-}
 
 /// Check the first, last and one random word of every page of `sf`.
 #[track_caller]

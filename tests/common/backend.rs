@@ -1,0 +1,89 @@
+//! What the integration tests share: the two `Mmu` backends every generic
+//! test runs on, and per-frame stamps to check reads against.
+//!
+//! Included with `#[macro_use] #[path = "common/backend.rs"] mod backend;`.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use lwbuf::{system_page_size, Backing, Mmu, ModelMmu, Page, PhysMem, Window};
+
+/// Which `Mmu` implementation a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The real reserved window over a memfd.
+    Window,
+    /// The model MMU over heap memory: no system calls.
+    Model,
+}
+
+impl Backend {
+    /// `frames` frames of the system page size this backend can map.
+    pub fn phys(self, frames: usize) -> PhysMem {
+        self.phys_sized(frames, system_page_size())
+    }
+
+    /// Memory this backend can map: a memfd for the window, the heap for the model.
+    pub fn phys_sized(self, frames: usize, frame_size: usize) -> PhysMem {
+        let backing = match self {
+            Backend::Window => Backing::Memfd,
+            Backend::Model => Backing::Heap,
+        };
+        PhysMem::builder().frames(frames).frame_size(frame_size).backing(backing).build().expect("build PhysMem")
+    }
+
+    /// An MMU of `slots` slots over `mem`.
+    pub fn mmu(self, mem: &PhysMem, slots: usize) -> Arc<dyn Mmu> {
+        match self {
+            Backend::Window => Arc::new(Window::builder(mem).slots(slots).build().expect("build Window")),
+            Backend::Model => Arc::new(ModelMmu::new(mem, slots).expect("build ModelMmu")),
+        }
+    }
+}
+
+/// Instantiate each generic test `fn name(Backend)` once per backend, as
+/// `on_window::name` and `on_model::name`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_window {
+            $(#[test] fn $name() { super::$name(super::Backend::Window) })*
+        }
+        mod on_model {
+            $(#[test] fn $name() { super::$name(super::Backend::Model) })*
+        }
+    };
+}
+
+/// The word `word` of frame `pfn`'s stamp.
+pub fn pattern(pfn: usize, word: usize) -> u64 {
+    (pfn as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (word as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+}
+
+/// Fill `page` with its pattern through the direct map.
+pub fn stamp(page: &Page) {
+    let fs = system_page_size();
+    let mut buf = vec![0u8; fs];
+    for (w, chunk) in buf.chunks_exact_mut(8).enumerate() {
+        chunk.copy_from_slice(&pattern(page.pfn().0, w).to_ne_bytes());
+    }
+    page.direct().expect("direct map").write_at(0, &buf).expect("stamp");
+}
+
+/// `n` fresh pages, stamped.
+pub fn stamped_pages(mem: &PhysMem, n: usize) -> Vec<Page> {
+    (0..n)
+        .map(|_| {
+            let p = mem.alloc_page().expect("alloc_page");
+            stamp(&p);
+            p
+        })
+        .collect()
+}
+
+/// A stamped run of `n` contiguous frames.
+pub fn stamped_run(mem: &PhysMem, n: usize) -> Vec<Page> {
+    let run = mem.alloc_run(n).expect("alloc_run");
+    run.iter().for_each(stamp);
+    run
+}
