@@ -325,23 +325,7 @@ impl SfPool {
             }
             Ok(Some(got))
         };
-        let mut failure = None;
-        let r = WaitQueue::wait_for(
-            &self.waitq,
-            how,
-            || match attempt() {
-                Ok(v) => v,
-                Err(e) => {
-                    failure = Some(e);
-                    Some(Vec::new())
-                }
-            },
-            |o| self.count_wait(o),
-        );
-        match failure {
-            Some(e) => Err(e),
-            None => r,
-        }
+        WaitQueue::wait_for(&self.waitq, how, attempt, |o| self.count_wait(o))
     }
 
     fn count_wait(&self, o: Outcome) {
@@ -359,23 +343,7 @@ impl SfPool {
             self.c.hits.inc();
             return Ok(self.handle(hold, slot, addr));
         }
-        let mut failure = None;
-        let r = WaitQueue::wait_for(
-            &self.waitq,
-            how,
-            || match self.try_miss(key) {
-                Ok(v) => v,
-                Err(e) => {
-                    failure = Some(e);
-                    Some((0, NonNull::dangling()))
-                }
-            },
-            |o| self.count_wait(o),
-        );
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        let (slot, addr) = r?;
+        let (slot, addr) = WaitQueue::wait_for(&self.waitq, how, || self.try_miss(key), |o| self.count_wait(o))?;
         Ok(self.handle(hold, slot, addr))
     }
 

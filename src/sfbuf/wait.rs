@@ -206,7 +206,7 @@ impl WaitQueue {
     /// Run one attempt, returning its result and how many times it bumped
     /// `gen` itself. Without the thread-local (thread exiting) it reports 0,
     /// which only costs a spurious retry.
-    fn attempt_tallied<T>(&self, attempt: &mut impl FnMut() -> Option<T>) -> (Option<T>, usize) {
+    fn attempt_tallied<T>(&self, attempt: &mut impl FnMut() -> Result<Option<T>>) -> (Result<Option<T>>, usize) {
         let me = self as *const Self as usize;
         let prev = OWN_WAKES.try_with(|c| c.replace((me, 0))).unwrap_or((0, 0));
         let r = attempt();
@@ -221,19 +221,21 @@ impl WaitQueue {
         self.cond.notify_all();
     }
 
-    /// Run `attempt` until it yields a value, sleeping between attempts as
-    /// `how` allows. `on_end` learns how the wait went (for counters).
+    /// Run `attempt` until it yields a value (`Ok(Some)`) or an error that
+    /// waiting will not cure (`Err`, returned as is), sleeping between
+    /// attempts that found no room (`Ok(None)`) as `how` allows. `on_end`
+    /// learns how the wait went (for counters).
     pub(crate) fn wait_for<T>(
         this: &Arc<Self>,
         how: Wait<'_>,
-        mut attempt: impl FnMut() -> Option<T>,
+        mut attempt: impl FnMut() -> Result<Option<T>>,
         mut on_end: impl FnMut(Outcome),
     ) -> Result<T> {
         if this.closed.load(Ordering::SeqCst) {
             on_end(Outcome::Closed);
             return Err(Error::Closed);
         }
-        if let Some(v) = attempt() {
+        if let Some(v) = attempt()? {
             return Ok(v);
         }
         let (deadline, token) = match how {
@@ -266,7 +268,7 @@ impl WaitQueue {
         &self,
         deadline: Option<Instant>,
         token: Option<&CancelToken>,
-        attempt: &mut impl FnMut() -> Option<T>,
+        attempt: &mut impl FnMut() -> Result<Option<T>>,
     ) -> Result<T> {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         // Pairs with the fence in `wake` (module docs).
@@ -287,8 +289,10 @@ impl WaitQueue {
                 break Err(e);
             }
             let (v, own) = self.attempt_tallied(attempt);
-            if let Some(v) = v {
-                break Ok(v);
+            match v {
+                Ok(Some(v)) => break Ok(v),
+                Err(e) => break Err(e),
+                Ok(None) => {}
             }
             // Our own give-backs are no news to us: sleep unless `gen` moved
             // by more than they did (module docs). If only they moved it,
