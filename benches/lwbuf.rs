@@ -156,6 +156,19 @@ fn read_4k<M: Measurement>(c: &mut Criterion<M>, clock: Clock) {
             black_box(&buf);
         })
     });
+    // The same read through window mappings already held (no cache
+    // operation per read): what is left is the cost of the mapping itself.
+    let held: Vec<Lwbuf<'_>> = f.pages.iter().map(|p| f.lw.alloc(p).expect("alloc")).collect();
+    let mut i = 0;
+    g.bench_function("held_lwbuf", |b| {
+        b.iter(|| {
+            let (p, _) = f.seq[i & (SEQ - 1)];
+            i += 1;
+            held[p].kva().expect("kva").read_at(0, &mut buf).expect("read");
+            black_box(&buf);
+        })
+    });
+    drop(held);
     g.finish();
 }
 

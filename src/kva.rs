@@ -25,28 +25,11 @@ pub(crate) struct MapKey {
     pub(crate) pages: usize,
 }
 
-/// The frames a mapping handle holds: one page, or a run.
-#[derive(Debug)]
-pub(crate) enum Hold {
-    One(Page),
-    Run(Vec<Page>),
-}
-
-impl Hold {
-    pub(crate) fn first(&self) -> &Page {
-        match self {
-            Hold::One(p) => p,
-            Hold::Run(v) => &v[0],
-        }
-    }
-
-    pub(crate) fn pages(&self) -> &[Page] {
-        match self {
-            Hold::One(p) => std::slice::from_ref(p),
-            Hold::Run(v) => v,
-        }
-    }
-}
+/// The frames a mapping handle holds: borrowed from the caller for the
+/// handle's life, so taking a mapping makes no atomic operation on the
+/// pages (a `Page` clone is a locked add on a line other CPUs share). One
+/// page, or a run.
+pub(crate) type Hold<'a> = &'a [Page];
 
 /// A claim on `len` adjacent free slots. Not `Clone`: it must be mapped or
 /// given back.
@@ -99,6 +82,9 @@ pub(crate) struct KvaSpace {
     /// The MMU's slot size, read once: every handle's `kva()` needs it, and
     /// asking the `dyn Mmu` costs two indirect calls.
     slot_size: usize,
+    /// The memory the MMU maps, held here so that checking a page's memory
+    /// on every `alloc` makes no indirect call.
+    phys: crate::phys::PhysMem,
 }
 
 /// The default budget of live mappings for one window: what
@@ -120,7 +106,8 @@ impl KvaSpace {
         let slots = Extents::new(mmu.capacity());
         let budget = budget.unwrap_or_else(default_map_budget);
         let slot_size = mmu.slot_size();
-        KvaSpace { mmu, slots, live: AtomicUsize::new(0), budget, slot_size }
+        let phys = mmu.phys().clone();
+        KvaSpace { mmu, slots, live: AtomicUsize::new(0), budget, slot_size, phys }
     }
 
     /// Live mappings now, and the budget.
@@ -152,7 +139,7 @@ impl KvaSpace {
     /// Check that `page` is a frame of the memory this window maps.
     #[inline]
     pub(crate) fn check_page(&self, page: &Page) -> Result<()> {
-        if page.phys().same_as(self.mmu.phys()) {
+        if page.phys().same_as(&self.phys) {
             Ok(())
         } else {
             Err(Error::ForeignPage)
@@ -161,7 +148,7 @@ impl KvaSpace {
 
     /// The key and hold for a run of pages whose frames must be contiguous
     /// frames of this window's memory.
-    pub(crate) fn run_key(&self, pages: &[Page]) -> Result<(MapKey, Hold)> {
+    pub(crate) fn run_key<'a>(&self, pages: &'a [Page]) -> Result<(MapKey, Hold<'a>)> {
         let first = pages.first().ok_or_else(|| Error::config("pages", "a run needs at least one page"))?;
         for (i, p) in pages.iter().enumerate() {
             self.check_page(p)?;
@@ -173,15 +160,14 @@ impl KvaSpace {
             return Err(Error::WindowFull { requested: pages.len(), capacity: self.capacity() });
         }
         let key = MapKey { pfn: first.pfn().0, pages: pages.len() };
-        let hold = if pages.len() == 1 { Hold::One(first.clone()) } else { Hold::Run(pages.to_vec()) };
-        Ok((key, hold))
+        Ok((key, pages))
     }
 
     /// The key and hold for one page of this window's memory.
     #[inline]
-    pub(crate) fn page_key(&self, page: &Page) -> Result<(MapKey, Hold)> {
+    pub(crate) fn page_key<'a>(&self, page: &'a Page) -> Result<(MapKey, Hold<'a>)> {
         self.check_page(page)?;
-        Ok((MapKey { pfn: page.pfn().0, pages: 1 }, Hold::One(page.clone())))
+        Ok((MapKey { pfn: page.pfn().0, pages: 1 }, std::slice::from_ref(page)))
     }
 
     /// Claim `n` adjacent free slots.

@@ -592,12 +592,12 @@ thread_local! {
 fn handles_in_thread_local_with_forgotten_guard(b: Backend) {
     for stash_first in [false, true] {
         let mem = b.phys(64);
-        let pages = stamped_pages(&mem, 3);
-        // The stash needs `'static` handles, so the system is leaked.
+        // The stash needs `'static` handles, so the system and the pages
+        // are leaked.
+        let pages: &'static [Page] = Vec::leak(stamped_pages(&mem, 3));
         let lw: &'static Lwbufs = Box::leak(Box::new(b.system(&mem, 64, 4, 4)));
         let g0 = lw.bind(0).unwrap();
         let from0 = lw.alloc(&pages[0]).unwrap();
-        let pages2 = pages.clone();
         thread::spawn(move || {
             if stash_first {
                 // The stash's destructor registers first, so runs last.
@@ -607,7 +607,7 @@ fn handles_in_thread_local_with_forgotten_guard(b: Backend) {
             let mut r = rng(8);
             check_read(&from0, &mut r);
             let mut hs = vec![from0];
-            hs.extend(pages2[1..].iter().map(|p| lw.alloc(p).unwrap()));
+            hs.extend(pages[1..].iter().map(|p| lw.alloc(p).unwrap()));
             STASH.with(|s| s.borrow_mut().extend(hs));
             std::mem::forget(g);
         })

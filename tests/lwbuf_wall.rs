@@ -76,7 +76,7 @@ fn check(h: &Lwbuf<'_>) {
 }
 
 /// Allocate `pages[order[next..]]` until the first error; returns it.
-fn fill<'a>(lw: &'a Lwbufs, pages: &[Page], order: &[usize], next: &mut usize, held: &mut Vec<Lwbuf<'a>>) -> Error {
+fn fill<'a>(lw: &'a Lwbufs, pages: &'a [Page], order: &[usize], next: &mut usize, held: &mut Vec<Lwbuf<'a>>) -> Error {
     while *next < order.len() {
         match lw.alloc(&pages[order[*next]]) {
             Ok(h) => {

@@ -33,10 +33,11 @@ fn spin_until(flag: &AtomicBool) {
 
 fn mailbox() {
     let (mem, _mmu, lw) = system(2, 4, 2, 1);
-    let (pa, pb) = (mem.alloc_page().unwrap(), mem.alloc_page().unwrap());
+    // Handles borrow their pages: the pages need `'static` addresses too.
+    let (pa, pb) = (leak(mem.alloc_page().unwrap()), leak(mem.alloc_page().unwrap()));
     let g = lw.bind(0).unwrap();
-    let ha = lw.alloc(&pa).unwrap();
-    let hb = lw.alloc(&pb).unwrap();
+    let ha = lw.alloc(pa).unwrap();
+    let hb = lw.alloc(pb).unwrap();
     // Unbound producers: each drop is one decref message to CPU 0.
     let t1 = thread::spawn(move || drop(ha));
     let t2 = thread::spawn(move || drop(hb));
@@ -51,6 +52,8 @@ fn mailbox() {
     drop(g);
     // SAFETY: both producers are joined.
     unsafe { unleak(lw) };
+    unsafe { unleak(pa) };
+    unsafe { unleak(pb) };
 }
 
 #[test]
@@ -67,11 +70,11 @@ fn mailbox_mutant_skip_drain() {
 
 fn release(drop_unbound: bool) {
     let (mem, mmu, lw) = system(1, 4, 2, 0);
-    let page = mem.alloc_page().unwrap();
+    let page = leak(mem.alloc_page().unwrap());
     let pfn = page.pfn();
     page.direct().unwrap().write_u64(0, 0xfeed).unwrap();
     let g0 = lw.bind(0).unwrap();
-    let h: &'static Lwbuf<'static> = leak(lw.alloc(&page).unwrap());
+    let h: &'static Lwbuf<'static> = leak(lw.alloc(page).unwrap());
     let used = leak(AtomicBool::new(false));
     let mmu_b = mmu.clone();
     let b = thread::spawn(move || {
@@ -109,6 +112,7 @@ fn release(drop_unbound: bool) {
     // SAFETY: every thread is joined.
     unsafe { unleak(lw) };
     unsafe { unleak(used) };
+    unsafe { unleak(page) };
 }
 
 #[test]
@@ -130,11 +134,11 @@ fn release_mutant_no_remote_decref() {
 
 fn unowned() {
     let (mem, _mmu, lw) = system(1, 4, 2, 0);
-    let page = mem.alloc_page().unwrap();
+    let page = leak(mem.alloc_page().unwrap());
     let slot: &'static Mutex<Option<Lwbuf<'static>>> = leak(Mutex::new(None));
     let t = thread::spawn(move || {
         let g = lw.bind(1).unwrap();
-        let h = lw.alloc(&page).unwrap();
+        let h = lw.alloc(page).unwrap();
         *slot.lock().unwrap() = Some(h);
         drop(g); // unbinds while the main thread may be releasing the handle
     });
@@ -154,6 +158,7 @@ fn unowned() {
     // SAFETY: the thread is joined.
     unsafe { unleak(lw) };
     unsafe { unleak(slot) };
+    unsafe { unleak(page) };
 }
 
 #[test]

@@ -36,19 +36,27 @@ impl BindTable {
     }
 }
 
-type Fast = [(usize, usize); MAX_BINDINGS_PER_THREAD];
+/// This thread's bindings, for lookups: `(table id, cpu)`, id 0 for an
+/// empty place. No destructor, so reading it is a plain thread-local access
+/// (no registration or state check): every library call makes one.
+type Fast = [Cell<(usize, usize)>; MAX_BINDINGS_PER_THREAD];
 
-/// This thread's bindings: `fast` answers lookups (table id, cpu; id 0 is
-/// an empty place), `keep` holds the tables so that a thread which exits
+/// The tables this thread holds CPUs of, so that a thread which exits
 /// without dropping its guard still releases its CPUs.
-struct ThreadBindings {
-    fast: Cell<Fast>,
-    keep: RefCell<Vec<(Arc<BindTable>, usize)>>,
-}
+struct Keep(RefCell<Vec<(Arc<BindTable>, usize)>>);
 
-impl Drop for ThreadBindings {
+impl Drop for Keep {
     fn drop(&mut self) {
-        for (table, cpu) in self.keep.get_mut().drain(..) {
+        let keep = self.0.get_mut();
+        if keep.is_empty() {
+            // Nothing to release (and under loom, this may run after the
+            // model ended, where its thread-locals cannot be touched).
+            return;
+        }
+        // Stop claiming the CPUs before giving them up: a handle dropped by
+        // a later thread-local destructor then finds this thread unbound.
+        let _ = FAST.try_with(|f| f.iter().for_each(|c| c.set((0, 0))));
+        for (table, cpu) in keep.drain(..) {
             table.release(cpu);
         }
     }
@@ -56,18 +64,15 @@ impl Drop for ThreadBindings {
 
 #[cfg(not(loom))]
 thread_local! {
-    static BINDINGS: ThreadBindings = const {
-        ThreadBindings { fast: Cell::new([(0, 0); MAX_BINDINGS_PER_THREAD]), keep: RefCell::new(Vec::new()) }
-    };
+    static FAST: Fast = const { [const { Cell::new((0, 0)) }; MAX_BINDINGS_PER_THREAD] };
+    static KEEP: Keep = const { Keep(RefCell::new(Vec::new())) };
 }
 
 // loom's `thread_local!` has no `const` form.
 #[cfg(loom)]
 thread_local! {
-    static BINDINGS: ThreadBindings = ThreadBindings {
-        fast: Cell::new([(0, 0); MAX_BINDINGS_PER_THREAD]),
-        keep: RefCell::new(Vec::new()),
-    };
+    static FAST: Fast = [const { Cell::new((0, 0)) }; MAX_BINDINGS_PER_THREAD];
+    static KEEP: Keep = Keep(RefCell::new(Vec::new()));
 }
 
 pub(crate) fn table_id(t: &Arc<BindTable>) -> usize {
@@ -77,7 +82,14 @@ pub(crate) fn table_id(t: &Arc<BindTable>) -> usize {
 /// The CPU of table `id` bound to this thread, if any. No system call.
 #[inline]
 pub(crate) fn current(id: usize) -> Option<usize> {
-    BINDINGS.try_with(|b| b.fast.get().iter().find(|&&(t, _)| t == id).map(|&(_, cpu)| cpu)).ok().flatten()
+    FAST.try_with(|f| {
+        f.iter().find_map(|c| {
+            let (t, cpu) = c.get();
+            (t == id).then_some(cpu)
+        })
+    })
+    .ok()
+    .flatten()
 }
 
 /// Bind this thread to `cpu` of `table`.
@@ -86,42 +98,35 @@ pub(crate) fn bind(table: &Arc<BindTable>, cpu: usize) -> Result<()> {
     if let Some(held) = current(id) {
         return Err(Error::AlreadyBound { cpu: held });
     }
-    BINDINGS.with(|b| {
-        let mut fast = b.fast.get();
-        let place = fast.iter().position(|&(t, _)| t == 0).ok_or_else(|| {
-            Error::config(
-                "binding",
-                format!("a thread may hold CPUs of at most {MAX_BINDINGS_PER_THREAD} systems at once"),
-            )
-        })?;
+    let gone = || Error::config("binding", "the thread is exiting");
+    let place = FAST.try_with(|f| f.iter().position(|c| c.get().0 == 0)).map_err(|_| gone())?.ok_or_else(|| {
+        Error::config("binding", format!("a thread may hold CPUs of at most {MAX_BINDINGS_PER_THREAD} systems at once"))
+    })?;
+    KEEP.try_with(|k| {
         if !table.try_take(cpu) {
             return Err(Error::CpuBusy { cpu });
         }
-        fast[place] = (id, cpu);
-        b.fast.set(fast);
-        b.keep.borrow_mut().push((table.clone(), cpu));
+        k.0.borrow_mut().push((table.clone(), cpu));
+        FAST.with(|f| f[place].set((id, cpu)));
         Ok(())
     })
+    .map_err(|_| gone())?
 }
 
 /// Undo `bind` on this thread.
 pub(crate) fn unbind(table: &Arc<BindTable>, cpu: usize) {
     let id = table_id(table);
-    let held = BINDINGS
-        .try_with(|b| {
-            let mut fast = b.fast.get();
-            for e in fast.iter_mut().filter(|e| e.0 == id) {
-                *e = (0, 0);
-            }
-            b.fast.set(fast);
-            let mut keep = b.keep.borrow_mut();
+    let _ = FAST.try_with(|f| f.iter().filter(|c| c.get().0 == id).for_each(|c| c.set((0, 0))));
+    let held = KEEP
+        .try_with(|k| {
+            let mut keep = k.0.borrow_mut();
             let before = keep.len();
             keep.retain(|(t, _)| table_id(t) != id);
             keep.len() != before
         })
         .unwrap_or(false);
     // Release only a binding this thread still records. A guard dropped by a
-    // thread-local destructor that runs after `BINDINGS`' own finds it gone:
+    // thread-local destructor that runs after `KEEP`'s own finds it gone:
     // that destructor released the CPU already, and another thread may have
     // bound it since, so releasing again would give the CPU two owners.
     if held {

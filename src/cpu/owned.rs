@@ -85,18 +85,30 @@ impl<T> Owned<T> {
     /// Enter as the owner. The caller must be the only thread that calls
     /// `owner` on this cell at a time (the CPU binding guarantees it). No
     /// atomic read-modify-write: two plain stores and one load.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn owner(&self) -> OwnerGuard<'_, T> {
+        self.inside.store(true, Ordering::Relaxed);
+        barrier::light();
+        // Acquire: pairs with the Release that ends a steal.
+        if !self.stealing.load(Ordering::Acquire) {
+            return OwnerGuard { cell: self };
+        }
+        self.owner_after_steal()
+    }
+
+    /// `owner` when a stealer is (or may be) inside: step out, wait for it,
+    /// and try again.
+    #[cold]
+    #[inline(never)]
+    fn owner_after_steal(&self) -> OwnerGuard<'_, T> {
         loop {
+            self.inside.store(false, Ordering::Release);
+            drop(lock(&self.steal_lock));
             self.inside.store(true, Ordering::Relaxed);
             barrier::light();
-            // Acquire: pairs with the Release that ends a steal.
             if !self.stealing.load(Ordering::Acquire) {
                 return OwnerGuard { cell: self };
             }
-            // A stealer is (or may be) inside: step out and wait for it.
-            self.inside.store(false, Ordering::Release);
-            drop(lock(&self.steal_lock));
         }
     }
 

@@ -157,11 +157,10 @@ impl fmt::Debug for CpuGuard<'_> {
 /// address there. Dropping it releases it (see the module docs).
 pub struct Lwbuf<'a> {
     sys: &'a Lwbufs,
-    hold: Hold,
+    hold: Hold<'a>,
     key: Key,
     mask: CpuMask,
     home: u32,
-    home_idx: u32,
     home_addr: NonNull<u8>,
 }
 
@@ -219,11 +218,18 @@ impl Lwbufs {
         cpu::current(self.id)
     }
 
+    #[inline]
     fn require_cpu(&self) -> Result<usize> {
-        self.current_cpu().ok_or(Error::NotBound)
+        // Not `ok_or(Error::NotBound)`: that builds the error on every call
+        // and runs its drop glue on the hit path.
+        match self.current_cpu() {
+            Some(cpu) => Ok(cpu),
+            None => Err(Error::NotBound),
+        }
     }
 
     /// The unused mappings each CPU keeps.
+    #[inline]
     pub fn max_excess(&self) -> usize {
         self.max_excess.load(Ordering::Relaxed)
     }
@@ -249,7 +255,7 @@ impl Lwbufs {
     /// Enter `cpu`'s cache as its owner (the caller is the thread bound to
     /// `cpu`): apply pending messages first (the passive IPI), then enforce
     /// the excess limit. No atomic read-modify-write (see `cpu::Owned`).
-    #[inline]
+    #[inline(always)]
     fn enter_cpu(&self, cpu: usize) -> OwnerGuard<'_, Local> {
         debug_assert_eq!(self.current_cpu(), Some(cpu), "enter_cpu by a thread not bound to CPU {cpu}");
         let pc = &self.cpus[cpu];
@@ -270,7 +276,8 @@ impl Lwbufs {
     /// [`Error::MapLimit`] (the mapping budget is in use), or the MMU's
     /// [`Error::Sys`] (`ENOMEM` at the `vm.max_map_count` wall once nothing
     /// is left to evict).
-    pub fn alloc(&self, page: &Page) -> Result<Lwbuf<'_>> {
+    #[inline]
+    pub fn alloc<'a>(&'a self, page: &'a Page) -> Result<Lwbuf<'a>> {
         let (key, hold) = self.kva.page_key(page)?;
         self.alloc_key(key, hold)
     }
@@ -281,32 +288,46 @@ impl Lwbufs {
     /// shootdown instead of one per page. Errors as [`alloc`](Self::alloc),
     /// plus [`Error::Config`] if the frames are not contiguous or `pages` is
     /// empty.
-    pub fn alloc_run(&self, pages: &[Page]) -> Result<Lwbuf<'_>> {
+    pub fn alloc_run<'a>(&'a self, pages: &'a [Page]) -> Result<Lwbuf<'a>> {
         let (key, hold) = self.kva.run_key(pages)?;
         self.alloc_key(key, hold)
     }
 
-    fn alloc_key(&self, key: Key, hold: Hold) -> Result<Lwbuf<'_>> {
+    #[inline]
+    fn alloc_key<'a>(&'a self, key: Key, hold: Hold<'a>) -> Result<Lwbuf<'a>> {
         let cpu = self.require_cpu()?;
-        let (idx, addr) = self.acquire_on(cpu, key)?;
+        let addr = self.acquire_on(cpu, key)?;
         Ok(Lwbuf {
             sys: self,
             hold,
             key,
             mask: CpuMask::single(self.cpus.len(), cpu),
             home: cpu as u32,
-            home_idx: idx,
             home_addr: addr,
         })
     }
 
     /// Take a reference on `key` in `cpu`'s cache, reclaiming slots from
     /// other CPUs if the window is otherwise full.
-    fn acquire_on(&self, cpu: usize, key: Key) -> Result<(u32, NonNull<u8>)> {
+    #[inline]
+    fn acquire_on(&self, cpu: usize, key: Key) -> Result<NonNull<u8>> {
+        match self.enter_cpu(cpu).acquire(&self.kva, key) {
+            Ok(addr) => Ok(addr),
+            Err(m) => self.acquire_full(cpu, key, m),
+        }
+    }
+
+    /// `acquire_on` when the first try found no room (or failed).
+    #[cold]
+    fn acquire_full(&self, cpu: usize, key: Key, first: Miss) -> Result<NonNull<u8>> {
+        let mut first = Some(first);
         let mut reclaimed = false;
         let mut refused = None;
         loop {
-            let r = self.enter_cpu(cpu).acquire(&self.kva, key);
+            let r = match first.take() {
+                Some(m) => Err(m),
+                None => self.enter_cpu(cpu).acquire(&self.kva, key),
+            };
             match r {
                 Ok(v) => return Ok(v),
                 Err(Miss::NoRoom(_)) if !reclaimed => {
@@ -481,13 +502,13 @@ impl fmt::Debug for Lwbufs {
 
 impl<'a> Lwbuf<'a> {
     /// The first (or only) page.
-    pub fn page(&self) -> &Page {
-        self.hold.first()
+    pub fn page(&self) -> &'a Page {
+        &self.hold[0]
     }
 
-    /// Every page held (one, or the run).
-    pub fn page_run(&self) -> &[Page] {
-        self.hold.pages()
+    /// Every page mapped (one, or the run).
+    pub fn page_run(&self) -> &'a [Page] {
+        self.hold
     }
 
     /// Pages mapped (1, or the run's length).
@@ -516,6 +537,7 @@ impl<'a> Lwbuf<'a> {
     /// The view borrows the handle, so it cannot outlive the mapping.
     ///
     /// Errors: [`Error::NotBound`]; on a new CPU, as [`Lwbufs::alloc`].
+    #[inline]
     pub fn kva(&self) -> Result<Kaddr<'_>> {
         let cpu = self.sys.require_cpu()?;
         let addr = if cpu == self.home as usize { self.home_addr } else { self.foreign_addr(cpu)? };
@@ -533,7 +555,7 @@ impl<'a> Lwbuf<'a> {
         }
         // Only a thread bound to `cpu` adds `cpu` to a mask, under its lock:
         // the test above cannot race with another insert of the same CPU.
-        let (_, addr) = sys.acquire_on(cpu, self.key)?;
+        let addr = sys.acquire_on(cpu, self.key)?;
         sys.enter_cpu(cpu).c.foreign += 1;
         self.mask.insert(cpu);
         Ok(addr)
@@ -541,6 +563,7 @@ impl<'a> Lwbuf<'a> {
 }
 
 impl Drop for Lwbuf<'_> {
+    #[inline]
     fn drop(&mut self) {
         let sys = self.sys;
         let me = sys.current_cpu();
@@ -549,10 +572,10 @@ impl Drop for Lwbuf<'_> {
         if me == Some(home) {
             {
                 let mut l = sys.enter_cpu(home);
-                l.decref_idx(self.home_idx as usize);
+                l.decref(self.key);
                 l.trim(&sys.kva, sys.max_excess());
             }
-            if self.mask.count() == 1 {
+            if self.mask.is_only(home) {
                 return;
             }
         }
@@ -560,7 +583,7 @@ impl Drop for Lwbuf<'_> {
             if Some(cpu) == me {
                 if cpu != home {
                     let mut l = sys.enter_cpu(cpu);
-                    l.decref_key(self.key);
+                    l.decref(self.key);
                     l.trim(&sys.kva, sys.max_excess());
                 }
             } else if !crate::sync::mutant!(NoRemoteDecref) {

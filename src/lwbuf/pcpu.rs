@@ -1,14 +1,15 @@
 //! One CPU's lwbuf cache (`lwbuf_pcpu`): the owner's state and the mailbox
 //! other CPUs post to.
 //!
-//! [`Local`] is the owner's: `frame -> {slot, refcnt}`, the LRU of entries
-//! whose count is zero (still mapped, so the next alloc is a hit), and the
-//! slots this CPU took from the shared allocator. It sits behind a mutex that
+//! [`Local`] is the owner's: `frame -> {slot, refcnt}`, the clock of
+//! entries whose count is zero (still mapped, so the next alloc is a hit),
+//! and the slots this CPU took from the shared allocator. It sits behind a mutex that
 //! only its owner takes in the common case (uncontended: one CAS, no shared
 //! cache line); the mutex exists so that a CPU whose thread is idle or gone
 //! can be drained and trimmed on its behalf. [`Pcpu::mailbox`] is the shared
 //! part: decref messages from other CPUs.
 
+use std::collections::VecDeque;
 use std::ptr::NonNull;
 
 use crate::cpu::Mailbox;
@@ -17,16 +18,29 @@ use crate::error::Error;
 use crate::hash::WordMap;
 pub(crate) use crate::kva::MapKey as Key;
 use crate::kva::{KvaSpace, Mapping, SlotRun};
-use crate::lru::Lru;
 use crate::phys::Pfn;
 use crate::sync::{env, AtomicU64};
 
+// Replacement is a clock over release order (second chance): an entry joins
+// the back of the queue when its count first drops to zero; a hit does not
+// move it (so a hit and its release touch nothing but the entry), and a
+// release of an entry still queued only marks it referenced. The eviction
+// hand pops the front, drops used entries from the queue, sends a marked one
+// to the back with its mark cleared, and evicts the first unmarked unused
+// one. Without re-use this is exactly LRU; with it, an entry used since it
+// was queued gets one more trip round.
+
+/// A mapped frame (or run) on one CPU. Kept inline in the hash table, so a
+/// hit and its release touch one line of per-frame state.
 #[derive(Debug)]
 struct Entry {
-    key: Key,
+    mapping: Mapping,
     refs: u32,
-    /// `None` only while the entry is on the free list.
-    mapping: Option<Mapping>,
+    /// On the clock queue. Every unused entry is (`refs == 0` implies
+    /// `queued`); used ones may be, until the clock hand passes them.
+    queued: bool,
+    /// Released again since the clock hand last saw it: spared once.
+    referenced: bool,
 }
 
 /// Counters kept by the owner (under the cache lock).
@@ -57,10 +71,11 @@ pub(crate) enum Miss {
 #[derive(Debug)]
 pub(crate) struct Local {
     pub(crate) cpu: usize,
-    map: WordMap<Key, u32>,
-    entries: Vec<Entry>,
-    free_entries: Vec<u32>,
-    lru: Lru,
+    map: WordMap<Key, Entry>,
+    /// The clock queue, oldest release first.
+    clock: VecDeque<Key>,
+    /// Entries with a count of zero.
+    unused: usize,
     /// Unmapped single slots this CPU holds for its next misses.
     free_slots: Vec<SlotRun>,
     /// The mailbox's spare vector, swapped in at each drain.
@@ -92,9 +107,8 @@ impl Local {
         Local {
             cpu,
             map: WordMap::default(),
-            entries: Vec::new(),
-            free_entries: Vec::new(),
-            lru: Lru::default(),
+            clock: VecDeque::new(),
+            unused: 0,
             free_slots: Vec::new(),
             spare: Vec::new(),
             unmap_error: None,
@@ -109,7 +123,7 @@ impl Local {
 
     /// Entries mapped and unused now.
     pub(crate) fn cached(&self) -> usize {
-        self.lru.len()
+        self.unused
     }
 
     /// Single slots held unmapped.
@@ -119,62 +133,53 @@ impl Local {
 
     /// The frames mapped here with their slots and counts (for checks).
     pub(crate) fn entries(&self) -> impl Iterator<Item = (Key, crate::mmu::Slot, u32)> + '_ {
-        self.entries.iter().filter_map(|e| e.mapping.as_ref().map(|m| (e.key, m.slot(), e.refs)))
+        self.map.iter().map(|(&k, e)| (k, e.mapping.slot(), e.refs))
     }
 
     /// Apply every message in the mailbox, then enforce the excess limit.
+    #[cold]
     pub(crate) fn drain(&mut self, mailbox: &Mailbox<Key>, kva: &KvaSpace, max_excess: usize) {
         let mut msgs = std::mem::take(&mut self.spare);
         mailbox.take_all(&mut msgs);
         for key in msgs.drain(..) {
-            let idx = *self.map.get(&key).unwrap_or_else(|| {
-                panic!("lwbuf: decref message for {key:?} on CPU {} which has no such entry", self.cpu)
-            });
             self.c.applied += 1;
-            self.decref_idx(idx as usize);
+            self.decref(key);
         }
         self.spare = msgs;
         self.trim(kva, max_excess);
     }
 
     /// Find or create the entry for `key`, take a reference, and return its
-    /// index and address. A hit makes no system call and no allocation.
-    pub(crate) fn acquire(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<(u32, NonNull<u8>), Miss> {
+    /// address. A hit makes no system call and no allocation, and touches
+    /// only the entry.
+    #[inline]
+    pub(crate) fn acquire(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
         self.c.allocs += 1;
-        if let Some(&idx) = self.map.get(&key) {
-            let e = &mut self.entries[idx as usize];
+        if let Some(e) = self.map.get_mut(&key) {
             e.refs = e.refs.checked_add(1).expect("lwbuf: entry reference count overflow");
             if e.refs == 1 {
-                self.lru.remove(idx as usize);
+                self.unused -= 1;
             }
             self.c.hits += 1;
-            let addr = e.mapping.as_ref().expect("mapped entry").addr();
-            return Ok((idx, addr));
+            return Ok(e.mapping.addr());
         }
+        self.acquire_miss(kva, key)
+    }
+
+    #[cold]
+    fn acquire_miss(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
         self.c.misses += 1;
         let mapping = self.map_new(kva, key)?;
         let addr = mapping.addr();
-        let entry = Entry { key, refs: 1, mapping: Some(mapping) };
-        let idx = match self.free_entries.pop() {
-            Some(i) => {
-                self.entries[i as usize] = entry;
-                i
-            }
-            None => {
-                self.entries.push(entry);
-                (self.entries.len() - 1) as u32
-            }
-        };
-        self.map.insert(key, idx);
+        self.map.insert(key, Entry { mapping, refs: 1, queued: false, referenced: false });
         self.c.peak_mapped = self.c.peak_mapped.max(self.map.len() as u64);
-        Ok((idx, addr))
+        Ok(addr)
     }
 
     /// The address of the entry for `key`, which the caller holds a
     /// reference on.
     pub(crate) fn addr_of(&self, key: Key) -> NonNull<u8> {
-        let idx = self.map[&key];
-        self.entries[idx as usize].mapping.as_ref().expect("held entry is mapped").addr()
+        self.map[&key].mapping.addr()
     }
 
     /// Map `key` into fresh slots: from this CPU's free slots, the shared
@@ -248,65 +253,71 @@ impl Local {
         }
     }
 
-    /// Drop one reference of entry `idx`; at zero the entry stays mapped on
-    /// the LRU. The caller trims afterwards.
-    pub(crate) fn decref_idx(&mut self, idx: usize) {
-        let e = &mut self.entries[idx];
-        assert!(
-            e.refs > 0 && e.mapping.is_some(),
-            "lwbuf: decref of unreferenced entry {:?} on CPU {}",
-            e.key,
-            self.cpu
-        );
+    /// Drop one reference of the entry for `key`; at zero the entry stays
+    /// mapped, on the clock. The caller trims afterwards.
+    #[inline]
+    pub(crate) fn decref(&mut self, key: Key) {
+        let Some(e) = self.map.get_mut(&key).filter(|e| e.refs > 0) else {
+            panic!("lwbuf: decref of {key:?} on CPU {}, which holds no reference on it", self.cpu)
+        };
         e.refs -= 1;
         if e.refs == 0 {
-            self.lru.push_back(idx);
+            self.unused += 1;
+            if e.queued {
+                e.referenced = true;
+            } else {
+                e.queued = true;
+                self.clock.push_back(key);
+            }
         }
     }
 
-    /// Drop one reference of the entry for `key`.
-    pub(crate) fn decref_key(&mut self, key: Key) {
-        let idx = *self.map.get(&key).unwrap_or_else(|| panic!("lwbuf: no entry {key:?} on CPU {}", self.cpu));
-        self.decref_idx(idx as usize);
-    }
-
-    /// Evict least recently used unused entries beyond `max_excess`.
+    /// Evict unused entries beyond `max_excess`, oldest first.
+    #[inline]
     pub(crate) fn trim(&mut self, kva: &KvaSpace, max_excess: usize) {
-        while self.lru.len() > max_excess {
+        while self.unused > max_excess {
             if !self.evict_one(kva) {
                 break;
             }
         }
     }
 
-    /// Unmap the least recently used unused entry and keep its slots.
-    /// Returns false when there is none or the MMU refused (the entry then
-    /// stays cached and mapped, and the failure is counted).
+    /// Unmap the entry the clock hand picks and keep its slots. Returns
+    /// false when there is none or the MMU refused (the entry then stays
+    /// cached and mapped, and the failure is counted).
     fn evict_one(&mut self, kva: &KvaSpace) -> bool {
-        let Some(idx) = self.lru.pop_front() else { return false };
-        let e = &mut self.entries[idx];
-        debug_assert_eq!(e.refs, 0);
-        let m = e.mapping.take().expect("cached entry is mapped");
-        let key = e.key;
-        self.map.remove(&key);
+        let key = loop {
+            let Some(key) = self.clock.pop_front() else { return false };
+            let e = self.map.get_mut(&key).expect("a queued entry is mapped");
+            if e.refs > 0 {
+                // In use: off the queue until its count drops to zero.
+                e.queued = false;
+            } else if e.referenced {
+                e.referenced = false;
+                self.clock.push_back(key);
+            } else {
+                break key;
+            }
+        };
+        let e = self.map.remove(&key).expect("the picked entry is mapped");
+        self.unused -= 1;
         // SAFETY: the entry's count is zero, so no handle holds it, and it is
         // out of the map, so no lookup can find it: nothing can reach the
         // address while it is unmapped.
-        match unsafe { kva.unmap(m) } {
+        match unsafe { kva.unmap(e.mapping) } {
             Ok(run) => {
-                self.free_entries.push(idx as u32);
                 self.c.evictions += 1;
                 self.put_slots(kva, run);
                 true
             }
-            Err((e, m)) => {
-                // Still mapped: put it back as it was, most recently used so
-                // the next eviction tries another one first.
-                self.entries[idx].mapping = Some(m);
-                self.map.insert(key, idx as u32);
-                self.lru.push_back(idx);
+            Err((err, mapping)) => {
+                // Still mapped: put it back at the recent end, so the next
+                // eviction tries another one first.
+                self.map.insert(key, Entry { mapping, refs: 0, queued: true, referenced: false });
+                self.unused += 1;
+                self.clock.push_back(key);
                 self.c.unmap_errors += 1;
-                self.unmap_error = Some(e);
+                self.unmap_error = Some(err);
                 false
             }
         }
@@ -329,21 +340,17 @@ impl Local {
     /// Unmap everything, used or not (the system is going away and no handle
     /// can exist: they borrow it).
     pub(crate) fn teardown(&mut self, kva: &KvaSpace) {
-        for e in &mut self.entries {
-            if let Some(m) = e.mapping.take() {
-                // SAFETY: the system is being dropped; handles borrow it, so
-                // none is alive and nothing can reach the address.
-                match unsafe { kva.unmap(m) } {
-                    Ok(run) => kva.give(run),
-                    Err((_, m)) => {
-                        // The window unmaps everything when dropped.
-                        let _ = m;
-                    }
-                }
+        for (_, e) in self.map.drain() {
+            // SAFETY: the system is being dropped; handles borrow it, so
+            // none is alive and nothing can reach the address.
+            if let Ok(run) = unsafe { kva.unmap(e.mapping) } {
+                kva.give(run);
             }
+            // Otherwise still mapped: the window unmaps everything when
+            // dropped.
         }
-        self.map.clear();
-        self.lru = Lru::default();
+        self.clock.clear();
+        self.unused = 0;
         kva.give_batch(self.free_slots.drain(..));
     }
 }

@@ -311,6 +311,7 @@ impl PhysMem {
     }
 
     /// Whether two handles are the same memory.
+    #[inline]
     pub fn same_as(&self, other: &PhysMem) -> bool {
         std::ptr::eq(&*self.inner, &*other.inner)
     }

@@ -28,6 +28,9 @@ struct PageInner {
 /// with an lwbuf cache or the sf_buf pool, or read it through the direct map.
 pub struct Page {
     inner: NonNull<PageInner>,
+    /// `inner.pfn`, kept beside the pointer: mapping caches key on it, and
+    /// reading it here saves them a dependent load on the hit path.
+    pfn: Pfn,
 }
 
 // SAFETY: `PageInner` is only shared through atomics and immutable fields
@@ -47,7 +50,7 @@ impl Page {
             #[cfg(loom)]
             probe: crate::sync::UnsafeCell::new(()),
         });
-        Page { inner: NonNull::from(Box::leak(inner)) }
+        Page { inner: NonNull::from(Box::leak(inner)), pfn }
     }
 
     fn inner(&self) -> &PageInner {
@@ -56,11 +59,13 @@ impl Page {
     }
 
     /// The frame number.
+    #[inline]
     pub fn pfn(&self) -> Pfn {
-        self.inner().pfn
+        self.pfn
     }
 
     /// The memory this frame belongs to.
+    #[inline]
     pub fn phys(&self) -> &PhysMem {
         &self.inner().mem
     }
@@ -94,7 +99,7 @@ impl Clone for Page {
             // would free a frame still in use.
             std::process::abort();
         }
-        Page { inner: self.inner }
+        Page { inner: self.inner, pfn: self.pfn }
     }
 }
 

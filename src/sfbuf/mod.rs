@@ -230,7 +230,7 @@ pub struct SfPool {
 /// `Send` and `Sync`: the address is valid in every thread.
 pub struct SfBuf<'a> {
     pool: &'a SfPool,
-    hold: Hold,
+    hold: Hold<'a>,
     slot: u32,
     addr: NonNull<u8>,
 }
@@ -278,7 +278,7 @@ impl SfPool {
     /// [`Error::TimedOut`], [`Error::Cancelled`], [`Error::Closed`],
     /// [`Error::MapLimit`] / [`Error::Sys`] when the mapping budget or the
     /// kernel refuses and nothing is left to evict, without waiting.
-    pub fn alloc(&self, page: &Page, how: Wait<'_>) -> Result<SfBuf<'_>> {
+    pub fn alloc<'a>(&'a self, page: &'a Page, how: Wait<'_>) -> Result<SfBuf<'a>> {
         let (key, hold) = self.kva.page_key(page)?;
         self.alloc_key(key, hold, how)
     }
@@ -288,7 +288,7 @@ impl SfPool {
     /// the kernel sees one VMA and does one shootdown instead of one per
     /// page. Errors as [`alloc`](Self::alloc), plus [`Error::Config`] for a
     /// broken run.
-    pub fn alloc_run(&self, pages: &[Page], how: Wait<'_>) -> Result<SfBuf<'_>> {
+    pub fn alloc_run<'a>(&'a self, pages: &'a [Page], how: Wait<'_>) -> Result<SfBuf<'a>> {
         let (key, hold) = self.kva.run_key(pages)?;
         self.alloc_key(key, hold, how)
     }
@@ -298,7 +298,7 @@ impl SfPool {
     /// them without waiting, and if one is missing, gives back what it took
     /// before sleeping as `how` allows. Contiguous frames are mapped as runs
     /// of up to `max_run` pages (1: one mapping per page).
-    pub fn alloc_all(&self, pages: &[Page], max_run: usize, how: Wait<'_>) -> Result<Vec<SfBuf<'_>>> {
+    pub fn alloc_all<'a>(&'a self, pages: &'a [Page], max_run: usize, how: Wait<'_>) -> Result<Vec<SfBuf<'a>>> {
         let mut groups: Vec<&[Page]> = Vec::new();
         let max_run = max_run.max(1);
         let mut rest = pages;
@@ -314,7 +314,7 @@ impl SfPool {
         if slots_needed > self.capacity() {
             return Err(Error::WindowFull { requested: slots_needed, capacity: self.capacity() });
         }
-        let attempt = || -> Result<Option<Vec<SfBuf<'_>>>> {
+        let attempt = || -> Result<Option<Vec<SfBuf<'a>>>> {
             let mut got = Vec::with_capacity(groups.len());
             for g in &groups {
                 match self.alloc_run(g, Wait::NoWait) {
@@ -338,7 +338,7 @@ impl SfPool {
         }
     }
 
-    fn alloc_key(&self, key: MapKey, hold: Hold, how: Wait<'_>) -> Result<SfBuf<'_>> {
+    fn alloc_key<'a>(&'a self, key: MapKey, hold: Hold<'a>, how: Wait<'_>) -> Result<SfBuf<'a>> {
         if let Some((slot, addr)) = self.try_hit(key) {
             self.c.hits.inc();
             return Ok(self.handle(hold, slot, addr));
@@ -347,7 +347,7 @@ impl SfPool {
         Ok(self.handle(hold, slot, addr))
     }
 
-    fn handle(&self, hold: Hold, slot: u32, addr: NonNull<u8>) -> SfBuf<'_> {
+    fn handle<'a>(&'a self, hold: Hold<'a>, slot: u32, addr: NonNull<u8>) -> SfBuf<'a> {
         SfBuf { pool: self, hold, slot, addr }
     }
 
@@ -734,24 +734,24 @@ impl fmt::Debug for SfPool {
 
 // === impl SfBuf ===
 
-impl SfBuf<'_> {
+impl<'a> SfBuf<'a> {
     /// The mapped bytes (the frame, or the whole run). No system call. The
     /// view borrows the handle, so it cannot outlive the mapping.
     pub fn kva(&self) -> Kaddr<'_> {
-        let len = self.hold.pages().len() * self.pool.kva.slot_size();
+        let len = self.hold.len() * self.pool.kva.slot_size();
         // SAFETY: the handle holds a reference on the entry, which keeps the
         // mapping of `len` bytes until the handle is dropped.
         unsafe { Kaddr::new(self.addr, len) }
     }
 
     /// The first (or only) page.
-    pub fn page(&self) -> &Page {
-        self.hold.first()
+    pub fn page(&self) -> &'a Page {
+        &self.hold[0]
     }
 
-    /// Every page held.
-    pub fn pages(&self) -> &[Page] {
-        self.hold.pages()
+    /// Every page mapped.
+    pub fn pages(&self) -> &'a [Page] {
+        self.hold
     }
 
     /// The window slot of the mapping's first page.
@@ -770,7 +770,7 @@ impl fmt::Debug for SfBuf<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SfBuf")
             .field("pfn", &self.page().pfn().0)
-            .field("pages", &self.hold.pages().len())
+            .field("pages", &self.hold.len())
             .field("slot", &self.slot)
             .finish()
     }

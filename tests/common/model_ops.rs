@@ -15,8 +15,9 @@
 //! binds a CPU of its own and otherwise stays idle, so messages to its CPU
 //! wait in the mailbox until it (or someone on its behalf) applies them.
 //!
-//! The model keeps, per CPU: `key -> refcount`, the LRU of unused entries
-//! (front = least recently used), the mailbox, and the counters; per handle:
+//! The model keeps, per CPU: `key -> refcount`, the clock queue of unused
+//! entries (front = oldest release) with its queued and referenced marks,
+//! the mailbox, and the counters; per handle:
 //! its key, home and cpumask; for the pool: `frame -> {refcount, referenced,
 //! on the LRU}` and the clock LRU. It predicts every result (`Ok`, or which
 //! error), every counter of `Lwbufs::stats` and `SfPool::stats` (hits,
@@ -214,8 +215,13 @@ fn err_name(e: &Error) -> &'static str {
 #[derive(Debug, Default, Clone)]
 struct CpuModel {
     refs: BTreeMap<Key, u32>,
-    /// Unused entries, least recently used first.
-    lru: VecDeque<Key>,
+    /// The clock queue, oldest release first: every unused entry, and used
+    /// ones the hand has not passed since they were re-used.
+    clock: VecDeque<Key>,
+    /// Entries on the clock queue.
+    queued: BTreeSet<Key>,
+    /// Queued entries released again since the hand last saw them.
+    referenced: BTreeSet<Key>,
     mailbox: Vec<Key>,
     /// Address of each mapped entry, once seen.
     addr: HashMap<Key, usize>,
@@ -226,6 +232,13 @@ struct CpuModel {
     sent: u64,
     applied: u64,
     evictions: u64,
+}
+
+impl CpuModel {
+    /// Entries with a count of zero (cached unused).
+    fn unused(&self) -> usize {
+        self.refs.values().filter(|&&r| r == 0).count()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -301,13 +314,31 @@ impl Model {
         assert!(*r > 0, "model: decref of unreferenced {key:?} on CPU {cpu}");
         *r -= 1;
         if *r == 0 {
-            c.lru.push_back(key);
+            if c.queued.contains(&key) {
+                c.referenced.insert(key);
+            } else {
+                c.queued.insert(key);
+                c.clock.push_back(key);
+            }
         }
     }
 
+    /// The clock hand (the library's order: see `src/lwbuf/pcpu.rs`).
     fn evict_one(&mut self, cpu: usize) -> bool {
         let c = &mut self.cpus[cpu];
-        let Some(key) = c.lru.pop_front() else { return false };
+        let key = loop {
+            let Some(key) = c.clock.pop_front() else { return false };
+            c.queued.remove(&key);
+            if c.refs[&key] > 0 {
+                continue;
+            }
+            if c.referenced.remove(&key) {
+                c.queued.insert(key);
+                c.clock.push_back(key);
+                continue;
+            }
+            break key;
+        };
         c.refs.remove(&key);
         c.addr.remove(&key);
         c.evictions += 1;
@@ -316,7 +347,7 @@ impl Model {
     }
 
     fn trim(&mut self, cpu: usize, max: usize) {
-        while self.cpus[cpu].lru.len() > max {
+        while self.cpus[cpu].unused() > max {
             self.evict_one(cpu);
         }
     }
@@ -331,7 +362,7 @@ impl Model {
 
     /// The owner's entry into its cache: pending mail, then the limit.
     fn enter_cpu(&mut self, cpu: usize) {
-        if !self.cpus[cpu].mailbox.is_empty() || self.cpus[cpu].lru.len() > self.max_excess {
+        if !self.cpus[cpu].mailbox.is_empty() || self.cpus[cpu].unused() > self.max_excess {
             self.drain(cpu, self.max_excess);
         }
     }
@@ -343,9 +374,6 @@ impl Model {
         match c.refs.get_mut(&key) {
             Some(r) => {
                 *r += 1;
-                if *r == 1 {
-                    c.lru.retain(|k| *k != key);
-                }
                 c.hits += 1;
             }
             None => {
@@ -687,6 +715,15 @@ impl<'a, 's> Run<'a, 's> {
         }
     }
 
+    /// `pages` as a slice of `sys.pages`, if they are consecutive there.
+    fn run_slice(&self, pages: &[&'a Page]) -> Option<&'a [Page]> {
+        let all: &'a [Page] = &self.sys.pages;
+        let head = *pages.first()?;
+        let first = all.iter().position(|p| std::ptr::eq(p, head))?;
+        let run = all.get(first..first + pages.len())?;
+        run.iter().zip(pages).all(|(a, &b)| std::ptr::eq(a, b)).then_some(run)
+    }
+
     fn alloc(&mut self, pages: Vec<&'a Page>, single: bool) {
         let me = self.model.main_cpu;
         // The library's order of checks: the pages first, then the CPU.
@@ -709,9 +746,18 @@ impl<'a, 's> Run<'a, 's> {
         };
         let r = if single {
             self.sys.lw.alloc(pages[0])
+        } else if let Some(run) = self.run_slice(&pages) {
+            self.sys.lw.alloc_run(run)
         } else {
-            let owned: Vec<Page> = pages.iter().map(|&p| p.clone()).collect();
-            self.sys.lw.alloc_run(&owned)
+            // Not consecutive in `sys.pages` (a broken run, or a foreign
+            // page): a handle borrows its pages, so they go through a
+            // temporary copy, and only an error may come back.
+            let copy: Vec<Page> = pages.iter().map(|&p| p.clone()).collect();
+            let e = match self.sys.lw.alloc_run(&copy) {
+                Ok(_) => panic!("{self:?}: a broken run was mapped"),
+                Err(e) => e,
+            };
+            Err(e)
         };
         self.expect(outcome(&r), want);
         if let (Ok(h), Some(cpu)) = (r, me) {
@@ -916,7 +962,7 @@ impl<'a, 's> Run<'a, 's> {
                 want.foreign,
                 want.evictions,
                 want.refs.len() as u64,
-                want.lru.len() as u64,
+                want.unused() as u64,
                 want.mailbox.len() as u64,
                 want.sent,
                 want.applied,
