@@ -11,7 +11,8 @@
 //!   thread, with `iter_custom` (each thread times its own loop after a
 //!   barrier; the slowest counts). Aggregate throughput ratio = 2 x t(1) /
 //!   t(2). Target: two threads give at least 1.5x the single-thread hit
-//!   throughput. lwbuf on CPUs 0 and 1 beside it.
+//!   throughput. lwbuf on CPUs 0 and 1 beside it, and the direct-map read
+//!   on one and two threads (what the machine itself allows).
 //! - `sfbuf_miss_evict`: the hot set (256) larger than the pool (64 slots,
 //!   `max_excess` 4): nearly every alloc is a miss that maps the frame and
 //!   evicts a cached one (one `mmap`, one `PROT_NONE` remap, one fault).
@@ -231,11 +232,25 @@ fn hit_threads(c: &mut Criterion) {
         t0.elapsed()
     };
 
+    // The machine's own ceiling: the same reads through the direct map,
+    // which share nothing but the frames.
+    let direct_body = |t: usize, iters: u64, barrier: &Barrier| {
+        let base = t * SEQ / 2 + 17;
+        barrier.wait();
+        let t0 = Instant::now();
+        for i in 0..iters as usize {
+            black_box(f.direct_op(base + i));
+        }
+        t0.elapsed()
+    };
+
     let mut g = c.benchmark_group(GROUP_THREADS);
     g.bench_function("sfbuf_hit_1_thread", |b| b.iter_custom(|iters| on_threads(1, iters, sf_body)));
     g.bench_function("sfbuf_hit_2_threads", |b| b.iter_custom(|iters| on_threads(2, iters, sf_body)));
     g.bench_function("lwbuf_hit_1_thread", |b| b.iter_custom(|iters| on_threads(1, iters, lw_body)));
     g.bench_function("lwbuf_hit_2_threads", |b| b.iter_custom(|iters| on_threads(2, iters, lw_body)));
+    g.bench_function("direct_map_1_thread", |b| b.iter_custom(|iters| on_threads(1, iters, direct_body)));
+    g.bench_function("direct_map_2_threads", |b| b.iter_custom(|iters| on_threads(2, iters, direct_body)));
     {
         let _cpu0 = lw.bind(0).expect("bind");
         references(&mut g, &f, &lw);
@@ -384,7 +399,14 @@ fn summary() {
         (GROUP_HIT, &["sfbuf_hit", "lwbuf_hit_cpu0", "direct_map"][..]),
         (
             GROUP_THREADS,
-            &["sfbuf_hit_1_thread", "sfbuf_hit_2_threads", "lwbuf_hit_1_thread", "lwbuf_hit_2_threads"][..],
+            &[
+                "sfbuf_hit_1_thread",
+                "sfbuf_hit_2_threads",
+                "lwbuf_hit_1_thread",
+                "lwbuf_hit_2_threads",
+                "direct_map_1_thread",
+                "direct_map_2_threads",
+            ][..],
         ),
         (GROUP_MISS, &["sfbuf_miss_evict", "lwbuf_miss_evict", "window_enter_read_remove"][..]),
         (GROUP_RUN, &["run_of_64_per_page", "single_x64_per_page"][..]),
@@ -407,6 +429,9 @@ fn summary() {
     }
     if let Some(r) = ratio(m(GROUP_THREADS, "lwbuf_hit_1_thread"), m(GROUP_THREADS, "lwbuf_hit_2_threads")) {
         println!("  lwbuf hit, 2 threads vs 1: aggregate throughput {:.2}x (for comparison)", 2.0 * r);
+    }
+    if let Some(r) = ratio(m(GROUP_THREADS, "direct_map_1_thread"), m(GROUP_THREADS, "direct_map_2_threads")) {
+        println!("  direct map, 2 threads vs 1: aggregate throughput {:.2}x (the machine's ceiling)", 2.0 * r);
     }
     if let Some(r) = ratio(m(GROUP_RUN, "single_x64_per_page"), m(GROUP_RUN, "run_of_64_per_page")) {
         println!("  single mapping / run mapping, per page = {r:.1}x (target >= 10x: {})", verdict(r >= 10.0));

@@ -115,6 +115,11 @@ impl KvaSpace {
         (self.live.load(Ordering::Relaxed), self.budget)
     }
 
+    /// The memory the window maps.
+    pub(crate) fn phys(&self) -> &crate::phys::PhysMem {
+        &self.phys
+    }
+
     pub(crate) fn mmu(&self) -> &Arc<dyn Mmu> {
         &self.mmu
     }

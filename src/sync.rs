@@ -226,6 +226,9 @@ pub mod mutants {
         EvictNoRecheck,
         /// Releases do not bump the wait queue's generation.
         LostWakeup,
+        /// The sf_buf pool trusts a frame's hint without checking the
+        /// slot's generation.
+        HintUnchecked,
     }
 
     std::thread_local! {

@@ -60,6 +60,44 @@ fn sfbuf_hit_vs_eviction_mutant_no_recheck() {
     expect_failure("sfbuf_hit_vs_eviction", Mutant::EvictNoRecheck, hit_vs_eviction);
 }
 
+// === 4b. a hit through a stale hint while the slot is reused ===
+
+/// One slot, so every eviction hands the slot to the next frame: a user of
+/// frame `f` whose hint names the slot races the main thread mapping `g`
+/// into it. The hit must take `f`'s mapping or make a new one, never `g`'s.
+fn stale_hint() {
+    let (mem, mmu, pool) = pool(2, 1, 0);
+    let f = mem.alloc_page().unwrap();
+    let g = mem.alloc_page().unwrap();
+    let (fpfn, gpfn) = (f.pfn(), g.pfn());
+    // Map `f` once and let it go: the hint now names slot 0, generation 1.
+    drop(pool.alloc(&f, Wait::NoWait).unwrap());
+    let mmu2 = mmu.clone();
+    let t = thread::spawn(move || {
+        let sf = pool.alloc(&f, Wait::Forever).unwrap();
+        assert_eq!(mmu2.translate(sf.slot()), Some(fpfn), "hit through a stale hint returned another frame's slot");
+    });
+    let sf = pool.alloc(&g, Wait::Forever).unwrap();
+    assert_eq!(mmu.translate(sf.slot()), Some(gpfn));
+    drop(sf);
+    t.join().unwrap();
+    assert_eq!(pool.stats().used, 0);
+    // SAFETY: the thread is joined.
+    unsafe { unleak(pool) };
+}
+
+#[test]
+fn sfbuf_stale_hint() {
+    model("sfbuf_stale_hint", stale_hint);
+}
+
+/// A hit that trusts the frame's hint without the generation check takes a
+/// reference on whatever now lives in the slot.
+#[test]
+fn sfbuf_stale_hint_mutant_hint_unchecked() {
+    expect_failure("sfbuf_stale_hint", Mutant::HintUnchecked, stale_hint);
+}
+
 // === 5. waiting for the only slot ===
 
 #[derive(Clone, Copy, Debug)]

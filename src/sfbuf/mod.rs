@@ -2,8 +2,11 @@
 //! lock-light).
 //!
 //! One pool for every thread: a concurrent map `frame -> slot` and, per
-//! slot, an entry with an atomic state word (reference count and flags).
-//! A hit is a map lookup under a shard read lock plus one CAS on the entry;
+//! slot, an entry with an atomic state word (reference count, flags and a
+//! generation). A hit of a single page takes no lock: a per-frame hint
+//! names the slot and generation that last mapped the frame, and one CAS on
+//! the entry takes the reference if that generation is still live (the
+//! map, under a shard read lock, is the fallback and the authority);
 //! a freed sf_buf stays mapped on an inactive LRU so the next alloc of the
 //! frame is a hit; the pool grows on demand up to the window and caps its
 //! cached-but-unused entries at `max_excess`, tunable at run time.
@@ -28,7 +31,32 @@
 //! 4. A new mapping is fully written (mapping, address, count 1) before it
 //!    is inserted into the map under the write lock, which publishes it.
 //!
-//! The loom model `sfbuf_hit_vs_eviction` checks this with `max_excess = 0`.
+//! # The lock-free hit
+//!
+//! 5. Every publication of an entry starts a new *generation* of its slot
+//!    (the high half of the state word); a killed or free entry stays
+//!    `DEAD` until its slot is published again, with the next generation.
+//! 6. After a successful insert, the publisher records `hint[pfn] =
+//!    (slot, generation)`. A hint is only ever a true statement about the
+//!    past: "generation g of slot s was published for this frame". It may
+//!    be stale, never wrong.
+//! 7. A hit through the hint CASes the state from a value that carries that
+//!    generation and is not `DEAD` to one more reference. If it succeeds,
+//!    generation g is still live, so (by 6) it maps this frame, and the
+//!    kill of (2) can no longer succeed while the reference is held. If the
+//!    generation moved on or the entry is dead, the CAS is not attempted
+//!    and the lookup goes to the map. A mapping that lost the insert race
+//!    is never in a hint (it never inserted), so it cannot be reached.
+//!    Acquire on that CAS pairs with the Release store that published the
+//!    generation (every later change of the word within a generation is a
+//!    read-modify-write, continuing its release sequence), so the address
+//!    read after it is the one published.
+//! 8. Generations are 32 bits; a reader would have to stall through 2^32
+//!    reuses of one slot to see a wrapped one. Even then it re-checks the
+//!    frame after taking the reference and gives it back if it differs.
+//!
+//! The loom model `sfbuf_hit_vs_eviction` checks this with `max_excess = 0`,
+//! and fails with the generation check switched off.
 
 mod stats;
 mod wait;
@@ -48,23 +76,34 @@ use crate::kva::{Hold, KvaSpace, MapKey, Mapping, SlotRun};
 use crate::lru::Lru;
 use crate::mmu::Mmu;
 use crate::phys::{Page, Pfn};
-use crate::sync::{
-    lock, Arc, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering, UnsafeCell,
-};
+use crate::sync::{lock, Arc, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering, UnsafeCell};
 
 // === entry state ===
 
-const REFS: u32 = (1 << 28) - 1;
+const REFS: u64 = (1 << 28) - 1;
 /// Used since the clock hand last passed: one more round on the LRU.
-const REFERENCED: u32 = 1 << 28;
+const REFERENCED: u64 = 1 << 28;
 /// On the inactive LRU (or being looked at by an evictor that popped it).
-const ON_LRU: u32 = 1 << 29;
-/// Killed by an evictor: out of the map, about to be unmapped.
-const DEAD: u32 = 1 << 30;
+const ON_LRU: u64 = 1 << 29;
+/// Killed by an evictor (out of the map, about to be unmapped), or free.
+const DEAD: u64 = 1 << 30;
+/// The slot's generation: one more at every publication (module docs, 5).
+const GEN_SHIFT: u32 = 32;
+const GEN: u64 = !((1 << GEN_SHIFT) - 1);
+
+/// The state of a free slot whose last generation was that of `s`.
+fn dead_of(s: u64) -> u64 {
+    (s & GEN) | DEAD
+}
+
+/// The state that publishes the next generation after `s`, with `flags`.
+fn next_gen(s: u64, flags: u64) -> u64 {
+    (s & GEN).wrapping_add(1 << GEN_SHIFT) | flags
+}
 
 /// One per slot; meaningful at the first slot of a mapping.
 struct Entry {
-    state: AtomicU32,
+    state: AtomicU64,
     /// The key, written before the entry is published in the map.
     pfn: AtomicUsize,
     pages: AtomicUsize,
@@ -87,7 +126,7 @@ unsafe impl Sync for Entry {}
 impl Entry {
     fn new() -> Self {
         Entry {
-            state: AtomicU32::new(0),
+            state: AtomicU64::new(DEAD),
             pfn: AtomicUsize::new(0),
             pages: AtomicUsize::new(0),
             addr: AtomicUsize::new(0),
@@ -100,16 +139,18 @@ impl Entry {
     }
 
     /// Take a reference on a live entry (caller holds its shard's lock and
-    /// found it in the map). Returns whether the entry was unused before.
+    /// found it in the map). Returns whether the entry was unused before,
+    /// and the new state.
     #[inline]
-    fn bump(&self) -> bool {
+    fn bump(&self) -> (bool, u64) {
         let mut s = self.state.load(Ordering::Relaxed);
         loop {
             debug_assert!(s & DEAD == 0 && s & REFS < REFS, "sf_buf: bump of dead or saturated entry");
             // Acquire: pairs with the Release of the last release so this
             // holder sees the bytes its predecessors wrote.
-            match self.state.compare_exchange_weak(s, (s + 1) | REFERENCED, Ordering::Acquire, Ordering::Relaxed) {
-                Ok(_) => return s & REFS == 0,
+            let new = (s + 1) | REFERENCED;
+            match self.state.compare_exchange_weak(s, new, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return (s & REFS == 0, new),
                 Err(now) => s = now,
             }
         }
@@ -163,6 +204,7 @@ impl SfPoolBuilder {
         let cap = kva.capacity();
         Ok(SfPool {
             map: ConcurrentMap::new(self.shards),
+            hint: (0..kva.phys().frames()).map(|_| AtomicU64::new(0)).collect(),
             entries: (0..cap).map(|_| CachePadded::new(Entry::new())).collect(),
             lru: Mutex::new(Lru::default()),
             lru_len: AtomicUsize::new(0),
@@ -211,6 +253,10 @@ struct Counters {
 pub struct SfPool {
     kva: KvaSpace,
     map: ConcurrentMap<MapKey, u32>,
+    /// Per frame of the memory: `generation << 32 | (slot + 1)` of the
+    /// single-page mapping last published for it, 0 for none (module docs,
+    /// 6). Stale hints are harmless.
+    hint: Box<[AtomicU64]>,
     entries: Box<[CachePadded<Entry>]>,
     lru: Mutex<Lru>,
     /// Mirror of the LRU's length, for the lock-free check on release.
@@ -338,8 +384,9 @@ impl SfPool {
         }
     }
 
+    #[inline]
     fn alloc_key<'a>(&'a self, key: MapKey, hold: Hold<'a>, how: Wait<'_>) -> Result<SfBuf<'a>> {
-        if let Some((slot, addr)) = self.try_hit(key) {
+        if let Some((slot, addr)) = self.try_hint(key).or_else(|| self.try_hit(key)) {
             self.c.hits.inc();
             return Ok(self.handle(hold, slot, addr));
         }
@@ -351,16 +398,75 @@ impl SfPool {
         SfBuf { pool: self, hold, slot, addr }
     }
 
-    /// Look `key` up and take a reference, under the shard's read lock.
+    /// The lock-free hit (module docs, 5-8): take a reference on the
+    /// generation the frame's hint names, if it is still live.
     #[inline]
+    fn try_hint(&self, key: MapKey) -> Option<(u32, NonNull<u8>)> {
+        if key.pages != 1 {
+            return None;
+        }
+        let h = self.hint.get(key.pfn)?.load(Ordering::Relaxed);
+        let slot = (h as u32).checked_sub(1)?;
+        let e = &self.entries[slot as usize];
+        let unchecked = crate::sync::mutant!(HintUnchecked);
+        // The first CAS guesses the usual state of a cached entry instead of
+        // loading it: a load followed by a CAS costs two coherence misses
+        // when the line was last written by another core (a shared copy,
+        // then the upgrade), one CAS costs one. A wrong guess fails and
+        // returns the real state.
+        let mut s = (h & GEN) | ON_LRU | REFERENCED;
+        loop {
+            if (!unchecked && s & GEN != h & GEN) || s & DEAD != 0 || s & REFS == REFS {
+                return None;
+            }
+            // Acquire: pairs with the Release that published the generation
+            // (and with the last release's, as `bump`).
+            match e.state.compare_exchange_weak(s, (s + 1) | REFERENCED, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => s = now,
+            }
+        }
+        if s & REFS == 0 {
+            self.c.used.inc();
+        }
+        // Only after 2^32 generations of this slot (module docs, 8); loom
+        // cannot get there, so its models skip the check (two atomic loads,
+        // each a scheduling point).
+        #[cfg(not(loom))]
+        if e.key() != key {
+            self.release(slot);
+            return None;
+        }
+        Some((slot, self.addr_of(e)))
+    }
+
+    /// Record that generation `state` of `slot` maps `key` (single pages
+    /// only). Written only when it changes: the line is read by every hit.
+    fn set_hint(&self, key: MapKey, slot: u32, state: u64) {
+        if key.pages != 1 {
+            return;
+        }
+        if let Some(h) = self.hint.get(key.pfn) {
+            let v = (state & GEN) | (slot as u64 + 1);
+            if h.load(Ordering::Relaxed) != v {
+                h.store(v, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Look `key` up and take a reference, under the shard's read lock;
+    /// refresh the frame's hint.
     fn try_hit(&self, key: MapKey) -> Option<(u32, NonNull<u8>)> {
-        self.map.get_with(&key, |&slot| {
+        let (slot, state) = self.map.get_with(&key, |&slot| {
             let e = &self.entries[slot as usize];
-            if e.bump() {
+            let (was_unused, state) = e.bump();
+            if was_unused {
                 self.c.used.inc();
             }
-            (slot, self.addr_of(e))
-        })
+            (slot, state)
+        })?;
+        self.set_hint(key, slot, state);
+        Some((slot, self.addr_of(&self.entries[slot as usize])))
     }
 
     fn addr_of(&self, e: &Entry) -> NonNull<u8> {
@@ -401,15 +507,19 @@ impl SfPool {
         // SAFETY: the slot was free (ours from `take_slots`), so no other
         // thread can reach this entry until we publish it below.
         e.mapping.with_mut(|p| unsafe { *p = Some(m) });
-        e.state.store(1 | REFERENCED, Ordering::Relaxed);
-        // Publishing: the insert's write lock releases everything above.
+        // Release: a hint reader's Acquire CAS on this generation sees the
+        // fields above (module docs, 7). For map readers, the insert's write
+        // lock releases them.
+        let live = next_gen(e.state.load(Ordering::Relaxed), 1 | REFERENCED);
+        e.state.store(live, Ordering::Release);
         match self.map.insert_or_with(key, slot, |&other| {
-            if self.entries[other as usize].bump() {
+            if self.entries[other as usize].bump().0 {
                 self.c.used.inc();
             }
             other
         }) {
             None => {
+                self.set_hint(key, slot, live);
                 self.c.misses.inc();
                 self.c.grows.inc();
                 self.c.used.inc();
@@ -426,7 +536,7 @@ impl SfPool {
                 // Lost the race to map this frame: use theirs, undo ours.
                 self.c.lost_races.inc();
                 self.c.hits.inc();
-                e.state.store(0, Ordering::Relaxed);
+                e.state.store(dead_of(live), Ordering::Relaxed);
                 // SAFETY: never published, so ours alone.
                 let m = e.mapping.with_mut(|p| unsafe { (*p).take() }).expect("just stored");
                 self.unmap_and_free(m);
@@ -503,8 +613,9 @@ impl SfPool {
                     // can find it (removed): see the module docs.
                     match unsafe { self.kva.unmap(m) } {
                         Ok(run) => {
+                            // The state stays DEAD (with the generation that
+                            // died) until the slot is published again.
                             self.c.evictions.inc();
-                            e.state.store(0, Ordering::Relaxed);
                             return Ok(Some(run));
                         }
                         Err((err, m)) => {
@@ -513,14 +624,17 @@ impl SfPool {
                             // published as a new one is (state, then insert).
                             // SAFETY: dead and unreachable, ours alone.
                             e.mapping.with_mut(|p| unsafe { *p = Some(m) });
-                            e.state.store(ON_LRU, Ordering::Relaxed);
+                            // A new generation: hints of the old one stay
+                            // stale (the map finds it again).
+                            let back = next_gen(e.state.load(Ordering::Relaxed), ON_LRU);
+                            e.state.store(back, Ordering::Release);
                             if self.map.insert_or_with(key, slot as u32, |_| ()).is_none() {
                                 self.push_lru(slot);
                             } else {
                                 // A miss mapped the frame again meanwhile: this
                                 // entry must not shadow it (on the LRU it would
                                 // be judged under the other entry's key).
-                                e.state.store(0, Ordering::Relaxed);
+                                e.state.store(dead_of(back), Ordering::Relaxed);
                                 // SAFETY: never republished, still ours alone.
                                 let m = e.mapping.with_mut(|p| unsafe { (*p).take() }).expect("just stored");
                                 lock(&self.stale).push(m);
@@ -541,14 +655,14 @@ impl SfPool {
         let mut s = e.state.load(Ordering::Relaxed);
         loop {
             let (new, verdict) = if crate::sync::mutant!(EvictNoRecheck) {
-                (DEAD, Verdict::Evict)
+                (dead_of(s), Verdict::Evict)
             } else if s & REFS != 0 {
                 // In use: off the LRU; its last release puts it back.
                 (s & !(ON_LRU | REFERENCED), Verdict::InUse)
             } else if s & REFERENCED != 0 {
                 (s & !REFERENCED, Verdict::SecondChance)
             } else {
-                (DEAD, Verdict::Evict)
+                (dead_of(s), Verdict::Evict)
             };
             // AcqRel: the kill acquires what the last holder released; the
             // flag changes release to the next release's fetch_sub.
