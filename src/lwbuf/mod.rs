@@ -566,26 +566,32 @@ impl Drop for Lwbuf<'_> {
     #[inline]
     fn drop(&mut self) {
         let sys = self.sys;
-        let me = sys.current_cpu();
         let home = self.home as usize;
         // The common case: released on its home CPU, used nowhere else.
-        if me == Some(home) {
-            {
-                let mut l = sys.enter_cpu(home);
-                l.decref(self.key);
-                l.trim(&sys.kva, sys.max_excess());
-            }
-            if self.mask.is_only(home) {
-                return;
-            }
+        if sys.current_cpu() == Some(home) && self.mask.is_only(home) {
+            let mut l = sys.enter_cpu(home);
+            l.decref(self.key);
+            l.trim(&sys.kva, sys.max_excess());
+            return;
         }
+        self.release_spread();
+    }
+}
+
+impl Lwbuf<'_> {
+    /// Release a handle used on other CPUs, or dropped away from home: a
+    /// local decref for the current CPU, a message to every other CPU in
+    /// the mask.
+    #[cold]
+    #[inline(never)]
+    fn release_spread(&mut self) {
+        let sys = self.sys;
+        let me = sys.current_cpu();
         for cpu in self.mask.iter() {
             if Some(cpu) == me {
-                if cpu != home {
-                    let mut l = sys.enter_cpu(cpu);
-                    l.decref(self.key);
-                    l.trim(&sys.kva, sys.max_excess());
-                }
+                let mut l = sys.enter_cpu(cpu);
+                l.decref(self.key);
+                l.trim(&sys.kva, sys.max_excess());
             } else if !crate::sync::mutant!(NoRemoteDecref) {
                 sys.send_decref(me, cpu, self.key);
             }
