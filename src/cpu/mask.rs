@@ -121,6 +121,17 @@ impl CpuMask {
     }
 }
 
+impl Clone for CpuMask {
+    /// A snapshot: each word read once (relaxed).
+    fn clone(&self) -> Self {
+        let m = CpuMask::new(self.nwords * 64);
+        for (d, w) in m.words().iter().zip(self.words()) {
+            d.store(w.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        m
+    }
+}
+
 impl fmt::Debug for CpuMask {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_set().entries(self.iter()).finish()
@@ -138,6 +149,10 @@ mod tests {
             assert_eq!(m.iter().collect::<Vec<_>>(), [cpu]);
             assert!(m.insert(cpu), "already there");
             assert_eq!(m.count(), 1);
+            let copy = m.clone();
+            copy.insert(cpu ^ 1);
+            assert_eq!(m.count(), 1, "a clone is a snapshot");
+            assert_eq!(copy.iter().collect::<Vec<_>>(), [cpu.min(cpu ^ 1), cpu.max(cpu ^ 1)]);
             assert!(m.is_only(cpu));
             assert!(!m.is_only(cpu ^ 1));
             if cpu > 0 {

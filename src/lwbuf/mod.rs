@@ -311,7 +311,12 @@ impl Lwbufs {
     /// other CPUs if the window is otherwise full.
     #[inline]
     fn acquire_on(&self, cpu: usize, key: Key) -> Result<NonNull<u8>> {
-        match self.enter_cpu(cpu).acquire(&self.kva, key) {
+        // A statement of its own: the guard must be gone before the slow
+        // path steals other CPUs (a guard in a `match` scrutinee would live
+        // through it, and two CPUs reclaiming at once would each wait for
+        // the other to leave its cache).
+        let r = self.enter_cpu(cpu).acquire(&self.kva, key);
+        match r {
             Ok(addr) => Ok(addr),
             Err(m) => self.acquire_full(cpu, key, m),
         }
@@ -521,9 +526,12 @@ impl<'a> Lwbuf<'a> {
         self.home as usize
     }
 
-    /// The CPUs the handle has an entry on.
-    pub fn cpumask(&self) -> &CpuMask {
-        &self.mask
+    /// The CPUs the handle has an entry on, as a copy: the handle's own
+    /// mask decides which CPUs its release reaches, so callers must not be
+    /// able to change it (a CPU added by hand would receive a decref it
+    /// holds no reference for, and take another handle's).
+    pub fn cpumask(&self) -> CpuMask {
+        self.mask.clone()
     }
 
     fn len(&self) -> usize {

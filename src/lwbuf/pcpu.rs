@@ -154,22 +154,26 @@ impl Local {
     /// only the entry.
     #[inline]
     pub(crate) fn acquire(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
-        self.c.allocs += 1;
         if let Some(e) = self.map.get_mut(&key) {
             e.refs = e.refs.checked_add(1).expect("lwbuf: entry reference count overflow");
             if e.refs == 1 {
                 self.unused -= 1;
             }
+            self.c.allocs += 1;
             self.c.hits += 1;
             return Ok(e.mapping.addr());
         }
         self.acquire_miss(kva, key)
     }
 
+    /// Counted (an alloc, a miss) only when it succeeds: an attempt that
+    /// finds no room is retried after reclaiming other CPUs' caches, and
+    /// one call must count once.
     #[cold]
     fn acquire_miss(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
-        self.c.misses += 1;
         let mapping = self.map_new(kva, key)?;
+        self.c.allocs += 1;
+        self.c.misses += 1;
         let addr = mapping.addr();
         self.map.insert(key, Entry { mapping, refs: 1, queued: false, referenced: false });
         self.c.peak_mapped = self.c.peak_mapped.max(self.map.len() as u64);

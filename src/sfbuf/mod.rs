@@ -45,8 +45,11 @@
 //!    generation g is still live, so (by 6) it maps this frame, and the
 //!    kill of (2) can no longer succeed while the reference is held. If the
 //!    generation moved on or the entry is dead, the CAS is not attempted
-//!    and the lookup goes to the map. A mapping that lost the insert race
-//!    is never in a hint (it never inserted), so it cannot be reached.
+//!    and the lookup goes to the map. A mapping is `UNPUBLISHED` from its
+//!    first store until its insert succeeded, and hint readers refuse that
+//!    state: a mapping that loses the insert race (and is then unmapped
+//!    with a plain store) cannot be reached through a hint, not even
+//!    through a stale one whose generation has wrapped round to its own.
 //!    Acquire on that CAS pairs with the Release store that published the
 //!    generation (every later change of the word within a generation is a
 //!    read-modify-write, continuing its release sequence), so the address
@@ -87,6 +90,9 @@ const REFERENCED: u64 = 1 << 28;
 const ON_LRU: u64 = 1 << 29;
 /// Killed by an evictor (out of the map, about to be unmapped), or free.
 const DEAD: u64 = 1 << 30;
+/// Written but not yet in the map: a miss that may still lose the insert
+/// race (and then unmap it), or a revival. Hint readers refuse it.
+const UNPUBLISHED: u64 = 1 << 31;
 /// The slot's generation: one more at every publication (module docs, 5).
 const GEN_SHIFT: u32 = 32;
 const GEN: u64 = !((1 << GEN_SHIFT) - 1);
@@ -145,7 +151,10 @@ impl Entry {
     fn bump(&self) -> (bool, u64) {
         let mut s = self.state.load(Ordering::Relaxed);
         loop {
-            debug_assert!(s & DEAD == 0 && s & REFS < REFS, "sf_buf: bump of dead or saturated entry");
+            debug_assert!(s & DEAD == 0, "sf_buf: bump of a dead entry");
+            // As std's Arc: a count this high means leaked handles, and
+            // carrying into the flags would corrupt the entry.
+            assert!(s & REFS < REFS, "sf_buf: reference count overflow (leaked handles)");
             // Acquire: pairs with the Release of the last release so this
             // holder sees the bytes its predecessors wrote.
             let new = (s + 1) | REFERENCED;
@@ -416,7 +425,7 @@ impl SfPool {
         // returns the real state.
         let mut s = (h & GEN) | ON_LRU | REFERENCED;
         loop {
-            if (!unchecked && s & GEN != h & GEN) || s & DEAD != 0 || s & REFS == REFS {
+            if (!unchecked && s & GEN != h & GEN) || s & (DEAD | UNPUBLISHED) != 0 || s & REFS == REFS {
                 return None;
             }
             // Acquire: pairs with the Release that published the generation
@@ -510,7 +519,7 @@ impl SfPool {
         // Release: a hint reader's Acquire CAS on this generation sees the
         // fields above (module docs, 7). For map readers, the insert's write
         // lock releases them.
-        let live = next_gen(e.state.load(Ordering::Relaxed), 1 | REFERENCED);
+        let live = next_gen(e.state.load(Ordering::Relaxed), 1 | REFERENCED | UNPUBLISHED);
         e.state.store(live, Ordering::Release);
         match self.map.insert_or_with(key, slot, |&other| {
             if self.entries[other as usize].bump().0 {
@@ -519,6 +528,10 @@ impl SfPool {
             other
         }) {
             None => {
+                // In the map: hint readers may take it from now on. Release
+                // (a read-modify-write, so map readers' bumps since the
+                // insert are kept): as the store above, for hint readers.
+                e.state.fetch_and(!UNPUBLISHED, Ordering::Release);
                 self.set_hint(key, slot, live);
                 self.c.misses.inc();
                 self.c.grows.inc();
@@ -626,9 +639,10 @@ impl SfPool {
                             e.mapping.with_mut(|p| unsafe { *p = Some(m) });
                             // A new generation: hints of the old one stay
                             // stale (the map finds it again).
-                            let back = next_gen(e.state.load(Ordering::Relaxed), ON_LRU);
+                            let back = next_gen(e.state.load(Ordering::Relaxed), ON_LRU | UNPUBLISHED);
                             e.state.store(back, Ordering::Release);
                             if self.map.insert_or_with(key, slot as u32, |_| ()).is_none() {
+                                e.state.fetch_and(!UNPUBLISHED, Ordering::Release);
                                 self.push_lru(slot);
                             } else {
                                 // A miss mapped the frame again meanwhile: this
