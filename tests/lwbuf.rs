@@ -1002,14 +1002,16 @@ fn auto_traits() {
 fn two_cpus_reclaiming_each_other_at_once(b: Backend) {
     const ROUNDS: usize = 3000;
     let mem = b.phys(64);
-    // 'static: on a hang the workers cannot be joined, and must not borrow
-    // from a frame the failing test unwinds.
-    let pages: &'static [Page] = Vec::leak(stamped_pages(&mem, 16));
-    let lw: &'static Lwbufs = Box::leak(Box::new(b.system(&mem, 4, 2, 4)));
+    // Shared, not borrowed: on a hang the workers cannot be joined, and must
+    // not borrow from a frame the failing test unwinds.
+    let fx = std::sync::Arc::new((stamped_pages(&mem, 16), b.system(&mem, 4, 2, 4)));
     let (done_tx, done_rx) = mpsc::channel();
+    let mut workers = Vec::new();
     for cpu in 0..2 {
         let done = done_tx.clone();
-        thread::spawn(move || {
+        let fx = fx.clone();
+        workers.push(thread::spawn(move || {
+            let (pages, lw) = &*fx;
             let _g = lw.bind(cpu).expect("bind");
             let mut r = rng(cpu as u64);
             let (mut got, mut full) = (0u64, 0u64);
@@ -1033,7 +1035,7 @@ fn two_cpus_reclaiming_each_other_at_once(b: Backend) {
                 }
             }
             done.send((got, full)).expect("report");
-        });
+        }));
     }
     let (mut got, mut full) = (0, 0);
     for _ in 0..2 {
@@ -1043,6 +1045,10 @@ fn two_cpus_reclaiming_each_other_at_once(b: Backend) {
         got += g;
         full += f;
     }
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let lw = &fx.1;
     let s = lw.stats();
     assert_eq!(s.total.allocs, got, "one alloc counted per successful call: {s}");
     // How often both found no room together depends on timing (on the real
