@@ -92,6 +92,52 @@ impl Fixture {
             drop(self.lw.alloc(p).expect("alloc"));
         }
     }
+
+    /// (a): step `i` of the sequence as an lwbuf hit, reading 8 bytes.
+    #[inline(always)]
+    fn hit_8(&self, i: usize) -> u64 {
+        let (p, off) = self.seq[i & (SEQ - 1)];
+        let h = self.lw.alloc(&self.pages[p]).expect("alloc");
+        h.kva().expect("kva").read_u64(off).expect("read")
+    }
+
+    /// (b): step `i` through the direct map.
+    #[inline(always)]
+    fn direct_8(&self, i: usize) -> u64 {
+        let (p, off) = self.seq[i & (SEQ - 1)];
+        self.pages[p].direct().expect("direct").read_u64(off).expect("read")
+    }
+
+    /// (c): step `i` mapped into slot 0 of `win` (a window of its own, one
+    /// slot), written, and the slot remapped `PROT_NONE` (the kernel's
+    /// cost: one mmap, one page fault on the write, one remap).
+    #[inline(always)]
+    fn remap_touch(&self, win: &Window, i: usize) {
+        let (p, off) = self.seq[i & (SEQ - 1)];
+        // SAFETY: slot 0 of `win` is empty (every call removes what it
+        // entered) and nothing refers to it.
+        let a = unsafe { win.enter(Slot(0), self.pages[p].pfn(), 1) }.expect("enter");
+        // SAFETY: the slot maps a whole frame; `off + 8 <= frame size`.
+        unsafe { a.as_ptr().add(off).cast::<u64>().write_unaligned(black_box(i as u64)) };
+        // SAFETY: `a` is not used past this point.
+        unsafe { win.remove(Slot(0), 1) }.expect("remove");
+    }
+
+    /// Page `p` read whole into `buf` through an lwbuf hit.
+    #[inline(always)]
+    fn hit_4k(&self, p: usize, buf: &mut [u8]) {
+        let h = self.lw.alloc(&self.pages[p]).expect("alloc");
+        h.kva().expect("kva").read_at(0, buf).expect("read");
+        drop(h);
+        black_box(buf);
+    }
+
+    /// Page `p` read whole into `buf` through the direct map.
+    #[inline(always)]
+    fn direct_4k(&self, p: usize, buf: &mut [u8]) {
+        self.pages[p].direct().expect("direct").read_at(0, buf).expect("read");
+        black_box(buf);
+    }
 }
 
 /// (a), (b) and (c) of the module docs, in one group.
@@ -105,12 +151,8 @@ fn read_8<M: Measurement>(c: &mut Criterion<M>, clock: Clock) {
     let mut i = 0;
     g.bench_function("lwbuf_hit", |b| {
         b.iter(|| {
-            let (p, off) = f.seq[i & (SEQ - 1)];
             i += 1;
-            let h = f.lw.alloc(&f.pages[p]).expect("alloc");
-            let v = h.kva().expect("kva").read_u64(off).expect("read");
-            drop(h);
-            black_box(v)
+            black_box(f.hit_8(i))
         })
     });
     assert_eq!(f.lw.stats().total.misses, misses, "every alloc was a hit");
@@ -118,28 +160,18 @@ fn read_8<M: Measurement>(c: &mut Criterion<M>, clock: Clock) {
     let mut i = 0;
     g.bench_function("direct_map", |b| {
         b.iter(|| {
-            let (p, off) = f.seq[i & (SEQ - 1)];
             i += 1;
-            black_box(f.pages[p].direct().expect("direct").read_u64(off).expect("read"))
+            black_box(f.direct_8(i))
         })
     });
 
-    // A window of its own, so the lwbuf cache's slots are not disturbed;
-    // one slot, entered and removed per iteration (the kernel's cost: one
-    // mmap, one page fault on the write, one PROT_NONE remap).
+    // A window of its own, so the lwbuf cache's slots are not disturbed.
     let win = Window::builder(&f.mem).slots(1).build().expect("Window");
     let mut i = 0;
     g.bench_function("mmap_touch_remap", |b| {
         b.iter(|| {
-            let (p, off) = f.seq[i & (SEQ - 1)];
             i += 1;
-            // SAFETY: slot 0 of this private window is empty (every
-            // iteration removes what it entered) and nothing refers to it.
-            let a = unsafe { win.enter(Slot(0), f.pages[p].pfn(), 1) }.expect("enter");
-            // SAFETY: the slot maps a whole frame; `off + 8 <= frame size`.
-            unsafe { a.as_ptr().add(off).cast::<u64>().write_unaligned(black_box(i as u64)) };
-            // SAFETY: `a` is not used past this point.
-            unsafe { win.remove(Slot(0), 1) }.expect("remove");
+            f.remap_touch(&win, i)
         })
     });
 
@@ -159,14 +191,8 @@ fn read_8<M: Measurement>(c: &mut Criterion<M>, clock: Clock) {
         let mut i = 0;
         g.bench_function("mmap_touch_remap_sibling_running", |b| {
             b.iter(|| {
-                let (p, off) = f.seq[i & (SEQ - 1)];
                 i += 1;
-                // SAFETY: as in `mmap_touch_remap`.
-                let a = unsafe { win.enter(Slot(0), f.pages[p].pfn(), 1) }.expect("enter");
-                // SAFETY: as in `mmap_touch_remap`.
-                unsafe { a.as_ptr().add(off).cast::<u64>().write_unaligned(black_box(i as u64)) };
-                // SAFETY: as in `mmap_touch_remap`.
-                unsafe { win.remove(Slot(0), 1) }.expect("remove");
+                f.remap_touch(&win, i)
             })
         });
         stop.store(true, Ordering::Relaxed);
@@ -191,21 +217,15 @@ fn read_4k<M: Measurement>(c: &mut Criterion<M>, clock: Clock, frames: usize) {
     let mut i = 0;
     g.bench_function("lwbuf_hit", |b| {
         b.iter(|| {
-            let (p, _) = f.seq[i & (SEQ - 1)];
             i += 1;
-            let h = f.lw.alloc(&f.pages[p]).expect("alloc");
-            h.kva().expect("kva").read_at(0, &mut buf).expect("read");
-            drop(h);
-            black_box(&buf);
+            f.hit_4k(f.seq[i & (SEQ - 1)].0, &mut buf)
         })
     });
     let mut i = 0;
     g.bench_function("direct_map", |b| {
         b.iter(|| {
-            let (p, _) = f.seq[i & (SEQ - 1)];
             i += 1;
-            f.pages[p].direct().expect("direct").read_at(0, &mut buf).expect("read");
-            black_box(&buf);
+            f.direct_4k(f.seq[i & (SEQ - 1)].0, &mut buf)
         })
     });
     // The same read through window mappings already held (no cache
@@ -438,19 +458,7 @@ fn summary(clock: Clock) {
     let f = Fixture::new();
     let _cpu0 = f.lw.bind(0).expect("bind");
     f.warm();
-    let (mut i, mut j) = (0usize, 0usize);
-    let hit8 = |i: &mut usize| {
-        let (p, off) = f.seq[*i & (SEQ - 1)];
-        *i += 1;
-        let h = f.lw.alloc(&f.pages[p]).expect("alloc");
-        black_box(h.kva().expect("kva").read_u64(off).expect("read"));
-    };
-    let direct8 = |j: &mut usize| {
-        let (p, off) = f.seq[*j & (SEQ - 1)];
-        *j += 1;
-        black_box(f.pages[p].direct().expect("direct").read_u64(off).expect("read"));
-    };
-    let r = common::paired(31, 20_000, ns, || hit8(&mut i), || direct8(&mut j));
+    let r = common::paired(31, 20_000, ns, |i| f.hit_8(i), |i| f.direct_8(i));
     println!(
         "  (a) hit {:.1} ns / (b) direct map {:.1} ns = {:.2}x (target <= 3x: {})",
         r.a_ns,
@@ -459,29 +467,20 @@ fn summary(clock: Clock) {
         verdict(r.ratio <= 3.0)
     );
     let win = Window::builder(&f.mem).slots(1).build().expect("Window");
-    let mut k = 0usize;
-    let remap = |k: &mut usize| {
-        let (p, off) = f.seq[*k & (SEQ - 1)];
-        *k += 1;
-        // SAFETY: slot 0 of this private window is empty (every call
-        // removes what it entered) and nothing refers to it.
-        let a = unsafe { win.enter(Slot(0), f.pages[p].pfn(), 1) }.expect("enter");
-        // SAFETY: the slot maps a whole frame; `off + 8 <= frame size`.
-        unsafe { a.as_ptr().add(off).cast::<u64>().write_unaligned(black_box(*k as u64)) };
-        // SAFETY: `a` is not used past this point.
-        unsafe { win.remove(Slot(0), 1) }.expect("remove");
-    };
+    let (mut i, mut k) = (0usize, 0usize);
     // Per round: 20,000 hits beside 200 remaps, each timed per call.
     let mut rounds = Vec::new();
     for _ in 0..31 {
         let t = ns();
         for _ in 0..20_000 {
-            hit8(&mut i);
+            i += 1;
+            black_box(f.hit_8(i));
         }
         let a = (ns() - t) / 20_000.0;
         let t = ns();
         for _ in 0..200 {
-            remap(&mut k);
+            k += 1;
+            f.remap_touch(&win, k);
         }
         rounds.push((ns() - t) / 200.0 / a);
     }
@@ -494,26 +493,13 @@ fn summary(clock: Clock) {
     // aliasing between its stores and the source's loads).
     let buf = std::cell::RefCell::new(vec![0u8; f.mem.frame_size()]);
     for frames in [FRAMES, 64] {
-        let (mut i, mut j) = (0usize, 0usize);
+        let page = |i: usize| f.seq[i & (SEQ - 1)].0 % frames;
         let r = common::paired(
             31,
             5_000,
             ns,
-            || {
-                let p = f.seq[i & (SEQ - 1)].0 % frames;
-                i += 1;
-                let h = f.lw.alloc(&f.pages[p]).expect("alloc");
-                let mut b = buf.borrow_mut();
-                h.kva().expect("kva").read_at(0, &mut b).expect("read");
-                black_box(&*b);
-            },
-            || {
-                let p = f.seq[j & (SEQ - 1)].0 % frames;
-                j += 1;
-                let mut b = buf.borrow_mut();
-                f.pages[p].direct().expect("direct").read_at(0, &mut b).expect("read");
-                black_box(&*b);
-            },
+            |i| f.hit_4k(page(i), &mut buf.borrow_mut()),
+            |i| f.direct_4k(page(i), &mut buf.borrow_mut()),
         );
         println!(
             "  4 KiB read over {frames} frames: hit {:.1} ns, direct map {:.1} ns: {:.2}x the direct map's throughput (target >= 0.8x: {})",

@@ -101,21 +101,20 @@ impl Fixture {
     #[inline(always)]
     fn sf_op(&self, pool: &SfPool, i: usize) -> u64 {
         let (p, off) = self.seq[i & (SEQ - 1)];
-        let sf = pool.alloc(&self.pages[p], Wait::NoWait).expect("alloc");
-        let v = sf.kva().read_u64(off).expect("read");
-        drop(sf);
-        v
+        Self::sf_read(pool, &self.pages[p], off)
     }
 
     /// `sf_op` on half `half` (0 or 1) of the hot set only.
     #[inline(always)]
     fn sf_op_in_half(&self, pool: &SfPool, i: usize, half: usize) -> u64 {
         let (p, off) = self.seq[i & (SEQ - 1)];
-        let p = p % (HOT / 2) + half * (HOT / 2);
-        let sf = pool.alloc(&self.pages[p], Wait::NoWait).expect("alloc");
-        let v = sf.kva().read_u64(off).expect("read");
-        drop(sf);
-        v
+        Self::sf_read(pool, &self.pages[p % (HOT / 2) + half * (HOT / 2)], off)
+    }
+
+    #[inline(always)]
+    fn sf_read(pool: &SfPool, page: &Page, off: usize) -> u64 {
+        let sf = pool.alloc(page, Wait::NoWait).expect("alloc");
+        sf.kva().read_u64(off).expect("read")
     }
 
     /// One lwbuf op on the calling thread's CPU.
@@ -188,6 +187,18 @@ fn on_threads(n: usize, iters: u64, body: impl Fn(usize, u64, &Barrier) -> Durat
     })
 }
 
+/// Thread `t`'s timed loop: `iters` calls of `op` walking the sequence from
+/// the thread's own offset, started together with the others at `barrier`.
+fn timed_walk(t: usize, iters: u64, barrier: &Barrier, op: impl Fn(usize) -> u64) -> Duration {
+    let base = t * SEQ / 2 + 17;
+    barrier.wait();
+    let t0 = Instant::now();
+    for i in 0..iters as usize {
+        black_box(op(base + i));
+    }
+    t0.elapsed()
+}
+
 fn hit(c: &mut Criterion) {
     let f = Fixture::new();
     let pool = f.pool(4 * HOT, 4 * HOT);
@@ -226,50 +237,19 @@ fn hit_threads(c: &mut Criterion) {
     }
     let sf_misses = pool.stats().misses;
 
-    let sf_body = |t: usize, iters: u64, barrier: &Barrier| {
-        // Each thread walks the sequence from its own offset.
-        let base = t * SEQ / 2 + 17;
-        barrier.wait();
-        let t0 = Instant::now();
-        for i in 0..iters as usize {
-            black_box(f.sf_op(&pool, base + i));
-        }
-        t0.elapsed()
-    };
+    let sf_body = |t: usize, iters: u64, barrier: &Barrier| timed_walk(t, iters, barrier, |i| f.sf_op(&pool, i));
     // Two threads on disjoint halves of the hot set: the same work with no
     // entry shared, so the difference to `sf_body` on two threads is the
     // cost of moving entry lines between cores.
-    let sf_disjoint_body = |t: usize, iters: u64, barrier: &Barrier| {
-        let base = t * SEQ / 2 + 17;
-        barrier.wait();
-        let t0 = Instant::now();
-        for i in 0..iters as usize {
-            black_box(f.sf_op_in_half(&pool, base + i, t));
-        }
-        t0.elapsed()
-    };
+    let sf_disjoint_body =
+        |t: usize, iters: u64, barrier: &Barrier| timed_walk(t, iters, barrier, |i| f.sf_op_in_half(&pool, i, t));
     let lw_body = |t: usize, iters: u64, barrier: &Barrier| {
         let _cpu = lw.bind(t).expect("bind");
-        let base = t * SEQ / 2 + 17;
-        barrier.wait();
-        let t0 = Instant::now();
-        for i in 0..iters as usize {
-            black_box(f.lw_op(&lw, base + i));
-        }
-        t0.elapsed()
+        timed_walk(t, iters, barrier, |i| f.lw_op(&lw, i))
     };
-
     // The machine's own ceiling: the same reads through the direct map,
     // which share nothing but the frames.
-    let direct_body = |t: usize, iters: u64, barrier: &Barrier| {
-        let base = t * SEQ / 2 + 17;
-        barrier.wait();
-        let t0 = Instant::now();
-        for i in 0..iters as usize {
-            black_box(f.direct_op(base + i));
-        }
-        t0.elapsed()
-    };
+    let direct_body = |t: usize, iters: u64, barrier: &Barrier| timed_walk(t, iters, barrier, |i| f.direct_op(i));
 
     let mut g = c.benchmark_group(GROUP_THREADS);
     g.bench_function("sfbuf_hit_1_thread", |b| b.iter_custom(|iters| on_threads(1, iters, sf_body)));
@@ -476,20 +456,7 @@ fn summary() {
         f.warm_lw(&lw);
         let t0 = Instant::now();
         let ns = || t0.elapsed().as_nanos() as f64;
-        let (mut i, mut j) = (0, 0);
-        let r = common::paired(
-            31,
-            20_000,
-            ns,
-            || {
-                i += 1;
-                black_box(f.sf_op(&pool, i));
-            },
-            || {
-                j += 1;
-                black_box(f.lw_op(&lw, j));
-            },
-        );
+        let r = common::paired(31, 20_000, ns, |i| f.sf_op(&pool, i), |i| f.lw_op(&lw, i));
         println!(
             "  side by side (31 alternating rounds, medians): sf_buf hit {:.1} ns / lwbuf hit {:.1} ns = {:.2}x (target <= 3x: {})",
             r.a_ns,

@@ -25,34 +25,19 @@
 
 use std::sync::Arc;
 
-use lwbuf::{
-    Backing, CpuGuard, Error, Fault, FaultStats, FaultyMmu, Lwbuf, Lwbufs, Mmu, ModelMmu, Page, PhysMem, SfBuf, SfPool,
-    Wait, Window,
-};
+use lwbuf::{CpuGuard, Error, Fault, FaultStats, FaultyMmu, Lwbuf, Lwbufs, Mmu, Page, PhysMem, SfBuf, SfPool, Wait};
 
 // === helpers ===
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    Window,
-    Model,
-}
+#[macro_use]
+#[path = "common/backend.rs"]
+mod backend;
+use backend::Backend;
 
 impl Backend {
-    fn phys(self, frames: usize) -> PhysMem {
-        let backing = match self {
-            Backend::Window => Backing::Memfd,
-            Backend::Model => Backing::Heap,
-        };
-        PhysMem::builder().frames(frames).backing(backing).build().expect("build PhysMem")
-    }
-
+    /// The backend's MMU of `slots` slots, behind a fault injector.
     fn faulty(self, mem: &PhysMem, slots: usize) -> Arc<FaultyMmu> {
-        let inner: Arc<dyn Mmu> = match self {
-            Backend::Window => Arc::new(Window::builder(mem).slots(slots).build().expect("build Window")),
-            Backend::Model => Arc::new(ModelMmu::new(mem, slots).expect("build ModelMmu")),
-        };
-        Arc::new(FaultyMmu::new(inner))
+        Arc::new(FaultyMmu::new(self.mmu(mem, slots)))
     }
 }
 

@@ -17,45 +17,10 @@ use lwbuf::{
 
 // === helpers ===
 
-/// Which `Mmu` implementation a test runs against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    /// The real reserved window over a memfd.
-    Window,
-    /// The model MMU over heap memory: no system calls.
-    Model,
-}
-
-impl Backend {
-    /// Memory this backend can map: a memfd for the window, the heap for the model.
-    fn phys(self, frames: usize, frame_size: usize) -> PhysMem {
-        let backing = match self {
-            Backend::Window => Backing::Memfd,
-            Backend::Model => Backing::Heap,
-        };
-        PhysMem::builder().frames(frames).frame_size(frame_size).backing(backing).build().expect("build PhysMem")
-    }
-
-    fn mmu(self, mem: &PhysMem, slots: usize) -> Arc<dyn Mmu> {
-        match self {
-            Backend::Window => Arc::new(Window::builder(mem).slots(slots).build().expect("build Window")),
-            Backend::Model => Arc::new(ModelMmu::new(mem, slots).expect("build ModelMmu")),
-        }
-    }
-}
-
-/// Instantiate each generic test `fn name(Backend)` once per backend, as
-/// `on_window::name` and `on_model::name`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod on_window {
-            $(#[test] fn $name() { super::$name(super::Backend::Window) })*
-        }
-        mod on_model {
-            $(#[test] fn $name() { super::$name(super::Backend::Model) })*
-        }
-    };
-}
+#[macro_use]
+#[path = "common/backend.rs"]
+mod backend;
+use backend::Backend;
 
 on_both_backends!(
     writes_through_a_mapping_are_seen_everywhere,
@@ -123,7 +88,7 @@ fn assert_config<T: std::fmt::Debug>(r: lwbuf::Result<T>, what: &str, mentions: 
 /// slot shows whatever frame is entered there next.
 fn writes_through_a_mapping_are_seen_everywhere(b: Backend) {
     let fs = system_page_size();
-    let mem = b.phys(16, fs);
+    let mem = b.phys_sized(16, fs);
     let mmu = b.mmu(&mem, 8);
     let a = mem.alloc_page().unwrap();
     let c = mem.alloc_page().unwrap();
@@ -181,7 +146,7 @@ fn writes_through_a_mapping_are_seen_everywhere(b: Backend) {
 /// remove, on both backends; the frames land in consecutive slots.
 fn run_is_one_enter_and_one_remove(b: Backend) {
     let fs = system_page_size();
-    let mem = b.phys(128, fs);
+    let mem = b.phys_sized(128, fs);
     let mmu = b.mmu(&mem, 64);
     let run = mem.alloc_run(64).unwrap();
     for (i, p) in run.iter().enumerate() {
@@ -471,7 +436,7 @@ fn configuration_errors() {
 /// Slot or frame ranges outside the window or memory are errors, not
 /// panics, and leave the MMU untouched.
 fn enter_and_remove_outside_the_window_are_errors(b: Backend) {
-    let mem = b.phys(8, system_page_size());
+    let mem = b.phys_sized(8, system_page_size());
     let mmu = b.mmu(&mem, 4);
     let before = mmu.stats();
     let enters: [(usize, usize, usize, &str); 9] = [
@@ -508,7 +473,7 @@ fn enter_and_remove_outside_the_window_are_errors(b: Backend) {
 /// and of a run of two, is reachable through a mapping and lands in the frame.
 fn two_mib_frames(b: Backend) {
     const FS: usize = 2 << 20;
-    let mem = b.phys(4, FS);
+    let mem = b.phys_sized(4, FS);
     assert_eq!(mem.frame_size(), FS);
     let mmu = b.mmu(&mem, 3);
     assert_eq!(mmu.slot_size(), FS);

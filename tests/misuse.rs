@@ -12,25 +12,10 @@ use lwbuf::{
     Window, MAX_BINDINGS_PER_THREAD, MAX_CPUS, MAX_REGION_BYTES,
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    Window,
-    Model,
-}
-
-impl Backend {
-    fn phys(self, frames: usize) -> PhysMem {
-        let backing = if self == Backend::Window { Backing::Memfd } else { Backing::Heap };
-        PhysMem::builder().frames(frames).backing(backing).build().unwrap()
-    }
-
-    fn mmu(self, mem: &PhysMem, slots: usize) -> Arc<dyn Mmu> {
-        match self {
-            Backend::Window => Arc::new(Window::builder(mem).slots(slots).build().unwrap()),
-            Backend::Model => Arc::new(ModelMmu::new(mem, slots).unwrap()),
-        }
-    }
-}
+#[macro_use]
+#[path = "common/backend.rs"]
+mod backend;
+use backend::Backend;
 
 const BOTH: [Backend; 2] = [Backend::Window, Backend::Model];
 

@@ -14,41 +14,15 @@
 //!
 //! Each test runs on the real window and on the model MMU.
 
-use std::sync::{mpsc, Arc, Barrier};
+use std::sync::{mpsc, Barrier};
 use std::thread;
 
-use lwbuf::{Backing, Error, Lwbufs, Mmu, ModelMmu, Page, PhysMem, SfPool, Wait, Window};
+use lwbuf::{Error, Lwbufs, Page, PhysMem, SfPool, Wait};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    Window,
-    Model,
-}
-
-impl Backend {
-    fn phys(self, frames: usize) -> PhysMem {
-        let backing = if self == Backend::Window { Backing::Memfd } else { Backing::Heap };
-        PhysMem::builder().frames(frames).backing(backing).build().unwrap()
-    }
-
-    fn mmu(self, mem: &PhysMem, slots: usize) -> Arc<dyn Mmu> {
-        match self {
-            Backend::Window => Arc::new(Window::builder(mem).slots(slots).build().unwrap()),
-            Backend::Model => Arc::new(ModelMmu::new(mem, slots).unwrap()),
-        }
-    }
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod on_window {
-            $(#[test] fn $name() { super::$name(super::Backend::Window) })*
-        }
-        mod on_model {
-            $(#[test] fn $name() { super::$name(super::Backend::Model) })*
-        }
-    };
-}
+#[macro_use]
+#[path = "common/backend.rs"]
+mod backend;
+use backend::Backend;
 
 on_both_backends!(
     panic_with_handles_dropped_before_the_guard,

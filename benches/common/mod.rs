@@ -30,6 +30,8 @@ pub fn median_ns(group: &str, bench: &str) -> Option<f64> {
 /// timing `iters` calls of `a` and then of `b` with `clock` (a reading in
 /// ns), in alternating order. Slow drifts of a shared machine then hit both
 /// alike; the median per-round ratio is what a target is checked against.
+/// Each side is called with its own running step number (1, 2, ...), to
+/// walk an access sequence.
 pub struct Paired {
     /// Median ns per call of the candidate, over the rounds.
     pub a_ns: f64,
@@ -39,34 +41,38 @@ pub struct Paired {
     pub ratio: f64,
 }
 
-pub fn paired(
+pub fn paired<A, B>(
     rounds: usize,
     iters: usize,
     clock: impl Fn() -> f64,
-    mut a: impl FnMut(),
-    mut b: impl FnMut(),
+    mut a: impl FnMut(usize) -> A,
+    mut b: impl FnMut(usize) -> B,
 ) -> Paired {
-    let time = |f: &mut dyn FnMut()| {
-        let t = clock();
-        for _ in 0..iters {
-            f();
-        }
-        (clock() - t) / iters as f64
-    };
+    let (mut step_a, mut step_b) = (0, 0);
     let (mut ta, mut tb, mut r) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let (x, y) = if round % 2 == 0 {
-            let x = time(&mut a);
-            (x, time(&mut b))
+            let x = time(iters, &clock, &mut a, &mut step_a);
+            (x, time(iters, &clock, &mut b, &mut step_b))
         } else {
-            let y = time(&mut b);
-            (time(&mut a), y)
+            let y = time(iters, &clock, &mut b, &mut step_b);
+            (time(iters, &clock, &mut a, &mut step_a), y)
         };
         ta.push(x);
         tb.push(y);
         r.push(x / y);
     }
     Paired { a_ns: median(&mut ta), b_ns: median(&mut tb), ratio: median(&mut r) }
+}
+
+/// ns per call of `f` over `iters` calls, continuing from step `*step`.
+fn time<R>(iters: usize, clock: &impl Fn() -> f64, f: &mut impl FnMut(usize) -> R, step: &mut usize) -> f64 {
+    let t = clock();
+    for _ in 0..iters {
+        *step += 1;
+        std::hint::black_box(f(*step));
+    }
+    (clock() - t) / iters as f64
 }
 
 fn median(v: &mut [f64]) -> f64 {

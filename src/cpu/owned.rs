@@ -87,13 +87,20 @@ impl<T> Owned<T> {
     /// atomic read-modify-write: two plain stores and one load.
     #[inline(always)]
     pub(crate) fn owner(&self) -> OwnerGuard<'_, T> {
+        match self.try_owner() {
+            Some(g) => g,
+            None => self.owner_after_steal(),
+        }
+    }
+
+    /// Announce the owner and look for a stealer: the guard if there is
+    /// none, else `None` with `inside` still set (the caller steps out).
+    #[inline(always)]
+    fn try_owner(&self) -> Option<OwnerGuard<'_, T>> {
         self.inside.store(true, Ordering::Relaxed);
         barrier::light();
         // Acquire: pairs with the Release that ends a steal.
-        if !self.stealing.load(Ordering::Acquire) {
-            return OwnerGuard { cell: self };
-        }
-        self.owner_after_steal()
+        (!self.stealing.load(Ordering::Acquire)).then_some(OwnerGuard { cell: self })
     }
 
     /// `owner` when a stealer is (or may be) inside: step out, wait for it,
@@ -104,10 +111,8 @@ impl<T> Owned<T> {
         loop {
             self.inside.store(false, Ordering::Release);
             drop(lock(&self.steal_lock));
-            self.inside.store(true, Ordering::Relaxed);
-            barrier::light();
-            if !self.stealing.load(Ordering::Acquire) {
-                return OwnerGuard { cell: self };
+            if let Some(g) = self.try_owner() {
+                return g;
             }
         }
     }

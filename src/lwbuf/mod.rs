@@ -322,31 +322,20 @@ impl Lwbufs {
         }
     }
 
-    /// `acquire_on` when the first try found no room (or failed).
+    /// `acquire_on` when the first try failed: with no room, reclaim the
+    /// other CPUs' cached mappings and try once more.
     #[cold]
     fn acquire_full(&self, cpu: usize, key: Key, first: Miss) -> Result<NonNull<u8>> {
-        let mut first = Some(first);
-        let mut reclaimed = false;
-        let mut refused = None;
-        loop {
-            let r = match first.take() {
-                Some(m) => Err(m),
-                None => self.enter_cpu(cpu).acquire(&self.kva, key),
-            };
-            match r {
-                Ok(v) => return Ok(v),
-                Err(Miss::NoRoom(_)) if !reclaimed => {
-                    // Our lock is released: take the others one at a time.
-                    reclaimed = true;
-                    refused = self.reclaim_except(cpu).1;
-                }
-                // Full because another CPU's cached mapping could not be
-                // unmapped: that refusal is the error to report.
-                Err(Miss::NoRoom(Error::WindowFull { .. })) if refused.is_some() => {
-                    return Err(refused.expect("checked"));
-                }
-                Err(m) => return Err(m.into_error()),
-            }
+        let Miss::NoRoom(_) = first else { return Err(first.into_error()) };
+        // Our cache is left (`acquire_on`): take the others one at a time.
+        let refused = self.reclaim_except(cpu).1;
+        let r = self.enter_cpu(cpu).acquire(&self.kva, key);
+        match (r, refused) {
+            (Ok(addr), _) => Ok(addr),
+            // Full because another CPU's cached mapping could not be
+            // unmapped: that refusal is the error to report.
+            (Err(Miss::NoRoom(Error::WindowFull { .. })), Some(e)) => Err(e),
+            (Err(m), _) => Err(m.into_error()),
         }
     }
 

@@ -3,7 +3,7 @@
 //!
 //! Included with `#[macro_use] #[path = "common/backend.rs"] mod backend;`.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::sync::Arc;
 
