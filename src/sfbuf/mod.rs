@@ -149,17 +149,30 @@ impl Entry {
     /// and the new state.
     #[inline]
     fn bump(&self) -> (bool, u64) {
-        let mut s = self.state.load(Ordering::Relaxed);
-        loop {
+        let live = |s: u64| {
             debug_assert!(s & DEAD == 0, "sf_buf: bump of a dead entry");
+            true
+        };
+        self.bump_from(self.state.load(Ordering::Relaxed), live).expect("an entry in the map is live")
+    }
+
+    /// Take a reference if `live` accepts the state, trying the state `s`
+    /// first (a guess, or a load). `None` if `live` refuses what it sees.
+    #[inline(always)]
+    fn bump_from(&self, mut s: u64, live: impl Fn(u64) -> bool) -> Option<(bool, u64)> {
+        loop {
+            if !live(s) {
+                return None;
+            }
             // As std's Arc: a count this high means leaked handles, and
             // carrying into the flags would corrupt the entry.
             assert!(s & REFS < REFS, "sf_buf: reference count overflow (leaked handles)");
-            // Acquire: pairs with the Release of the last release so this
-            // holder sees the bytes its predecessors wrote.
+            // Acquire: pairs with the Release of the last release (this
+            // holder sees the bytes its predecessors wrote) and with the one
+            // that published the generation (module docs, 7).
             let new = (s + 1) | REFERENCED;
             match self.state.compare_exchange_weak(s, new, Ordering::Acquire, Ordering::Relaxed) {
-                Ok(_) => return (s & REFS == 0, new),
+                Ok(_) => return Some((s & REFS == 0, new)),
                 Err(now) => s = now,
             }
         }
@@ -423,19 +436,10 @@ impl SfPool {
         // when the line was last written by another core (a shared copy,
         // then the upgrade), one CAS costs one. A wrong guess fails and
         // returns the real state.
-        let mut s = (h & GEN) | ON_LRU | REFERENCED;
-        loop {
-            if (!unchecked && s & GEN != h & GEN) || s & (DEAD | UNPUBLISHED) != 0 || s & REFS == REFS {
-                return None;
-            }
-            // Acquire: pairs with the Release that published the generation
-            // (and with the last release's, as `bump`).
-            match e.state.compare_exchange_weak(s, (s + 1) | REFERENCED, Ordering::Acquire, Ordering::Relaxed) {
-                Ok(_) => break,
-                Err(now) => s = now,
-            }
-        }
-        if s & REFS == 0 {
+        let guess = (h & GEN) | ON_LRU | REFERENCED;
+        let live = |s: u64| (unchecked || s & GEN == h & GEN) && s & (DEAD | UNPUBLISHED) == 0;
+        let (was_unused, _) = e.bump_from(guess, live)?;
+        if was_unused {
             self.c.used.inc();
         }
         // Only after 2^32 generations of this slot (module docs, 8); loom
