@@ -45,6 +45,7 @@ on_both_backends!(
     set_max_excess_takes_effect_at_run_time,
     made_on_0_used_on_3_dropped_on_5,
     made_on_0_used_on_3_dropped_unbound,
+    spread_over_cpus_beyond_64,
     idle_owner_mailbox_stays_bounded,
     thread_exit_with_handles_and_binding_strands_nothing,
     thread_panic_with_handles_and_binding_strands_nothing,
@@ -419,6 +420,49 @@ fn made_on_0_used_on_3_dropped_unbound(b: Backend) {
         bar.wait();
     });
     assert_quiescent(lw);
+}
+
+/// A handle spread over CPU ids on both sides of 64 (a handle keeps the
+/// first 64 ids in a word and the rest in a mask allocated on first use):
+/// made on CPU 200, used on 3, 64, 255 and again on 64, dropped on 100.
+/// Every entry gets exactly one decref, whatever side of 64 it is on.
+fn spread_over_cpus_beyond_64(b: Backend) {
+    let mem = b.phys(64);
+    let page = stamped_pages(&mem, 1).pop().unwrap();
+    let lw = b.system(&mem, 64, 256, 4);
+    let on = |cpu: usize, f: &(dyn Fn() + Sync)| {
+        thread::scope(|s| {
+            s.spawn(|| {
+                let _g = lw.bind(cpu).unwrap();
+                f();
+            });
+        })
+    };
+    let g200 = lw.bind(200).unwrap();
+    let h = lw.alloc(&page).unwrap();
+    drop(g200);
+    assert_eq!(h.cpumask().iter().collect::<Vec<_>>(), [200]);
+    for (i, cpu) in [3, 64, 255, 64].into_iter().enumerate() {
+        on(cpu, &|| check_read(&h, &mut rng(40 + i as u64)));
+    }
+    assert_eq!(h.cpumask().iter().collect::<Vec<_>>(), [3, 64, 200, 255]);
+    let st = lw.stats();
+    assert_eq!((st.per_cpu[64].foreign, st.per_cpu[64].allocs), (1, 1), "the second use on 64 is a lookup");
+    assert_eq!(st.total.allocs, 4);
+    let h = std::sync::Mutex::new(Some(h));
+    on(100, &|| drop(h.lock().unwrap().take()));
+    let st = lw.stats();
+    assert_eq!(st.per_cpu[100].decrefs_sent, 4, "{st}");
+    // No thread owns those CPUs any more: the sender applied each message
+    // on the owner's behalf.
+    for cpu in [3, 64, 200, 255] {
+        let c = st.per_cpu[cpu];
+        assert_eq!((c.decrefs_applied, c.mailbox, c.cached), (1, 0, 1), "CPU {cpu}: {st}");
+    }
+    assert_eq!(lw.check_consistency(), Ok(0));
+    assert_eq!(lw.reclaim(), 64, "every slot comes back");
+    assert!(mapped_frames(&lw).is_empty());
+    assert_quiescent(&lw);
 }
 
 /// An owner that is bound but never calls the library does not let its

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicPtr, AtomicU64, Ordering};
 
 /// CPUs a mask holds without a heap allocation.
 pub const INLINE_CPUS: usize = 256;
@@ -138,6 +138,104 @@ impl fmt::Debug for CpuMask {
     }
 }
 
+/// The CPUs other than its home on which an lwbuf handle holds an entry.
+/// CPU ids below 64 live in one word; a mask for the rest is allocated the
+/// first time a handle is used on such a CPU. A fresh handle carries two
+/// zero words instead of a whole [`CpuMask`], and its release checks "used
+/// nowhere else" with two loads.
+pub(crate) struct Others {
+    low: AtomicU64,
+    /// Null, or a leaked `Box<CpuMask>` for `ncpus` CPUs (only ids >= 64
+    /// are set in it), freed by `Drop`.
+    high: AtomicPtr<CpuMask>,
+}
+
+impl Others {
+    /// No CPU.
+    pub(crate) fn new() -> Self {
+        Others { low: AtomicU64::new(0), high: AtomicPtr::new(std::ptr::null_mut()) }
+    }
+
+    /// Whether no CPU is in the set.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.low.load(Ordering::Relaxed) == 0 && self.high().is_none()
+    }
+
+    #[inline]
+    fn high(&self) -> Option<&CpuMask> {
+        // Acquire: pairs with the release of the CAS that published the
+        // mask, so its words are initialized when read.
+        let p = self.high.load(Ordering::Acquire);
+        // SAFETY: a non-null `high` points to a CpuMask leaked by `insert`
+        // and freed only by `Drop`, which has `&mut self`: it outlives the
+        // borrow of `self`.
+        unsafe { p.as_ref() }
+    }
+
+    /// Whether `cpu` is in the set.
+    #[inline]
+    pub(crate) fn contains(&self, cpu: usize) -> bool {
+        if cpu < 64 {
+            self.low.load(Ordering::Relaxed) & (1 << cpu) != 0
+        } else {
+            self.high().is_some_and(|m| m.contains(cpu))
+        }
+    }
+
+    /// Add `cpu` (`< ncpus`). Relaxed, as [`CpuMask::insert`]: the entries
+    /// the set names are protected by their CPU's lock.
+    pub(crate) fn insert(&self, cpu: usize, ncpus: usize) {
+        if cpu < 64 {
+            self.low.fetch_or(1 << cpu, Ordering::Relaxed);
+            return;
+        }
+        let m = match self.high() {
+            Some(m) => m,
+            None => {
+                let fresh = Box::into_raw(Box::new(CpuMask::new(ncpus)));
+                match self.high.compare_exchange(std::ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+                    // SAFETY: just published; freed only by `Drop`.
+                    Ok(_) => unsafe { &*fresh },
+                    Err(theirs) => {
+                        // SAFETY: `fresh` was never shared: the CAS failed.
+                        drop(unsafe { Box::from_raw(fresh) });
+                        // SAFETY: another insert published `theirs`; freed
+                        // only by `Drop`.
+                        unsafe { &*theirs }
+                    }
+                }
+            }
+        };
+        m.insert(cpu);
+    }
+
+    /// The CPUs in the set, in increasing order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        let mut low = self.low.load(Ordering::Relaxed);
+        let low = std::iter::from_fn(move || {
+            (low != 0).then(|| {
+                let b = low.trailing_zeros() as usize;
+                low &= low - 1;
+                b
+            })
+        });
+        low.chain(self.high().into_iter().flat_map(|m| m.iter()))
+    }
+}
+
+impl Drop for Others {
+    fn drop(&mut self) {
+        // A load, not `get_mut` (loom's atomics have none); `&mut self`
+        // means no one else can store.
+        let p = self.high.load(Ordering::Acquire);
+        if !p.is_null() {
+            // SAFETY: leaked by `insert` and owned by this set alone.
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -176,6 +274,24 @@ mod tests {
             assert_eq!(m.iter().collect::<Vec<_>>(), if n == 1 { vec![0] } else { vec![0, n - 1] });
             assert!(m.remove(0));
             assert!(!m.remove(0));
+        }
+    }
+
+    #[test]
+    fn others_low_and_high() {
+        for n in [1, 64, 65, 256, 300] {
+            let o = Others::new();
+            assert!(o.is_empty());
+            let want: Vec<usize> = [0, 5, 63, 64, 200, 299].into_iter().filter(|&c| c < n).collect();
+            for &c in want.iter().rev() {
+                assert!(!o.contains(c));
+                o.insert(c, n);
+                o.insert(c, n);
+                assert!(o.contains(c));
+            }
+            assert_eq!(o.is_empty(), want.is_empty());
+            assert_eq!(o.iter().collect::<Vec<_>>(), want);
+            assert!(!o.contains(n - 1) || want.contains(&(n - 1)));
         }
     }
 }

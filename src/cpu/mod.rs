@@ -12,6 +12,7 @@ mod owned;
 pub use bind::MAX_BINDINGS_PER_THREAD;
 pub(crate) use bind::{bind, current, table_id, unbind, BindTable};
 pub(crate) use mailbox::Mailbox;
+pub(crate) use mask::Others;
 pub use mask::{CpuMask, INLINE_CPUS};
 pub(crate) use owned::{Owned, OwnerGuard, StealGuard};
 

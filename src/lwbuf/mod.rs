@@ -20,7 +20,7 @@ use std::ptr::NonNull;
 
 use pcpu::{Key, Local, Miss, Pcpu};
 
-use crate::cpu::{self, BindTable, CpuMask, OwnerGuard, StealGuard};
+use crate::cpu::{self, BindTable, CpuMask, Others, OwnerGuard, StealGuard};
 use crate::error::{Error, Result};
 use crate::kaddr::Kaddr;
 use crate::kva::{Hold, KvaSpace};
@@ -159,8 +159,13 @@ pub struct Lwbuf<'a> {
     sys: &'a Lwbufs,
     hold: Hold<'a>,
     key: Key,
-    mask: CpuMask,
     home: u32,
+    /// The home entry's index in the home CPU's cache: the release on the
+    /// home CPU goes straight to it.
+    home_idx: u32,
+    /// The CPUs besides `home` with an entry for this handle: its cpumask
+    /// is `{home} + others`.
+    others: Others,
     home_addr: NonNull<u8>,
 }
 
@@ -296,21 +301,14 @@ impl Lwbufs {
     #[inline]
     fn alloc_key<'a>(&'a self, key: Key, hold: Hold<'a>) -> Result<Lwbuf<'a>> {
         let cpu = self.require_cpu()?;
-        let addr = self.acquire_on(cpu, key)?;
-        Ok(Lwbuf {
-            sys: self,
-            hold,
-            key,
-            mask: CpuMask::single(self.cpus.len(), cpu),
-            home: cpu as u32,
-            home_addr: addr,
-        })
+        let (addr, idx) = self.acquire_on(cpu, key)?;
+        Ok(Lwbuf { sys: self, hold, key, others: Others::new(), home: cpu as u32, home_idx: idx, home_addr: addr })
     }
 
     /// Take a reference on `key` in `cpu`'s cache, reclaiming slots from
     /// other CPUs if the window is otherwise full.
     #[inline]
-    fn acquire_on(&self, cpu: usize, key: Key) -> Result<NonNull<u8>> {
+    fn acquire_on(&self, cpu: usize, key: Key) -> Result<(NonNull<u8>, u32)> {
         // A statement of its own: the guard must be gone before the slow
         // path steals other CPUs (a guard in a `match` scrutinee would live
         // through it, and two CPUs reclaiming at once would each wait for
@@ -325,7 +323,7 @@ impl Lwbufs {
     /// `acquire_on` when the first try failed: with no room, reclaim the
     /// other CPUs' cached mappings and try once more.
     #[cold]
-    fn acquire_full(&self, cpu: usize, key: Key, first: Miss) -> Result<NonNull<u8>> {
+    fn acquire_full(&self, cpu: usize, key: Key, first: Miss) -> Result<(NonNull<u8>, u32)> {
         let Miss::NoRoom(_) = first else { return Err(first.into_error()) };
         // Our cache is left (`acquire_on`): take the others one at a time.
         let refused = self.reclaim_except(cpu).1;
@@ -520,7 +518,11 @@ impl<'a> Lwbuf<'a> {
     /// able to change it (a CPU added by hand would receive a decref it
     /// holds no reference for, and take another handle's).
     pub fn cpumask(&self) -> CpuMask {
-        self.mask.clone()
+        let m = CpuMask::single(self.sys.cpus.len(), self.home as usize);
+        for cpu in self.others.iter() {
+            m.insert(cpu);
+        }
+        m
     }
 
     fn len(&self) -> usize {
@@ -547,14 +549,14 @@ impl<'a> Lwbuf<'a> {
     #[cold]
     fn foreign_addr(&self, cpu: usize) -> Result<NonNull<u8>> {
         let sys = self.sys;
-        if self.mask.contains(cpu) {
+        if self.others.contains(cpu) {
             return Ok(sys.enter_cpu(cpu).addr_of(self.key));
         }
         // Only a thread bound to `cpu` adds `cpu` to a mask, under its lock:
         // the test above cannot race with another insert of the same CPU.
-        let addr = sys.acquire_on(cpu, self.key)?;
+        let (addr, _) = sys.acquire_on(cpu, self.key)?;
         sys.enter_cpu(cpu).c.foreign += 1;
-        self.mask.insert(cpu);
+        self.others.insert(cpu, sys.cpus.len());
         Ok(addr)
     }
 }
@@ -565,9 +567,9 @@ impl Drop for Lwbuf<'_> {
         let sys = self.sys;
         let home = self.home as usize;
         // The common case: released on its home CPU, used nowhere else.
-        if sys.current_cpu() == Some(home) && self.mask.is_only(home) {
+        if sys.current_cpu() == Some(home) && self.others.is_empty() {
             let mut l = sys.enter_cpu(home);
-            l.decref(self.key);
+            l.decref_at(self.home_idx, self.key);
             l.trim(&sys.kva, sys.max_excess());
             return;
         }
@@ -584,7 +586,7 @@ impl Lwbuf<'_> {
     fn release_spread(&mut self) {
         let sys = self.sys;
         let me = sys.current_cpu();
-        for cpu in self.mask.iter() {
+        for cpu in std::iter::once(self.home as usize).chain(self.others.iter()) {
             if Some(cpu) == me {
                 let mut l = sys.enter_cpu(cpu);
                 l.decref(self.key);
@@ -602,7 +604,7 @@ impl fmt::Debug for Lwbuf<'_> {
             .field("pfn", &self.key.pfn)
             .field("pages", &self.key.pages)
             .field("home", &self.home)
-            .field("cpumask", &self.mask)
+            .field("cpumask", &self.cpumask())
             .finish()
     }
 }

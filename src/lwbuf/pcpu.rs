@@ -30,10 +30,11 @@ use crate::sync::{env, AtomicU64};
 // one. Without re-use this is exactly LRU; with it, an entry used since it
 // was queued gets one more trip round.
 
-/// A mapped frame (or run) on one CPU. Kept inline in the hash table, so a
-/// hit and its release touch one line of per-frame state.
+/// A mapped frame (or run) on one CPU: a hit and its release touch one
+/// line of per-frame state.
 #[derive(Debug)]
 struct Entry {
+    key: Key,
     mapping: Mapping,
     refs: u32,
     /// On the clock queue. Every unused entry is (`refs == 0` implies
@@ -41,6 +42,111 @@ struct Entry {
     queued: bool,
     /// Released again since the clock hand last saw it: spared once.
     referenced: bool,
+}
+
+/// Frames per leaf of [`Entries`]' per-frame index (a 4 KiB leaf).
+const LEAF: usize = 1024;
+
+/// One CPU's entries: a slab, found by frame number through a two-level
+/// table (single pages: two loads and no hashing, like a page table) or by
+/// key in a hash map (runs). A handle keeps its home entry's slab index, so
+/// its release finds the entry with no lookup at all. The index costs at
+/// most 4 bytes per frame per CPU, in leaves allocated when the CPU first
+/// maps a frame of their 1024-frame range, kept until the system is dropped.
+#[derive(Debug, Default)]
+struct Entries {
+    slab: Vec<Option<Entry>>,
+    /// Free slab indexes.
+    free: Vec<u32>,
+    /// `pfn / LEAF` -> leaf; a leaf holds `slab index + 1`, or 0 for none.
+    leaves: Vec<Option<Box<[u32; LEAF]>>>,
+    runs: WordMap<Key, u32>,
+    len: usize,
+}
+
+impl Entries {
+    /// The slab index of `key`'s entry.
+    #[inline]
+    fn find(&self, key: Key) -> Option<u32> {
+        if key.pages == 1 {
+            let leaf = self.leaves.get(key.pfn / LEAF)?.as_deref()?;
+            leaf[key.pfn % LEAF].checked_sub(1)
+        } else {
+            self.runs.get(&key).copied()
+        }
+    }
+
+    /// The entry at slab index `i`; panics if there is none.
+    #[inline]
+    fn at(&mut self, i: u32) -> &mut Entry {
+        self.slab[i as usize].as_mut().expect("lwbuf: slab index of a removed entry")
+    }
+
+    #[inline]
+    fn get_mut(&mut self, key: Key) -> Option<&mut Entry> {
+        let i = self.find(key)?;
+        Some(self.at(i))
+    }
+
+    /// Add `e` (whose key is not present); returns its slab index.
+    fn insert(&mut self, e: Entry) -> u32 {
+        let key = e.key;
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(e);
+                i
+            }
+            None => {
+                let i = u32::try_from(self.slab.len()).expect("lwbuf: more than 2^32 entries on one CPU");
+                self.slab.push(Some(e));
+                i
+            }
+        };
+        if key.pages == 1 {
+            let at = key.pfn / LEAF;
+            if self.leaves.len() <= at {
+                self.leaves.resize_with(at + 1, || None);
+            }
+            let leaf = self.leaves[at].get_or_insert_with(|| Box::new([0; LEAF]));
+            leaf[key.pfn % LEAF] = i + 1;
+        } else {
+            self.runs.insert(key, i);
+        }
+        self.len += 1;
+        i
+    }
+
+    /// Take `key`'s entry out.
+    fn remove(&mut self, key: Key) -> Option<Entry> {
+        let i = if key.pages == 1 {
+            let leaf = self.leaves.get_mut(key.pfn / LEAF)?.as_deref_mut()?;
+            let i = std::mem::take(&mut leaf[key.pfn % LEAF]).checked_sub(1)?;
+            i
+        } else {
+            self.runs.remove(&key)?
+        };
+        self.len -= 1;
+        self.free.push(i);
+        self.slab[i as usize].take()
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> + '_ {
+        self.slab.iter().flatten()
+    }
+
+    /// Take every entry out.
+    fn drain(&mut self) -> Vec<Entry> {
+        let all = self.slab.drain(..).flatten().collect();
+        self.free.clear();
+        self.leaves.clear();
+        self.runs.clear();
+        self.len = 0;
+        all
+    }
 }
 
 /// Counters kept by the owner (under the cache lock).
@@ -71,7 +177,7 @@ pub(crate) enum Miss {
 #[derive(Debug)]
 pub(crate) struct Local {
     pub(crate) cpu: usize,
-    map: WordMap<Key, Entry>,
+    map: Entries,
     /// The clock queue, oldest release first.
     clock: VecDeque<Key>,
     /// Entries with a count of zero.
@@ -106,7 +212,7 @@ impl Local {
     fn new(cpu: usize) -> Self {
         Local {
             cpu,
-            map: WordMap::default(),
+            map: Entries::default(),
             clock: VecDeque::new(),
             unused: 0,
             free_slots: Vec::new(),
@@ -133,7 +239,7 @@ impl Local {
 
     /// The frames mapped here with their slots and counts (for checks).
     pub(crate) fn entries(&self) -> impl Iterator<Item = (Key, crate::mmu::Slot, u32)> + '_ {
-        self.map.iter().map(|(&k, e)| (k, e.mapping.slot(), e.refs))
+        self.map.iter().map(|e| (e.key, e.mapping.slot(), e.refs))
     }
 
     /// Apply every message in the mailbox, then enforce the excess limit.
@@ -150,18 +256,21 @@ impl Local {
     }
 
     /// Find or create the entry for `key`, take a reference, and return its
-    /// address. A hit makes no system call and no allocation, and touches
-    /// only the entry.
+    /// address and slab index (for [`decref_at`](Self::decref_at)). A hit
+    /// makes no system call and no allocation, and touches only the index
+    /// and the entry.
     #[inline]
-    pub(crate) fn acquire(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
-        if let Some(e) = self.map.get_mut(&key) {
+    pub(crate) fn acquire(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<(NonNull<u8>, u32), Miss> {
+        if let Some(i) = self.map.find(key) {
+            let e = self.map.at(i);
             e.refs = e.refs.checked_add(1).expect("lwbuf: entry reference count overflow");
+            let addr = e.mapping.addr();
             if e.refs == 1 {
                 self.unused -= 1;
             }
             self.c.allocs += 1;
             self.c.hits += 1;
-            return Ok(e.mapping.addr());
+            return Ok((addr, i));
         }
         self.acquire_miss(kva, key)
     }
@@ -170,20 +279,21 @@ impl Local {
     /// finds no room is retried after reclaiming other CPUs' caches, and
     /// one call must count once.
     #[cold]
-    fn acquire_miss(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
+    fn acquire_miss(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<(NonNull<u8>, u32), Miss> {
         let mapping = self.map_new(kva, key)?;
         self.c.allocs += 1;
         self.c.misses += 1;
         let addr = mapping.addr();
-        self.map.insert(key, Entry { mapping, refs: 1, queued: false, referenced: false });
+        let i = self.map.insert(Entry { key, mapping, refs: 1, queued: false, referenced: false });
         self.c.peak_mapped = self.c.peak_mapped.max(self.map.len() as u64);
-        Ok(addr)
+        Ok((addr, i))
     }
 
     /// The address of the entry for `key`, which the caller holds a
     /// reference on.
-    pub(crate) fn addr_of(&self, key: Key) -> NonNull<u8> {
-        self.map[&key].mapping.addr()
+    pub(crate) fn addr_of(&mut self, key: Key) -> NonNull<u8> {
+        let i = self.map.find(key).expect("lwbuf: address of an entry this CPU does not hold");
+        self.map.at(i).mapping.addr()
     }
 
     /// Map `key` into fresh slots: from this CPU's free slots, the shared
@@ -261,8 +371,21 @@ impl Local {
     /// mapped, on the clock. The caller trims afterwards.
     #[inline]
     pub(crate) fn decref(&mut self, key: Key) {
-        let Some(e) = self.map.get_mut(&key).filter(|e| e.refs > 0) else {
-            panic!("lwbuf: decref of {key:?} on CPU {}, which holds no reference on it", self.cpu)
+        match self.map.find(key) {
+            Some(i) => self.decref_at(i, key),
+            None => self.no_reference(key),
+        }
+    }
+
+    /// [`decref`](Self::decref) of the entry at slab index `i`, which the
+    /// caller got from [`acquire`](Self::acquire) for `key` and holds a
+    /// reference on (checked: a mismatch panics, it never touches another
+    /// entry's count).
+    #[inline]
+    pub(crate) fn decref_at(&mut self, i: u32, key: Key) {
+        let e = match self.map.slab.get_mut(i as usize) {
+            Some(Some(e)) if e.key == key && e.refs > 0 => e,
+            _ => self.no_reference(key),
         };
         e.refs -= 1;
         if e.refs == 0 {
@@ -274,6 +397,12 @@ impl Local {
                 self.clock.push_back(key);
             }
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn no_reference(&self, key: Key) -> ! {
+        panic!("lwbuf: decref of {key:?} on CPU {}, which holds no reference on it", self.cpu)
     }
 
     /// Evict unused entries beyond `max_excess`, oldest first.
@@ -292,7 +421,7 @@ impl Local {
     fn evict_one(&mut self, kva: &KvaSpace) -> bool {
         let key = loop {
             let Some(key) = self.clock.pop_front() else { return false };
-            let e = self.map.get_mut(&key).expect("a queued entry is mapped");
+            let e = self.map.get_mut(key).expect("a queued entry is mapped");
             if e.refs > 0 {
                 // In use: off the queue until its count drops to zero.
                 e.queued = false;
@@ -303,7 +432,7 @@ impl Local {
                 break key;
             }
         };
-        let e = self.map.remove(&key).expect("the picked entry is mapped");
+        let e = self.map.remove(key).expect("the picked entry is mapped");
         self.unused -= 1;
         // SAFETY: the entry's count is zero, so no handle holds it, and it is
         // out of the map, so no lookup can find it: nothing can reach the
@@ -317,7 +446,7 @@ impl Local {
             Err((err, mapping)) => {
                 // Still mapped: put it back at the recent end, so the next
                 // eviction tries another one first.
-                self.map.insert(key, Entry { mapping, refs: 0, queued: true, referenced: false });
+                self.map.insert(Entry { key, mapping, refs: 0, queued: true, referenced: false });
                 self.unused += 1;
                 self.clock.push_back(key);
                 self.c.unmap_errors += 1;
@@ -344,7 +473,7 @@ impl Local {
     /// Unmap everything, used or not (the system is going away and no handle
     /// can exist: they borrow it).
     pub(crate) fn teardown(&mut self, kva: &KvaSpace) {
-        for (_, e) in self.map.drain() {
+        for e in self.map.drain() {
             // SAFETY: the system is being dropped; handles borrow it, so
             // none is alive and nothing can reach the address.
             if let Ok(run) = unsafe { kva.unmap(e.mapping) } {
