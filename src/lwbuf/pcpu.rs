@@ -120,8 +120,7 @@ impl Entries {
     fn remove(&mut self, key: Key) -> Option<Entry> {
         let i = if key.pages == 1 {
             let leaf = self.leaves.get_mut(key.pfn / LEAF)?.as_deref_mut()?;
-            let i = std::mem::take(&mut leaf[key.pfn % LEAF]).checked_sub(1)?;
-            i
+            std::mem::take(&mut leaf[key.pfn % LEAF]).checked_sub(1)?
         } else {
             self.runs.remove(&key)?
         };
