@@ -144,7 +144,7 @@ impl KvaSpace {
     /// Check that `page` is a frame of the memory this window maps.
     #[inline]
     pub(crate) fn check_page(&self, page: &Page) -> Result<()> {
-        if page.phys().same_as(&self.phys) {
+        if page.is_of(&self.phys) {
             Ok(())
         } else {
             Err(Error::ForeignPage)

@@ -158,7 +158,6 @@ impl fmt::Debug for CpuGuard<'_> {
 pub struct Lwbuf<'a> {
     sys: &'a Lwbufs,
     hold: Hold<'a>,
-    key: Key,
     home: u32,
     /// The home entry's index in the home CPU's cache: the release on the
     /// home CPU goes straight to it.
@@ -302,7 +301,7 @@ impl Lwbufs {
     fn alloc_key<'a>(&'a self, key: Key, hold: Hold<'a>) -> Result<Lwbuf<'a>> {
         let cpu = self.require_cpu()?;
         let (addr, idx) = self.acquire_on(cpu, key)?;
-        Ok(Lwbuf { sys: self, hold, key, others: Others::new(), home: cpu as u32, home_idx: idx, home_addr: addr })
+        Ok(Lwbuf { sys: self, hold, others: Others::new(), home: cpu as u32, home_idx: idx, home_addr: addr })
     }
 
     /// Take a reference on `key` in `cpu`'s cache, reclaiming slots from
@@ -505,7 +504,7 @@ impl<'a> Lwbuf<'a> {
 
     /// Pages mapped (1, or the run's length).
     pub fn pages(&self) -> usize {
-        self.key.pages
+        self.hold.len()
     }
 
     /// The CPU that allocated the handle.
@@ -525,8 +524,15 @@ impl<'a> Lwbuf<'a> {
         m
     }
 
+    /// What the handle maps, from the pages it borrows (not stored: a
+    /// smaller handle is cheaper to return from `alloc`).
+    #[inline]
+    fn key(&self) -> Key {
+        Key { pfn: self.hold[0].pfn().0, pages: self.hold.len() }
+    }
+
     fn len(&self) -> usize {
-        self.key.pages * self.sys.slot_size
+        self.hold.len() * self.sys.slot_size
     }
 
     /// The mapped bytes, on the calling thread's CPU (`lwbuf_kva`). On the
@@ -550,11 +556,11 @@ impl<'a> Lwbuf<'a> {
     fn foreign_addr(&self, cpu: usize) -> Result<NonNull<u8>> {
         let sys = self.sys;
         if self.others.contains(cpu) {
-            return Ok(sys.enter_cpu(cpu).addr_of(self.key));
+            return Ok(sys.enter_cpu(cpu).addr_of(self.key()));
         }
         // Only a thread bound to `cpu` adds `cpu` to a mask, under its lock:
         // the test above cannot race with another insert of the same CPU.
-        let (addr, _) = sys.acquire_on(cpu, self.key)?;
+        let (addr, _) = sys.acquire_on(cpu, self.key())?;
         sys.enter_cpu(cpu).c.foreign += 1;
         self.others.insert(cpu, sys.cpus.len());
         Ok(addr)
@@ -569,7 +575,7 @@ impl Drop for Lwbuf<'_> {
         // The common case: released on its home CPU, used nowhere else.
         if sys.current_cpu() == Some(home) && self.others.is_empty() {
             let mut l = sys.enter_cpu(home);
-            l.decref_at(self.home_idx, self.key);
+            l.decref_at(self.home_idx, self.key());
             l.trim(&sys.kva, sys.max_excess());
             return;
         }
@@ -589,10 +595,10 @@ impl Lwbuf<'_> {
         for cpu in std::iter::once(self.home as usize).chain(self.others.iter()) {
             if Some(cpu) == me {
                 let mut l = sys.enter_cpu(cpu);
-                l.decref(self.key);
+                l.decref(self.key());
                 l.trim(&sys.kva, sys.max_excess());
             } else if !crate::sync::mutant!(NoRemoteDecref) {
-                sys.send_decref(me, cpu, self.key);
+                sys.send_decref(me, cpu, self.key());
             }
         }
     }
@@ -601,8 +607,8 @@ impl Lwbuf<'_> {
 impl fmt::Debug for Lwbuf<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lwbuf")
-            .field("pfn", &self.key.pfn)
-            .field("pages", &self.key.pages)
+            .field("pfn", &self.key().pfn)
+            .field("pages", &self.hold.len())
             .field("home", &self.home)
             .field("cpumask", &self.cpumask())
             .finish()

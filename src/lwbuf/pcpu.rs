@@ -151,7 +151,6 @@ impl Entries {
 /// Counters kept by the owner (under the cache lock).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) allocs: u64,
     pub(crate) hits: u64,
     pub(crate) misses: u64,
     pub(crate) foreign: u64,
@@ -267,7 +266,6 @@ impl Local {
             if e.refs == 1 {
                 self.unused -= 1;
             }
-            self.c.allocs += 1;
             self.c.hits += 1;
             return Ok((addr, i));
         }
@@ -280,7 +278,6 @@ impl Local {
     #[cold]
     fn acquire_miss(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<(NonNull<u8>, u32), Miss> {
         let mapping = self.map_new(kva, key)?;
-        self.c.allocs += 1;
         self.c.misses += 1;
         let addr = mapping.addr();
         let i = self.map.insert(Entry { key, mapping, refs: 1, queued: false, referenced: false });

@@ -38,7 +38,9 @@ pub struct CpuStats {
 impl CpuStats {
     pub(crate) fn read(l: &Local, pc: &Pcpu) -> CpuStats {
         CpuStats {
-            allocs: l.c.allocs,
+            // Every successful alloc is a hit or a miss: one counter fewer
+            // on the hit path.
+            allocs: l.c.hits + l.c.misses,
             hits: l.c.hits,
             misses: l.c.misses,
             foreign: l.c.foreign,

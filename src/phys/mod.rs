@@ -313,7 +313,14 @@ impl PhysMem {
     /// Whether two handles are the same memory.
     #[inline]
     pub fn same_as(&self, other: &PhysMem) -> bool {
-        std::ptr::eq(&*self.inner, &*other.inner)
+        self.id() == other.id()
+    }
+
+    /// An identity of the memory: the address of its shared state, unique
+    /// among memories alive at once (a page keeps its memory alive).
+    #[inline]
+    pub(crate) fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
     }
 
     /// The direct-map address of `pfn`, or `None` without a direct map or

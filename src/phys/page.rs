@@ -31,6 +31,9 @@ pub struct Page {
     /// `inner.pfn`, kept beside the pointer: mapping caches key on it, and
     /// reading it here saves them a dependent load on the hit path.
     pfn: Pfn,
+    /// `inner.mem.id()`, kept beside the pointer for the same reason: a
+    /// cache checks that a page is of its memory without a dependent load.
+    mem_id: usize,
 }
 
 // SAFETY: `PageInner` is only shared through atomics and immutable fields
@@ -43,6 +46,7 @@ const MAX_REFS: usize = isize::MAX as usize;
 
 impl Page {
     pub(crate) fn new(mem: PhysMem, pfn: Pfn) -> Page {
+        let mem_id = mem.id();
         let inner = Box::new(PageInner {
             refs: AtomicUsize::new(1),
             mem,
@@ -50,7 +54,7 @@ impl Page {
             #[cfg(loom)]
             probe: crate::sync::UnsafeCell::new(()),
         });
-        Page { inner: NonNull::from(Box::leak(inner)), pfn }
+        Page { inner: NonNull::from(Box::leak(inner)), pfn, mem_id }
     }
 
     fn inner(&self) -> &PageInner {
@@ -62,6 +66,12 @@ impl Page {
     #[inline]
     pub fn pfn(&self) -> Pfn {
         self.pfn
+    }
+
+    /// Whether the page is a frame of `mem` (no dependent load).
+    #[inline]
+    pub(crate) fn is_of(&self, mem: &PhysMem) -> bool {
+        self.mem_id == mem.id()
     }
 
     /// The memory this frame belongs to.
@@ -99,7 +109,7 @@ impl Clone for Page {
             // would free a frame still in use.
             std::process::abort();
         }
-        Page { inner: self.inner, pfn: self.pfn }
+        Page { inner: self.inner, pfn: self.pfn, mem_id: self.mem_id }
     }
 }
 
