@@ -225,6 +225,7 @@ impl Others {
 }
 
 impl Drop for Others {
+    #[inline]
     fn drop(&mut self) {
         // A load, not `get_mut` (loom's atomics have none); `&mut self`
         // means no one else can store.
