@@ -10,6 +10,7 @@
 //! part: decref messages from other CPUs.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::ptr::NonNull;
 
 use crate::cpu::Mailbox;
@@ -50,18 +51,38 @@ const LEAF: usize = 1024;
 /// One CPU's entries: a slab, found by frame number through a two-level
 /// table (single pages: two loads and no hashing, like a page table) or by
 /// key in a hash map (runs). A handle keeps its home entry's slab index, so
-/// its release finds the entry with no lookup at all. The index costs at
-/// most 4 bytes per frame per CPU, in leaves allocated when the CPU first
-/// maps a frame of their 1024-frame range, kept until the system is dropped.
-#[derive(Debug, Default)]
+/// its release finds the entry with no lookup at all. The table costs 4
+/// bytes per frame in 4 KiB leaves, each made when the CPU maps a frame of
+/// its 1024-frame range and freed when the last such entry goes, so memory
+/// follows what the CPU has mapped now, not what it ever mapped.
+#[derive(Default)]
 struct Entries {
     slab: Vec<Option<Entry>>,
     /// Free slab indexes.
     free: Vec<u32>,
-    /// `pfn / LEAF` -> leaf; a leaf holds `slab index + 1`, or 0 for none.
-    leaves: Vec<Option<Box<[u32; LEAF]>>>,
+    /// `pfn / LEAF` -> leaf.
+    leaves: Vec<Option<Box<Leaf>>>,
     runs: WordMap<Key, u32>,
     len: usize,
+}
+
+/// Slab indexes of 1024 consecutive frames.
+struct Leaf {
+    /// `slab index + 1` per frame, or 0 for none.
+    idx: [u32; LEAF],
+    /// Non-zero elements of `idx`.
+    live: u32,
+}
+
+impl fmt::Debug for Entries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entries")
+            .field("len", &self.len)
+            .field("slab", &self.slab.len())
+            .field("leaves", &self.leaves.iter().flatten().count())
+            .field("runs", &self.runs.len())
+            .finish()
+    }
 }
 
 impl Entries {
@@ -70,7 +91,7 @@ impl Entries {
     fn find(&self, key: Key) -> Option<u32> {
         if key.pages == 1 {
             let leaf = self.leaves.get(key.pfn / LEAF)?.as_deref()?;
-            leaf[key.pfn % LEAF].checked_sub(1)
+            leaf.idx[key.pfn % LEAF].checked_sub(1)
         } else {
             self.runs.get(&key).copied()
         }
@@ -97,7 +118,11 @@ impl Entries {
                 i
             }
             None => {
-                let i = u32::try_from(self.slab.len()).expect("lwbuf: more than 2^32 entries on one CPU");
+                // Below u32::MAX: leaves store `i + 1`.
+                let i = u32::try_from(self.slab.len())
+                    .ok()
+                    .filter(|&i| i < u32::MAX)
+                    .expect("lwbuf: more than 2^32 - 1 entries on one CPU");
                 self.slab.push(Some(e));
                 i
             }
@@ -107,8 +132,10 @@ impl Entries {
             if self.leaves.len() <= at {
                 self.leaves.resize_with(at + 1, || None);
             }
-            let leaf = self.leaves[at].get_or_insert_with(|| Box::new([0; LEAF]));
-            leaf[key.pfn % LEAF] = i + 1;
+            let leaf = self.leaves[at].get_or_insert_with(|| Box::new(Leaf { idx: [0; LEAF], live: 0 }));
+            debug_assert_eq!(leaf.idx[key.pfn % LEAF], 0, "{key:?} inserted twice");
+            leaf.idx[key.pfn % LEAF] = i + 1;
+            leaf.live += 1;
         } else {
             self.runs.insert(key, i);
         }
@@ -119,8 +146,14 @@ impl Entries {
     /// Take `key`'s entry out.
     fn remove(&mut self, key: Key) -> Option<Entry> {
         let i = if key.pages == 1 {
-            let leaf = self.leaves.get_mut(key.pfn / LEAF)?.as_deref_mut()?;
-            std::mem::take(&mut leaf[key.pfn % LEAF]).checked_sub(1)?
+            let at = key.pfn / LEAF;
+            let leaf = self.leaves.get_mut(at)?.as_deref_mut()?;
+            let i = std::mem::take(&mut leaf.idx[key.pfn % LEAF]).checked_sub(1)?;
+            leaf.live -= 1;
+            if leaf.live == 0 {
+                self.leaves[at] = None;
+            }
+            i
         } else {
             self.runs.remove(&key)?
         };
@@ -137,7 +170,7 @@ impl Entries {
         self.slab.iter().flatten()
     }
 
-    /// Take every entry out.
+    /// Take every entry out (and free the index).
     fn drain(&mut self) -> Vec<Entry> {
         let all = self.slab.drain(..).flatten().collect();
         self.free.clear();
@@ -490,5 +523,60 @@ impl Miss {
         match self {
             Miss::NoRoom(e) | Miss::Failed(e) => e,
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::{ModelMmu, PhysMem};
+    use std::sync::Arc;
+
+    /// The per-frame index across leaves, runs beside single pages, slab
+    /// reuse, and leaves freed when their last entry goes.
+    #[test]
+    fn entries_index_and_leaves() {
+        let mem = PhysMem::builder().frames(4 * LEAF).backing(crate::Backing::Heap).build().unwrap();
+        let kva = KvaSpace::new(Arc::new(ModelMmu::new(&mem, 64).unwrap()), None);
+        let mut es = Entries::default();
+        let single = |pfn| Key { pfn, pages: 1 };
+        let entry = |kva: &KvaSpace, key: Key| {
+            let run = kva.take(key.pages).unwrap();
+            let mapping = kva.map(run, Pfn(key.pfn)).map_err(|(e, _)| e).unwrap();
+            Entry { key, mapping, refs: 0, queued: false, referenced: false }
+        };
+        let keys = [single(0), single(LEAF - 1), single(LEAF), single(3 * LEAF + 5), Key { pfn: 0, pages: 4 }];
+        let idx: Vec<u32> = keys.iter().map(|&k| es.insert(entry(&kva, k))).collect();
+        assert_eq!(es.len(), keys.len());
+        for (k, i) in keys.iter().zip(&idx) {
+            assert_eq!(es.find(*k), Some(*i), "{k:?}");
+            assert_eq!(es.at(*i).key, *k);
+        }
+        assert_eq!(es.find(single(1)), None);
+        assert_eq!(es.find(single(100 * LEAF)), None, "beyond the table");
+        assert_eq!(es.find(Key { pfn: 0, pages: 2 }), None, "runs are keyed by length");
+        assert_eq!(es.leaves.iter().flatten().count(), 3);
+
+        let free = |kva: &KvaSpace, e: Entry| {
+            // SAFETY: the test made this mapping and nothing refers to it.
+            kva.give(unsafe { kva.unmap(e.mapping) }.map_err(|(e, _)| e).unwrap());
+        };
+        // Leaf 0 holds two frames: it stays until both are gone.
+        free(&kva, es.remove(single(0)).unwrap());
+        assert_eq!(es.leaves.iter().flatten().count(), 3);
+        assert!(es.remove(single(0)).is_none(), "removed once");
+        free(&kva, es.remove(single(LEAF - 1)).unwrap());
+        assert_eq!(es.leaves.iter().flatten().count(), 2, "an empty leaf is freed");
+        // A freed slab index is reused.
+        let again = es.insert(entry(&kva, single(7)));
+        assert!(idx[..2].contains(&again));
+        assert_eq!(es.find(single(7)), Some(again));
+        assert_eq!(es.find(Key { pfn: 0, pages: 4 }), Some(idx[4]));
+        assert_eq!(es.iter().count(), 4);
+        for e in es.drain() {
+            free(&kva, e);
+        }
+        assert_eq!((es.len(), es.leaves.len(), es.iter().count()), (0, 0, 0));
+        assert!(format!("{es:?}").len() < 200, "Debug stays short");
     }
 }
