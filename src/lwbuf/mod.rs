@@ -159,9 +159,6 @@ pub struct Lwbuf<'a> {
     sys: &'a Lwbufs,
     hold: Hold<'a>,
     home: u32,
-    /// The home entry's index in the home CPU's cache: the release on the
-    /// home CPU goes straight to it.
-    home_idx: u32,
     /// The CPUs besides `home` with an entry for this handle: its cpumask
     /// is `{home} + others`.
     others: Others,
@@ -300,14 +297,14 @@ impl Lwbufs {
     #[inline]
     fn alloc_key<'a>(&'a self, key: Key, hold: Hold<'a>) -> Result<Lwbuf<'a>> {
         let cpu = self.require_cpu()?;
-        let (addr, idx) = self.acquire_on(cpu, key)?;
-        Ok(Lwbuf { sys: self, hold, others: Others::new(), home: cpu as u32, home_idx: idx, home_addr: addr })
+        let addr = self.acquire_on(cpu, key)?;
+        Ok(Lwbuf { sys: self, hold, others: Others::new(), home: cpu as u32, home_addr: addr })
     }
 
     /// Take a reference on `key` in `cpu`'s cache, reclaiming slots from
     /// other CPUs if the window is otherwise full.
     #[inline]
-    fn acquire_on(&self, cpu: usize, key: Key) -> Result<(NonNull<u8>, u32)> {
+    fn acquire_on(&self, cpu: usize, key: Key) -> Result<NonNull<u8>> {
         // A statement of its own: the guard must be gone before the slow
         // path steals other CPUs (a guard in a `match` scrutinee would live
         // through it, and two CPUs reclaiming at once would each wait for
@@ -322,7 +319,7 @@ impl Lwbufs {
     /// `acquire_on` when the first try failed: with no room, reclaim the
     /// other CPUs' cached mappings and try once more.
     #[cold]
-    fn acquire_full(&self, cpu: usize, key: Key, first: Miss) -> Result<(NonNull<u8>, u32)> {
+    fn acquire_full(&self, cpu: usize, key: Key, first: Miss) -> Result<NonNull<u8>> {
         let Miss::NoRoom(_) = first else { return Err(first.into_error()) };
         // Our cache is left (`acquire_on`): take the others one at a time.
         let refused = self.reclaim_except(cpu).1;
@@ -560,7 +557,7 @@ impl<'a> Lwbuf<'a> {
         }
         // Only a thread bound to `cpu` adds `cpu` to a mask, under its lock:
         // the test above cannot race with another insert of the same CPU.
-        let (addr, _) = sys.acquire_on(cpu, self.key())?;
+        let addr = sys.acquire_on(cpu, self.key())?;
         sys.enter_cpu(cpu).c.foreign += 1;
         self.others.insert(cpu, sys.cpus.len());
         Ok(addr)
@@ -575,7 +572,7 @@ impl Drop for Lwbuf<'_> {
         // The common case: released on its home CPU, used nowhere else.
         if sys.current_cpu() == Some(home) && self.others.is_empty() {
             let mut l = sys.enter_cpu(home);
-            l.decref_at(self.home_idx, self.key());
+            l.decref(self.key());
             l.trim(&sys.kva, sys.max_excess());
             return;
         }

@@ -31,46 +31,84 @@ use crate::sync::{env, AtomicU64};
 // one. Without re-use this is exactly LRU; with it, an entry used since it
 // was queued gets one more trip round.
 
-/// A mapped frame (or run) on one CPU: a hit and its release touch one
-/// line of per-frame state.
-#[derive(Debug)]
+/// What a hit and its release touch of a mapped frame (or run) on one CPU:
+/// 16 bytes, kept in the per-frame index itself (four to a cache line), so
+/// a hit reads no other per-frame state.
+#[derive(Clone, Copy, Debug)]
 struct Entry {
+    /// The mapping's address; `None` for an empty place in a leaf.
+    addr: Option<NonNull<u8>>,
+    refs: u32,
+    /// The slab index of the entry's [`Cold`] part, and two flags.
+    tag: u32,
+}
+
+// SAFETY: `addr` is a record of where the mapping is, as in `Mapping`; it
+// is only dereferenced by handles that borrow the cache owning the entry.
+unsafe impl Send for Entry {}
+// SAFETY: as above; `&Entry` gives only copies of the record.
+unsafe impl Sync for Entry {}
+
+/// On the clock queue. Every unused entry is (`refs == 0` implies queued);
+/// used ones may be, until the clock hand passes them.
+const QUEUED: u32 = 1 << 31;
+/// Released again since the clock hand last saw it: spared once.
+const REFERENCED: u32 = 1 << 30;
+/// The slab index bits of `Entry::tag`.
+const SLAB: u32 = REFERENCED - 1;
+
+impl Entry {
+    const EMPTY: Entry = Entry { addr: None, refs: 0, tag: 0 };
+
+    fn queued(&self) -> bool {
+        self.tag & QUEUED != 0
+    }
+
+    fn referenced(&self) -> bool {
+        self.tag & REFERENCED != 0
+    }
+
+    fn set(&mut self, flag: u32, on: bool) {
+        if on {
+            self.tag |= flag;
+        } else {
+            self.tag &= !flag;
+        }
+    }
+}
+
+/// The rest of an entry, touched only when it is mapped or unmapped.
+#[derive(Debug)]
+struct Cold {
     key: Key,
     mapping: Mapping,
-    refs: u32,
-    /// On the clock queue. Every unused entry is (`refs == 0` implies
-    /// `queued`); used ones may be, until the clock hand passes them.
-    queued: bool,
-    /// Released again since the clock hand last saw it: spared once.
-    referenced: bool,
 }
 
 /// Frames per leaf of [`Entries`]' per-frame index (a 4 KiB leaf).
-const LEAF: usize = 1024;
+const LEAF: usize = 256;
 
-/// One CPU's entries: a slab, found by frame number through a two-level
-/// table (single pages: two loads and no hashing, like a page table) or by
-/// key in a hash map (runs). A handle keeps its home entry's slab index, so
-/// its release finds the entry with no lookup at all. The table costs 4
-/// bytes per frame in 4 KiB leaves, each made when the CPU maps a frame of
-/// its 1024-frame range and freed when the last such entry goes, so memory
+/// One CPU's entries, found like page-table entries: for a single page,
+/// its frame number indexes a two-level table whose leaves hold the
+/// [`Entry`] itself (two loads, no hashing); runs are in a hash map. The
+/// mapping itself waits in a slab for the unmap. The table costs 16 bytes
+/// per frame in 4 KiB leaves, each made when the CPU maps a frame of its
+/// 256-frame range and freed when the last such entry goes, so memory
 /// follows what the CPU has mapped now, not what it ever mapped.
 #[derive(Default)]
 struct Entries {
-    slab: Vec<Option<Entry>>,
+    slab: Vec<Option<Cold>>,
     /// Free slab indexes.
     free: Vec<u32>,
     /// `pfn / LEAF` -> leaf.
     leaves: Vec<Option<Box<Leaf>>>,
-    runs: WordMap<Key, u32>,
+    runs: WordMap<Key, Entry>,
     len: usize,
 }
 
-/// Slab indexes of 1024 consecutive frames.
+/// The entries of 256 consecutive frames.
 struct Leaf {
-    /// `slab index + 1` per frame, or 0 for none.
-    idx: [u32; LEAF],
-    /// Non-zero elements of `idx`.
+    entries: [Entry; LEAF],
+    /// Entries present (`addr` set).
     live: u32,
 }
 
@@ -86,93 +124,95 @@ impl fmt::Debug for Entries {
 }
 
 impl Entries {
-    /// The slab index of `key`'s entry.
+    /// `key`'s entry.
     #[inline]
-    fn find(&self, key: Key) -> Option<u32> {
+    fn get_mut(&mut self, key: Key) -> Option<&mut Entry> {
         if key.pages == 1 {
-            let leaf = self.leaves.get(key.pfn / LEAF)?.as_deref()?;
-            leaf.idx[key.pfn % LEAF].checked_sub(1)
+            let leaf = self.leaves.get_mut(key.pfn / LEAF)?.as_deref_mut()?;
+            Some(&mut leaf.entries[key.pfn % LEAF]).filter(|e| e.addr.is_some())
         } else {
-            self.runs.get(&key).copied()
+            self.runs.get_mut(&key)
         }
     }
 
-    /// The entry at slab index `i`; panics if there is none.
-    #[inline]
-    fn at(&mut self, i: u32) -> &mut Entry {
-        self.slab[i as usize].as_mut().expect("lwbuf: slab index of a removed entry")
+    fn get(&self, key: Key) -> Option<&Entry> {
+        if key.pages == 1 {
+            let leaf = self.leaves.get(key.pfn / LEAF)?.as_deref()?;
+            Some(&leaf.entries[key.pfn % LEAF]).filter(|e| e.addr.is_some())
+        } else {
+            self.runs.get(&key)
+        }
     }
 
-    #[inline]
-    fn get_mut(&mut self, key: Key) -> Option<&mut Entry> {
-        let i = self.find(key)?;
-        Some(self.at(i))
-    }
-
-    /// Add `e` (whose key is not present); returns its slab index.
-    fn insert(&mut self, e: Entry) -> u32 {
-        let key = e.key;
+    /// Add `key` (not present), mapped by `mapping`, with `refs` and `tag`'s
+    /// flags.
+    fn insert(&mut self, key: Key, mapping: Mapping, refs: u32, flags: u32) {
+        let addr = Some(mapping.addr());
+        let cold = Some(Cold { key, mapping });
         let i = match self.free.pop() {
             Some(i) => {
-                self.slab[i as usize] = Some(e);
+                self.slab[i as usize] = cold;
                 i
             }
             None => {
-                // Below u32::MAX: leaves store `i + 1`.
                 let i = u32::try_from(self.slab.len())
                     .ok()
-                    .filter(|&i| i < u32::MAX)
-                    .expect("lwbuf: more than 2^32 - 1 entries on one CPU");
-                self.slab.push(Some(e));
+                    .filter(|&i| i <= SLAB)
+                    .expect("lwbuf: more than 2^30 entries on one CPU");
+                self.slab.push(cold);
                 i
             }
         };
+        let e = Entry { addr, refs, tag: i | (flags & !SLAB) };
         if key.pages == 1 {
             let at = key.pfn / LEAF;
             if self.leaves.len() <= at {
                 self.leaves.resize_with(at + 1, || None);
             }
-            let leaf = self.leaves[at].get_or_insert_with(|| Box::new(Leaf { idx: [0; LEAF], live: 0 }));
-            debug_assert_eq!(leaf.idx[key.pfn % LEAF], 0, "{key:?} inserted twice");
-            leaf.idx[key.pfn % LEAF] = i + 1;
+            let leaf = self.leaves[at].get_or_insert_with(|| Box::new(Leaf { entries: [Entry::EMPTY; LEAF], live: 0 }));
+            let place = &mut leaf.entries[key.pfn % LEAF];
+            debug_assert!(place.addr.is_none(), "{key:?} inserted twice");
+            *place = e;
             leaf.live += 1;
         } else {
-            self.runs.insert(key, i);
+            self.runs.insert(key, e);
         }
         self.len += 1;
-        i
     }
 
-    /// Take `key`'s entry out.
-    fn remove(&mut self, key: Key) -> Option<Entry> {
-        let i = if key.pages == 1 {
+    /// Take `key`'s entry out; returns its mapping.
+    fn remove(&mut self, key: Key) -> Option<Mapping> {
+        let e = if key.pages == 1 {
             let at = key.pfn / LEAF;
             let leaf = self.leaves.get_mut(at)?.as_deref_mut()?;
-            let i = std::mem::take(&mut leaf.idx[key.pfn % LEAF]).checked_sub(1)?;
+            let e = std::mem::replace(&mut leaf.entries[key.pfn % LEAF], Entry::EMPTY);
+            e.addr?;
             leaf.live -= 1;
             if leaf.live == 0 {
                 self.leaves[at] = None;
             }
-            i
+            e
         } else {
             self.runs.remove(&key)?
         };
         self.len -= 1;
+        let i = e.tag & SLAB;
         self.free.push(i);
-        self.slab[i as usize].take()
+        self.slab[i as usize].take().map(|c| c.mapping)
     }
 
     fn len(&self) -> usize {
         self.len
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Entry> + '_ {
-        self.slab.iter().flatten()
+    /// Every entry: key, mapping and count.
+    fn iter(&self) -> impl Iterator<Item = (Key, &Mapping, u32)> + '_ {
+        self.slab.iter().flatten().map(|c| (c.key, &c.mapping, self.get(c.key).map_or(0, |e| e.refs)))
     }
 
-    /// Take every entry out (and free the index).
-    fn drain(&mut self) -> Vec<Entry> {
-        let all = self.slab.drain(..).flatten().collect();
+    /// Take every entry out (and free the index); returns the mappings.
+    fn drain(&mut self) -> Vec<Mapping> {
+        let all = self.slab.drain(..).flatten().map(|c| c.mapping).collect();
         self.free.clear();
         self.leaves.clear();
         self.runs.clear();
@@ -270,7 +310,7 @@ impl Local {
 
     /// The frames mapped here with their slots and counts (for checks).
     pub(crate) fn entries(&self) -> impl Iterator<Item = (Key, crate::mmu::Slot, u32)> + '_ {
-        self.map.iter().map(|e| (e.key, e.mapping.slot(), e.refs))
+        self.map.iter().map(|(k, m, refs)| (k, m.slot(), refs))
     }
 
     /// Apply every message in the mailbox, then enforce the excess limit.
@@ -287,20 +327,18 @@ impl Local {
     }
 
     /// Find or create the entry for `key`, take a reference, and return its
-    /// address and slab index (for [`decref_at`](Self::decref_at)). A hit
-    /// makes no system call and no allocation, and touches only the index
-    /// and the entry.
+    /// address. A hit makes no system call and no allocation, and touches
+    /// only the index (where the entry lives).
     #[inline]
-    pub(crate) fn acquire(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<(NonNull<u8>, u32), Miss> {
-        if let Some(i) = self.map.find(key) {
-            let e = self.map.at(i);
+    pub(crate) fn acquire(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
+        if let Some(e) = self.map.get_mut(key) {
             e.refs = e.refs.checked_add(1).expect("lwbuf: entry reference count overflow");
-            let addr = e.mapping.addr();
-            if e.refs == 1 {
+            let (addr, first) = (e.addr.expect("a present entry has an address"), e.refs == 1);
+            if first {
                 self.unused -= 1;
             }
             self.c.hits += 1;
-            return Ok((addr, i));
+            return Ok(addr);
         }
         self.acquire_miss(kva, key)
     }
@@ -309,20 +347,19 @@ impl Local {
     /// finds no room is retried after reclaiming other CPUs' caches, and
     /// one call must count once.
     #[cold]
-    fn acquire_miss(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<(NonNull<u8>, u32), Miss> {
+    fn acquire_miss(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
         let mapping = self.map_new(kva, key)?;
         self.c.misses += 1;
         let addr = mapping.addr();
-        let i = self.map.insert(Entry { key, mapping, refs: 1, queued: false, referenced: false });
+        self.map.insert(key, mapping, 1, 0);
         self.c.peak_mapped = self.c.peak_mapped.max(self.map.len() as u64);
-        Ok((addr, i))
+        Ok(addr)
     }
 
     /// The address of the entry for `key`, which the caller holds a
     /// reference on.
     pub(crate) fn addr_of(&mut self, key: Key) -> NonNull<u8> {
-        let i = self.map.find(key).expect("lwbuf: address of an entry this CPU does not hold");
-        self.map.at(i).mapping.addr()
+        self.map.get(key).and_then(|e| e.addr).expect("lwbuf: address of an entry this CPU does not hold")
     }
 
     /// Map `key` into fresh slots: from this CPU's free slots, the shared
@@ -397,32 +434,20 @@ impl Local {
     }
 
     /// Drop one reference of the entry for `key`; at zero the entry stays
-    /// mapped, on the clock. The caller trims afterwards.
+    /// mapped, on the clock. The caller trims afterwards. Panics if this CPU
+    /// holds no reference on `key`.
     #[inline]
     pub(crate) fn decref(&mut self, key: Key) {
-        match self.map.find(key) {
-            Some(i) => self.decref_at(i, key),
-            None => self.no_reference(key),
-        }
-    }
-
-    /// [`decref`](Self::decref) of the entry at slab index `i`, which the
-    /// caller got from [`acquire`](Self::acquire) for `key` and holds a
-    /// reference on (checked: a mismatch panics, it never touches another
-    /// entry's count).
-    #[inline]
-    pub(crate) fn decref_at(&mut self, i: u32, key: Key) {
-        let e = match self.map.slab.get_mut(i as usize) {
-            Some(Some(e)) if e.key == key && e.refs > 0 => e,
+        let e = match self.map.get_mut(key) {
+            Some(e) if e.refs > 0 => e,
             _ => self.no_reference(key),
         };
         e.refs -= 1;
         if e.refs == 0 {
+            let queued = e.queued();
+            e.set(if queued { REFERENCED } else { QUEUED }, true);
             self.unused += 1;
-            if e.queued {
-                e.referenced = true;
-            } else {
-                e.queued = true;
+            if !queued {
                 self.clock.push_back(key);
             }
         }
@@ -453,20 +478,20 @@ impl Local {
             let e = self.map.get_mut(key).expect("a queued entry is mapped");
             if e.refs > 0 {
                 // In use: off the queue until its count drops to zero.
-                e.queued = false;
-            } else if e.referenced {
-                e.referenced = false;
+                e.set(QUEUED, false);
+            } else if e.referenced() {
+                e.set(REFERENCED, false);
                 self.clock.push_back(key);
             } else {
                 break key;
             }
         };
-        let e = self.map.remove(key).expect("the picked entry is mapped");
+        let mapping = self.map.remove(key).expect("the picked entry is mapped");
         self.unused -= 1;
         // SAFETY: the entry's count is zero, so no handle holds it, and it is
         // out of the map, so no lookup can find it: nothing can reach the
         // address while it is unmapped.
-        match unsafe { kva.unmap(e.mapping) } {
+        match unsafe { kva.unmap(mapping) } {
             Ok(run) => {
                 self.c.evictions += 1;
                 self.put_slots(kva, run);
@@ -475,7 +500,7 @@ impl Local {
             Err((err, mapping)) => {
                 // Still mapped: put it back at the recent end, so the next
                 // eviction tries another one first.
-                self.map.insert(Entry { key, mapping, refs: 0, queued: true, referenced: false });
+                self.map.insert(key, mapping, 0, QUEUED);
                 self.unused += 1;
                 self.clock.push_back(key);
                 self.c.unmap_errors += 1;
@@ -502,10 +527,10 @@ impl Local {
     /// Unmap everything, used or not (the system is going away and no handle
     /// can exist: they borrow it).
     pub(crate) fn teardown(&mut self, kva: &KvaSpace) {
-        for e in self.map.drain() {
+        for mapping in self.map.drain() {
             // SAFETY: the system is being dropped; handles borrow it, so
             // none is alive and nothing can reach the address.
-            if let Ok(run) = unsafe { kva.unmap(e.mapping) } {
+            if let Ok(run) = unsafe { kva.unmap(mapping) } {
                 kva.give(run);
             }
             // Otherwise still mapped: the window unmaps everything when
@@ -540,27 +565,40 @@ mod tests {
         let kva = KvaSpace::new(Arc::new(ModelMmu::new(&mem, 64).unwrap()), None);
         let mut es = Entries::default();
         let single = |pfn| Key { pfn, pages: 1 };
-        let entry = |kva: &KvaSpace, key: Key| {
+        let map = |kva: &KvaSpace, key: Key| {
             let run = kva.take(key.pages).unwrap();
-            let mapping = kva.map(run, Pfn(key.pfn)).map_err(|(e, _)| e).unwrap();
-            Entry { key, mapping, refs: 0, queued: false, referenced: false }
+            kva.map(run, Pfn(key.pfn)).map_err(|(e, _)| e).unwrap()
+        };
+        let free = |kva: &KvaSpace, m: Mapping| {
+            // SAFETY: the test made this mapping and nothing refers to it.
+            kva.give(unsafe { kva.unmap(m) }.map_err(|(e, _)| e).unwrap());
         };
         let keys = [single(0), single(LEAF - 1), single(LEAF), single(3 * LEAF + 5), Key { pfn: 0, pages: 4 }];
-        let idx: Vec<u32> = keys.iter().map(|&k| es.insert(entry(&kva, k))).collect();
-        assert_eq!(es.len(), keys.len());
-        for (k, i) in keys.iter().zip(&idx) {
-            assert_eq!(es.find(*k), Some(*i), "{k:?}");
-            assert_eq!(es.at(*i).key, *k);
+        let mut addrs = Vec::new();
+        for (n, &k) in keys.iter().enumerate() {
+            let m = map(&kva, k);
+            addrs.push(m.addr());
+            es.insert(k, m, n as u32, if n % 2 == 0 { QUEUED } else { REFERENCED });
         }
-        assert_eq!(es.find(single(1)), None);
-        assert_eq!(es.find(single(100 * LEAF)), None, "beyond the table");
-        assert_eq!(es.find(Key { pfn: 0, pages: 2 }), None, "runs are keyed by length");
+        assert_eq!(es.len(), keys.len());
+        for (n, k) in keys.iter().enumerate() {
+            let e = *es.get_mut(*k).unwrap();
+            assert_eq!(
+                (e.addr, e.refs, e.queued(), e.referenced()),
+                (Some(addrs[n]), n as u32, n % 2 == 0, n % 2 == 1)
+            );
+        }
+        assert!(es.get_mut(single(1)).is_none());
+        assert!(es.get_mut(single(100 * LEAF)).is_none(), "beyond the table");
+        assert!(es.get_mut(Key { pfn: 0, pages: 2 }).is_none(), "runs are keyed by length");
         assert_eq!(es.leaves.iter().flatten().count(), 3);
+        let e = es.get_mut(single(LEAF)).unwrap();
+        e.set(QUEUED, true);
+        e.set(REFERENCED, false);
+        e.refs = 9;
+        let seen: Vec<(Key, u32)> = es.iter().map(|(k, _, r)| (k, r)).collect();
+        assert!(seen.contains(&(single(LEAF), 9)) && seen.len() == keys.len());
 
-        let free = |kva: &KvaSpace, e: Entry| {
-            // SAFETY: the test made this mapping and nothing refers to it.
-            kva.give(unsafe { kva.unmap(e.mapping) }.map_err(|(e, _)| e).unwrap());
-        };
         // Leaf 0 holds two frames: it stays until both are gone.
         free(&kva, es.remove(single(0)).unwrap());
         assert_eq!(es.leaves.iter().flatten().count(), 3);
@@ -568,13 +606,14 @@ mod tests {
         free(&kva, es.remove(single(LEAF - 1)).unwrap());
         assert_eq!(es.leaves.iter().flatten().count(), 2, "an empty leaf is freed");
         // A freed slab index is reused.
-        let again = es.insert(entry(&kva, single(7)));
-        assert!(idx[..2].contains(&again));
-        assert_eq!(es.find(single(7)), Some(again));
-        assert_eq!(es.find(Key { pfn: 0, pages: 4 }), Some(idx[4]));
+        let slab = es.slab.len();
+        es.insert(single(7), map(&kva, single(7)), 0, 0);
+        assert_eq!(es.slab.len(), slab);
+        assert_eq!(es.get_mut(single(7)).unwrap().refs, 0);
+        assert_eq!(es.get_mut(Key { pfn: 0, pages: 4 }).unwrap().addr, Some(addrs[4]));
         assert_eq!(es.iter().count(), 4);
-        for e in es.drain() {
-            free(&kva, e);
+        for m in es.drain() {
+            free(&kva, m);
         }
         assert_eq!((es.len(), es.leaves.len(), es.iter().count()), (0, 0, 0));
         assert!(format!("{es:?}").len() < 200, "Debug stays short");
