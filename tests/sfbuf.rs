@@ -286,7 +286,7 @@ fn nowait_fails_at_once_while_another_thread_holds_the_window(b: Backend) {
             let r = pool.alloc(&pages[slots], Wait::NoWait);
             assert!(matches!(r, Err(Error::WouldBlock)), "{slots} slot(s) in use elsewhere: {r:?}");
             let s = pool.stats();
-            assert_eq!(s.nowait_fails - before.nowait_fails, 1, "{s}");
+            assert_eq!((s.nowait_fails - before.nowait_fails, s.no_room - before.no_room), (1, 1), "{s}");
             assert_eq!((s.waits, s.waiters), (0, 0), "no-wait never sleeps: {s}");
             assert_eq!(s.mmu.enters, before.mmu.enters, "nothing was mapped: {s}");
             // A frame already mapped is still a hit.
@@ -320,6 +320,7 @@ fn forever_wakes_when_the_holder_drops(b: Backend) {
             check_all_words(&sf);
             let s = pool.stats();
             assert_eq!((s.waits, s.timeouts, s.cancels, s.nowait_fails), (1, 0, 0, 0), "{s}");
+            assert!(s.no_room >= 2, "the first try and the one after waiting's announcement: {s}");
         });
         assert_quiescent(&pool);
     }
@@ -610,8 +611,11 @@ fn alloc_all_sleeps_instead_of_spinning(b: Backend) {
         // Allowed: a few attempts, plus timed self-retries (at most one per
         // 64 ms once backed off; twice that rate here). A busy loop makes
         // tens of thousands.
-        let attempts = s.nowait_fails - before.nowait_fails;
+        let attempts = s.no_room - before.no_room;
+        assert!(attempts >= 1, "the first try found no room: {s}");
         assert!(attempts <= 12 + waited_ms / 32, "{attempts} failed attempts in {waited_ms} ms: busy retrying: {s}");
+        // Its pieces' tries are not no-wait calls of the user's.
+        assert_eq!((s.nowait_fails - before.nowait_fails, s.waits - before.waits), (0, 1), "{s}");
     });
 }
 

@@ -251,6 +251,7 @@ struct Counters {
     timeouts: Striped,
     cancels: Striped,
     nowait_fails: Striped,
+    no_room: Striped,
     lost_races: Striped,
     unmap_errors: Striped,
 }
@@ -385,10 +386,10 @@ impl SfPool {
         let attempt = || -> Result<Option<Vec<SfBuf<'a>>>> {
             let mut got = Vec::with_capacity(groups.len());
             for g in &groups {
-                match self.alloc_run(g, Wait::NoWait) {
-                    Ok(b) => got.push(b),
-                    Err(Error::WouldBlock) => return Ok(None), // `got` drops: all given back
-                    Err(e) => return Err(e),
+                let (key, hold) = self.kva.run_key(g)?;
+                match self.alloc_now(key, hold)? {
+                    Some(b) => got.push(b),
+                    None => return Ok(None), // `got` drops: all given back
                 }
             }
             Ok(Some(got))
@@ -412,8 +413,27 @@ impl SfPool {
             self.c.hits.inc();
             return Ok(self.handle(hold, slot, addr));
         }
-        let (slot, addr) = WaitQueue::wait_for(&self.waitq, how, || self.try_miss(key), |o| self.count_wait(o))?;
+        let (slot, addr) = WaitQueue::wait_for(&self.waitq, how, || self.try_room(key), |o| self.count_wait(o))?;
         Ok(self.handle(hold, slot, addr))
+    }
+
+    /// One try at `key` that neither waits nor counts as a call's outcome:
+    /// a piece of an all-or-nothing request. `Ok(None)`: no room now.
+    fn alloc_now<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Result<Option<SfBuf<'a>>> {
+        if let Some((slot, addr)) = self.try_hint(key).or_else(|| self.try_hit(key)) {
+            self.c.hits.inc();
+            return Ok(Some(self.handle(hold, slot, addr)));
+        }
+        Ok(self.try_room(key)?.map(|(slot, addr)| self.handle(hold, slot, addr)))
+    }
+
+    /// [`try_miss`](Self::try_miss), counting the attempts that find no room.
+    fn try_room(&self, key: MapKey) -> Result<Option<(u32, NonNull<u8>)>> {
+        let r = self.try_miss(key);
+        if let Ok(None) = r {
+            self.c.no_room.inc();
+        }
+        r
     }
 
     fn handle<'a>(&'a self, hold: Hold<'a>, slot: u32, addr: NonNull<u8>) -> SfBuf<'a> {
@@ -820,6 +840,7 @@ impl SfPool {
             timeouts: self.c.timeouts.get(),
             cancels: self.c.cancels.get(),
             nowait_fails: self.c.nowait_fails.get(),
+            no_room: self.c.no_room.get(),
             lost_races: self.c.lost_races.get(),
             unmap_errors: self.c.unmap_errors.get(),
             waiters: self.waitq.waiters() as u64,

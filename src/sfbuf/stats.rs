@@ -29,8 +29,13 @@ pub struct SfStats {
     pub timeouts: u64,
     /// Sleeps that ended in a cancel.
     pub cancels: u64,
-    /// No-wait allocations that found no room.
+    /// No-wait calls (`alloc`, `alloc_run`, `alloc_all`) that failed with
+    /// [`crate::Error::WouldBlock`].
     pub nowait_fails: u64,
+    /// Attempts that found no room (every slot mapped and in use, nothing
+    /// to evict): a no-wait failure, each try of a sleeping allocation, each
+    /// piece an all-or-nothing request could not get.
+    pub no_room: u64,
     /// Misses that lost the race to map the same frame (their mapping undone).
     pub lost_races: u64,
     /// Unmaps the MMU refused.
@@ -76,12 +81,13 @@ impl fmt::Display for SfStats {
         )?;
         writeln!(
             f,
-            "  waits {} (timeouts {}, cancels {}, waiting now {}), nowait failures {}, lost races {}, unmap errors {}",
+            "  waits {} (timeouts {}, cancels {}, waiting now {}), nowait failures {}, attempts without room {}, lost races {}, unmap errors {}",
             self.waits,
             self.timeouts,
             self.cancels,
             self.waiters,
             self.nowait_fails,
+            self.no_room,
             self.lost_races,
             self.unmap_errors
         )?;
