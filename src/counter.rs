@@ -6,7 +6,8 @@
 //! owner of a stripe is its only writer, so an increment is a plain load and
 //! store (a `lock`-prefixed add costs ~20 cycles even on a line the core
 //! owns; these counters sit on the sf_buf hit path, three per hit). Threads
-//! beyond [`STRIPES`] at once share one more cell and add atomically.
+//! beyond [`STRIPES`] at once share one more cell and add atomically (for
+//! their whole life: a thread looks for a stripe once).
 //! Readers sum the cells; a stripe handed from an exited thread to a new
 //! one keeps its count, so sums never lose an increment.
 

@@ -84,14 +84,14 @@ struct Cold {
     mapping: Mapping,
 }
 
-/// Frames per leaf of [`Entries`]' per-frame index (a 4 KiB leaf).
+/// Frames per leaf of [`Entries`]' per-frame index (4 KiB of entries).
 const LEAF: usize = 256;
 
 /// One CPU's entries, found like page-table entries: for a single page,
 /// its frame number indexes a two-level table whose leaves hold the
 /// [`Entry`] itself (two loads, no hashing); runs are in a hash map. The
 /// mapping itself waits in a slab for the unmap. The table costs 16 bytes
-/// per frame in 4 KiB leaves, each made when the CPU maps a frame of its
+/// per frame in leaves of 4 KiB (and a count), each made when the CPU maps a frame of its
 /// 256-frame range and freed when the last such entry goes, so memory
 /// follows what the CPU has mapped now, not what it ever mapped.
 #[derive(Default)]

@@ -32,9 +32,10 @@ pub struct SfStats {
     /// No-wait calls (`alloc`, `alloc_run`, `alloc_all`) that failed with
     /// [`crate::Error::WouldBlock`].
     pub nowait_fails: u64,
-    /// Attempts that found no room (every slot mapped and in use, nothing
-    /// to evict): a no-wait failure, each try of a sleeping allocation, each
-    /// piece an all-or-nothing request could not get.
+    /// Attempts that found every slot mapped and in use, with nothing to
+    /// evict: a no-wait failure, each try of a sleeping allocation, each
+    /// piece an all-or-nothing request could not get. (A mapping budget or
+    /// kernel refusal is an error returned at once, not counted here.)
     pub no_room: u64,
     /// Misses that lost the race to map the same frame (their mapping undone).
     pub lost_races: u64,
