@@ -535,7 +535,9 @@ impl<'a> Lwbuf<'a> {
     /// The mapped bytes, on the calling thread's CPU (`lwbuf_kva`). On the
     /// home CPU this is a field read; on another CPU in the mask, a lookup
     /// in that CPU's cache; on a CPU not yet in the mask, it creates (or
-    /// bumps) that CPU's entry, possibly with one `mmap`, and adds the CPU.
+    /// bumps) that CPU's entry, possibly with one `mmap`, and adds the CPU
+    /// (the first such CPU with an id of 64 or more also allocates the
+    /// handle's mask for those ids).
     /// The view borrows the handle, so it cannot outlive the mapping.
     ///
     /// Errors: [`Error::NotBound`]; on a new CPU, as [`Lwbufs::alloc`].
