@@ -229,6 +229,8 @@ pub mod mutants {
         /// The sf_buf pool trusts a frame's hint without checking the
         /// slot's generation.
         HintUnchecked,
+        /// The sf_buf evictor ignores pinned references.
+        PinUnchecked,
     }
 
     std::thread_local! {

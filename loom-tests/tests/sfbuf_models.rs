@@ -181,3 +181,43 @@ fn wait_mutant_lost_wakeup() {
         waiting(Mode::Forever)
     });
 }
+
+// === 6. a pinned hit racing an eviction ===
+
+/// One slot, `max_excess` 1: frame `f` is cached; a user takes it again
+/// (a pinned hit: its reference is counted in the user's row of pins, not
+/// on the entry) while the main thread needs the slot for frame `g`, so it
+/// must evict `f`: never under the pin, and the pinned release must wake it.
+fn pin_vs_eviction() {
+    let (mem, mmu, pool) = pool(2, 1, 1);
+    let f = mem.alloc_page().unwrap();
+    let g = mem.alloc_page().unwrap();
+    let (fpfn, gpfn) = (f.pfn(), g.pfn());
+    drop(pool.alloc(&f, Wait::NoWait).unwrap()); // cached: the next hit pins
+    let umm = mmu.clone();
+    let user = thread::spawn(move || {
+        let sf = pool.alloc(&f, Wait::Forever).unwrap();
+        assert_eq!(umm.translate(sf.slot()), Some(fpfn), "pinned hit returned an evicted or remapped slot");
+        thread::yield_now();
+        assert_eq!(umm.translate(sf.slot()), Some(fpfn), "slot evicted under a pinned handle");
+    });
+    let sf = pool.alloc(&g, Wait::Forever).unwrap();
+    assert_eq!(mmu.translate(sf.slot()), Some(gpfn));
+    drop(sf);
+    user.join().unwrap();
+    let s = pool.stats();
+    assert_eq!(s.used, 0, "{s}");
+    assert!(s.cached <= 1 && s.mapped == s.cached, "{s}");
+    // SAFETY: all threads joined.
+    unsafe { unleak(pool) };
+}
+
+#[test]
+fn sfbuf_pin_vs_eviction() {
+    model("sfbuf_pin_vs_eviction", pin_vs_eviction);
+}
+
+#[test]
+fn sfbuf_pin_vs_eviction_mutant_pin_unchecked() {
+    expect_failure("sfbuf_pin_vs_eviction", Mutant::PinUnchecked, pin_vs_eviction);
+}

@@ -14,7 +14,7 @@ pub(crate) use bind::{bind, current, table_id, unbind, BindTable};
 pub(crate) use mailbox::Mailbox;
 pub(crate) use mask::Others;
 pub use mask::{CpuMask, INLINE_CPUS};
-pub(crate) use owned::{Owned, OwnerGuard, StealGuard};
+pub(crate) use owned::{barrier, Owned, OwnerGuard, StealGuard};
 
 /// Pin the calling thread to core `cpu % cores` (core_affinity). Returns
 /// whether the OS accepted it. A system call; do it once per thread.

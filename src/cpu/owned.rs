@@ -222,9 +222,9 @@ macro_rules! deref_guard {
 deref_guard!(OwnerGuard);
 deref_guard!(StealGuard);
 
-/// The asymmetric barrier pair.
+/// The asymmetric barrier pair (also used by the sf_buf pool's pins).
 #[cfg(not(loom))]
-mod barrier {
+pub(crate) mod barrier {
     use std::sync::atomic::{compiler_fence, fence, AtomicU8, Ordering};
 
     const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
@@ -234,7 +234,7 @@ mod barrier {
     static STATE: AtomicU8 = AtomicU8::new(0);
 
     /// Register the process for expedited membarriers (once).
-    pub(super) fn init() {
+    pub(crate) fn init() {
         if STATE.load(Ordering::Acquire) != 0 {
             return;
         }
@@ -252,7 +252,7 @@ mod barrier {
     /// The owner's side: a compiler barrier when the stealer can force a
     /// full barrier on us, else a full fence.
     #[inline]
-    pub(super) fn light() {
+    pub(crate) fn light() {
         if registered() {
             compiler_fence(Ordering::SeqCst);
         } else {
@@ -261,7 +261,7 @@ mod barrier {
     }
 
     /// The stealer's side: a full barrier here and in every running thread.
-    pub(super) fn heavy() {
+    pub(crate) fn heavy() {
         if registered() {
             // SAFETY: as in `init`.
             let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };
@@ -276,5 +276,22 @@ mod barrier {
         } else {
             fence(Ordering::SeqCst);
         }
+    }
+}
+
+/// Under loom both sides are full fences: the models check the
+/// store-buffering argument the real pair implements.
+#[cfg(loom)]
+pub(crate) mod barrier {
+    use crate::sync::{fence, Ordering};
+
+    pub(crate) fn init() {}
+
+    pub(crate) fn light() {
+        fence(Ordering::SeqCst);
+    }
+
+    pub(crate) fn heavy() {
+        fence(Ordering::SeqCst);
     }
 }

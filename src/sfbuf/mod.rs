@@ -60,6 +60,41 @@
 //!
 //! The loom model `sfbuf_hit_vs_eviction` checks this with `max_excess = 0`,
 //! and fails with the generation check switched off.
+//!
+//! # Pins: hits that write no shared line
+//!
+//! Even the lock-free hit writes the entry's state word, and so does its
+//! release: two cores hitting the same frames pass that line back and forth.
+//! A hit on a cached entry that nobody holds (listed on the LRU, count zero)
+//! instead counts its reference in the calling thread's row of *pins* (one
+//! count per slot per row; a row's lines are written by its threads only):
+//!
+//! 9. The hitter reads the state (same generation, live, listed, count zero,
+//!    not `REVOKED`), adds its pin, issues the light barrier, and reads the
+//!    state again; if anything but the count and `REFERENCED` changed, it
+//!    gives the pin back (a full release, see 11) and takes the ordinary
+//!    path.
+//! 10. An evictor that finds an entry with a count of zero sets `REVOKED`
+//!     (no new pins), issues the heavy barrier (`membarrier`: the pair of
+//!     `src/cpu/owned.rs`) and sums the pins. Either it sees a hitter's pin,
+//!     or that hitter's second read sees `REVOKED` and it backs off: no pin
+//!     is missed, so an entry is killed only with no reference of either
+//!     kind. A pinned entry is taken off the LRU as an entry in use is;
+//!     `REVOKED` is cleared when a look finds it unused (second chance).
+//! 11. Pins are never moved into the entry's count. A last release of
+//!     either kind (the count reaching zero, a pin given back) fences and
+//!     reads the other kind; so does an evictor that just took an entry off
+//!     the LRU. Of two such racing parties at least one sees everything at
+//!     zero (store-buffering) and puts the entry back on the LRU, through a
+//!     CAS that sets `ON_LRU` only on a live, unlisted, unreferenced entry of
+//!     the same generation: pushed once, never after a kill or a reuse.
+//! 12. A pinned release on an entry still listed, with the LRU within
+//!     `max_excess`, does what a last release would (nothing to push, no
+//!     trim) by writing only its pin; it still wakes waiters after its fence.
+//!
+//! The loom model `sfbuf_pin_vs_eviction` checks 9-12 and fails when the
+//! evictor ignores pins (`PinUnchecked`). `peak` counts only the entries'
+//! own counts (pins are not seen at the moment they are taken).
 
 mod stats;
 mod wait;
@@ -73,17 +108,22 @@ use std::ptr::NonNull;
 use wait::{Outcome, WaitQueue};
 
 use crate::counter::Striped;
+use crate::cpu::barrier;
 use crate::error::{Error, Result};
 use crate::kaddr::Kaddr;
 use crate::kva::{Hold, KvaSpace, MapKey, Mapping, SlotRun};
 use crate::lru::Lru;
 use crate::mmu::Mmu;
 use crate::phys::{Page, Pfn};
-use crate::sync::{lock, Arc, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering, UnsafeCell};
+use crate::sync::{
+    fence, lock, Arc, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering, UnsafeCell,
+};
 
 // === entry state ===
 
-const REFS: u64 = (1 << 28) - 1;
+const REFS: u64 = (1 << 27) - 1;
+/// No new pins (see "Pins" in the module docs): an evictor is counting them.
+const REVOKED: u64 = 1 << 27;
 /// Used since the clock hand last passed: one more round on the LRU.
 const REFERENCED: u64 = 1 << 28;
 /// On the inactive LRU (or being looked at by an evictor that popped it).
@@ -96,6 +136,39 @@ const UNPUBLISHED: u64 = 1 << 31;
 /// The slot's generation: one more at every publication (module docs, 5).
 const GEN_SHIFT: u32 = 32;
 const GEN: u64 = !((1 << GEN_SHIFT) - 1);
+
+/// Which barrier `SfPool::pin_sync` issues.
+#[derive(Clone, Copy)]
+enum PinSync {
+    Light,
+    Heavy,
+    Full,
+}
+
+/// Rows of pin counts: threads share a row when there are more of them.
+#[cfg(not(loom))]
+const PIN_STRIPES: usize = 8;
+/// Under loom one row: a row chosen by a counter that outlives each
+/// explored execution would make executions differ between replays.
+#[cfg(loom)]
+const PIN_STRIPES: usize = 1;
+
+/// Under loom every thread counts in the one row.
+#[cfg(loom)]
+fn pin_row() -> usize {
+    0
+}
+
+/// The calling thread's row of pins (given out round robin).
+#[cfg(not(loom))]
+fn pin_row() -> usize {
+    use std::sync::atomic::{AtomicUsize as StdAtomic, Ordering as StdOrdering};
+    static NEXT: StdAtomic = StdAtomic::new(0);
+    crate::sync::thread_local! {
+        static ROW: usize = NEXT.fetch_add(1, StdOrdering::Relaxed) % PIN_STRIPES;
+    }
+    ROW.try_with(|r| *r).unwrap_or(0)
+}
 
 /// The state of a free slot whose last generation was that of `s`.
 fn dead_of(s: u64) -> u64 {
@@ -184,6 +257,8 @@ enum Verdict {
     Evict,
     SecondChance,
     InUse,
+    /// Taken off the LRU as in use, then found unused: back on it.
+    Relist,
 }
 
 // === the pool ===
@@ -224,9 +299,11 @@ impl SfPoolBuilder {
         }
         let kva = KvaSpace::new(self.mmu, self.map_budget);
         let cap = kva.capacity();
+        barrier::init();
         Ok(SfPool {
             map: ConcurrentMap::new(self.shards),
             hint: (0..kva.phys().frames()).map(|_| AtomicU64::new(0)).collect(),
+            pins: (0..PIN_STRIPES * cap).map(|_| AtomicU32::new(0)).collect(),
             entries: (0..cap).map(|_| CachePadded::new(Entry::new())).collect(),
             lru: Mutex::new(Lru::default()),
             lru_len: AtomicUsize::new(0),
@@ -280,6 +357,9 @@ pub struct SfPool {
     /// single-page mapping last published for it, 0 for none (module docs,
     /// 6). Stale hints are harmless.
     hint: Box<[AtomicU64]>,
+    /// `PIN_STRIPES` rows of one count per slot: the references taken by
+    /// pinned hits (module docs, 9-12), each row written by its threads.
+    pins: Box<[AtomicU32]>,
     entries: Box<[CachePadded<Entry>]>,
     lru: Mutex<Lru>,
     /// Mirror of the LRU's length, for the lock-free check on release.
@@ -302,7 +382,12 @@ pub struct SfBuf<'a> {
     hold: Hold<'a>,
     slot: u32,
     addr: NonNull<u8>,
+    /// The pin count this handle holds its reference in, or `NO_PIN` for
+    /// the entry's own count.
+    pin: u32,
 }
+
+const NO_PIN: u32 = u32::MAX;
 
 // SAFETY: the address is valid process-wide while the handle holds its
 // reference; the pool is Sync.
@@ -409,6 +494,9 @@ impl SfPool {
 
     #[inline]
     fn alloc_key<'a>(&'a self, key: MapKey, hold: Hold<'a>, how: Wait<'_>) -> Result<SfBuf<'a>> {
+        if let Some(b) = self.try_pin(key, hold) {
+            return Ok(b);
+        }
         if let Some((slot, addr)) = self.try_hint(key).or_else(|| self.try_hit(key)) {
             self.c.hits.inc();
             return Ok(self.handle(hold, slot, addr));
@@ -437,7 +525,94 @@ impl SfPool {
     }
 
     fn handle<'a>(&'a self, hold: Hold<'a>, slot: u32, addr: NonNull<u8>) -> SfBuf<'a> {
-        SfBuf { pool: self, hold, slot, addr }
+        SfBuf { pool: self, hold, slot, addr, pin: NO_PIN }
+    }
+
+    /// The pinned hit (module docs, 9): on a cached entry nobody
+    /// holds, count the reference in this thread's row of pins, writing
+    /// no line another core writes.
+    #[inline]
+    fn try_pin<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Option<SfBuf<'a>> {
+        if key.pages != 1 {
+            return None;
+        }
+        let h = self.hint.get(key.pfn)?.load(Ordering::Relaxed);
+        let slot = (h as u32).checked_sub(1)?;
+        let e = &self.entries[slot as usize];
+        // Acquire: pairs with the Release store that published this
+        // generation (module docs, 7): the address read below is its own.
+        let s = e.state.load(Ordering::Acquire);
+        if s & GEN != h & GEN || s & (REFS | DEAD | UNPUBLISHED | REVOKED) != 0 || s & ON_LRU == 0 {
+            return None;
+        }
+        let pin = pin_row() * self.entries.len() + slot as usize;
+        self.pins[pin].fetch_add(1, Ordering::Relaxed);
+        // Against the evictor's REVOKED store + heavy barrier + read of the
+        // pins: either it sees our pin, or we see REVOKED below.
+        self.pin_sync(PinSync::Light);
+        let now = e.state.load(Ordering::Relaxed);
+        if now & (GEN | DEAD | UNPUBLISHED | REVOKED) != s & (GEN | DEAD | UNPUBLISHED | REVOKED) {
+            // A full release, not just the decrement: an evictor may have
+            // counted this pin and taken the entry off the LRU meanwhile.
+            self.unpin(slot, pin as u32);
+            return None;
+        }
+        // Only after 2^32 generations (module docs, 8), as in `try_hint`.
+        #[cfg(not(loom))]
+        if e.key() != key {
+            self.unpin(slot, pin as u32);
+            return None;
+        }
+        if now & REFERENCED == 0 {
+            // Once per trip of the clock hand: a second chance for a frame
+            // used through pins.
+            e.state.fetch_or(REFERENCED, Ordering::Relaxed);
+        }
+        self.c.hits.inc();
+        Some(SfBuf { pool: self, hold, slot, addr: self.addr_of(e), pin: pin as u32 })
+    }
+
+    /// The barriers of the pin protocol: `Light`/`Heavy` are the asymmetric
+    /// pair of `cpu::barrier` (a compiler barrier against `membarrier`; under
+    /// loom both are SeqCst fences), `Full` a SeqCst fence.
+    #[inline(always)]
+    fn pin_sync(&self, kind: PinSync) {
+        match kind {
+            PinSync::Light => barrier::light(),
+            PinSync::Heavy => barrier::heavy(),
+            PinSync::Full => fence(Ordering::SeqCst),
+        }
+    }
+
+    /// Give back a pinned reference. On an entry still on the LRU, with the
+    /// LRU within its cap, that is all a last release would do (it would
+    /// push nothing and trim nothing), so nothing shared is written.
+    fn unpin(&self, slot: u32, pin: u32) {
+        self.unpin_raw(pin as usize);
+        // SeqCst: against an evictor that takes the entry off the LRU and
+        // then reads the pins (`after_unlisting`): either it sees this
+        // decrement, or we see `ON_LRU` cleared below and list it again.
+        // It is also the fence of the wake-up argument (`wait`).
+        self.pin_sync(PinSync::Full);
+        let s = self.entries[slot as usize].state.load(Ordering::Relaxed);
+        if s & ON_LRU == 0 || self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
+            self.after_release(slot as usize, s);
+        } else {
+            // A waiter may be waiting for this entry to become evictable.
+            self.waitq.wake_fenced();
+        }
+    }
+
+    fn unpin_raw(&self, pin: usize) {
+        // Release: the evictor's Acquire read of the pins sees every access
+        // this holder made through the address before it unmaps.
+        self.pins[pin].fetch_sub(1, Ordering::Release);
+    }
+
+    /// The pinned references on `slot`, with Acquire (see `unpin_raw`).
+    fn pinned(&self, slot: usize) -> u32 {
+        let n = self.entries.len();
+        (0..PIN_STRIPES).fold(0u32, |a, r| a.wrapping_add(self.pins[r * n + slot].load(Ordering::Acquire)))
     }
 
     /// The lock-free hit (module docs, 5-8): take a reference on the
@@ -637,7 +812,7 @@ impl SfPool {
             let mut verdict = Verdict::InUse;
             let removed = self.map.remove_if(&key, |&s| {
                 debug_assert_eq!(s as usize, slot, "map and entry disagree");
-                verdict = Self::judge(e);
+                verdict = self.judge(slot, e);
                 matches!(verdict, Verdict::Evict)
             });
             match verdict {
@@ -681,15 +856,18 @@ impl SfPool {
                         }
                     }
                 }
-                Verdict::SecondChance => self.push_lru(slot),
+                Verdict::SecondChance | Verdict::Relist => self.push_lru(slot),
                 Verdict::InUse => {}
             }
         }
         Ok(None)
     }
 
-    /// Decide an LRU entry's fate under its shard's write lock.
-    fn judge(e: &Entry) -> Verdict {
+    /// Decide an LRU entry's fate under its shard's write lock. An entry
+    /// nobody holds through its own count may still be held through pins:
+    /// stop new pins (REVOKED), make every thread's pin visible (heavy
+    /// barrier, against the light one in `try_pin`), and count them.
+    fn judge(&self, slot: usize, e: &Entry) -> Verdict {
         let mut s = e.state.load(Ordering::Relaxed);
         loop {
             let (new, verdict) = if crate::sync::mutant!(EvictNoRecheck) {
@@ -697,10 +875,35 @@ impl SfPool {
             } else if s & REFS != 0 {
                 // In use: off the LRU; its last release puts it back.
                 (s & !(ON_LRU | REFERENCED), Verdict::InUse)
-            } else if s & REFERENCED != 0 {
-                (s & !REFERENCED, Verdict::SecondChance)
             } else {
-                (dead_of(s), Verdict::Evict)
+                if s & REVOKED == 0 {
+                    match e.state.compare_exchange(s, s | REVOKED, Ordering::AcqRel, Ordering::Relaxed) {
+                        Ok(_) => s |= REVOKED,
+                        Err(now) => {
+                            s = now;
+                            continue;
+                        }
+                    }
+                    self.pin_sync(PinSync::Heavy);
+                }
+                if !crate::sync::mutant!(PinUnchecked) && self.pinned(slot) != 0 {
+                    // Held through pins: off the LRU as an entry in use is
+                    // (REVOKED stays until a look finds it unused); the last
+                    // pinned release puts it back.
+                    match e.state.compare_exchange(s, s & !(ON_LRU | REFERENCED), Ordering::AcqRel, Ordering::Relaxed) {
+                        Ok(_) => return self.after_unlisting(slot, e),
+                        Err(now) => {
+                            s = now;
+                            continue;
+                        }
+                    }
+                }
+                if s & REFERENCED != 0 {
+                    // Unused, and pins may be taken again.
+                    (s & !(REFERENCED | REVOKED), Verdict::SecondChance)
+                } else {
+                    (dead_of(s), Verdict::Evict)
+                }
             };
             // AcqRel: the kill acquires what the last holder released; the
             // flag changes release to the next release's fetch_sub.
@@ -709,6 +912,24 @@ impl SfPool {
                 Err(now) => s = now,
             }
         }
+    }
+
+    /// The evictor's half of the race with a last pinned release (see
+    /// `after_release`): having taken the entry off the LRU, fence, and if
+    /// the pins are gone meanwhile, put it back (unless that release did).
+    fn after_unlisting(&self, slot: usize, e: &Entry) -> Verdict {
+        self.pin_sync(PinSync::Full);
+        if self.pinned(slot) != 0 {
+            return Verdict::InUse;
+        }
+        let mut s = e.state.load(Ordering::Relaxed);
+        while s & (REFS | DEAD | ON_LRU) == 0 {
+            match e.state.compare_exchange_weak(s, s | ON_LRU, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Verdict::Relist,
+                Err(now) => s = now,
+            }
+        }
+        Verdict::InUse
     }
 
     fn push_lru(&self, slot: usize) {
@@ -764,37 +985,62 @@ impl SfPool {
     /// Unused entries on the LRU now (a scan: for `trim`'s rare exit path
     /// and the stats).
     fn evictable(&self) -> usize {
-        self.entries.iter().filter(|e| e.state.load(Ordering::Relaxed) & (REFS | ON_LRU | DEAD) == ON_LRU).count()
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(slot, e)| {
+                e.state.load(Ordering::Relaxed) & (REFS | ON_LRU | DEAD) == ON_LRU && self.pinned(*slot) == 0
+            })
+            .count()
     }
 
     fn release(&self, slot: u32) {
         let e = &self.entries[slot as usize];
-        // The last release drops the count and claims the LRU (`ON_LRU`) in
-        // one step. Two steps (decrement, then set the flag) let another
-        // thread re-hit, release, push and an evictor kill the entry in
-        // between; the late flag then landed on a dead or recycled entry and
-        // pushed it onto the LRU a second time. With one step, an entry
-        // whose flag we set is off the list and has no evictor looking at
-        // it (only an evictor's `InUse` verdict clears the flag, after
-        // popping it), so nobody can kill it before we push it.
         let mut s = e.state.load(Ordering::Relaxed);
-        let old = loop {
+        let now = loop {
             debug_assert!(s & REFS != 0 && s & DEAD == 0, "sf_buf: release of unreferenced entry");
-            let new = if s & REFS == 1 { (s - 1) | ON_LRU } else { s - 1 };
             // AcqRel: Release publishes this holder's writes to the next
             // holder and to the evictor; Acquire orders it after an
             // evictor's flag change (the wake-up argument in `wait`).
-            match e.state.compare_exchange_weak(s, new, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => break s,
+            match e.state.compare_exchange_weak(s, s - 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break s - 1,
                 Err(now) => s = now,
             }
         };
-        if old & REFS != 1 {
+        if now & REFS != 0 {
             return;
         }
         self.c.used.sub(1);
-        if old & ON_LRU == 0 {
-            self.push_lru(slot as usize);
+        self.after_release(slot as usize, now);
+    }
+
+    /// After a release that may have been the entry's last (its own count
+    /// at zero, or a pin given back): if no reference of either kind is
+    /// left, put the entry on the LRU unless it is there, then trim and
+    /// wake as a last release does.
+    ///
+    /// Both kinds of release run this after their decrement and a SeqCst
+    /// fence, then read the other kind: of two last releases racing (one of
+    /// each, or two pins), at least one sees both counts at zero
+    /// (store-buffering). Both may: the LRU is claimed by a CAS that sets
+    /// `ON_LRU` only on a live, unlisted, unreferenced entry of the same
+    /// generation, so it is pushed once, and never after an evictor killed
+    /// or recycled it.
+    fn after_release(&self, slot: usize, seen: u64) {
+        let e = &self.entries[slot];
+        self.pin_sync(PinSync::Full);
+        if self.pinned(slot) != 0 {
+            return;
+        }
+        let mut s = e.state.load(Ordering::Relaxed);
+        while s & GEN == seen & GEN && s & (REFS | DEAD | ON_LRU) == 0 {
+            match e.state.compare_exchange_weak(s, s | ON_LRU, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => {
+                    self.push_lru(slot);
+                    break;
+                }
+                Err(now) => s = now,
+            }
         }
         if self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
             self.trim();
@@ -813,12 +1059,12 @@ impl SfPool {
         let mut used = 0;
         let mut cached = 0;
         let mut mapped = 0;
-        for e in self.entries.iter() {
+        for (slot, e) in self.entries.iter().enumerate() {
             let s = e.state.load(Ordering::Relaxed);
             if s & DEAD != 0 || e.addr.load(Ordering::Relaxed) == 0 {
                 continue;
             }
-            if s & REFS != 0 {
+            if s & REFS != 0 || self.pinned(slot) != 0 {
                 used += 1;
                 mapped += 1;
             } else if s & ON_LRU != 0 {
@@ -915,7 +1161,11 @@ impl<'a> SfBuf<'a> {
 
 impl Drop for SfBuf<'_> {
     fn drop(&mut self) {
-        self.pool.release(self.slot);
+        if self.pin == NO_PIN {
+            self.pool.release(self.slot);
+        } else {
+            self.pool.unpin(self.slot, self.pin);
+        }
     }
 }
 

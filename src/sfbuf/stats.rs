@@ -7,13 +7,16 @@ use crate::mmu::MmuStats;
 /// A snapshot of an [`super::SfPool`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SfStats {
-    /// sf_bufs in use now (reference count above zero).
+    /// sf_bufs in use now (a reference of either kind: the entry's count or
+    /// a pin).
     pub used: u64,
     /// Cached unused sf_bufs now (mapped, on the inactive LRU).
     pub cached: u64,
     /// Mapped now: `used + cached`.
     pub mapped: u64,
-    /// Most sf_bufs in use at once (sampled whenever the pool grows).
+    /// Most sf_bufs in use at once (sampled whenever the pool grows, from
+    /// the entries' own counts: references taken by pinned hits are not in
+    /// it).
     pub peak: u64,
     /// Allocations served from the cache: no system call.
     pub hits: u64,

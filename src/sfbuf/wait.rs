@@ -177,6 +177,12 @@ impl WaitQueue {
         // (module docs): either we see the waiter here, or it sees the room
         // we made before this call.
         fence(Ordering::SeqCst);
+        self.wake_fenced();
+    }
+
+    /// [`wake`](Self::wake) for a caller that issued the SeqCst fence itself
+    /// after making room.
+    pub(crate) fn wake_fenced(&self) {
         if self.waiters.load(Ordering::SeqCst) == 0 {
             return;
         }
