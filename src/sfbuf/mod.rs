@@ -70,17 +70,22 @@
 //! count per slot per row; a row's lines are written by its threads only):
 //!
 //! 9. The hitter reads the state (same generation, live, listed, count zero,
-//!    not `REVOKED`), adds its pin, issues the light barrier, and reads the
-//!    state again; if anything but the count and `REFERENCED` changed, it
-//!    gives the pin back (a full release, see 11) and takes the ordinary
-//!    path.
-//! 10. An evictor that finds an entry with a count of zero sets `REVOKED`
+//!    not `REVOKED`), sets `PINNED` if it is not set yet (a CAS: one shared
+//!    write per entry until an evictor next finds it unused), adds its pin,
+//!    issues the light barrier, and reads the state again; if the
+//!    generation or any of `DEAD`, `UNPUBLISHED`, `REVOKED`, `PINNED`
+//!    changed, it gives the pin back (a full release, see 11) and takes the
+//!    ordinary path. The invariant: while a pin may be out, `PINNED` is set.
+//! 10. An evictor that finds an entry with a count of zero and no `PINNED`
+//!     judges it as before: no pin can be out (taking one first changes the
+//!     state, which fails the evictor's CAS). With `PINNED`, it sets `REVOKED`
 //!     (no new pins), issues the heavy barrier (`membarrier`: the pair of
 //!     `src/cpu/owned.rs`) and sums the pins. Either it sees a hitter's pin,
 //!     or that hitter's second read sees `REVOKED` and it backs off: no pin
 //!     is missed, so an entry is killed only with no reference of either
 //!     kind. A pinned entry is taken off the LRU as an entry in use is;
-//!     `REVOKED` is cleared when a look finds it unused (second chance).
+//!     `REVOKED` and `PINNED` are cleared when a look finds it unused
+//!     (second chance), so a cold entry's eviction costs no `membarrier`.
 //! 11. Pins are never moved into the entry's count. A last release of
 //!     either kind (the count reaching zero, a pin given back) fences and
 //!     reads the other kind; so does an evictor that just took an entry off
@@ -121,7 +126,10 @@ use crate::sync::{
 
 // === entry state ===
 
-const REFS: u64 = (1 << 27) - 1;
+const REFS: u64 = (1 << 26) - 1;
+/// Pins may be out (set by a hitter before its first pin): only then does
+/// an evictor pay for revoking them.
+const PINNED: u64 = 1 << 26;
 /// No new pins (see "Pins" in the module docs): an evictor is counting them.
 const REVOKED: u64 = 1 << 27;
 /// Used since the clock hand last passed: one more round on the LRU.
@@ -541,9 +549,16 @@ impl SfPool {
         let e = &self.entries[slot as usize];
         // Acquire: pairs with the Release store that published this
         // generation (module docs, 7): the address read below is its own.
-        let s = e.state.load(Ordering::Acquire);
+        let mut s = e.state.load(Ordering::Acquire);
         if s & GEN != h & GEN || s & (REFS | DEAD | UNPUBLISHED | REVOKED) != 0 || s & ON_LRU == 0 {
             return None;
+        }
+        if s & PINNED == 0 {
+            // The first pin since the entry was last found unused: say so,
+            // once (an evictor that sees no PINNED kills with a plain CAS,
+            // which this CAS then loses, or wins against).
+            e.state.compare_exchange(s, s | PINNED, Ordering::Acquire, Ordering::Relaxed).ok()?;
+            s |= PINNED;
         }
         let pin = pin_row() * self.entries.len() + slot as usize;
         self.pins[pin].fetch_add(1, Ordering::Relaxed);
@@ -551,7 +566,13 @@ impl SfPool {
         // pins: either it sees our pin, or we see REVOKED below.
         self.pin_sync(PinSync::Light);
         let now = e.state.load(Ordering::Relaxed);
-        if now & (GEN | DEAD | UNPUBLISHED | REVOKED) != s & (GEN | DEAD | UNPUBLISHED | REVOKED) {
+        // PINNED too: a look that found the entry unused (its sum missed
+        // our pin, so we must back off) may have cleared REVOKED again, but
+        // then it cleared PINNED with it. While PINNED is set, every look
+        // sums the pins, so a pin is safe under any PINNED, even one a
+        // later hitter set again.
+        const SAME: u64 = GEN | DEAD | UNPUBLISHED | REVOKED | PINNED;
+        if now & SAME != s & SAME {
             // A full release, not just the decrement: an evictor may have
             // counted this pin and taken the entry off the LRU meanwhile.
             self.unpin(slot, pin as u32);
@@ -875,6 +896,14 @@ impl SfPool {
             } else if s & REFS != 0 {
                 // In use: off the LRU; its last release puts it back.
                 (s & !(ON_LRU | REFERENCED), Verdict::InUse)
+            } else if s & PINNED == 0 {
+                // No pin was taken since the entry was last found unused,
+                // and none can be without changing the state: no barrier.
+                if s & REFERENCED != 0 {
+                    (s & !(REFERENCED | REVOKED), Verdict::SecondChance)
+                } else {
+                    (dead_of(s), Verdict::Evict)
+                }
             } else {
                 if s & REVOKED == 0 {
                     match e.state.compare_exchange(s, s | REVOKED, Ordering::AcqRel, Ordering::Relaxed) {
@@ -900,7 +929,7 @@ impl SfPool {
                 }
                 if s & REFERENCED != 0 {
                     // Unused, and pins may be taken again.
-                    (s & !(REFERENCED | REVOKED), Verdict::SecondChance)
+                    (s & !(REFERENCED | REVOKED | PINNED), Verdict::SecondChance)
                 } else {
                     (dead_of(s), Verdict::Evict)
                 }
