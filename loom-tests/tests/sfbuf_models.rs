@@ -208,6 +208,9 @@ fn pin_vs_eviction() {
     let s = pool.stats();
     assert_eq!(s.used, 0, "{s}");
     assert!(s.cached <= 1 && s.mapped == s.cached, "{s}");
+    // An entry left mapped but neither used nor listed would be missing
+    // from `mapped`: compare with the MMU.
+    assert_eq!(mmu.stats().mapped, s.mapped, "a mapping is neither in use nor cached: {s}");
     // SAFETY: all threads joined.
     unsafe { unleak(pool) };
 }

@@ -91,8 +91,8 @@
 //!     reads the other kind; so does an evictor that just took an entry off
 //!     the LRU. Of two such racing parties at least one sees everything at
 //!     zero (store-buffering) and puts the entry back on the LRU, through a
-//!     CAS that sets `ON_LRU` only on a live, unlisted, unreferenced entry of
-//!     the same generation: pushed once, never after a kill or a reuse.
+//!     CAS that sets `ON_LRU` only on a live, unlisted, unreferenced entry:
+//!     pushed once (see `SfPool::after_release` for which generation).
 //! 12. A pinned release on an entry still listed, with the LRU within
 //!     `max_excess`, does what a last release would (nothing to push, no
 //!     trim) by writing only its pin; it still wakes waiters after its fence.
@@ -248,9 +248,12 @@ impl Entry {
             // As std's Arc: a count this high means leaked handles, and
             // carrying into the flags would corrupt the entry.
             assert!(s & REFS < REFS, "sf_buf: reference count overflow (leaked handles)");
-            // Acquire: pairs with the Release of the last release (this
-            // holder sees the bytes its predecessors wrote) and with the one
-            // that published the generation (module docs, 7).
+            // Acquire: pairs with the Release of the last counted release
+            // and with the one that published the generation (module docs,
+            // 7). (A pinned holder's release writes only its pin row: the
+            // pool orders mappings, not page contents; handing bytes from
+            // one holder to the next takes the callers' own
+            // synchronization, as with the direct map.)
             let new = (s + 1) | REFERENCED;
             match self.state.compare_exchange_weak(s, new, Ordering::Acquire, Ordering::Relaxed) {
                 Ok(_) => return Some((s & REFS == 0, new)),
@@ -561,7 +564,10 @@ impl SfPool {
             s |= PINNED;
         }
         let pin = pin_row() * self.entries.len() + slot as usize;
-        self.pins[pin].fetch_add(1, Ordering::Relaxed);
+        let old = self.pins[pin].fetch_add(1, Ordering::Relaxed);
+        // As for the entry's own count: a count this high means leaked
+        // handles, and a wrap to zero would let an evictor kill under them.
+        assert!(old < u32::MAX / 2, "sf_buf: pin count overflow (leaked handles)");
         // Against the evictor's REVOKED store + heavy barrier + read of the
         // pins: either it sees our pin, or we see REVOKED below.
         self.pin_sync(PinSync::Light);
@@ -1028,9 +1034,10 @@ impl SfPool {
         let mut s = e.state.load(Ordering::Relaxed);
         let now = loop {
             debug_assert!(s & REFS != 0 && s & DEAD == 0, "sf_buf: release of unreferenced entry");
-            // AcqRel: Release publishes this holder's writes to the next
-            // holder and to the evictor; Acquire orders it after an
-            // evictor's flag change (the wake-up argument in `wait`).
+            // AcqRel: Release orders this holder's accesses before the
+            // evictor's kill (which acquires the state); Acquire orders it
+            // after an evictor's flag change (the wake-up argument in
+            // `wait`).
             match e.state.compare_exchange_weak(s, s - 1, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => break s - 1,
                 Err(now) => s = now,
@@ -1052,9 +1059,14 @@ impl SfPool {
     /// fence, then read the other kind: of two last releases racing (one of
     /// each, or two pins), at least one sees both counts at zero
     /// (store-buffering). Both may: the LRU is claimed by a CAS that sets
-    /// `ON_LRU` only on a live, unlisted, unreferenced entry of the same
-    /// generation, so it is pushed once, and never after an evictor killed
-    /// or recycled it.
+    /// `ON_LRU` only on a live, unlisted, unreferenced entry of the
+    /// generation `seen`, so it is pushed once. From `release`, `seen` is
+    /// what its own decrement left, so a kill or reuse since fails the CAS.
+    /// From `unpin`, `seen` is read after the pin went, i.e. the current
+    /// generation, on purpose: a hitter that backed off from an old
+    /// generation leaves a pin for a moment, a look at the reused slot may
+    /// count it and unlist the new entry, and then that late unpin is the
+    /// release that must list it again.
     fn after_release(&self, slot: usize, seen: u64) {
         let e = &self.entries[slot];
         self.pin_sync(PinSync::Full);
