@@ -224,3 +224,39 @@ fn sfbuf_pin_vs_eviction() {
 fn sfbuf_pin_vs_eviction_mutant_pin_unchecked() {
     expect_failure("sfbuf_pin_vs_eviction", Mutant::PinUnchecked, pin_vs_eviction);
 }
+
+/// Two users pin the cached frame at once while the main thread waits for
+/// its slot: the two pinned releases race to be the last, and one of them
+/// (or the evictor's second count) must make the entry evictable again.
+fn two_pins_vs_eviction() {
+    let (mem, mmu, pool) = pool(2, 1, 1);
+    let f = mem.alloc_page().unwrap();
+    let g = mem.alloc_page().unwrap();
+    let (fpfn, gpfn) = (f.pfn(), g.pfn());
+    drop(pool.alloc(&f, Wait::NoWait).unwrap());
+    let users: Vec<_> = (0..2)
+        .map(|_| {
+            let (f, umm) = (f.clone(), mmu.clone());
+            thread::spawn(move || {
+                let sf = pool.alloc(&f, Wait::Forever).unwrap();
+                assert_eq!(umm.translate(sf.slot()), Some(fpfn), "slot evicted under a pinned handle");
+            })
+        })
+        .collect();
+    let sf = pool.alloc(&g, Wait::Forever).unwrap();
+    assert_eq!(mmu.translate(sf.slot()), Some(gpfn));
+    drop(sf);
+    for u in users {
+        u.join().unwrap();
+    }
+    let s = pool.stats();
+    assert_eq!(s.used, 0, "{s}");
+    assert_eq!(mmu.stats().mapped, s.mapped, "a mapping is neither in use nor cached: {s}");
+    // SAFETY: all threads joined.
+    unsafe { unleak(pool) };
+}
+
+#[test]
+fn sfbuf_two_pins_vs_eviction() {
+    model("sfbuf_two_pins_vs_eviction", two_pins_vs_eviction);
+}
