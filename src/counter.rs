@@ -104,6 +104,14 @@ mod claim {
     }
 }
 
+/// The calling thread's stripe: its own (below 64) while it holds one, else
+/// the shared index. Also used to spread other per-thread state (the sf_buf
+/// pool's pin rows) over cache lines.
+#[inline]
+pub(crate) fn thread_stripe() -> usize {
+    claim::stripe().0
+}
+
 /// A counter whose increments go to the calling thread's own cache line;
 /// reading sums them.
 #[derive(Debug)]

@@ -145,37 +145,17 @@ const UNPUBLISHED: u64 = 1 << 31;
 const GEN_SHIFT: u32 = 32;
 const GEN: u64 = !((1 << GEN_SHIFT) - 1);
 
-/// Which barrier `SfPool::pin_sync` issues.
-#[derive(Clone, Copy)]
-enum PinSync {
-    Light,
-    Heavy,
-    Full,
-}
-
 /// Rows of pin counts: threads share a row when there are more of them.
 #[cfg(not(loom))]
 const PIN_STRIPES: usize = 8;
-/// Under loom one row: a row chosen by a counter that outlives each
-/// explored execution would make executions differ between replays.
+/// Under loom one row (the models check the protocol, not the spreading).
 #[cfg(loom)]
 const PIN_STRIPES: usize = 1;
 
-/// Under loom every thread counts in the one row.
-#[cfg(loom)]
+/// The calling thread's row of pins: its statistics stripe, folded (under
+/// loom always 0, so that replays of an execution touch the same rows).
 fn pin_row() -> usize {
-    0
-}
-
-/// The calling thread's row of pins (given out round robin).
-#[cfg(not(loom))]
-fn pin_row() -> usize {
-    use std::sync::atomic::{AtomicUsize as StdAtomic, Ordering as StdOrdering};
-    static NEXT: StdAtomic = StdAtomic::new(0);
-    crate::sync::thread_local! {
-        static ROW: usize = NEXT.fetch_add(1, StdOrdering::Relaxed) % PIN_STRIPES;
-    }
-    ROW.try_with(|r| *r).unwrap_or(0)
+    crate::counter::thread_stripe() % PIN_STRIPES
 }
 
 /// The state of a free slot whose last generation was that of `s`.
@@ -505,12 +485,8 @@ impl SfPool {
 
     #[inline]
     fn alloc_key<'a>(&'a self, key: MapKey, hold: Hold<'a>, how: Wait<'_>) -> Result<SfBuf<'a>> {
-        if let Some(b) = self.try_pin(key, hold) {
+        if let Some(b) = self.try_cached(key, hold) {
             return Ok(b);
-        }
-        if let Some((slot, addr)) = self.try_hint(key).or_else(|| self.try_hit(key)) {
-            self.c.hits.inc();
-            return Ok(self.handle(hold, slot, addr));
         }
         let (slot, addr) = WaitQueue::wait_for(&self.waitq, how, || self.try_room(key), |o| self.count_wait(o))?;
         Ok(self.handle(hold, slot, addr))
@@ -519,11 +495,22 @@ impl SfPool {
     /// One try at `key` that neither waits nor counts as a call's outcome:
     /// a piece of an all-or-nothing request. `Ok(None)`: no room now.
     fn alloc_now<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Result<Option<SfBuf<'a>>> {
-        if let Some((slot, addr)) = self.try_hint(key).or_else(|| self.try_hit(key)) {
-            self.c.hits.inc();
-            return Ok(Some(self.handle(hold, slot, addr)));
+        if let Some(b) = self.try_cached(key, hold) {
+            return Ok(Some(b));
         }
         Ok(self.try_room(key)?.map(|(slot, addr)| self.handle(hold, slot, addr)))
+    }
+
+    /// A hit, if `key` is cached: pinned, else through the hint, else
+    /// through the map.
+    #[inline]
+    fn try_cached<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Option<SfBuf<'a>> {
+        if let Some(b) = self.try_pin(key, hold) {
+            return Some(b);
+        }
+        let (slot, addr) = self.try_hint(key).or_else(|| self.try_hit(key))?;
+        self.c.hits.inc();
+        Some(self.handle(hold, slot, addr))
     }
 
     /// [`try_miss`](Self::try_miss), counting the attempts that find no room.
@@ -570,7 +557,7 @@ impl SfPool {
         assert!(old < u32::MAX / 2, "sf_buf: pin count overflow (leaked handles)");
         // Against the evictor's REVOKED store + heavy barrier + read of the
         // pins: either it sees our pin, or we see REVOKED below.
-        self.pin_sync(PinSync::Light);
+        barrier::light();
         let now = e.state.load(Ordering::Relaxed);
         // PINNED too: a look that found the entry unused (its sum missed
         // our pin, so we must back off) may have cleared REVOKED again, but
@@ -599,28 +586,18 @@ impl SfPool {
         Some(SfBuf { pool: self, hold, slot, addr: self.addr_of(e), pin: pin as u32 })
     }
 
-    /// The barriers of the pin protocol: `Light`/`Heavy` are the asymmetric
-    /// pair of `cpu::barrier` (a compiler barrier against `membarrier`; under
-    /// loom both are SeqCst fences), `Full` a SeqCst fence.
-    #[inline(always)]
-    fn pin_sync(&self, kind: PinSync) {
-        match kind {
-            PinSync::Light => barrier::light(),
-            PinSync::Heavy => barrier::heavy(),
-            PinSync::Full => fence(Ordering::SeqCst),
-        }
-    }
-
     /// Give back a pinned reference. On an entry still on the LRU, with the
     /// LRU within its cap, that is all a last release would do (it would
     /// push nothing and trim nothing), so nothing shared is written.
     fn unpin(&self, slot: u32, pin: u32) {
-        self.unpin_raw(pin as usize);
+        // Release: the evictor's Acquire read of the pins sees every access
+        // this holder made through the address before it unmaps.
+        self.pins[pin as usize].fetch_sub(1, Ordering::Release);
         // SeqCst: against an evictor that takes the entry off the LRU and
         // then reads the pins (`after_unlisting`): either it sees this
         // decrement, or we see `ON_LRU` cleared below and list it again.
         // It is also the fence of the wake-up argument (`wait`).
-        self.pin_sync(PinSync::Full);
+        fence(Ordering::SeqCst);
         let s = self.entries[slot as usize].state.load(Ordering::Relaxed);
         if s & ON_LRU == 0 || self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
             self.after_release(slot as usize, s);
@@ -630,13 +607,7 @@ impl SfPool {
         }
     }
 
-    fn unpin_raw(&self, pin: usize) {
-        // Release: the evictor's Acquire read of the pins sees every access
-        // this holder made through the address before it unmaps.
-        self.pins[pin].fetch_sub(1, Ordering::Release);
-    }
-
-    /// The pinned references on `slot`, with Acquire (see `unpin_raw`).
+    /// The pinned references on `slot`, with Acquire (see `unpin`).
     fn pinned(&self, slot: usize) -> u32 {
         let n = self.entries.len();
         (0..PIN_STRIPES).fold(0u32, |a, r| a.wrapping_add(self.pins[r * n + slot].load(Ordering::Acquire)))
@@ -919,7 +890,7 @@ impl SfPool {
                             continue;
                         }
                     }
-                    self.pin_sync(PinSync::Heavy);
+                    barrier::heavy();
                 }
                 if !crate::sync::mutant!(PinUnchecked) && self.pinned(slot) != 0 {
                     // Held through pins: off the LRU as an entry in use is
@@ -953,7 +924,7 @@ impl SfPool {
     /// `after_release`): having taken the entry off the LRU, fence, and if
     /// the pins are gone meanwhile, put it back (unless that release did).
     fn after_unlisting(&self, slot: usize, e: &Entry) -> Verdict {
-        self.pin_sync(PinSync::Full);
+        fence(Ordering::SeqCst);
         if self.pinned(slot) != 0 {
             return Verdict::InUse;
         }
@@ -1069,7 +1040,7 @@ impl SfPool {
     /// release that must list it again.
     fn after_release(&self, slot: usize, seen: u64) {
         let e = &self.entries[slot];
-        self.pin_sync(PinSync::Full);
+        fence(Ordering::SeqCst);
         if self.pinned(slot) != 0 {
             return;
         }
