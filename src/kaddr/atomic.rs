@@ -1,0 +1,193 @@
+//! Copies in and out of shared bytes with word-sized relaxed atomics.
+//!
+//! Every byte a [`Kaddr`](super::Kaddr) reaches may be written at the same
+//! moment through another mapping of the same frame, by another thread. A
+//! plain `memcpy` racing a write is a data race, which is undefined behaviour
+//! even when nobody cares about the value read; so is a volatile copy. What
+//! the memory model does allow is racing *atomic* accesses of one size, so
+//! every access here is a relaxed atomic load, store or compare-exchange of
+//! one aligned machine word ([`usize`]), never of a byte or of another size
+//! (racing atomic writes of different sizes are undefined too):
+//!
+//! - the aligned words a copy covers whole are loaded or stored;
+//! - a word the copy covers only in part (at most one at each end) is loaded
+//!   whole and the wanted bytes taken out of it; a store merges its bytes
+//!   into the word with a compare-exchange loop, so the neighbours' bytes,
+//!   which may be another writer's, are left as they are.
+//!
+//! A frame is mapped at a page-aligned address in every view (window slot,
+//! direct map, heap model), so a byte belongs to the same word in all of them
+//! and the words of two views never straddle each other. The word that holds
+//! a copy's first or last byte lies inside the mapping for the same reason.
+//!
+//! On x86-64 and AArch64 a relaxed word load or store is an ordinary `mov` /
+//! `ldr` / `str`; what it costs against `memcpy` is the vector width (8
+//! bytes a step instead of 32), measured in `benches/lwbuf.rs`, whose direct
+//! map baseline copies the same way.
+//!
+//! Loom does not see these accesses (they are std atomics on the frame's
+//! memory, not state of the protocol): the loom models check the protocols,
+//! Miri checks these copies.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const WORD: usize = std::mem::size_of::<usize>();
+
+/// The word containing `p`, and `p`'s offset in it.
+#[inline(always)]
+fn word_of(p: *mut u8) -> (*mut usize, usize) {
+    let off = (p as usize) % WORD;
+    // `wrapping_sub` keeps `p`'s provenance; the word lies inside the mapping
+    // (module docs), which the caller's contract covers.
+    (p.wrapping_sub(off).cast::<usize>(), off)
+}
+
+/// # Safety
+/// `w` is aligned and valid for reads and writes for the duration of the
+/// call, and every concurrent access to it is an atomic access of a word.
+#[inline(always)]
+unsafe fn atomic<'a>(w: *mut usize) -> &'a AtomicUsize {
+    // SAFETY: the caller's contract is `from_ptr`'s.
+    unsafe { AtomicUsize::from_ptr(w) }
+}
+
+/// Copy `dst.len()` bytes from shared memory at `src` into `dst`.
+///
+/// # Safety
+/// `src..src + dst.len()` lies inside one mapping whose base is word-aligned
+/// and whose length is a multiple of the word, readable for the duration of
+/// the call, and every concurrent access to it is made through this module.
+#[inline]
+pub(crate) unsafe fn load(src: *mut u8, dst: &mut [u8]) {
+    let n = dst.len();
+    if n == 0 {
+        return;
+    }
+    let out = dst.as_mut_ptr();
+    let (w, off) = word_of(src);
+    let mut done = 0;
+    if off != 0 {
+        // SAFETY: the containing word lies inside the mapping (module docs).
+        let v = unsafe { atomic(w) }.load(Ordering::Relaxed).to_ne_bytes();
+        done = (WORD - off).min(n);
+        dst[..done].copy_from_slice(&v[off..off + done]);
+    }
+    // `src + done` is word-aligned from here on.
+    while n - done >= WORD {
+        // SAFETY: a whole aligned word inside the range.
+        let v = unsafe { atomic(src.add(done).cast::<usize>()) }.load(Ordering::Relaxed);
+        // SAFETY: `done + WORD <= n`, inside `dst`, which may be unaligned.
+        unsafe { out.add(done).cast::<usize>().write_unaligned(v) };
+        done += WORD;
+    }
+    if done < n {
+        // SAFETY: the word holding the last bytes lies inside the mapping.
+        let v = unsafe { atomic(src.add(done).cast::<usize>()) }.load(Ordering::Relaxed).to_ne_bytes();
+        dst[done..].copy_from_slice(&v[..n - done]);
+    }
+}
+
+/// Merge `bytes` into the word at `w` from byte `off`, leaving its other
+/// bytes as they are (a compare-exchange loop).
+///
+/// # Safety
+/// As [`store`]'s, for the word `w`.
+#[inline]
+unsafe fn merge(w: *mut usize, off: usize, bytes: &[u8]) {
+    // SAFETY: the word lies inside the mapping (caller's contract).
+    let a = unsafe { atomic(w) };
+    let mut old = a.load(Ordering::Relaxed);
+    loop {
+        let mut b = old.to_ne_bytes();
+        b[off..off + bytes.len()].copy_from_slice(bytes);
+        let new = usize::from_ne_bytes(b);
+        if new == old {
+            return;
+        }
+        match a.compare_exchange_weak(old, new, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(now) => old = now,
+        }
+    }
+}
+
+/// Copy `src` into shared memory at `dst`.
+///
+/// # Safety
+/// `dst..dst + src.len()` lies inside one mapping whose base is word-aligned
+/// and whose length is a multiple of the word, writable for the duration of
+/// the call, and every concurrent access to it is made through this module.
+#[inline]
+pub(crate) unsafe fn store(dst: *mut u8, src: &[u8]) {
+    let n = src.len();
+    if n == 0 {
+        return;
+    }
+    let (w, off) = word_of(dst);
+    let mut done = 0;
+    if off != 0 {
+        done = (WORD - off).min(n);
+        // SAFETY: the containing word lies inside the mapping.
+        unsafe { merge(w, off, &src[..done]) };
+    }
+    while n - done >= WORD {
+        // SAFETY: `done + WORD <= n`, inside `src`, which may be unaligned.
+        let v = unsafe { src.as_ptr().add(done).cast::<usize>().read_unaligned() };
+        // SAFETY: a whole aligned word inside the range.
+        unsafe { atomic(dst.add(done).cast::<usize>()) }.store(v, Ordering::Relaxed);
+        done += WORD;
+    }
+    if done < n {
+        // SAFETY: the word holding the last bytes lies inside the mapping.
+        unsafe { merge(dst.add(done).cast::<usize>(), 0, &src[done..]) };
+    }
+}
+
+/// Set `len` bytes at `dst` (word-aligned, a whole number of words) to
+/// `byte`.
+///
+/// # Safety
+/// As [`store`]'s; `dst` is word-aligned and `len` a multiple of the word.
+#[inline]
+pub(crate) unsafe fn fill(dst: *mut u8, len: usize, byte: u8) {
+    debug_assert!(dst as usize % WORD == 0 && len % WORD == 0);
+    let v = usize::from_ne_bytes([byte; WORD]);
+    let mut done = 0;
+    while done < len {
+        // SAFETY: a whole aligned word inside the range.
+        unsafe { atomic(dst.add(done).cast::<usize>()) }.store(v, Ordering::Relaxed);
+        done += WORD;
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Every offset and length inside three words, against a plain copy.
+    #[test]
+    fn every_offset_and_length() {
+        let mut mem = vec![0usize; 4];
+        let base = mem.as_mut_ptr().cast::<u8>();
+        let pattern: Vec<u8> = (0..4 * WORD as u8).map(|i| i.wrapping_mul(7).wrapping_add(1)).collect();
+        for off in 0..3 * WORD {
+            for len in 0..=3 * WORD - off {
+                // SAFETY: `mem` is 4 aligned words, only this thread uses it.
+                unsafe { fill(base, 4 * WORD, 0xAA) };
+                // SAFETY: as above, `off + len` stays inside.
+                unsafe { store(base.add(off), &pattern[..len]) };
+                let mut all = vec![0u8; 4 * WORD];
+                // SAFETY: as above.
+                unsafe { load(base, &mut all) };
+                for (i, &b) in all.iter().enumerate() {
+                    let want = if (off..off + len).contains(&i) { pattern[i - off] } else { 0xAA };
+                    assert_eq!(b, want, "store at {off}+{len}: byte {i}");
+                }
+                let mut part = vec![0u8; len];
+                // SAFETY: as above.
+                unsafe { load(base.add(off), &mut part) };
+                assert_eq!(part, &pattern[..len], "load at {off}+{len}");
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! [`Kaddr`]: a borrowed view of mapped bytes.
+//!
+//! Every mapping of a frame (through the window, a cache handle or the
+//! direct map) shares the frame's bytes with every other mapping of it. The
+//! safe API therefore never forms a Rust reference to those bytes: it copies
+//! in and out with word-sized atomic accesses ([`atomic`]), bounds-checked,
+//! and the view borrows the handle it came from so it cannot outlive the
+//! mapping. Slices are available through `unsafe` methods whose contract
+//! states the aliasing rule.
+
+mod atomic;
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use crate::error::{Error, Result};
+
+/// The address of mapped bytes, valid for `'a` (the borrow of the handle or
+/// page that keeps the mapping alive).
+///
+/// Copies are bounds-checked and return [`Error::OutOfBounds`] instead of
+/// panicking.
+///
+/// # What a reader sees while a writer runs (the memory model)
+///
+/// A frame's bytes are shared memory: every handle, pool buffer, direct-map
+/// view and [`PhysMem::read_frame`](crate::PhysMem::read_frame) of one frame
+/// reaches the same bytes, from any thread (like any `MAP_SHARED` mapping of
+/// a file). The safe methods ([`read_at`](Self::read_at),
+/// [`write_at`](Self::write_at), [`fill`](Self::fill) and the `u64` helpers)
+/// may race each other freely, and a race is never undefined behaviour:
+///
+/// - each copy is made of relaxed atomic loads and stores of aligned
+///   machine words (8 bytes on 64-bit targets), so a racing reader sees, for
+///   every aligned word, either the whole old value or the whole new one;
+/// - a copy that spans several words is not atomic as a whole: a reader may
+///   see some words of a concurrent write and not others (a *torn* value),
+///   and an unaligned `read_u64` spans two words;
+/// - a write of part of a word changes only its own bytes: two threads
+///   writing different bytes of one word both land.
+///
+/// The copies are `Relaxed`: they order nothing else. To hand bytes from a
+/// writer to a reader, synchronize the two as for any shared data (join the
+/// writer, send a message, take a lock, or release a handle that the reader
+/// then allocates: both caches order a release before the next allocation
+/// of the same mapping). The `unsafe` [`as_slice`](Self::as_slice) and
+/// [`as_mut_slice`](Self::as_mut_slice) are for callers who can promise there
+/// is no concurrent writer at all (they let the compiler use `memcpy` and
+/// SIMD); the kernel's own accesses (`writev`, `sendfile`, `pread` into a
+/// mapping) are outside the Rust memory model and never undefined behaviour
+/// for the process.
+///
+/// ```
+/// use lwbuf::{Backing, PhysMem};
+///
+/// let mem = PhysMem::builder().frames(1).backing(Backing::Heap).build()?;
+/// let page = mem.alloc_page()?;
+/// std::thread::scope(|s| {
+///     let view = page.direct().unwrap();
+///     s.spawn(move || view.write_at(0, &[1; 64]).unwrap());
+///     s.spawn(move || view.write_at(0, &[2; 64]).unwrap());
+/// });
+/// // Both writes raced; every aligned word holds one of them, whole.
+/// let mut b = [0u8; 64];
+/// page.direct()?.read_at(0, &mut b)?;
+/// for w in b.chunks(8) {
+///     assert!(w == [1; 8] || w == [2; 8]);
+/// }
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+#[derive(Clone, Copy)]
+pub struct Kaddr<'a> {
+    ptr: NonNull<u8>,
+    len: usize,
+    _borrow: PhantomData<&'a ()>,
+}
+
+// SAFETY: a `Kaddr` is an address plus a length; it only ever copies through
+// raw pointers, which is as valid from any thread as from the one that
+// obtained it while the borrow `'a` keeps the mapping alive.
+unsafe impl Send for Kaddr<'_> {}
+// SAFETY: as for `Send`: all access is by raw-pointer copies.
+unsafe impl Sync for Kaddr<'_> {}
+
+impl<'a> Kaddr<'a> {
+    /// # Safety
+    /// `ptr..ptr+len` must be mapped readable and writable for all of `'a`;
+    /// `ptr` is page-aligned and `len` a whole number of pages (what the
+    /// word copies of [`atomic`] rely on), and the bytes are only ever
+    /// accessed through those copies or by callers of the `unsafe` slices.
+    pub(crate) unsafe fn new(ptr: NonNull<u8>, len: usize) -> Self {
+        Kaddr { ptr, len, _borrow: PhantomData }
+    }
+
+    /// The address of the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The address as an integer (what a kernel would call the KVA).
+    pub fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
+    /// Bytes mapped: the frame size, or the run's length for a run mapping.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::OutOfBounds { offset, len, size: self.len }),
+        }
+    }
+
+    /// Copy `buf.len()` bytes starting at `offset` out of the mapping.
+    /// No system call; a copy by machine words that may race writers (see
+    /// the memory model above).
+    #[inline]
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len())?;
+        // SAFETY: `check` keeps the range inside the mapping, which is valid
+        // for `'a`, page-aligned and whole pages (constructor contract);
+        // `buf` is a distinct Rust buffer.
+        unsafe { atomic::load(self.ptr.as_ptr().add(offset), buf) };
+        Ok(())
+    }
+
+    /// Copy `buf` into the mapping at `offset`. No system call; a copy by
+    /// machine words that may race other readers and writers (see the
+    /// memory model above).
+    #[inline]
+    pub fn write_at(&self, offset: usize, buf: &[u8]) -> Result<()> {
+        self.check(offset, buf.len())?;
+        // SAFETY: as in `read_at`; the mapping is writable.
+        unsafe { atomic::store(self.ptr.as_ptr().add(offset), buf) };
+        Ok(())
+    }
+
+    /// Read a native-endian `u64` at `offset` (unaligned is fine).
+    pub fn read_u64(&self, offset: usize) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.read_at(offset, &mut b)?;
+        Ok(u64::from_ne_bytes(b))
+    }
+
+    /// Write a native-endian `u64` at `offset` (unaligned is fine).
+    pub fn write_u64(&self, offset: usize, v: u64) -> Result<()> {
+        self.write_at(offset, &v.to_ne_bytes())
+    }
+
+    /// Fill the whole mapping with `byte` (word stores; see the memory
+    /// model above).
+    pub fn fill(&self, byte: u8) {
+        // SAFETY: the whole range is mapped writable for `'a`, page-aligned
+        // and whole pages (constructor contract).
+        unsafe { atomic::fill(self.ptr.as_ptr(), self.len, byte) };
+    }
+
+    /// The bytes as a shared slice.
+    ///
+    /// # Safety
+    /// While the slice lives, no one may write these bytes through any
+    /// mapping of the frame (another handle, the direct map, the safe
+    /// copies of any `Kaddr`, another process).
+    pub unsafe fn as_slice(&self) -> &'a [u8] {
+        // SAFETY: the range is mapped for `'a`; the caller promises no writer.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes as a mutable slice.
+    ///
+    /// # Safety
+    /// While the slice lives, no one else may read or write these bytes
+    /// through any mapping of the frame (the safe copies of any `Kaddr`
+    /// included), and no other slice of them may exist.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn as_mut_slice(&self) -> &'a mut [u8] {
+        // SAFETY: the range is mapped writable for `'a`; the caller promises
+        // exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl fmt::Debug for Kaddr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kaddr").field("addr", &self.ptr).field("len", &self.len).finish()
+    }
+}
