@@ -80,6 +80,17 @@ pub enum Error {
     },
     /// The operation needs a direct map, and the `PhysMem` was built without one.
     NoDirectMap,
+    /// The window already serves another cache (an `Lwbufs`, an `SfPool` or
+    /// a `WindowSource`), or has frames entered by hand: a window's slots
+    /// are handed out by one slot allocator at a time. Build a window for
+    /// each cache, or wait until the other cache is dropped.
+    WindowClaimed,
+    /// [`Mmu::enter`](crate::Mmu::enter) was asked to map over a slot that
+    /// already has a frame entered (nothing was changed).
+    SlotOccupied {
+        /// The first occupied slot found.
+        slot: usize,
+    },
     /// A system call failed.
     Sys {
         /// What the library was doing (`"mmap"`, `"memfd_create"`, ...).
@@ -137,6 +148,10 @@ impl fmt::Display for Error {
             Error::CpuBusy { cpu } => write!(f, "CPU {cpu} is bound to another live thread"),
             Error::AlreadyBound { cpu } => write!(f, "the calling thread already has CPU {cpu} of this system bound"),
             Error::NoDirectMap => f.write_str("the PhysMem was built without a direct map"),
+            Error::WindowClaimed => f.write_str(
+                "the window already serves another cache or has frames entered by hand (one slot allocator per window)",
+            ),
+            Error::SlotOccupied { slot } => write!(f, "slot {slot} already has a frame entered"),
             Error::Sys { op, source } => write!(f, "{op} failed: {source}"),
         }
     }
@@ -160,7 +175,7 @@ impl From<Error> for io::Error {
             Error::OutOfFrames { .. } | Error::WindowFull { .. } | Error::MapLimit { .. } => {
                 io::Error::new(io::ErrorKind::OutOfMemory, e)
             }
-            Error::Config { .. } | Error::OutOfBounds { .. } | Error::NoSuchCpu { .. } => {
+            Error::Config { .. } | Error::OutOfBounds { .. } | Error::NoSuchCpu { .. } | Error::SlotOccupied { .. } => {
                 io::Error::new(io::ErrorKind::InvalidInput, e)
             }
             other => io::Error::other(other),

@@ -78,6 +78,8 @@ pub(crate) struct KvaSpace {
     slots: Extents,
     /// Live mappings (enter calls not yet removed): each is at least one VMA.
     live: AtomicUsize,
+    /// Calls that gave slots back (a hint that slots moved; see `gives`).
+    gives: AtomicUsize,
     budget: usize,
     /// The MMU's slot size, read once: every handle's `kva()` needs it, and
     /// asking the `dyn Mmu` costs two indirect calls.
@@ -102,12 +104,16 @@ pub fn default_map_budget() -> usize {
 }
 
 impl KvaSpace {
-    pub(crate) fn new(mmu: Arc<dyn Mmu>, budget: Option<usize>) -> Self {
+    /// The slot allocator of `mmu`'s window. [`Error::WindowClaimed`] if
+    /// another allocator has it (two would hand out the same slots) or
+    /// frames are entered in it by hand; the claim ends when this drops.
+    pub(crate) fn new(mmu: Arc<dyn Mmu>, budget: Option<usize>) -> Result<Self> {
+        mmu.claim()?;
         let slots = Extents::new(mmu.capacity());
         let budget = budget.unwrap_or_else(default_map_budget);
         let slot_size = mmu.slot_size();
         let phys = mmu.phys().clone();
-        KvaSpace { mmu, slots, live: AtomicUsize::new(0), budget, slot_size, phys }
+        Ok(KvaSpace { mmu, slots, live: AtomicUsize::new(0), gives: AtomicUsize::new(0), budget, slot_size, phys })
     }
 
     /// Live mappings now, and the budget.
@@ -191,14 +197,27 @@ impl KvaSpace {
     /// Give back claimed, unmapped slots.
     pub(crate) fn give(&self, run: SlotRun) {
         self.slots.free(run.start, run.len);
+        self.gives.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Give back single unmapped slots in one lock round trip.
     pub(crate) fn give_batch(&self, runs: impl IntoIterator<Item = SlotRun>) {
+        let mut n = 0;
         self.slots.free_batch(runs.into_iter().map(|r| {
             debug_assert_eq!(r.len, 1);
+            n += 1;
             r.start
         }));
+        if n > 0 {
+            self.gives.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many times slots were given back so far: a miss that found the
+    /// window full compares it across its reclaim pass to tell whether
+    /// slots moved meanwhile. Relaxed: a hint, never a proof.
+    pub(crate) fn gives(&self) -> usize {
+        self.gives.load(Ordering::Relaxed)
     }
 
     /// Enter `run.len` contiguous frames from `pfn` into the claimed slots:
@@ -237,5 +256,14 @@ impl KvaSpace {
             }
             Err(e) => Err((e, m)),
         }
+    }
+}
+
+impl Drop for KvaSpace {
+    fn drop(&mut self) {
+        // The cache that owned this allocator has removed what it could (a
+        // mapping whose remove failed stays entered, and then the window
+        // refuses a new claim: its slot would be handed out while mapped).
+        self.mmu.unclaim();
     }
 }

@@ -475,7 +475,7 @@ fn engine_over_model_mmu_and_a_full_window() {
     let mem = PhysMem::builder().frames(128).backing(Backing::Heap).build().expect("heap");
     let file = PageFile::pattern(&mem, 64 * FS, 61).expect("file");
     let mmu: Arc<dyn Mmu> = Arc::new(ModelMmu::new(&mem, 4).expect("model"));
-    let src = WindowSource::new(mmu.clone());
+    let src = WindowSource::new(mmu.clone()).expect("window source");
     let (a, b) = UnixStream::pair().expect("pair");
     let got = thread::scope(|s| {
         let r = s.spawn(|| read_n(&b, 64 * FS as usize));

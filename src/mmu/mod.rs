@@ -19,18 +19,42 @@ use std::ptr::NonNull;
 
 use crate::error::{Error, Result};
 use crate::phys::{Pfn, PhysMem};
-use crate::sync::{AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// The index of a slot in a window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Slot(pub usize);
 
+/// The part of [`Mmu`] that only this crate implements: the caches trust
+/// what an `Mmu` says (the address `enter` returns is dereferenced by safe
+/// handles), and they need to claim a window's slots for one allocator.
+pub(crate) mod sealed {
+    use crate::error::Result;
+
+    pub trait Sealed {
+        /// Claim every slot for one slot allocator (a cache). Fails with
+        /// [`crate::Error::WindowClaimed`] if another holds the claim or
+        /// frames are entered now. Wrappers delegate to the window they wrap.
+        fn claim(&self) -> Result<()>;
+        /// Give the claim back (the cache is gone and has removed all it
+        /// entered).
+        fn unclaim(&self);
+    }
+}
+
 /// An address space into which frames of one [`PhysMem`] are mapped, one
 /// frame per slot.
 ///
-/// Implementations count what they do ([`MmuStats`]); wrappers (fault
-/// injection, tracing) can implement it by delegating.
-pub trait Mmu: Send + Sync + fmt::Debug {
+/// Implementations count what they do ([`MmuStats`]). The trait is sealed:
+/// the caches dereference the addresses it returns from safe code, so only
+/// the crate's own [`Window`], [`ModelMmu`] and [`FaultyMmu`] (a wrapper
+/// that injects failures) implement it.
+///
+/// A window serves one cache at a time ([`crate::Lwbufs`],
+/// [`crate::SfPool`] or a sendfile `WindowSource`): building a second one
+/// over a window that is in use fails with [`Error::WindowClaimed`], and the
+/// window can serve another once the first is dropped.
+pub trait Mmu: sealed::Sealed + Send + Sync + fmt::Debug {
     /// The memory whose frames this MMU maps.
     fn phys(&self) -> &PhysMem;
 
@@ -47,9 +71,13 @@ pub trait Mmu: Send + Sync + fmt::Debug {
     /// for the window). Returns the address of the first slot; the run is
     /// contiguous from there.
     ///
+    /// Slots that already have a frame entered are refused with
+    /// [`Error::SlotOccupied`] before anything changes.
+    ///
     /// # Safety
-    /// The caller owns the slots (from the slot allocator) and nothing may be
-    /// entered there, nor any reference to their old contents be live.
+    /// The caller owns the slots (from the slot allocator, or by hand on a
+    /// window no cache serves), and no reference to their old contents may
+    /// be live.
     unsafe fn enter(&self, slot: Slot, pfn: Pfn, count: usize) -> Result<NonNull<u8>>;
 
     /// Remove the mappings of `count` adjacent slots entered together (or
@@ -131,6 +159,8 @@ impl fmt::Display for MmuStats {
 #[derive(Debug)]
 pub(crate) struct SlotTable {
     slots: Box<[AtomicUsize]>,
+    /// One cache's slot allocator holds the window (see [`sealed::Sealed`]).
+    claimed: AtomicBool,
     frames: usize,
     enters: AtomicU64,
     removes: AtomicU64,
@@ -144,7 +174,9 @@ pub(crate) struct SlotTable {
 /// The reservation of this slot was lost (it was `munmap`ped): the next
 /// enter must not use `MAP_FIXED` blindly.
 pub(crate) const HOLE: usize = 1 << (usize::BITS - 1);
-const PFN_MASK: usize = !HOLE;
+/// An `enter` of this slot is under way (set by [`SlotTable::reserve`]).
+const BUSY: usize = 1 << (usize::BITS - 2);
+const PFN_MASK: usize = !(HOLE | BUSY);
 
 /// `n` slot records, all zero. Outside loom they come from `calloc`, whose
 /// large allocations are fresh anonymous memory: a huge window costs 8 bytes
@@ -169,6 +201,7 @@ impl SlotTable {
     pub(crate) fn new(capacity: usize, frames: usize) -> Self {
         SlotTable {
             slots: zeroed_slots(capacity),
+            claimed: AtomicBool::new(false),
             frames,
             enters: AtomicU64::new(0),
             removes: AtomicU64::new(0),
@@ -204,6 +237,51 @@ impl SlotTable {
         Ok(())
     }
 
+    /// Take the window for one slot allocator; see [`sealed::Sealed::claim`].
+    pub(crate) fn claim(&self) -> Result<()> {
+        // Acquire/Release: a cache that claims after another let go sees
+        // that one's removes recorded.
+        if self.claimed.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            return Err(Error::WindowClaimed);
+        }
+        if self.mapped.load(Ordering::Acquire) != 0 {
+            self.claimed.store(false, Ordering::Release);
+            return Err(Error::WindowClaimed);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn unclaim(&self) {
+        self.claimed.store(false, Ordering::Release);
+    }
+
+    /// Mark `count` slots from `slot` as being entered, if none has a frame
+    /// entered or an enter under way; otherwise change nothing and report
+    /// the first such slot. Undo with [`unreserve`](Self::unreserve), or
+    /// complete with [`entered`](Self::entered).
+    pub(crate) fn reserve(&self, slot: Slot, count: usize) -> Result<()> {
+        for i in 0..count {
+            let s = &self.slots[slot.0 + i];
+            // Relaxed: the flag only keeps two enters apart; the frame number
+            // is published by `entered`'s Release.
+            let r = s.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                (v & (PFN_MASK | BUSY) == 0).then_some(v | BUSY)
+            });
+            if r.is_err() {
+                self.unreserve(slot, i);
+                return Err(Error::SlotOccupied { slot: slot.0 + i });
+            }
+        }
+        Ok(())
+    }
+
+    /// Undo [`reserve`](Self::reserve) of `count` slots from `slot`.
+    pub(crate) fn unreserve(&self, slot: Slot, count: usize) {
+        for s in &self.slots[slot.0..slot.0 + count] {
+            s.fetch_and(!BUSY, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn translate(&self, slot: Slot) -> Option<Pfn> {
         let v = self.slots.get(slot.0)?.load(Ordering::Acquire) & PFN_MASK;
         v.checked_sub(1).map(Pfn)
@@ -217,19 +295,16 @@ impl SlotTable {
         self.slots[slot].load(Ordering::Relaxed) & HOLE != 0
     }
 
-    /// Record an enter; returns whether any slot already had a frame (a bug
-    /// in the caller: the model treats it as fatal).
-    pub(crate) fn entered(&self, slot: Slot, pfn: Pfn, count: usize) -> bool {
-        let mut overwrote = false;
+    /// Record an enter of slots [`reserve`](Self::reserve)d for it.
+    pub(crate) fn entered(&self, slot: Slot, pfn: Pfn, count: usize) {
         for i in 0..count {
             // Release: publishes the mapping to `translate` readers.
             let old = self.slots[slot.0 + i].swap(pfn.0 + i + 1, Ordering::Release);
-            overwrote |= old & PFN_MASK != 0;
+            debug_assert!(old & BUSY != 0 && old & PFN_MASK == 0, "enter of a slot not reserved");
         }
         self.enters.fetch_add(1, Ordering::Relaxed);
         self.pages_entered.fetch_add(count as u64, Ordering::Relaxed);
         self.mapped.fetch_add(count as u64, Ordering::Relaxed);
-        overwrote
     }
 
     /// Record a remove; returns whether any slot was empty (a caller bug).

@@ -13,7 +13,8 @@ use crate::phys::{Pfn, PhysMem};
 /// with the real window, without any system call. It checks the protocol as
 /// it goes: entering an occupied slot or removing an empty one panics (the
 /// real window would silently clobber or succeed), which is what makes it
-/// useful under loom.
+/// useful under loom. (Entering an occupied slot is refused with
+/// [`Error::SlotOccupied`] on both backends.)
 ///
 /// ```
 /// use lwbuf::{Backing, ModelMmu, Mmu, PhysMem, Pfn, Slot};
@@ -52,6 +53,15 @@ impl ModelMmu {
     }
 }
 
+impl super::sealed::Sealed for ModelMmu {
+    fn claim(&self) -> Result<()> {
+        self.table.claim()
+    }
+    fn unclaim(&self) {
+        self.table.unclaim();
+    }
+}
+
 impl Mmu for ModelMmu {
     fn phys(&self) -> &PhysMem {
         &self.phys
@@ -64,8 +74,8 @@ impl Mmu for ModelMmu {
     unsafe fn enter(&self, slot: Slot, pfn: Pfn, count: usize) -> Result<NonNull<u8>> {
         self.table.check(slot, Some(pfn), count)?;
         let addr = self.phys.direct_ptr(pfn).expect("checked: direct map and frame in range");
-        let overwrote = self.table.entered(slot, pfn, count);
-        assert!(!overwrote, "model MMU: enter into occupied slots {}..+{count}", slot.0);
+        self.table.reserve(slot, count)?;
+        self.table.entered(slot, pfn, count);
         Ok(addr)
     }
 

@@ -146,6 +146,15 @@ impl Window {
     }
 }
 
+impl super::sealed::Sealed for Window {
+    fn claim(&self) -> Result<()> {
+        self.table.claim()
+    }
+    fn unclaim(&self) {
+        self.table.unclaim();
+    }
+}
+
 impl Mmu for Window {
     fn phys(&self) -> &PhysMem {
         &self.phys
@@ -164,10 +173,13 @@ impl Mmu for Window {
         // A slot whose reservation was lost must not be mapped with plain
         // MAP_FIXED: another mmap of the process may have landed there.
         let fixed = if self.table.any_hole(slot, count) { MapFlags::MAP_FIXED_NOREPLACE } else { MapFlags::MAP_FIXED };
+        // Never map over a live slot: MAP_FIXED would silently replace it.
+        self.table.reserve(slot, count)?;
         self.table.syscall();
-        // SAFETY: the range lies inside the window and the caller owns these
-        // slots (method contract), so MAP_FIXED replaces only our own
-        // PROT_NONE reservation; holes use MAP_FIXED_NOREPLACE instead.
+        // SAFETY: the range lies inside the window, the caller owns these
+        // slots (method contract) and `reserve` found nothing entered in
+        // them, so MAP_FIXED replaces only our own PROT_NONE reservation;
+        // holes use MAP_FIXED_NOREPLACE instead.
         let r = unsafe {
             mmap(
                 Some(NonZeroUsize::new(addr.as_ptr() as usize).expect("non-null")),
@@ -188,9 +200,13 @@ impl Mmu for Window {
                 // SAFETY: `p` is the mapping just made, at an address the
                 // kernel chose; nobody else knows it.
                 let _ = unsafe { munmap(p, len) };
+                self.table.unreserve(slot, count);
                 Err(Error::sys("mmap(enter)", Errno::EEXIST))
             }
-            Err(e) => Err(Error::sys("mmap(enter)", e)),
+            Err(e) => {
+                self.table.unreserve(slot, count);
+                Err(Error::sys("mmap(enter)", e))
+            }
         }
     }
 

@@ -278,7 +278,7 @@ impl Sender {
         let phys = mmu.phys().clone();
         let (mut window, mut sfbuf, mut lwbuf) = (None, None, None);
         match mode {
-            Mode::MmapPerRequest => window = Some(WindowSource::new(mmu)),
+            Mode::MmapPerRequest => window = Some(WindowSource::new(mmu)?),
             Mode::Sfbuf => sfbuf = Some(SfbufSource::with_mmu(mmu, opts.max_excess, opts.max_run, opts.stall_timeout)?),
             Mode::Lwbuf | Mode::LwbufRun => {
                 let run = Self::lwbuf_run(mode, &opts);

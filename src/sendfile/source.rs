@@ -157,15 +157,16 @@ pub struct WindowSource {
 
 impl WindowSource {
     /// Map through `mmu` (a [`Window`] or a [`crate::ModelMmu`]); its slots
-    /// are this source's to hand out, so nothing else may enter any. Live
+    /// are this source's to hand out while it lives, so a window already
+    /// serving a cache is refused with [`crate::Error::WindowClaimed`]. Live
     /// mappings are capped by [`crate::default_map_budget`].
-    pub fn new(mmu: Arc<dyn Mmu>) -> WindowSource {
-        WindowSource { kva: KvaSpace::new(mmu, None), unmap_failures: AtomicU64::new(0) }
+    pub fn new(mmu: Arc<dyn Mmu>) -> Result<WindowSource> {
+        Ok(WindowSource { kva: KvaSpace::new(mmu, None)?, unmap_failures: AtomicU64::new(0) })
     }
 
     /// A new [`Window`] of `slots` slots over `phys`: one `mmap(PROT_NONE)`.
     pub fn window(phys: &PhysMem, slots: usize) -> Result<WindowSource> {
-        Ok(Self::new(Arc::new(Window::builder(phys).slots(slots).build()?)))
+        Self::new(Arc::new(Window::builder(phys).slots(slots).build()?))
     }
 
     /// The MMU.

@@ -288,7 +288,7 @@ impl SfPoolBuilder {
         if self.shards == 0 || self.shards > 1 << 16 {
             return Err(Error::config("shards", format!("{} is not in 1..=65536", self.shards)));
         }
-        let kva = KvaSpace::new(self.mmu, self.map_budget);
+        let kva = KvaSpace::new(self.mmu, self.map_budget)?;
         let cap = kva.capacity();
         barrier::init();
         Ok(SfPool {
