@@ -23,13 +23,21 @@ use pcpu::{Key, Local, Miss, Pcpu};
 use crate::cpu::{self, BindTable, CpuMask, Others, OwnerGuard, StealGuard};
 use crate::error::{Error, Result};
 use crate::kaddr::Kaddr;
-use crate::kva::{Hold, KvaSpace};
+use crate::kva::{Hold, KvaSpace, SlotRun};
 use crate::mmu::Mmu;
 use crate::phys::Page;
 use crate::sync::{env, Arc, AtomicU64, AtomicUsize, CachePadded, Ordering};
 
 /// The largest CPU count a system accepts.
 pub const MAX_CPUS: usize = 4096;
+
+/// Reclaim passes a miss makes, when the window is full, before it reports
+/// `WindowFull`: at least [`RECLAIM_MIN_ROUNDS`] (a release on a CPU the
+/// pass already visited makes a cached entry behind it), then only while
+/// slots move (another miss is reclaiming, or slots went back to the
+/// window during the pass).
+const RECLAIM_ROUNDS: usize = 64;
+const RECLAIM_MIN_ROUNDS: usize = 3;
 
 /// Builds an [`Lwbufs`] system. See [`Lwbufs::builder`].
 #[derive(Debug)]
@@ -69,7 +77,7 @@ impl LwbufsBuilder {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(Error::config("cpus", format!("{} is not in 1..={MAX_CPUS}", self.cpus)));
         }
-        let kva = KvaSpace::new(self.mmu, self.map_budget);
+        let kva = KvaSpace::new(self.mmu, self.map_budget)?;
         let max_excess = self.max_excess.unwrap_or_else(|| (kva.capacity() / (2 * self.cpus)).max(1));
         let binds = BindTable::new(self.cpus);
         Ok(Lwbufs {
@@ -80,6 +88,7 @@ impl LwbufsBuilder {
             kva,
             max_excess: AtomicUsize::new(max_excess),
             unbound_sent: AtomicU64::new(0),
+            reclaiming: AtomicUsize::new(0),
         })
     }
 }
@@ -116,6 +125,8 @@ pub struct Lwbufs {
     slot_size: usize,
     max_excess: AtomicUsize,
     unbound_sent: AtomicU64,
+    /// Misses reclaiming other CPUs for room right now (see `acquire_full`).
+    reclaiming: AtomicUsize,
 }
 
 /// The binding of the calling thread to one CPU of an [`Lwbufs`]; dropping
@@ -316,21 +327,58 @@ impl Lwbufs {
         }
     }
 
-    /// `acquire_on` when the first try failed: with no room, reclaim the
-    /// other CPUs' cached mappings and try once more.
+    /// `acquire_on` when the first try failed for lack of room: reclaim the
+    /// other CPUs' cached mappings and free slots, keep one of the freed
+    /// slots for this request (so that other CPUs' batches cannot take them
+    /// all back first), and try again. `WindowFull` is reported only after
+    /// a reclaim pass found nothing to free and the window had no free slot
+    /// (a few rounds, in case releases on other CPUs raced the pass).
     #[cold]
     fn acquire_full(&self, cpu: usize, key: Key, first: Miss) -> Result<NonNull<u8>> {
-        let Miss::NoRoom(_) = first else { return Err(first.into_error()) };
-        // Our cache is left (`acquire_on`): take the others one at a time.
-        let refused = self.reclaim_except(cpu).1;
-        let r = self.enter_cpu(cpu).acquire(&self.kva, key);
-        match (r, refused) {
-            (Ok(addr), _) => Ok(addr),
-            // Full because another CPU's cached mapping could not be
-            // unmapped: that refusal is the error to report.
-            (Err(Miss::NoRoom(Error::WindowFull { .. })), Some(e)) => Err(e),
-            (Err(m), _) => Err(m.into_error()),
+        let Miss::NoRoom(mut err) = first else { return Err(first.into_error()) };
+        let mut freed = Vec::new();
+        for round in 0..RECLAIM_ROUNDS {
+            let gives = self.kva.gives();
+            // Our cache is left (`acquire_on`): take the others one at a time.
+            // While we hold what we freed, no other miss can see it: count
+            // ourselves in transit so that one retries instead of failing.
+            self.reclaiming.fetch_add(1, Ordering::Relaxed);
+            let refused = self.reclaim_except(cpu, &mut freed);
+            // Relaxed: a hint for retrying, read after our own pass.
+            let progress = round + 1 < RECLAIM_MIN_ROUNDS
+                || !freed.is_empty()
+                || self.kva.free_slots() > 0
+                || self.kva.gives() != gives
+                || self.reclaiming.load(Ordering::Relaxed) > 1;
+            let r = {
+                let mut l = self.enter_cpu(cpu);
+                if key.pages == 1 {
+                    if let Some(slot) = freed.pop() {
+                        l.keep_slot(&self.kva, slot);
+                    }
+                }
+                self.kva.give_batch(freed.drain(..));
+                self.reclaiming.fetch_sub(1, Ordering::Relaxed);
+                l.acquire(&self.kva, key)
+            };
+            match r {
+                Ok(addr) => return Ok(addr),
+                Err(Miss::NoRoom(e)) => {
+                    // Full because another CPU's cached mapping could not
+                    // be unmapped: that refusal is the error to report.
+                    err = match (e, refused) {
+                        (Error::WindowFull { .. }, Some(refusal)) => refusal,
+                        (e, _) => e,
+                    };
+                    if !progress {
+                        break;
+                    }
+                    crate::sync::thread::yield_now();
+                }
+                Err(m) => return Err(m.into_error()),
+            }
         }
+        Err(err)
     }
 
     /// Apply this CPU's pending messages and enforce the excess limit now
@@ -345,13 +393,18 @@ impl Lwbufs {
     /// behalf of CPUs whose threads are idle or gone. Returns the slots given
     /// back to the window. Each unmap is a system call.
     pub fn reclaim(&self) -> usize {
-        self.reclaim_except(usize::MAX).0
+        let before = self.kva.free_slots();
+        let mut freed = Vec::new();
+        self.reclaim_except(usize::MAX, &mut freed);
+        self.kva.give_batch(freed);
+        self.kva.free_slots().saturating_sub(before)
     }
 
-    /// Reclaim every CPU but `except`; also returns the first unmap the MMU
-    /// refused while doing it (that entry stays cached, counted).
-    fn reclaim_except(&self, except: usize) -> (usize, Option<Error>) {
-        let mut freed = 0;
+    /// Reclaim every CPU but `except`: their single free slots (those they
+    /// held and those their evictions freed) go to `freed`, runs back to the
+    /// window. Returns the first unmap the MMU refused while doing it (that
+    /// entry stays cached, counted).
+    fn reclaim_except(&self, except: usize, freed: &mut Vec<SlotRun>) -> Option<Error> {
         let mut refused = None;
         for (cpu, pc) in self.cpus.iter().enumerate() {
             if cpu == except {
@@ -360,12 +413,12 @@ impl Lwbufs {
             let mut l = self.steal_cpu(cpu, true).expect("a waiting steal always succeeds");
             l.drain(&pc.mailbox, &self.kva, usize::MAX);
             l.take_unmap_error();
-            freed += l.shrink(&self.kva);
+            l.shrink_into(&self.kva, freed);
             if let Some(e) = l.take_unmap_error() {
                 refused.get_or_insert(e);
             }
         }
-        (freed, refused)
+        refused
     }
 
     /// Drain `cpu`'s mailbox for it. `wait`: block for its lock (only for

@@ -515,13 +515,16 @@ impl Local {
         self.unmap_error.take()
     }
 
-    /// Evict every unused entry and give every free slot back to the
-    /// window. Returns the number of slots given back.
-    pub(crate) fn shrink(&mut self, kva: &KvaSpace) -> usize {
-        let before = kva.free_slots();
+    /// Evict every unused entry; every single free slot this CPU holds then
+    /// goes to `freed` (runs go back to the window as they are evicted).
+    pub(crate) fn shrink_into(&mut self, kva: &KvaSpace, freed: &mut Vec<SlotRun>) {
         while self.evict_one(kva) {}
-        kva.give_batch(self.free_slots.drain(..));
-        kva.free_slots().saturating_sub(before)
+        freed.append(&mut self.free_slots);
+    }
+
+    /// Keep `slot` (unmapped, claimed) for this CPU's next miss.
+    pub(crate) fn keep_slot(&mut self, kva: &KvaSpace, slot: SlotRun) {
+        self.put_slots(kva, slot);
     }
 
     /// Unmap everything, used or not (the system is going away and no handle
@@ -562,7 +565,7 @@ mod tests {
     #[test]
     fn entries_index_and_leaves() {
         let mem = PhysMem::builder().frames(4 * LEAF).backing(crate::Backing::Heap).build().unwrap();
-        let kva = KvaSpace::new(Arc::new(ModelMmu::new(&mem, 64).unwrap()), None);
+        let kva = KvaSpace::new(Arc::new(ModelMmu::new(&mem, 64).unwrap()), None).unwrap();
         let mut es = Entries::default();
         let single = |pfn| Key { pfn, pages: 1 };
         let map = |kva: &KvaSpace, key: Key| {
