@@ -181,13 +181,13 @@ fn read_8<M: Measurement>(c: &mut Criterion<M>, clock: Clock) {
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
         s.spawn(|| {
-            pin_to_core(1);
+            pin_to_core(1).expect("pin to a core");
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n = black_box(n.wrapping_add(1));
             }
         });
-        pin_to_core(0);
+        pin_to_core(0).expect("pin to a core");
         let mut i = 0;
         g.bench_function("mmap_touch_remap_sibling_running", |b| {
             b.iter(|| {

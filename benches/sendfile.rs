@@ -38,7 +38,7 @@ fn modes(c: &mut Criterion) {
         g.warm_up_time(Duration::from_millis(500));
         g.measurement_time(Duration::from_secs(2));
         for &mode in Mode::ALL {
-            let opts = SendOptions { cpus: Some(1), ..SendOptions::default() };
+            let opts = SendOptions::default().cpus(Some(1));
             let sender = match Sender::new(mode, &mem, opts) {
                 Ok(s) => s,
                 Err(e) => {

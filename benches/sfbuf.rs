@@ -178,7 +178,7 @@ fn on_threads(n: usize, iters: u64, body: impl Fn(usize, u64, &Barrier) -> Durat
             .map(|t| {
                 let (body, barrier) = (&body, &barrier);
                 s.spawn(move || {
-                    pin_to_core(t);
+                    pin_to_core(t).expect("pin to a core");
                     body(t, iters, barrier)
                 })
             })

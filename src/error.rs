@@ -100,6 +100,20 @@ pub enum Error {
     },
 }
 
+/// What [`Lwbufs::check_consistency`](crate::Lwbufs::check_consistency)
+/// found broken: an internal invariant of the caches does not hold, which is
+/// a bug in this library. The message names the CPU, entry or slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inconsistency(pub(crate) String);
+
+impl fmt::Display for Inconsistency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "lwbuf invariant broken: {}", self.0)
+    }
+}
+
+impl std::error::Error for Inconsistency {}
+
 /// `Result` with the crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -15,6 +15,7 @@ use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
 
 /// Counters of a range allocator (frames of a `PhysMem`, slots of a window).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExtentStats {
     /// Units managed.
     pub total: usize,

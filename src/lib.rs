@@ -45,7 +45,7 @@ mod sfbuf;
 mod sync;
 
 pub use cpu::{pin_to_core, CpuMask, INLINE_CPUS, MAX_BINDINGS_PER_THREAD};
-pub use error::{Error, Result};
+pub use error::{Error, Inconsistency, Result};
 
 /// Loom-only hooks for the model-checking suite in `loom-tests/`.
 #[cfg(loom)]

@@ -175,8 +175,8 @@ impl<'a> LwState<'a> {
 /// Read every page of `h` on the current CPU and check its stamp.
 fn check_lw(h: &Lwbuf<'_>) -> lwbuf::Result<()> {
     let k = h.kva()?;
-    let fs = k.len() / h.pages();
-    for (i, p) in h.page_run().iter().enumerate() {
+    let fs = k.len() / h.pages().len();
+    for (i, p) in h.pages().iter().enumerate() {
         assert_eq!(k.read_u64(i * fs)?, stamp_of(p.pfn().0), "frame {} read through {k:?}", p.pfn().0);
     }
     Ok(())

@@ -552,3 +552,30 @@ fn auto_traits() {
     send_sync::<Error>();
     send_sync::<Arc<dyn Mmu>>();
 }
+
+/// `pin_to_core` reports the core it pinned to, and the thread's affinity
+/// is then that core alone; cpu ids beyond the cores wrap round.
+#[test]
+fn pin_to_core_reports_the_core() {
+    fn affinity() -> Vec<usize> {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; the call writes
+        // at most `size_of::<cpu_set_t>()` bytes into it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; pid 0 is the calling thread.
+        let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        assert_eq!(r, 0, "sched_getaffinity");
+        // SAFETY: `set` is initialized and `c` is below CPU_SETSIZE.
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+    }
+    let allowed = thread::spawn(affinity).join().expect("thread");
+    for cpu in [0, 1, allowed.len(), usize::MAX] {
+        let (core, now) = thread::spawn(move || {
+            let core = lwbuf::pin_to_core(cpu).expect("pin");
+            (core, affinity())
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(core, allowed[cpu % allowed.len()], "cpu {cpu}");
+        assert_eq!(now, [core], "cpu {cpu}: the thread runs on that core alone");
+    }
+}

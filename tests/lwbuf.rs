@@ -68,9 +68,9 @@ fn check_read(h: &Lwbuf<'_>, rng: &mut SmallRng) {
     let fs = system_page_size();
     let words = fs / 8;
     let k = h.kva().expect("kva");
-    assert_eq!(k.len(), h.pages() * fs);
+    assert_eq!(k.len(), h.pages().len() * fs);
     let pfn0 = h.page().pfn().0;
-    for i in 0..h.pages() {
+    for i in 0..h.pages().len() {
         for w in [0, words - 1, rng.gen_range(0..words)] {
             let got = k.read_u64(i * fs + w * 8).expect("read_u64");
             assert_eq!(
@@ -980,7 +980,7 @@ fn run_of_64_pages_is_one_enter_and_one_remove(b: Backend) {
     let h = lw.alloc_run(&run).unwrap();
     let d = lw.mmu().stats().since(&m0);
     assert_eq!((d.enters, d.pages_entered, d.removes), (1, 64, 0));
-    assert_eq!(h.pages(), 64);
+    assert_eq!(h.pages().len(), 64);
     assert_eq!(h.kva().unwrap().len(), 64 * fs);
     check_read(&h, &mut r);
     assert_eq!(mapped_frames(&lw), pfns(&run));
@@ -1008,7 +1008,7 @@ fn run_of_64_pages_is_one_enter_and_one_remove(b: Backend) {
 
     // A single-page run is an ordinary lwbuf.
     let h = lw.alloc_run(&run[5..6]).unwrap();
-    assert_eq!(h.pages(), 1);
+    assert_eq!(h.pages().len(), 1);
     check_read(&h, &mut r);
     drop(h);
 

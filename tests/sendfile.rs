@@ -14,19 +14,17 @@ use std::time::Duration;
 
 use lwbuf::sendfile::{
     send_copy, send_mapped, CacheStats, Connection, DirectMapSource, LwbufSource, Mode, PageFile, Pattern, SendOptions,
-    Sender, SendfileHolds, SfbufSource, WindowSource, ZeroCopy,
+    Sender, SendfileHolds, SfBufSource, WindowSource, ZeroCopy,
 };
 use lwbuf::{Backing, Error, Mmu, ModelMmu, Page, PhysMem};
 
 const FS: u64 = 4096;
 
 fn opts() -> SendOptions {
-    SendOptions {
-        stall_timeout: Some(Duration::from_secs(10)),
-        close_timeout: Duration::from_secs(2),
-        cpus: Some(2),
-        ..SendOptions::default()
-    }
+    SendOptions::default()
+        .stall_timeout(Some(Duration::from_secs(10)))
+        .close_timeout(Duration::from_secs(2))
+        .cpus(Some(2))
 }
 
 /// After a send returned (or failed): nothing the sender maps is left in
@@ -326,7 +324,7 @@ fn partial_writes_on_nonblocking_socket_with_slow_reader() {
 fn stall_timeout_is_an_error() {
     let mem = PhysMem::builder().frames(1024).build().expect("phys");
     let file = PageFile::pattern(&mem, 4 << 20, 2).expect("file");
-    let o = SendOptions { stall_timeout: Some(Duration::from_millis(50)), ..opts() };
+    let o = opts().stall_timeout(Some(Duration::from_millis(50)));
     let sender = Sender::new(Mode::DirectMap, &mem, o).expect("sender");
     let (server, _client) = tcp_pair(); // never read
     setsockopt_int(&server, libc::SOL_SOCKET, libc::SO_SNDBUF, 4096);
@@ -532,7 +530,7 @@ fn auto_traits() {
     send_sync::<PageFile>();
     send_sync::<WindowSource>();
     send_sync::<DirectMapSource>();
-    send_sync::<SfbufSource>();
+    send_sync::<SfBufSource>();
     send_sync::<LwbufSource>();
     fn send<T: Send>() {}
     send::<Connection<'static, TcpStream>>();
@@ -574,7 +572,7 @@ fn cache_modes_hit_without_system_calls_the_second_time() {
         let m1 = sender.mmu_stats().expect("mmu");
         // One mapping per page, or per run of up to 16 pages.
         let per_page = mode == Mode::Lwbuf;
-        assert_eq!(c1, CacheStats { lookups: if per_page { 201 } else { runs }, hits: 0 }, "{mode}");
+        assert_eq!(c1, CacheStats::new(if per_page { 201 } else { runs }, 0), "{mode}");
         assert_eq!(m1.enters, c1.lookups, "{mode}: one mmap per miss");
         send_and_check(&mut conn, &b, &file, 91, 3..len - 3);
         let c2 = sender.cache_stats().expect("cache").since(&c1);
@@ -654,7 +652,7 @@ fn sfbuf_requests_larger_than_the_pool_and_concurrent_requests_do_not_deadlock()
     // room when it holds nothing, so all of them finish.
     let mem = PhysMem::builder().frames(1024).build().expect("phys");
     let file = PageFile::builder(&mem).max_run(6).pattern(96 * FS, 93).expect("file");
-    let o = SendOptions { window_slots: 8, max_run: 4, stall_timeout: Some(Duration::from_secs(20)), ..opts() };
+    let o = opts().window_slots(8).max_run(4).stall_timeout(Some(Duration::from_secs(20)));
     let sender = Sender::new(Mode::Sfbuf, &mem, o).expect("sender");
     thread::scope(|s| {
         for t in 0..4u64 {
@@ -683,7 +681,7 @@ fn sfbuf_no_wait_while_holding_then_waits_when_idle() {
     let mem = PhysMem::builder().frames(64).build().expect("phys");
     let file = PageFile::pattern(&mem, 4 * FS, 94).expect("file");
     let other = mem.alloc_run(2).expect("frames");
-    let o = SendOptions { window_slots: 2, max_run: 1, stall_timeout: Some(Duration::from_millis(100)), ..opts() };
+    let o = opts().window_slots(2).max_run(1).stall_timeout(Some(Duration::from_millis(100)));
     let sender = Sender::new(Mode::Sfbuf, &mem, o).expect("sender");
     let pool = sender.sfbuf().expect("pool").pool();
     let held: Vec<_> = other.iter().map(|p| pool.alloc(p, lwbuf::Wait::NoWait).expect("hold")).collect();
@@ -730,7 +728,7 @@ fn lwbuf_cache_smaller_than_the_working_set_evicts_and_stays_consistent() {
     let mem = PhysMem::builder().frames(512).build().expect("phys");
     let file = PageFile::builder(&mem).max_run(4).pattern(100 * FS, 96).expect("file");
     for mode in [Mode::Lwbuf, Mode::LwbufRun, Mode::Sfbuf] {
-        let o = SendOptions { window_slots: 16, max_run: 4, ..opts() };
+        let o = opts().window_slots(16).max_run(4);
         let sender = Sender::new(mode, &mem, o).expect("sender");
         let (a, b) = UnixStream::pair().expect("pair");
         let mut conn = sender.connection(a).expect("conn");
@@ -754,7 +752,7 @@ fn run_mappings_are_found_again_by_ranges_that_start_anywhere() {
     assert_eq!(file.run_of(17), Some(16..32));
     assert_eq!(file.run_of(64), None);
     for mode in [Mode::Sfbuf, Mode::LwbufRun] {
-        let o = SendOptions { max_run: 4, ..opts() };
+        let o = opts().max_run(4);
         let sender = Sender::new(mode, &mem, o).expect("sender");
         let (a, b) = UnixStream::pair().expect("pair");
         let mut conn = sender.connection(a).expect("conn");
@@ -780,7 +778,7 @@ fn zerocopy_from_the_cache_sources() {
     let mem = PhysMem::builder().frames(512).build().expect("phys");
     let len = 256 << 10;
     let file = PageFile::builder(&mem).max_run(8).pattern(len, 98).expect("file");
-    let sf = SfbufSource::window(&mem, 64, None, 8, Some(Duration::from_secs(5))).expect("pool");
+    let sf = SfBufSource::window(&mem, 64, None, 8, Some(Duration::from_secs(5))).expect("pool");
     let lw = LwbufSource::window(&mem, 1, 64, None, 8).expect("caches");
     let _cpu = lw.bind_worker(0, false).expect("bind");
     fn run<M: lwbuf::sendfile::MapSource>(src: &M, file: &PageFile, len: u64) {

@@ -397,9 +397,9 @@ impl<'a> Worker<'a, '_> {
         };
         let via = "lwbuf";
         if write {
-            self.sh.write(&k, h.page().pfn().0, h.pages(), via, &mut self.bufs);
+            self.sh.write(&k, h.page().pfn().0, h.pages().len(), via, &mut self.bufs);
         } else {
-            self.sh.check(&k, h.page().pfn().0, h.pages(), via, &mut self.bufs);
+            self.sh.check(&k, h.page().pfn().0, h.pages().len(), via, &mut self.bufs);
         }
     }
 

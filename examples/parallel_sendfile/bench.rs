@@ -275,7 +275,7 @@ impl Sum {
             (a, b) => a.or(b),
         };
         s.cache = match (s.cache, o.cache) {
-            (Some(a), Some(b)) => Some(CacheStats { lookups: a.lookups + b.lookups, hits: a.hits + b.hits }),
+            (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
         };
         s.zc_completed += o.zc_completed;
@@ -338,14 +338,12 @@ struct Snapshot {
 }
 
 fn new_sender(args: &BenchArgs, set: &FileSet, mode: Mode, workers: usize) -> Result<Sender, String> {
-    let opts = SendOptions {
-        stall_timeout: Some(Duration::from_secs(10)),
-        close_timeout: Duration::from_millis(200),
-        window_slots: crate::cache_slots(args.cache_mib)?,
-        max_run: args.map_run.max(1),
-        cpus: Some(workers),
-        ..SendOptions::default()
-    };
+    let opts = SendOptions::default()
+        .stall_timeout(Some(Duration::from_secs(10)))
+        .close_timeout(Duration::from_millis(200))
+        .window_slots(crate::cache_slots(args.cache_mib)?)
+        .max_run(args.map_run.max(1))
+        .cpus(Some(workers));
     Sender::new(mode, &set.mem, opts).map_err(|e| format!("{mode}: {e}"))
 }
 

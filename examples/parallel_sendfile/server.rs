@@ -359,14 +359,12 @@ pub fn serve(args: &ServeArgs) -> Result<(), String> {
     let t = Instant::now();
     let files = FileSet::load_dir(&args.dir, args.max_mib << 20, args.max_run)?;
     let cores = crate::cores(args.cpus);
-    let opts = SendOptions {
-        stall_timeout: Some(Duration::from_secs(10)),
-        close_timeout: Duration::from_millis(200),
-        window_slots: crate::cache_slots(args.cache_mib)?,
-        max_run: args.map_run.max(1),
-        cpus: Some(cores.len()),
-        ..SendOptions::default()
-    };
+    let opts = SendOptions::default()
+        .stall_timeout(Some(Duration::from_secs(10)))
+        .close_timeout(Duration::from_millis(200))
+        .window_slots(crate::cache_slots(args.cache_mib)?)
+        .max_run(args.map_run.max(1))
+        .cpus(Some(cores.len()));
     let sender = Sender::new(args.mode, &files.mem, opts).map_err(|e| format!("mode {}: {e}", args.mode))?;
     let (port, listeners) =
         bind_listeners(args.port, cores.len()).map_err(|e| format!("bind 127.0.0.1:{}: {e}", args.port))?;
@@ -442,7 +440,7 @@ mod tests {
         let set = FileSet::generate(5000, 70_000, 200_000, 4, 3).expect("files");
         let e = &set.files[0];
         for &mode in lwbuf::sendfile::Mode::ALL {
-            let opts = SendOptions { cpus: Some(2), window_slots: 512, ..SendOptions::default() };
+            let opts = SendOptions::default().cpus(Some(2)).window_slots(512);
             let sender = Sender::new(mode, &set.mem, opts).expect("sender");
             let (port, listeners) = bind_listeners(0, 2).expect("bind");
             let stop = AtomicBool::new(false);

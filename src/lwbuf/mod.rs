@@ -21,7 +21,7 @@ use std::ptr::NonNull;
 use pcpu::{Key, Local, Miss, Pcpu};
 
 use crate::cpu::{self, BindTable, CpuMask, Others, OwnerGuard, StealGuard};
-use crate::error::{Error, Result};
+use crate::error::{Error, Inconsistency, Result};
 use crate::kaddr::Kaddr;
 use crate::kva::{Hold, KvaSpace, SlotRun};
 use crate::mmu::Mmu;
@@ -41,6 +41,7 @@ const RECLAIM_MIN_ROUNDS: usize = 3;
 
 /// Builds an [`Lwbufs`] system. See [`Lwbufs::builder`].
 #[derive(Debug)]
+#[must_use = "a builder does nothing until it is built"]
 pub struct LwbufsBuilder {
     mmu: std::sync::Arc<dyn Mmu>,
     cpus: usize,
@@ -166,6 +167,70 @@ impl fmt::Debug for CpuGuard<'_> {
 /// A mapping of one page (or a run of contiguous pages), valid on every CPU
 /// in its mask. `Send` and `Sync`: pass it to another thread and ask for the
 /// address there. Dropping it releases it (see the module docs).
+///
+/// # Lifetimes
+///
+/// A handle borrows its caches and its pages, and a view of its bytes
+/// borrows the handle, so none of them can outlive what keeps the mapping
+/// alive. These do not compile:
+///
+/// ```compile_fail,E0597
+/// # use std::sync::Arc;
+/// # use lwbuf::{Backing, Lwbufs, ModelMmu, PhysMem};
+/// # let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+/// let lw = Lwbufs::builder(Arc::new(ModelMmu::new(&mem, 4)?)).cpus(1).build()?;
+/// let _cpu = lw.bind(0)?;
+/// let buf = {
+///     let page = mem.alloc_page()?;
+///     lw.alloc(&page)? // the page is dropped while the handle maps it
+/// };
+/// drop(buf);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+///
+/// ```compile_fail,E0597
+/// # use std::sync::Arc;
+/// # use lwbuf::{Backing, Lwbufs, ModelMmu, PhysMem};
+/// # let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+/// let page = mem.alloc_page()?;
+/// let buf = {
+///     let lw = Lwbufs::builder(Arc::new(ModelMmu::new(&mem, 4)?)).cpus(1).build()?;
+///     let _cpu = lw.bind(0)?;
+///     lw.alloc(&page)? // the caches are dropped while the handle is alive
+/// };
+/// drop(buf);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+///
+/// ```compile_fail,E0597
+/// # use std::sync::Arc;
+/// # use lwbuf::{Backing, Lwbufs, ModelMmu, PhysMem};
+/// # let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+/// # let lw = Lwbufs::builder(Arc::new(ModelMmu::new(&mem, 4)?)).cpus(1).build()?;
+/// # let _cpu = lw.bind(0)?;
+/// let page = mem.alloc_page()?;
+/// let bytes = {
+///     let buf = lw.alloc(&page)?;
+///     buf.kva()? // the view outlives the handle, whose drop may unmap it
+/// };
+/// bytes.fill(0);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+///
+/// And a CPU binding stays on its thread (`CpuGuard` is not `Send`):
+///
+/// ```compile_fail,E0277
+/// # use std::sync::Arc;
+/// # use lwbuf::{Backing, Lwbufs, ModelMmu, PhysMem};
+/// # let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+/// # let lw = Lwbufs::builder(Arc::new(ModelMmu::new(&mem, 4)?)).cpus(1).build()?;
+/// let cpu = lw.bind(0)?;
+/// std::thread::scope(|s| {
+///     s.spawn(move || drop(cpu));
+/// });
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+#[must_use = "dropping an Lwbuf releases its mapping at once"]
 pub struct Lwbuf<'a> {
     sys: &'a Lwbufs,
     hold: Hold<'a>,
@@ -216,11 +281,13 @@ impl Lwbufs {
         Ok(CpuGuard { sys: self, cpu, _not_send: PhantomData })
     }
 
-    /// [`bind`](Self::bind), and pin the thread to core `cpu % cores` (one
-    /// system call).
+    /// [`bind`](Self::bind), and pin the thread to core `cpu % cores` with
+    /// [`pin_to_core`](crate::pin_to_core) (two system calls). Errors: those
+    /// of `bind`, or the kernel's refusal to pin ([`Error::Sys`]), in which
+    /// case the thread is left unbound.
     pub fn bind_pinned(&self, cpu: usize) -> Result<CpuGuard<'_>> {
         let g = self.bind(cpu)?;
-        cpu::pin_to_core(cpu);
+        cpu::pin_to_core(cpu)?;
         Ok(g)
     }
 
@@ -475,10 +542,32 @@ impl Lwbufs {
         LwbufStats::new(per_cpu, self.unbound_sent.load(Ordering::Relaxed), self.kva.mmu_stats())
     }
 
-    /// Check every internal invariant, for tests: every entry's slot maps
-    /// its frame, every frame is mapped at most once per CPU, and the slot
-    /// accounting adds up. Returns the summed reference counts.
-    pub fn check_consistency(&self) -> std::result::Result<u64, String> {
+    /// Check the caches' invariants, for tests and debugging: every entry's
+    /// slot maps its frame, every frame is mapped at most once per CPU, and
+    /// every slot of the window is free, held free by one CPU or mapped by
+    /// one entry. Returns the reference counts summed over every CPU (0 when
+    /// no handle is alive and every message is applied).
+    ///
+    /// It takes each CPU's lock in turn and walks every entry (no system
+    /// call); run it while the system is quiet, or the counts it sums may
+    /// be from different moments. An [`Inconsistency`] is a bug in this
+    /// library.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use lwbuf::{Backing, Lwbufs, ModelMmu, PhysMem};
+    ///
+    /// let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+    /// let lw = Lwbufs::builder(Arc::new(ModelMmu::new(&mem, 4)?)).cpus(1).build()?;
+    /// let page = mem.alloc_page()?;
+    /// let _cpu = lw.bind(0)?;
+    /// let buf = lw.alloc(&page)?;
+    /// assert_eq!(lw.check_consistency(), Ok(1));
+    /// drop(buf);
+    /// assert_eq!(lw.check_consistency(), Ok(0));
+    /// # Ok::<(), lwbuf::Error>(())
+    /// ```
+    pub fn check_consistency(&self) -> std::result::Result<u64, Inconsistency> {
         let mmu = self.kva.mmu();
         let mut refs = 0;
         let mut slots_held = 0;
@@ -487,17 +576,17 @@ impl Lwbufs {
             let mut seen = std::collections::HashSet::new();
             for (key, slot, r) in l.entries() {
                 if !seen.insert(key) {
-                    return Err(format!("CPU {}: {key:?} mapped twice", l.cpu));
+                    return Err(Inconsistency(format!("CPU {}: {key:?} mapped twice", l.cpu)));
                 }
                 for i in 0..key.pages {
                     let got = mmu.translate(crate::mmu::Slot(slot.0 + i));
                     if got != Some(crate::phys::Pfn(key.pfn + i)) {
-                        return Err(format!(
+                        return Err(Inconsistency(format!(
                             "CPU {}: slot {} maps {got:?}, expected frame {}",
                             l.cpu,
                             slot.0 + i,
                             key.pfn + i
-                        ));
+                        )));
                     }
                 }
                 slots_held += key.pages;
@@ -507,11 +596,11 @@ impl Lwbufs {
         }
         let total = slots_held + self.kva.free_slots();
         if total != self.kva.capacity() {
-            return Err(format!(
+            return Err(Inconsistency(format!(
                 "slots: {slots_held} held by CPUs + {} free = {total}, window has {}",
                 self.kva.free_slots(),
                 self.kva.capacity()
-            ));
+            )));
         }
         Ok(refs)
     }
@@ -547,14 +636,9 @@ impl<'a> Lwbuf<'a> {
         &self.hold[0]
     }
 
-    /// Every page mapped (one, or the run).
-    pub fn page_run(&self) -> &'a [Page] {
+    /// Every page mapped (one, or the run), as [`SfBuf::pages`](crate::SfBuf::pages).
+    pub fn pages(&self) -> &'a [Page] {
         self.hold
-    }
-
-    /// Pages mapped (1, or the run's length).
-    pub fn pages(&self) -> usize {
-        self.hold.len()
     }
 
     /// The CPU that allocated the handle.

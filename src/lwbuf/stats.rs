@@ -8,6 +8,7 @@ use crate::sync::Ordering;
 
 /// One CPU's counters (or their sum).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CpuStats {
     /// `alloc` calls (and foreign-CPU entry creations) on this CPU.
     pub allocs: u64,
@@ -82,6 +83,7 @@ impl CpuStats {
 
 /// A snapshot of an [`super::Lwbufs`]: per CPU, summed, and the MMU's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LwbufStats {
     /// Indexed by CPU id.
     pub per_cpu: Vec<CpuStats>,

@@ -77,6 +77,7 @@ impl Plan {
 
 /// Counters of a [`FaultyMmu`]: every call made to it, failed or not.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FaultStats {
     /// `enter` calls, including failed ones.
     pub enters: u64,

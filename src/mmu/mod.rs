@@ -102,6 +102,7 @@ pub trait Mmu: sealed::Sealed + Send + Sync + fmt::Debug {
 /// Counters of an [`Mmu`]. `enters` and `removes` count calls (a run is one);
 /// `pages_entered`/`pages_removed` count slots.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MmuStats {
     /// Calls of `enter`.
     pub enters: u64,

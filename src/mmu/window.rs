@@ -15,6 +15,7 @@ use crate::phys::{Backing, Pfn, PhysMem, MAX_REGION_BYTES};
 
 /// Builds a [`Window`]. See [`Window::builder`].
 #[derive(Debug)]
+#[must_use = "a builder does nothing until it is built"]
 pub struct WindowBuilder {
     phys: PhysMem,
     slots: usize,

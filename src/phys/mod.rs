@@ -50,6 +50,7 @@ pub enum Backing {
 
 /// Builds a [`PhysMem`]. See [`PhysMem::builder`].
 #[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until it is built"]
 pub struct PhysMemBuilder {
     frames: usize,
     frame_size: usize,

@@ -1,4 +1,4 @@
-//! The cache-backed [`MapSource`]s: the shared sf_buf pool ([`SfbufSource`])
+//! The cache-backed [`MapSource`]s: the shared sf_buf pool ([`SfBufSource`])
 //! and the per-CPU lwbuf caches ([`LwbufSource`]), each over a window of its
 //! own. A hit makes no system call; the mapping stays cached after the send
 //! for the next request of the same pages.
@@ -27,6 +27,7 @@ fn contiguous_prefix(run: &[Page], max: usize) -> usize {
 /// caches), as [`Sender::cache_stats`](super::Sender::cache_stats) reports
 /// them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CacheStats {
     /// Mappings asked of the cache.
     pub lookups: u64,
@@ -44,6 +45,11 @@ impl CacheStats {
         }
     }
 
+    /// Counts of `lookups` lookups of which `hits` hit.
+    pub fn new(lookups: u64, hits: u64) -> CacheStats {
+        CacheStats { lookups, hits }
+    }
+
     /// Field-wise difference `self - earlier`.
     pub fn since(&self, earlier: &CacheStats) -> CacheStats {
         CacheStats {
@@ -53,7 +59,16 @@ impl CacheStats {
     }
 }
 
-// === SfbufSource ===
+impl std::ops::Add for CacheStats {
+    type Output = CacheStats;
+
+    /// Field-wise sum (of two caches, or two periods), saturating.
+    fn add(self, o: CacheStats) -> CacheStats {
+        CacheStats { lookups: self.lookups.saturating_add(o.lookups), hits: self.hits.saturating_add(o.hits) }
+    }
+}
+
+// === SfBufSource ===
 
 /// Maps through a shared [`SfPool`]: every thread of a server uses the one
 /// pool, a freed mapping stays cached for the next request of its frame.
@@ -68,19 +83,19 @@ impl CacheStats {
 /// request never holds some mappings while sleeping for others, the
 /// deadlock FreeBSD's sendfile avoids by letting only its first `sf_buf`
 /// sleep.
-pub struct SfbufSource {
+pub struct SfBufSource {
     pool: SfPool,
     max_run: usize,
     wait: Option<Duration>,
 }
 
-impl SfbufSource {
+impl SfBufSource {
     /// Map through `pool`: runs of up to `max_run` pages (taken into
     /// `1..=capacity`); [`map_idle`](MapSource::map_idle) sleeps at most
     /// `wait` (`None`: until room is made).
-    pub fn new(pool: SfPool, max_run: usize, wait: Option<Duration>) -> SfbufSource {
+    pub fn new(pool: SfPool, max_run: usize, wait: Option<Duration>) -> SfBufSource {
         let max_run = max_run.clamp(1, pool.capacity().max(1));
-        SfbufSource { pool, max_run, wait }
+        SfBufSource { pool, max_run, wait }
     }
 
     /// A pool over `mmu` caching up to `max_excess` unused mappings
@@ -90,7 +105,7 @@ impl SfbufSource {
         max_excess: Option<usize>,
         max_run: usize,
         wait: Option<Duration>,
-    ) -> Result<SfbufSource> {
+    ) -> Result<SfBufSource> {
         let cap = mmu.capacity();
         let pool = SfPool::builder(mmu).max_excess(max_excess.unwrap_or(cap)).build()?;
         Ok(Self::new(pool, max_run, wait))
@@ -104,7 +119,7 @@ impl SfbufSource {
         max_excess: Option<usize>,
         max_run: usize,
         wait: Option<Duration>,
-    ) -> Result<SfbufSource> {
+    ) -> Result<SfBufSource> {
         Self::with_mmu(Arc::new(Window::builder(phys).slots(slots).build()?), max_excess, max_run, wait)
     }
 
@@ -137,9 +152,9 @@ impl SfbufSource {
     }
 }
 
-impl fmt::Debug for SfbufSource {
+impl fmt::Debug for SfBufSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SfbufSource").field("pool", &self.pool).field("max_run", &self.max_run).finish()
+        f.debug_struct("SfBufSource").field("pool", &self.pool).field("max_run", &self.max_run).finish()
     }
 }
 
@@ -167,7 +182,7 @@ impl Mapped for SfMapping<'_> {
     }
 }
 
-impl MapSource for SfbufSource {
+impl MapSource for SfBufSource {
     type Mapping<'s> = SfMapping<'s>;
 
     /// A hit, or a miss with one `mmap` (plus an unmap if it evicts); never
@@ -271,7 +286,8 @@ impl LwbufSource {
     /// Bind the calling thread to `cpu` of the caches until the guard is
     /// dropped; `pin` also pins it to core `cpu % cores` (one system call).
     /// Errors: [`Error::NoSuchCpu`], [`Error::CpuBusy`],
-    /// [`Error::AlreadyBound`].
+    /// [`Error::AlreadyBound`]; with `pin`, the kernel's refusal to pin
+    /// ([`Error::Sys`]).
     pub fn bind_worker(&self, cpu: usize, pin: bool) -> Result<CpuGuard<'_>> {
         if pin {
             self.sys.bind_pinned(cpu)

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cache::{CacheStats, LwbufSource, SfbufSource};
+use super::cache::{CacheStats, LwbufSource, SfBufSource};
 use super::engine::{send_all, send_copy, send_mapped, Out};
 use super::file::PageFile;
 use super::kernel::SendfileHolds;
@@ -42,7 +42,7 @@ pub enum Mode {
     /// `sendmsg(MSG_ZEROCOPY)` from the direct map, pages and mappings held
     /// until the completion notification ([`ZeroCopy`]).
     ZeroCopy,
-    /// `writev` from mappings of a shared sf_buf pool ([`SfbufSource`]):
+    /// `writev` from mappings of a shared sf_buf pool ([`SfBufSource`]):
     /// runs of up to [`SendOptions::max_run`] pages, cached after the send;
     /// a hit makes no system call. A request sleeps for room only while it
     /// holds no mapping.
@@ -199,7 +199,7 @@ pub struct Sender {
     phys: PhysMem,
     direct: Option<DirectMapSource>,
     window: Option<WindowSource>,
-    sfbuf: Option<SfbufSource>,
+    sfbuf: Option<SfBufSource>,
     lwbuf: Option<LwbufSource>,
 }
 
@@ -242,7 +242,7 @@ impl Sender {
         match mode {
             Mode::MmapPerRequest => window = Some(WindowSource::window(phys, opts.window_slots)?),
             Mode::Sfbuf => {
-                sfbuf = Some(SfbufSource::window(
+                sfbuf = Some(SfBufSource::window(
                     phys,
                     opts.window_slots,
                     opts.max_excess,
@@ -279,7 +279,7 @@ impl Sender {
         let (mut window, mut sfbuf, mut lwbuf) = (None, None, None);
         match mode {
             Mode::MmapPerRequest => window = Some(WindowSource::new(mmu)?),
-            Mode::Sfbuf => sfbuf = Some(SfbufSource::with_mmu(mmu, opts.max_excess, opts.max_run, opts.stall_timeout)?),
+            Mode::Sfbuf => sfbuf = Some(SfBufSource::with_mmu(mmu, opts.max_excess, opts.max_run, opts.stall_timeout)?),
             Mode::Lwbuf | Mode::LwbufRun => {
                 let run = Self::lwbuf_run(mode, &opts);
                 lwbuf = Some(LwbufSource::with_mmu(mmu, opts.lwbuf_cpus(), opts.max_excess, run)?)
@@ -301,7 +301,7 @@ impl Sender {
         mode: Mode,
         phys: &PhysMem,
         window: Option<WindowSource>,
-        sfbuf: Option<SfbufSource>,
+        sfbuf: Option<SfBufSource>,
         lwbuf: Option<LwbufSource>,
         opts: SendOptions,
     ) -> Result<Sender> {
@@ -339,7 +339,7 @@ impl Sender {
     }
 
     /// The sf_buf pool source, for [`Mode::Sfbuf`].
-    pub fn sfbuf(&self) -> Option<&SfbufSource> {
+    pub fn sfbuf(&self) -> Option<&SfBufSource> {
         self.sfbuf.as_ref()
     }
 
@@ -378,13 +378,14 @@ impl Sender {
     /// system call), in every mode. Do it once per worker thread, for its
     /// whole life. Errors (lwbuf modes): [`Error::NoSuchCpu`] for `cpu` not
     /// below [`SendOptions::cpus`], [`Error::CpuBusy`],
-    /// [`Error::AlreadyBound`].
+    /// [`Error::AlreadyBound`]; with `pin`, the kernel's refusal to pin
+    /// ([`Error::Sys`]).
     pub fn bind_worker(&self, cpu: usize, pin: bool) -> Result<WorkerGuard<'_>> {
         let guard = match &self.lwbuf {
             Some(l) => Some(l.bind_worker(cpu, pin)?),
             None => {
                 if pin {
-                    crate::cpu::pin_to_core(cpu);
+                    crate::cpu::pin_to_core(cpu)?;
                 }
                 None
             }

@@ -24,6 +24,7 @@ struct Extent {
 
 /// Builds a [`PageFile`]. See [`PageFile::builder`].
 #[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until it is built"]
 pub struct PageFileBuilder {
     phys: PhysMem,
     max_run: usize,

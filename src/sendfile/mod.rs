@@ -6,7 +6,7 @@
 //! | [`Mode::Sendfile`] | `sendfile(2)` from the memfd, pages by reference | 1 call per run + hold bookkeeping |
 //! | [`Mode::Copy`] | copy out of the direct map into a buffer, `send` | 1 `send` per buffer |
 //! | [`Mode::MmapPerRequest`] | map runs into a window, `writev`, unmap | 2 mapping calls per run + `writev`s |
-//! | [`Mode::Sfbuf`] | `writev` from a shared sf_buf pool ([`SfbufSource`]) | `writev`s; a miss: 1 `mmap` (+ 1 unmap if it evicts) |
+//! | [`Mode::Sfbuf`] | `writev` from a shared sf_buf pool ([`SfBufSource`]) | `writev`s; a miss: 1 `mmap` (+ 1 unmap if it evicts) |
 //! | [`Mode::Lwbuf`] | `writev` from per-CPU lwbuf caches, a page per mapping ([`LwbufSource`]) | `writev`s; a miss: as sf_buf |
 //! | [`Mode::LwbufRun`] | the same, contiguous frames as one run mapping | `writev`s; a miss: as sf_buf |
 //! | [`Mode::DirectMap`] | `writev` from the direct map | `writev`s only |
@@ -56,7 +56,7 @@ mod zerocopy;
 
 use std::time::Duration;
 
-pub use cache::{CacheStats, LwbufMapping, LwbufSource, SfMapping, SfbufSource};
+pub use cache::{CacheStats, LwbufMapping, LwbufSource, SfBufSource, SfMapping};
 pub use conn::{Connection, Mode, Sender, WorkerGuard};
 pub use engine::{send_copy, send_mapped};
 pub use file::{FileRun, PageFile, PageFileBuilder, Runs};
@@ -70,8 +70,17 @@ pub use zerocopy::{ZeroCopy, ZeroCopyStats};
 pub const IOV_MAX: usize = sys::IOV_MAX;
 
 /// Knobs of the send paths. `SendOptions::default()` suits a server; tests
-/// shorten the timeouts.
+/// shorten the timeouts with the chainable setters:
+///
+/// ```
+/// use std::time::Duration;
+/// use lwbuf::sendfile::SendOptions;
+///
+/// let o = SendOptions::default().max_run(4).stall_timeout(Some(Duration::from_secs(5)));
+/// assert_eq!((o.max_run, o.window_slots), (4, SendOptions::default().window_slots));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SendOptions {
     /// How long one send may wait for a full socket to take more bytes
     /// (`POLLOUT`) or for a zero-copy completion before failing with
@@ -128,6 +137,46 @@ impl Default for SendOptions {
     }
 }
 
+/// Chainable setters, one per field, named as the field:
+/// `SendOptions::default().max_run(4).cpus(Some(2))`. (The struct is
+/// `#[non_exhaustive]`, so that a new knob is not a breaking change: build
+/// it from `default()` and these, or assign the public fields.)
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {
+        impl SendOptions {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $field(mut self, v: $ty) -> Self {
+                    self.$field = v;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters!(
+    /// Set [`stall_timeout`](SendOptions#structfield.stall_timeout).
+    stall_timeout: Option<Duration>,
+    /// Set [`batch_bytes`](SendOptions#structfield.batch_bytes).
+    batch_bytes: usize,
+    /// Set [`copy_buffer`](SendOptions#structfield.copy_buffer).
+    copy_buffer: usize,
+    /// Set [`window_slots`](SendOptions#structfield.window_slots).
+    window_slots: usize,
+    /// Set [`max_excess`](SendOptions#structfield.max_excess).
+    max_excess: Option<usize>,
+    /// Set [`max_run`](SendOptions#structfield.max_run).
+    max_run: usize,
+    /// Set [`cpus`](SendOptions#structfield.cpus).
+    cpus: Option<usize>,
+    /// Set [`zerocopy_max_held`](SendOptions#structfield.zerocopy_max_held).
+    zerocopy_max_held: usize,
+    /// Set [`close_timeout`](SendOptions#structfield.close_timeout).
+    close_timeout: Duration,
+);
+
 impl SendOptions {
     /// [`cpus`](Self::cpus), or the available parallelism.
     pub(crate) fn lwbuf_cpus(&self) -> usize {
@@ -137,6 +186,7 @@ impl SendOptions {
 
 /// What one send did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SendStats {
     /// Bytes the kernel took (header included).
     pub bytes: u64,

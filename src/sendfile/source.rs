@@ -106,6 +106,7 @@ impl DirectMapSource {
 /// A direct-map address range; valid while the source (and so its
 /// `PhysMem`) is borrowed.
 #[derive(Debug)]
+#[must_use = "dropping a mapping releases it at once"]
 pub struct DirectMapping<'s> {
     ptr: NonNull<u8>,
     len: usize,
@@ -198,6 +199,7 @@ impl fmt::Debug for WindowSource {
 /// Frames entered into window slots; dropping it removes them (one
 /// `remove` for the run) and gives the slots back.
 #[derive(Debug)]
+#[must_use = "dropping a mapping unmaps it at once"]
 pub struct WindowMapping<'s> {
     src: &'s WindowSource,
     mapping: Option<Mapping>,

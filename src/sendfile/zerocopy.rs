@@ -17,6 +17,7 @@ use crate::phys::Page;
 
 /// Counters of a [`ZeroCopy`] sender.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ZeroCopyStats {
     /// `sendmsg(MSG_ZEROCOPY)` calls that queued bytes (each gets a send id).
     pub sends: u64,

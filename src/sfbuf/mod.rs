@@ -256,6 +256,7 @@ enum Verdict {
 
 /// Builds an [`SfPool`]. See [`SfPool::builder`].
 #[derive(Debug)]
+#[must_use = "a builder does nothing until it is built"]
 pub struct SfPoolBuilder {
     mmu: std::sync::Arc<dyn Mmu>,
     max_excess: Option<usize>,
@@ -368,6 +369,7 @@ pub struct SfPool {
 
 /// A mapping from the pool; dropping it releases it (it stays cached).
 /// `Send` and `Sync`: the address is valid in every thread.
+#[must_use = "dropping an SfBuf releases its mapping at once"]
 pub struct SfBuf<'a> {
     pool: &'a SfPool,
     hold: Hold<'a>,

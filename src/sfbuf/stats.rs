@@ -6,6 +6,7 @@ use crate::mmu::MmuStats;
 
 /// A snapshot of an [`super::SfPool`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SfStats {
     /// sf_bufs in use now (a reference of either kind: the entry's count or
     /// a pin).

@@ -561,7 +561,7 @@ struct Seen {
 
 fn look(h: &Lwbuf<'_>, fs: usize) -> Result<Seen, Error> {
     let k = h.kva()?;
-    let words = (0..h.pages()).map(|i| k.read_u64(i * fs)).collect::<Result<_, _>>()?;
+    let words = (0..h.pages().len()).map(|i| k.read_u64(i * fs)).collect::<Result<_, _>>()?;
     Ok(Seen { addr: k.addr(), words })
 }
 
