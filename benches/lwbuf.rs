@@ -138,6 +138,17 @@ impl Fixture {
         self.pages[p].direct().expect("direct").read_at(0, buf).expect("read");
         black_box(buf);
     }
+
+    /// Page `p` read whole into `buf` through the direct map with a plain
+    /// `memcpy` (what `read_at` would cost if it could assume no racing
+    /// writer: sound here only because nothing writes these frames now).
+    #[inline(always)]
+    fn direct_4k_memcpy(&self, p: usize, buf: &mut [u8]) {
+        let k = self.pages[p].direct().expect("direct");
+        // SAFETY: no thread writes these frames while the bench runs.
+        buf.copy_from_slice(unsafe { k.as_slice() });
+        black_box(buf);
+    }
 }
 
 /// (a), (b) and (c) of the module docs, in one group.
@@ -509,6 +520,22 @@ fn summary(clock: Clock) {
             verdict(1.0 / r.ratio >= 0.8)
         );
     }
+    // What the word-atomic copy (sound under racing writers) costs against
+    // memcpy, both through the direct map.
+    let page = |i: usize| f.seq[i & (SEQ - 1)].0 % 64;
+    let r = common::paired(
+        31,
+        5_000,
+        ns,
+        |i| f.direct_4k(page(i), &mut buf.borrow_mut()),
+        |i| f.direct_4k_memcpy(page(i), &mut buf.borrow_mut()),
+    );
+    println!(
+        "  4 KiB read over 64 frames through the direct map: word-atomic copy {:.1} ns, memcpy {:.1} ns: {:.2}x memcpy's throughput (reported)",
+        r.a_ns,
+        r.b_ns,
+        1.0 / r.ratio
+    );
     if let Some(r) = remote {
         println!(
             "  remote release, amortized per decref (criterion): {r:.1} ns (target <= 100 ns: {})",

@@ -7,8 +7,10 @@
 //! locally and posts one decref message to every other CPU in the mask,
 //! which applies it at its next library call (a passive IPI). Entries whose
 //! count reaches zero stay mapped on an LRU for reuse, up to the per-CPU
-//! *excess* limit. See `DESIGN.md` for the protocol and its history.
+//! *excess* limit. The owner's cache and its clock are in `pcpu.rs`, its entry index in
+//! `index.rs`, the owner/stealer protocol in `cpu/owned.rs`.
 
+mod index;
 mod pcpu;
 mod stats;
 
