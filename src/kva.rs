@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::extent::Extents;
 use crate::mmu::{Mmu, MmuStats, Slot};
-use crate::phys::{Page, Pfn};
+use crate::phys::{contiguous_prefix, Page, Pfn};
 use crate::sync::{AtomicUsize, Ordering};
 
 /// What a cached mapping maps: `pages` contiguous frames from `pfn` (1 for
@@ -161,11 +161,12 @@ impl KvaSpace {
     /// frames of this window's memory.
     pub(crate) fn run_key<'a>(&self, pages: &'a [Page]) -> Result<(MapKey, Hold<'a>)> {
         let first = pages.first().ok_or_else(|| Error::config("pages", "a run needs at least one page"))?;
-        for (i, p) in pages.iter().enumerate() {
+        for p in pages {
             self.check_page(p)?;
-            if p.pfn().0 != first.pfn().0 + i {
-                return Err(Error::config("pages", format!("frame {} breaks the run at index {i}", p.pfn().0)));
-            }
+        }
+        let n = contiguous_prefix(pages, usize::MAX);
+        if let Some(p) = pages.get(n) {
+            return Err(Error::config("pages", format!("frame {} breaks the run at index {n}", p.pfn().0)));
         }
         if pages.len() > self.capacity() {
             return Err(Error::WindowFull { requested: pages.len(), capacity: self.capacity() });

@@ -3,6 +3,7 @@
 
 mod page;
 
+pub(crate) use page::contiguous_prefix;
 pub use page::Page;
 
 use std::ffi::CString;

@@ -137,6 +137,15 @@ impl Drop for Page {
     }
 }
 
+/// How many pages at the start of `run` (at most `max`, at least 1 unless
+/// `run` is empty) have frames that follow the first one's: the part of
+/// `run` that one mapping of adjacent slots can cover.
+pub(crate) fn contiguous_prefix(run: &[Page], max: usize) -> usize {
+    let Some(first) = run.first() else { return 0 };
+    let pfn0 = first.pfn().0;
+    run.iter().take(max.max(1)).enumerate().take_while(|(i, p)| p.pfn().0 == pfn0.wrapping_add(*i)).count()
+}
+
 impl PartialEq for Page {
     /// Same frame of the same memory.
     fn eq(&self, other: &Page) -> bool {
@@ -148,5 +157,24 @@ impl Eq for Page {}
 impl fmt::Debug for Page {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Page").field("pfn", &self.pfn().0).field("holds", &self.hold_count()).finish()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::phys::Backing;
+
+    #[test]
+    fn prefix_stops_at_gaps_and_max() {
+        let mem = PhysMem::builder().frames(16).backing(Backing::Heap).build().expect("phys");
+        let run = mem.alloc_run(6).expect("run");
+        assert_eq!(contiguous_prefix(&run, 16), 6);
+        assert_eq!(contiguous_prefix(&run, 4), 4);
+        assert_eq!(contiguous_prefix(&run, 1), 1);
+        assert_eq!(contiguous_prefix(&run, 0), 1);
+        assert_eq!(contiguous_prefix(&[], 4), 0);
+        let gap = vec![run[0].clone(), run[1].clone(), run[3].clone()];
+        assert_eq!(contiguous_prefix(&gap, 16), 2);
     }
 }

@@ -12,16 +12,8 @@ use super::source::{MapSource, Mapped};
 use crate::error::{Error, Result};
 use crate::lwbuf::{CpuGuard, Lwbuf, Lwbufs};
 use crate::mmu::{Mmu, MmuStats, Window};
-use crate::phys::{Page, PhysMem};
+use crate::phys::{contiguous_prefix, Page, PhysMem};
 use crate::sfbuf::{SfBuf, SfPool, Wait};
-
-/// Pages at the start of `run` whose frames follow the first one's, at most
-/// `max`.
-fn contiguous_prefix(run: &[Page], max: usize) -> usize {
-    let Some(first) = run.first() else { return 0 };
-    let pfn0 = first.pfn().0;
-    1 + run[1..].iter().take(max.saturating_sub(1)).enumerate().take_while(|(i, p)| p.pfn().0 == pfn0 + i + 1).count()
-}
 
 /// Hits and lookups of a mapping cache (the sf_buf pool or the lwbuf
 /// caches), as [`Sender::cache_stats`](super::Sender::cache_stats) reports
@@ -378,23 +370,5 @@ impl MapSource for LwbufSource {
 
     fn mmu_stats(&self) -> Option<MmuStats> {
         Some(self.sys.mmu().stats())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_stops_at_gaps_and_max() {
-        let mem = PhysMem::builder().frames(16).build().expect("phys");
-        let run = mem.alloc_run(6).expect("run");
-        assert_eq!(contiguous_prefix(&run, 16), 6);
-        assert_eq!(contiguous_prefix(&run, 4), 4);
-        assert_eq!(contiguous_prefix(&run, 1), 1);
-        assert_eq!(contiguous_prefix(&run, 0), 1);
-        assert_eq!(contiguous_prefix(&[], 4), 0);
-        let gap = vec![run[0].clone(), run[1].clone(), run[3].clone()];
-        assert_eq!(contiguous_prefix(&gap, 16), 2);
     }
 }

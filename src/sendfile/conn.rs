@@ -574,28 +574,3 @@ impl<S: AsFd> fmt::Debug for Connection<'_, S> {
             .finish()
     }
 }
-
-/// `MapSource` is implemented for references too, so a borrowed source can
-/// be handed to [`send_mapped`] and [`ZeroCopy`] alike.
-impl<T: MapSource> MapSource for &T {
-    type Mapping<'s>
-        = T::Mapping<'s>
-    where
-        Self: 's;
-
-    fn map<'s>(&'s self, run: &'s [crate::phys::Page]) -> Result<Self::Mapping<'s>> {
-        (**self).map(run)
-    }
-
-    fn map_idle<'s>(&'s self, run: &'s [crate::phys::Page]) -> Result<Self::Mapping<'s>> {
-        (**self).map_idle(run)
-    }
-
-    fn run_grid(&self) -> Option<usize> {
-        (**self).run_grid()
-    }
-
-    fn mmu_stats(&self) -> Option<MmuStats> {
-        (**self).mmu_stats()
-    }
-}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::kva::{KvaSpace, Mapping};
 use crate::mmu::{Mmu, MmuStats, Window};
-use crate::phys::{Page, PhysMem};
+use crate::phys::{contiguous_prefix, Page, PhysMem};
 use crate::sync::{AtomicU64, Ordering};
 
 /// A mapping of one or more contiguous frames, as a [`MapSource`] hands it
@@ -83,6 +83,31 @@ pub trait MapSource {
     }
 }
 
+/// `MapSource` is implemented for references too, so a borrowed source can
+/// be handed to [`send_mapped`](super::send_mapped) and [`ZeroCopy`](super::ZeroCopy) alike.
+impl<T: MapSource> MapSource for &T {
+    type Mapping<'s>
+        = T::Mapping<'s>
+    where
+        Self: 's;
+
+    fn map<'s>(&'s self, run: &'s [Page]) -> Result<Self::Mapping<'s>> {
+        (**self).map(run)
+    }
+
+    fn map_idle<'s>(&'s self, run: &'s [Page]) -> Result<Self::Mapping<'s>> {
+        (**self).map_idle(run)
+    }
+
+    fn run_grid(&self) -> Option<usize> {
+        (**self).run_grid()
+    }
+
+    fn mmu_stats(&self) -> Option<MmuStats> {
+        (**self).mmu_stats()
+    }
+}
+
 // === DirectMapSource ===
 
 /// The direct map (the whole memory mapped once): no system call per map,
@@ -137,8 +162,7 @@ impl MapSource for DirectMapSource {
         if !first.phys().same_as(&self.phys) {
             return Err(Error::ForeignPage);
         }
-        let pfn0 = first.pfn().0;
-        let n = 1 + run[1..].iter().enumerate().take_while(|(i, p)| p.pfn().0 == pfn0 + i + 1).count();
+        let n = contiguous_prefix(run, usize::MAX);
         let ptr = self.phys.direct_ptr(first.pfn()).ok_or(Error::NoDirectMap)?;
         Ok(DirectMapping { ptr, len: n * self.phys.frame_size(), _src: std::marker::PhantomData })
     }
@@ -242,8 +266,7 @@ impl MapSource for WindowSource {
     fn map<'s>(&'s self, run: &'s [Page]) -> Result<WindowMapping<'s>> {
         let first = run.first().ok_or_else(|| Error::config("run", "no pages to map"))?;
         self.kva.check_page(first)?;
-        let pfn0 = first.pfn().0;
-        let contiguous = 1 + run[1..].iter().enumerate().take_while(|(i, p)| p.pfn().0 == pfn0 + i + 1).count();
+        let contiguous = contiguous_prefix(run, usize::MAX);
         let mut n = contiguous.min(self.kva.capacity());
         let slots = loop {
             if let Some(s) = self.kva.take(n) {
