@@ -699,7 +699,7 @@ impl<'a> Lwbuf<'a> {
         // Only a thread bound to `cpu` adds `cpu` to a mask, under its lock:
         // the test above cannot race with another insert of the same CPU.
         let addr = sys.acquire_on(cpu, self.key())?;
-        sys.enter_cpu(cpu).c.foreign += 1;
+        sys.enter_cpu(cpu).counters.foreign += 1;
         self.others.insert(cpu, sys.cpus.len());
         Ok(addr)
     }

@@ -71,7 +71,7 @@ pub(crate) struct Local {
     /// so that a miss that found nothing it could evict reports it rather
     /// than a full window.
     unmap_error: Option<Error>,
-    pub(crate) c: Counters,
+    pub(crate) counters: Counters,
 }
 
 /// One CPU: its cache and its mailbox, each on its own cache lines.
@@ -99,7 +99,7 @@ impl Local {
             free_slots: Vec::new(),
             spare: Vec::new(),
             unmap_error: None,
-            c: Counters::default(),
+            counters: Counters::default(),
         }
     }
 
@@ -129,7 +129,7 @@ impl Local {
         let mut msgs = std::mem::take(&mut self.spare);
         mailbox.take_all(&mut msgs);
         for key in msgs.drain(..) {
-            self.c.applied += 1;
+            self.counters.applied += 1;
             self.decref(key);
         }
         self.spare = msgs;
@@ -147,7 +147,7 @@ impl Local {
             if first {
                 self.unused -= 1;
             }
-            self.c.hits += 1;
+            self.counters.hits += 1;
             return Ok(addr);
         }
         self.acquire_miss(kva, key)
@@ -159,10 +159,10 @@ impl Local {
     #[cold]
     fn acquire_miss(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
         let mapping = self.map_new(kva, key)?;
-        self.c.misses += 1;
+        self.counters.misses += 1;
         let addr = mapping.addr();
         self.map.insert(key, mapping, 1, 0);
-        self.c.peak_mapped = self.c.peak_mapped.max(self.map.len() as u64);
+        self.counters.peak_mapped = self.counters.peak_mapped.max(self.map.len() as u64);
         Ok(addr)
     }
 
@@ -303,7 +303,7 @@ impl Local {
         // address while it is unmapped.
         match unsafe { kva.unmap(mapping) } {
             Ok(run) => {
-                self.c.evictions += 1;
+                self.counters.evictions += 1;
                 self.put_slots(kva, run);
                 true
             }
@@ -313,7 +313,7 @@ impl Local {
                 self.map.insert(key, mapping, 0, QUEUED);
                 self.unused += 1;
                 self.clock.push_back(key);
-                self.c.unmap_errors += 1;
+                self.counters.unmap_errors += 1;
                 self.unmap_error = Some(err);
                 false
             }

@@ -41,18 +41,18 @@ impl CpuStats {
         CpuStats {
             // Every successful alloc is a hit or a miss: one counter fewer
             // on the hit path.
-            allocs: l.c.hits + l.c.misses,
-            hits: l.c.hits,
-            misses: l.c.misses,
-            foreign: l.c.foreign,
+            allocs: l.counters.hits + l.counters.misses,
+            hits: l.counters.hits,
+            misses: l.counters.misses,
+            foreign: l.counters.foreign,
             decrefs_sent: pc.sent.load(Ordering::Relaxed),
-            decrefs_applied: l.c.applied,
-            evictions: l.c.evictions,
+            decrefs_applied: l.counters.applied,
+            evictions: l.counters.evictions,
             mapped: l.mapped() as u64,
             cached: l.cached() as u64,
-            peak: l.c.peak_mapped,
+            peak: l.counters.peak_mapped,
             mailbox: pc.mailbox.len() as u64,
-            unmap_errors: l.c.unmap_errors,
+            unmap_errors: l.counters.unmap_errors,
         }
     }
 
