@@ -414,6 +414,10 @@ impl SfPool {
     /// system call).
     pub fn set_max_excess(&self, n: usize) {
         self.max_excess.store(n, Ordering::Relaxed);
+        // SeqCst: against a release that lists an entry, fences and then
+        // reads the cap (`after_release`): either it sees the new cap and
+        // trims, or this trim sees its entry on the LRU.
+        fence(Ordering::SeqCst);
         self.trim();
     }
 
@@ -1051,6 +1055,8 @@ impl SfPool {
             match e.state.compare_exchange_weak(s, s | ON_LRU, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => {
                     self.push_lru(slot);
+                    // SeqCst: the cap is read below; see `set_max_excess`.
+                    fence(Ordering::SeqCst);
                     break;
                 }
                 Err(now) => s = now,
