@@ -231,6 +231,18 @@ pub mod mutants {
         HintUnchecked,
         /// The sf_buf evictor ignores pinned references.
         PinUnchecked,
+        /// A last sf_buf release of either kind reads the other kind of
+        /// reference without the SeqCst fence after its own decrement.
+        LastReleaseNoFence,
+        /// The pinned hit's re-check ignores `PINNED`, so it misses a
+        /// second-chance look that cleared `REVOKED` and `PINNED` together.
+        PinRecheckNoPinned,
+        /// The pinned hit's re-check ignores `REVOKED`, so it keeps a pin an
+        /// evictor did not count and is about to kill the entry under.
+        PinRecheckNoRevoked,
+        /// An sf_buf evictor that took a pinned entry off the LRU does not
+        /// count the pins again, so a pin given back meanwhile relists nothing.
+        UnlistNoRecount,
     }
 
     std::thread_local! {

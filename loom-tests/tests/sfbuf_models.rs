@@ -260,3 +260,189 @@ fn two_pins_vs_eviction() {
 fn sfbuf_two_pins_vs_eviction() {
     model("sfbuf_two_pins_vs_eviction", two_pins_vs_eviction);
 }
+
+// === 7. the races of the pinned-hit protocol, one small model each ===
+
+/// A pool of one slot whose cached frame `f` was pinned once (so `PINNED`
+/// is set and `REFERENCED` too): `max_excess` 1, `f` on the LRU, unused.
+fn pinned_once(frames: usize) -> (PhysMem, Arc<ModelMmu>, &'static SfPool, Vec<lwbuf::Page>) {
+    let (mem, mmu, pool) = pool(frames, 1, 1);
+    let pages: Vec<_> = (0..frames).map(|_| mem.alloc_page().unwrap()).collect();
+    drop(pool.alloc(&pages[0], Wait::NoWait).unwrap()); // a miss, then cached
+    drop(pool.alloc(&pages[0], Wait::NoWait).unwrap()); // a pinned hit: PINNED
+    (mem, mmu, pool, pages)
+}
+
+/// What every pin model checks at the end: nothing held, and every mapping
+/// the MMU still has is one the pool counts as cached (listed on the LRU).
+/// Not that `cached <= max_excess`: a look by a miss's evictor hides the
+/// entry it popped from a concurrent trim and may push it back without
+/// trimming, so the cap can be left exceeded until the next release.
+fn settled(pool: &SfPool, mmu: &ModelMmu) -> lwbuf::SfStats {
+    let s = pool.stats();
+    assert_eq!(s.used, 0, "{s}");
+    assert_eq!(mmu.stats().mapped, s.mapped, "a mapping is neither in use nor cached: {s}");
+    s
+}
+
+/// 7a. The last two references of an entry are of different kinds: one in
+/// the entry's count (central), one pin. An evictor took the entry off the
+/// LRU because of the pin (REVOKED, PINNED, unlisted), then a central hit
+/// came (a pin is refused on a revoked entry). Both holders release at
+/// once: each fences and reads the other kind, so at least one sees both
+/// at zero and relists the entry, and the CAS on `ON_LRU` lists it once.
+fn central_and_pin_release() {
+    let (mem, mmu, pool, pages) = pinned_once(2);
+    let f: &'static lwbuf::Page = leak(pages[0].clone());
+    let pinned = pool.alloc(f, Wait::NoWait).unwrap();
+    // The evictor's look: it counts the pin and takes `f` off the LRU; no
+    // room is left for `g`.
+    assert!(matches!(pool.alloc(&pages[1], Wait::NoWait), Err(Error::WouldBlock)));
+    let central = pool.alloc(f, Wait::NoWait).unwrap();
+    assert_eq!(pool.stats().used, 1, "the second holder took a pin, not a central reference");
+    let t = thread::spawn(move || drop(pinned));
+    drop(central);
+    t.join().unwrap();
+    let s = settled(pool, &mmu);
+    // Listed exactly once: not at all leaves it neither used nor cached;
+    // twice makes the LRU's length 2 > max_excess, and the trim evicts it.
+    assert_eq!((s.cached, mmu.stats().mapped), (1, 1), "relisted never or twice: {s}");
+    // SAFETY: all threads joined; the handles are dropped.
+    unsafe {
+        unleak(pool);
+        unleak(f);
+    }
+    drop(mem);
+}
+
+#[test]
+fn sfbuf_central_and_pin_release() {
+    model("sfbuf_central_and_pin_release", central_and_pin_release);
+}
+
+/// Without the fence after its decrement, each release may read the other
+/// kind from before the other's decrement: neither relists.
+#[test]
+fn sfbuf_central_and_pin_release_mutant_no_fence() {
+    expect_failure("sfbuf_central_and_pin_release", Mutant::LastReleaseNoFence, central_and_pin_release);
+}
+
+/// 7b. A hitter reads the state of a cached entry that was pinned before
+/// (`PINNED` already set, so it takes its pin without a CAS) while a trim
+/// looks at the entry: `REFERENCED` gives it a second chance, which clears
+/// `REVOKED` and `PINNED` together. A hitter that read the state before
+/// that look and re-checks after it must back off (its pin was not
+/// counted, and with `PINNED` clear the next look kills without counting).
+fn pinned_reset() {
+    let (_mem, mmu, pool, pages) = pinned_once(1);
+    let f = pages[0].clone();
+    let fpfn = f.pfn();
+    let umm = mmu.clone();
+    let hitter = thread::spawn(move || {
+        // NoWait: the trim may be unmapping `f` right now (no room).
+        if let Ok(sf) = pool.alloc(&f, Wait::NoWait) {
+            assert_eq!(umm.translate(sf.slot()), Some(fpfn), "hit returned an evicted slot");
+            thread::yield_now();
+            assert_eq!(umm.translate(sf.slot()), Some(fpfn), "slot evicted under a pinned handle");
+        }
+    });
+    pool.set_max_excess(0); // the trim: looks until `f` is gone or in use
+    hitter.join().unwrap();
+    settled(pool, &mmu);
+    // SAFETY: the thread is joined.
+    unsafe { unleak(pool) };
+}
+
+#[test]
+fn sfbuf_pinned_reset() {
+    model("sfbuf_pinned_reset", pinned_reset);
+}
+
+/// A re-check blind to `PINNED` sees `REVOKED` as it was and keeps a pin
+/// nobody counted; the next look kills the entry under it.
+#[test]
+fn sfbuf_pinned_reset_mutant_recheck_no_pinned() {
+    expect_failure("sfbuf_pinned_reset", Mutant::PinRecheckNoPinned, pinned_reset);
+}
+
+/// 7c. A hitter of frame `f` adds its pin to the slot's count just as the
+/// main thread evicts `f` and republishes the slot for `g` (the next
+/// generation). The hitter backs off, but until it gives the pin back, a
+/// look at `g`'s entry may count it and take `g` off the LRU: either the
+/// look's second count after unlisting sees the pin gone and relists `g`,
+/// or the late unpin (which relists the generation it reads, not the one
+/// it pinned) does. `g` must neither stay unlisted nor be killed under it.
+fn stale_pin_reuse() {
+    let (_mem, mmu, pool, pages) = pinned_once(2);
+    let (f, g) = (pages[0].clone(), pages[1].clone());
+    let (fpfn, gpfn) = (f.pfn(), g.pfn());
+    let umm = mmu.clone();
+    let hitter = thread::spawn(move || {
+        // NoWait: the slot may be `g`'s, in use; then there is no room.
+        if let Ok(sf) = pool.alloc(&f, Wait::NoWait) {
+            assert_eq!(umm.translate(sf.slot()), Some(fpfn), "hit returned another generation's slot");
+        }
+    });
+    if let Ok(sf) = pool.alloc(&g, Wait::NoWait) {
+        assert_eq!(mmu.translate(sf.slot()), Some(gpfn));
+        drop(sf);
+        // Pinned, so `g` is PINNED (unless the hitter took the slot back).
+        drop(pool.alloc(&g, Wait::NoWait));
+        pool.set_max_excess(0); // the look that may count a stale pin
+    }
+    hitter.join().unwrap();
+    settled(pool, &mmu);
+    // SAFETY: the thread is joined.
+    unsafe { unleak(pool) };
+}
+
+#[test]
+fn sfbuf_stale_pin_reuse() {
+    model("sfbuf_stale_pin_reuse", stale_pin_reuse);
+}
+
+/// An evictor that does not count the pins again after unlisting leaves
+/// `g` unlisted when the stale pin went between its two looks.
+#[test]
+fn sfbuf_stale_pin_reuse_mutant_no_recount() {
+    expect_failure("sfbuf_stale_pin_reuse", Mutant::UnlistNoRecount, stale_pin_reuse);
+}
+
+/// 7d. A pinned holder of the cached frame `f` releases while the main
+/// thread lowers `max_excess` to 0 and then hits `f` again. When the unpin
+/// finds `f` still listed with the LRU over the cap, it trims, and its trim
+/// may judge `f` while the main thread's hit pins it: the pin is either
+/// counted (REVOKED, then off the LRU) or refused by the hit's re-check.
+fn unpin_trims() {
+    let (_mem, mmu, pool, pages) = pinned_once(1);
+    let f: &'static lwbuf::Page = leak(pages[0].clone());
+    let fpfn = f.pfn();
+    let pinned = pool.alloc(f, Wait::NoWait).unwrap();
+    let t = thread::spawn(move || drop(pinned));
+    pool.set_max_excess(0);
+    // NoWait: the unpin's trim may be unmapping `f` right now.
+    if let Ok(sf) = pool.alloc(f, Wait::NoWait) {
+        assert_eq!(mmu.translate(sf.slot()), Some(fpfn), "hit returned an evicted slot");
+        thread::yield_now();
+        assert_eq!(mmu.translate(sf.slot()), Some(fpfn), "slot evicted under a live handle");
+    }
+    t.join().unwrap();
+    settled(pool, &mmu);
+    // SAFETY: the thread is joined; its handle is dropped.
+    unsafe {
+        unleak(pool);
+        unleak(f);
+    }
+}
+
+#[test]
+fn sfbuf_unpin_trims() {
+    model("sfbuf_unpin_trims", unpin_trims);
+}
+
+/// A re-check blind to `REVOKED` keeps a pin the trim did not count while
+/// the trim goes on to kill the entry.
+#[test]
+fn sfbuf_unpin_trims_mutant_recheck_no_revoked() {
+    expect_failure("sfbuf_unpin_trims", Mutant::PinRecheckNoRevoked, unpin_trims);
+}

@@ -98,8 +98,16 @@
 //!     trim) by writing only its pin; it still wakes waiters after its fence.
 //!
 //! The loom model `sfbuf_pin_vs_eviction` checks 9-12 and fails when the
-//! evictor ignores pins (`PinUnchecked`). `peak` counts only the entries'
-//! own counts (pins are not seen at the moment they are taken).
+//! evictor ignores pins (`PinUnchecked`); `sfbuf_two_pins_vs_eviction` races
+//! two pinned last releases. One small model per race of 9-12 each fails
+//! with its mutant: `sfbuf_central_and_pin_release` (11: a central and a
+//! pinned last release at once; `LastReleaseNoFence`),
+//! `sfbuf_pinned_reset` (9: a second-chance look clears `PINNED` between
+//! a hitter's two reads; `PinRecheckNoPinned`), `sfbuf_stale_pin_reuse`
+//! (11: a backed-off pin counted against the slot's next generation;
+//! `UnlistNoRecount`) and `sfbuf_unpin_trims` (12: an unpin over the cap
+//! trims while a hit pins; `PinRecheckNoRevoked`). `peak` counts only the
+//! entries' own counts (pins are not seen at the moment they are taken).
 
 mod stats;
 mod wait;
@@ -154,6 +162,8 @@ const PIN_STRIPES: usize = 1;
 
 /// The calling thread's row of pins: its statistics stripe, folded (under
 /// loom always 0, so that replays of an execution touch the same rows).
+// Under loom `PIN_STRIPES` is 1, and the modulo is the point.
+#[cfg_attr(loom, allow(clippy::modulo_one))]
 fn pin_row() -> usize {
     crate::counter::thread_stripe() % PIN_STRIPES
 }
@@ -414,6 +424,10 @@ impl SfPool {
     /// system call).
     pub fn set_max_excess(&self, n: usize) {
         self.max_excess.store(n, Ordering::Relaxed);
+        // SeqCst: against a release that lists an entry, fences and then
+        // reads the cap (`after_release`): either it sees the new cap and
+        // trims, or this trim sees its entry on the LRU.
+        fence(Ordering::SeqCst);
         self.trim();
     }
 
@@ -566,8 +580,14 @@ impl SfPool {
         // then it cleared PINNED with it. While PINNED is set, every look
         // sums the pins, so a pin is safe under any PINNED, even one a
         // later hitter set again.
-        const SAME: u64 = GEN | DEAD | UNPUBLISHED | REVOKED | PINNED;
-        if now & SAME != s & SAME {
+        let mut same = GEN | DEAD | UNPUBLISHED | REVOKED | PINNED;
+        if crate::sync::mutant!(PinRecheckNoPinned) {
+            same &= !PINNED;
+        }
+        if crate::sync::mutant!(PinRecheckNoRevoked) {
+            same &= !REVOKED;
+        }
+        if now & same != s & same {
             // A full release, not just the decrement: an evictor may have
             // counted this pin and taken the entry off the LRU meanwhile.
             self.unpin(slot, pin as u32);
@@ -927,7 +947,7 @@ impl SfPool {
     /// the pins are gone meanwhile, put it back (unless that release did).
     fn after_unlisting(&self, slot: usize, e: &Entry) -> Verdict {
         fence(Ordering::SeqCst);
-        if self.pinned(slot) != 0 {
+        if crate::sync::mutant!(UnlistNoRecount) || self.pinned(slot) != 0 {
             return Verdict::InUse;
         }
         let mut s = e.state.load(Ordering::Relaxed);
@@ -1042,7 +1062,9 @@ impl SfPool {
     /// release that must list it again.
     fn after_release(&self, slot: usize, seen: u64) {
         let e = &self.entries[slot];
-        fence(Ordering::SeqCst);
+        if !crate::sync::mutant!(LastReleaseNoFence) {
+            fence(Ordering::SeqCst);
+        }
         if self.pinned(slot) != 0 {
             return;
         }
@@ -1051,6 +1073,8 @@ impl SfPool {
             match e.state.compare_exchange_weak(s, s | ON_LRU, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => {
                     self.push_lru(slot);
+                    // SeqCst: the cap is read below; see `set_max_excess`.
+                    fence(Ordering::SeqCst);
                     break;
                 }
                 Err(now) => s = now,
