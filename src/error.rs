@@ -8,17 +8,39 @@ use std::io;
 /// System-call failures carry the `io::Error` (and so the errno) and the name
 /// of the operation that failed. Conditions a caller may want to retry
 /// ([`Error::WouldBlock`], [`Error::WindowFull`]) are distinct variants.
+/// Every variant says which calls return it; each of those cases is a test
+/// in `tests/misuse.rs` (or the test file named). A failed call leaves
+/// nothing mapped, held or half-done on its behalf.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
-    /// A configuration value was rejected when building an object.
+    /// A configuration value was rejected when building an object, or an
+    /// argument is malformed. `what` names it:
+    /// - `"frames"`: a [`PhysMem`](crate::PhysMem) of 0 frames, or above
+    ///   [`MAX_REGION_BYTES`](crate::MAX_REGION_BYTES) (64 TiB) or
+    ///   overflowing;
+    /// - `"frame_size"`: not a power-of-two multiple of the page size;
+    /// - `"slots"` / `"backing"`: a window of 0 slots or above 64 TiB, or a
+    ///   real [`Window`](crate::Window) over heap memory;
+    /// - `"cpus"`: [`LwbufsBuilder::cpus`](crate::LwbufsBuilder::cpus) of 0
+    ///   or more than [`MAX_CPUS`](crate::MAX_CPUS);
+    /// - `"shards"`: an sf_buf pool of 0 or more than 65,536 shards;
+    /// - `"binding"`: CPUs of more than
+    ///   [`MAX_BINDINGS_PER_THREAD`](crate::MAX_BINDINGS_PER_THREAD) systems
+    ///   bound on one thread;
+    /// - `"pages"`: `alloc_run` of no pages, or of frames that are not
+    ///   contiguous;
+    /// - `"slot range"` / `"frame range"`: [`Mmu::enter`](crate::Mmu::enter)
+    ///   or [`Mmu::remove`](crate::Mmu::remove) outside the window or memory.
     Config {
         /// The setting that was rejected.
         what: &'static str,
         /// Why, with the offending value.
         why: String,
     },
-    /// The frame allocator cannot satisfy the request.
+    /// The frame allocator cannot satisfy the request
+    /// ([`PhysMem::alloc_page`](crate::PhysMem::alloc_page) and
+    /// [`alloc_run`](crate::PhysMem::alloc_run)).
     OutOfFrames {
         /// Contiguous frames asked for.
         requested: usize,
@@ -27,30 +49,42 @@ pub enum Error {
         /// The largest contiguous run of free frames.
         largest_run: usize,
     },
-    /// Every slot of the window is mapped and in use; nothing could be evicted.
+    /// Every slot of the window is mapped and in use; nothing could be
+    /// evicted. From an lwbuf `alloc`/`alloc_run`/`kva` only when every slot
+    /// is held by a live handle (cached entries and slots other CPUs hold
+    /// free are reclaimed first); from [`SfPool::alloc_all`](crate::SfPool::alloc_all)
+    /// at once when it asks for more slots than the window has.
     WindowFull {
         /// Slots asked for.
         requested: usize,
         /// Slots in the window.
         capacity: usize,
     },
-    /// The mapping budget (derived from `vm.max_map_count`) is used up by
-    /// mappings in use; nothing could be evicted.
+    /// The mapping budget (`map_budget`, derived from `vm.max_map_count` by
+    /// [`default_map_budget`](crate::default_map_budget)) is used up by
+    /// mappings in use; nothing could be evicted. (At the kernel's own wall
+    /// with nothing to evict the caller gets [`Error::Sys`] with `ENOMEM`.)
     MapLimit {
         /// The budget in mappings.
         budget: usize,
     },
-    /// A no-wait request found no free slot.
+    /// A [`Wait::NoWait`](crate::Wait::NoWait) request found every slot in
+    /// use; returned at once.
     WouldBlock,
-    /// A waiting request ran out of time.
+    /// A [`Wait::Timeout`](crate::Wait::Timeout) request ran out of time
+    /// before a release made room.
     TimedOut,
-    /// A waiting request was cancelled through its cancel token.
+    /// A [`Wait::Cancel`](crate::Wait::Cancel) request's token was
+    /// cancelled (at once if it already was).
     Cancelled,
-    /// The pool (or system) is shutting down.
+    /// The pool is closed ([`SfPool::close`](crate::SfPool::close)); waiters
+    /// sleeping at the moment of the close get it too.
     Closed,
-    /// A page of one `PhysMem` was handed to a mapper of another.
+    /// A [`Page`](crate::Page) of one `PhysMem` was handed to a cache (or
+    /// source) over another.
     ForeignPage,
-    /// An offset or length falls outside the mapping or frame.
+    /// A [`Kaddr`](crate::Kaddr) read or write, or a direct-map access,
+    /// outside the mapping or frame; nothing was copied.
     OutOfBounds {
         /// Start of the access.
         offset: usize,
@@ -59,26 +93,33 @@ pub enum Error {
         /// Size of the region.
         size: usize,
     },
-    /// The operation needs a CPU bound to the calling thread.
+    /// An lwbuf call (`alloc`, `alloc_run`, `poll`, `Lwbuf::kva`) on a
+    /// thread with no CPU of this system bound. Nothing is mapped; a handle
+    /// stays valid and may be dropped there.
     NotBound,
-    /// The CPU id is at or beyond the configured count.
+    /// [`Lwbufs::bind`](crate::Lwbufs::bind) of a CPU id at or beyond the
+    /// configured count.
     NoSuchCpu {
         /// The CPU asked for.
         cpu: usize,
         /// CPUs configured.
         ncpus: usize,
     },
-    /// Another live thread has bound this CPU.
+    /// [`Lwbufs::bind`](crate::Lwbufs::bind) of a CPU another live thread
+    /// holds.
     CpuBusy {
         /// The CPU asked for.
         cpu: usize,
     },
-    /// The calling thread already has a CPU of this system bound.
+    /// [`Lwbufs::bind`](crate::Lwbufs::bind) on a thread that already holds
+    /// a CPU of the same system.
     AlreadyBound {
         /// The CPU it holds.
         cpu: usize,
     },
-    /// The operation needs a direct map, and the `PhysMem` was built without one.
+    /// The operation needs a direct map and the `PhysMem` was built without
+    /// one ([`ModelMmu::new`](crate::ModelMmu::new), [`Page::direct`](crate::Page::direct),
+    /// the direct-map send modes).
     NoDirectMap,
     /// The window already serves another cache (an `Lwbufs`, an `SfPool` or
     /// a `WindowSource`), or has frames entered by hand: a window's slots
@@ -91,9 +132,11 @@ pub enum Error {
         /// The first occupied slot found.
         slot: usize,
     },
-    /// A system call failed.
+    /// A system call the kernel (or [`FaultyMmu`](crate::FaultyMmu))
+    /// refused, naming the call and its errno. A refused unmap leaves the
+    /// cached entry mapped and counted, and is retried later.
     Sys {
-        /// What the library was doing (`"mmap"`, `"memfd_create"`, ...).
+        /// What the library was doing (`"mmap(enter)"`, `"memfd_create"`, ...).
         op: &'static str,
         /// The error the kernel returned.
         source: io::Error,
