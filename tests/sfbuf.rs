@@ -78,6 +78,8 @@ on_both_backends!(
     timeout_succeeds_when_the_release_comes_first,
     cancel_wakes_the_waiter_with_cancelled,
     cancel_loses_to_a_release_that_comes_first,
+    timeout_max_waits_until_a_release,
+    timeout_zero_is_a_no_wait_call,
     close_wakes_every_waiter_with_closed,
     eviction_races_hits_on_four_threads,
     alloc_all_sleeps_instead_of_spinning,
@@ -435,6 +437,78 @@ fn cancel_loses_to_a_release_that_comes_first(b: Backend) {
         });
         assert_quiescent(&pool);
     }
+}
+
+/// A timeout too long for the clock (`Instant + Duration` overflows) is a
+/// wait without a deadline: until a release makes room (or a cancel or
+/// close), for every entry point that waits.
+fn timeout_max_waits_until_a_release(b: Backend) {
+    let (rig, pool, pages) = small_pool(b, 2);
+    let run = stamped_run(&rig.mem, 2);
+    type Call<'p> = Box<dyn Fn() -> Vec<SfBuf<'p>> + Sync + 'p>;
+    let how = Wait::Timeout(Duration::MAX);
+    let (pool, pages, run) = (&pool, &pages, &run);
+    let calls: [(&str, Call<'_>); 3] = [
+        ("alloc", Box::new(move || vec![pool.alloc(&pages[2], how).expect("alloc with Timeout(MAX)")])),
+        ("alloc_run", Box::new(move || vec![pool.alloc_run(run, how).expect("alloc_run with Timeout(MAX)")])),
+        ("alloc_all", Box::new(move || pool.alloc_all(&pages[2..4], 1, how).expect("alloc_all with Timeout(MAX)"))),
+    ];
+    for (what, call) in calls {
+        let barrier = Barrier::new(2);
+        let dropping = AtomicBool::new(false);
+        let before = pool.stats();
+        thread::scope(|s| {
+            s.spawn(|| {
+                let held = fill(pool, pages);
+                barrier.wait();
+                eventually("the waiter to sleep", || pool.stats().waiters == 1);
+                thread::sleep(Duration::from_millis(20));
+                dropping.store(true, Ordering::SeqCst);
+                drop(held);
+            });
+            barrier.wait();
+            let got = call();
+            assert!(dropping.load(Ordering::SeqCst), "{what}: woke before the holder released");
+            got.iter().for_each(check_all_words);
+            let s = pool.stats();
+            assert_eq!((s.waits - before.waits, s.timeouts - before.timeouts), (1, 0), "{what}: {s}");
+        });
+        // (Not `assert_quiescent`: a run's entry maps two slots.)
+        let s = pool.stats();
+        assert_eq!((s.used, s.waiters), (0, 0), "{what}: {s}");
+    }
+    pool.set_max_excess(0);
+    assert_eq!(pool.stats().mmu.mapped, 0);
+}
+
+/// `Timeout(Duration::ZERO)` is a no-wait call (one attempt, never a
+/// waiter, never asleep) that reports the timeout as a timeout.
+fn timeout_zero_is_a_no_wait_call(b: Backend) {
+    let (rig, pool, pages) = small_pool(b, 2);
+    let run = stamped_run(&rig.mem, 2);
+    let zero = Wait::Timeout(Duration::ZERO);
+    // Held on this very thread: a call that slept would never wake.
+    let held = fill(&pool, &pages);
+    let before = pool.stats();
+    let r = pool.alloc(&pages[2], zero).map(drop);
+    assert!(matches!(r, Err(Error::TimedOut)), "alloc: {r:?}");
+    let r = pool.alloc_run(&run, zero).map(drop);
+    assert!(matches!(r, Err(Error::TimedOut)), "alloc_run: {r:?}");
+    let r = pool.alloc_all(&pages[2..4], 1, zero).map(drop);
+    assert!(matches!(r, Err(Error::TimedOut)), "alloc_all: {r:?}");
+    let s = pool.stats();
+    let d = |f: fn(&SfStats) -> u64| f(&s) - f(&before);
+    assert_eq!((d(|s| s.waits), d(|s| s.timeouts), d(|s| s.nowait_fails)), (0, 3, 0), "never asleep: {s}");
+    // One attempt each: the no-wait call's one look for room.
+    assert_eq!(d(|s| s.no_room), 3, "one attempt per call: {s}");
+    assert_eq!((s.waiters, s.mmu.enters), (0, before.mmu.enters), "{s}");
+    // A hit needs no room; with room, a miss succeeds.
+    drop(pool.alloc(&pages[0], zero).expect("a hit with a zero timeout"));
+    drop(held);
+    let sf = pool.alloc(&pages[2], zero).expect("room after the release");
+    check_all_words(&sf);
+    drop(sf);
+    assert_quiescent(&pool);
 }
 
 fn close_wakes_every_waiter_with_closed(b: Backend) {
