@@ -81,6 +81,7 @@ on_both_backends!(
     timeout_max_waits_until_a_release,
     timeout_zero_is_a_no_wait_call,
     close_wakes_every_waiter_with_closed,
+    closed_pool_refuses_every_allocation,
     eviction_races_hits_on_four_threads,
     alloc_all_sleeps_instead_of_spinning,
     alloc_all_cannot_deadlock_two_threads,
@@ -512,30 +513,101 @@ fn timeout_zero_is_a_no_wait_call(b: Backend) {
 }
 
 fn close_wakes_every_waiter_with_closed(b: Backend) {
-    let (_rig, pool, pages) = small_pool(b, 1);
+    let (rig, pool, pages) = small_pool(b, 2);
+    let run = stamped_run(&rig.mem, 2);
     let token = CancelToken::new();
     let held = fill(&pool, &pages);
     thread::scope(|s| {
         let waiters = [
-            s.spawn(|| pool.alloc(&pages[1], Wait::Forever).map(drop)),
-            s.spawn(|| pool.alloc(&pages[2], Wait::Timeout(Duration::from_secs(30))).map(drop)),
-            s.spawn(|| pool.alloc(&pages[1], Wait::Cancel(&token)).map(drop)),
+            s.spawn(|| pool.alloc(&pages[2], Wait::Forever).map(drop)),
+            s.spawn(|| pool.alloc(&pages[3], Wait::Timeout(Duration::from_secs(30))).map(drop)),
+            s.spawn(|| pool.alloc(&pages[2], Wait::Timeout(Duration::MAX)).map(drop)),
+            s.spawn(|| pool.alloc(&pages[3], Wait::Cancel(&token)).map(drop)),
+            s.spawn(|| pool.alloc_run(&run, Wait::Forever).map(drop)),
+            s.spawn(|| pool.alloc_all(&pages[2..4], 1, Wait::Forever).map(drop)),
         ];
-        eventually("three waiters to sleep", || pool.stats().waiters == 3);
-        pool.close();
-        for w in waiters {
-            let r = w.join().expect("waiter thread");
-            assert!(matches!(r, Err(Error::Closed)), "{r:?}");
+        // Closed even if not every waiter got to sleep (one failed at
+        // once), so that the others end and the checks below report it.
+        let n = waiters.len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pool.stats().waiters < n && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
         }
+        let sleeping = pool.stats().waiters;
+        pool.close();
+        for (i, w) in waiters.into_iter().enumerate() {
+            let r = w.join().expect("waiter thread");
+            assert!(matches!(r, Err(Error::Closed)), "waiter {i}: {r:?}");
+        }
+        assert_eq!(sleeping, n, "every waiter was asleep at the close");
     });
     let s = pool.stats();
-    assert_eq!((s.waits, s.waiters, s.timeouts, s.cancels), (3, 0, 0, 0), "{s}");
-    // Later misses fail at once; hits and live handles still work.
-    assert!(matches!(pool.alloc(&pages[1], Wait::Forever), Err(Error::Closed)));
-    drop(pool.alloc(&pages[0], Wait::NoWait).expect("hit on a closed pool"));
+    assert_eq!((s.waits, s.waiters, s.timeouts, s.cancels), (6, 0, 0, 0), "{s}");
+    // Later calls fail at once, hits too (see `closed_pool_refuses_every_allocation`);
+    // live handles still work and release normally.
+    assert!(matches!(pool.alloc(&pages[2], Wait::Forever), Err(Error::Closed)));
+    assert!(matches!(pool.alloc(&pages[0], Wait::NoWait), Err(Error::Closed)));
     check_all_words(&held[0]);
     drop(held);
-    assert_quiescent(&pool);
+    let s = assert_quiescent(&pool);
+    assert_eq!(s.cached, 2, "released handles are cached as on an open pool: {s}");
+}
+
+/// After `close`, every allocation fails with `Closed`: hit or miss, single
+/// page, run or all-or-nothing, whatever the wait mode. Handles taken
+/// before stay valid and release normally.
+fn closed_pool_refuses_every_allocation(b: Backend) {
+    let rig = b.rig(32, 8);
+    let pool = rig.pool(8);
+    let pages = stamped_pages(&rig.mem, 4);
+    let run = stamped_run(&rig.mem, 3);
+    // pages[0] and the run cached and unused, pages[1] held (a hit on it
+    // finds an entry in use), pages[2..] never mapped, room for them.
+    drop(pool.alloc(&pages[0], Wait::NoWait).expect("alloc"));
+    drop(pool.alloc(&pages[0], Wait::NoWait).expect("a hit (cached, unused)"));
+    let held = pool.alloc(&pages[1], Wait::NoWait).expect("alloc");
+    drop(pool.alloc_run(&run, Wait::NoWait).expect("alloc_run"));
+    let token = CancelToken::new();
+    pool.close();
+    let before = pool.stats();
+    let modes = [
+        Wait::NoWait,
+        Wait::Forever,
+        Wait::Timeout(Duration::ZERO),
+        Wait::Timeout(Duration::from_secs(1)),
+        Wait::Timeout(Duration::MAX),
+        Wait::Cancel(&token),
+    ];
+    for how in modes {
+        for (what, p) in [("hit, unused", &pages[0]), ("hit, in use", &pages[1]), ("miss with room", &pages[2])] {
+            let r = pool.alloc(p, how).map(drop);
+            assert!(matches!(r, Err(Error::Closed)), "alloc {what} with {how:?}: {r:?}");
+        }
+        let r = pool.alloc_run(&run, how).map(drop);
+        assert!(matches!(r, Err(Error::Closed)), "alloc_run of a cached run with {how:?}: {r:?}");
+        let r = pool.alloc_run(&run[..2], how).map(drop);
+        assert!(matches!(r, Err(Error::Closed)), "alloc_run of an uncached run with {how:?}: {r:?}");
+        for (what, ps, max_run) in [
+            ("a cached page", &pages[..1], 1),
+            ("cached pages, one in use", &pages[..2], 1),
+            ("uncached pages", &pages[2..], 1),
+            ("cached and uncached pages", &pages[..], 1),
+            ("a cached run", &run[..], 3),
+        ] {
+            let r = pool.alloc_all(ps, max_run, how).map(drop);
+            assert!(matches!(r, Err(Error::Closed)), "alloc_all of {what} with {how:?}: {r:?}");
+        }
+    }
+    let s = pool.stats();
+    assert_eq!((s.hits, s.misses, s.mmu.enters), (before.hits, before.misses, before.mmu.enters), "{s}");
+    assert_eq!((s.waits, s.waiters, s.nowait_fails), (0, 0, 0), "a closed pool fails at once: {s}");
+    // The handle taken before the close is valid and releases normally.
+    check_all_words(&held);
+    drop(held);
+    let s = pool.stats();
+    // Three entries, one of them the run of 3: five slots mapped.
+    assert_eq!((s.used, s.cached, s.evictions, s.mmu.mapped), (0, 3, 0, 5), "{s}");
+    assert!(pages.iter().chain(&run).all(|p| p.hold_count() == 1), "no hold leaked");
 }
 
 // === concurrency ===

@@ -10,6 +10,9 @@
 //! a freed sf_buf stays mapped on an inactive LRU so the next alloc of the
 //! frame is a hit; the pool grows on demand up to the window and caps its
 //! cached-but-unused entries at `max_excess`, tunable at run time.
+//! [`SfPool::close`] ends it: from then on every allocation fails with
+//! [`Error::Closed`], hit or miss, and waiters wake with it; handles
+//! already held stay valid and release as before.
 //!
 //! # The race that matters
 //!
@@ -134,7 +137,8 @@ use crate::lru::Lru;
 use crate::mmu::Mmu;
 use crate::phys::{Page, Pfn};
 use crate::sync::{
-    fence, lock, Arc, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering, UnsafeCell,
+    fence, lock, Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering,
+    UnsafeCell,
 };
 
 // === entry state ===
@@ -319,6 +323,7 @@ impl SfPoolBuilder {
             stale: Mutex::new(Vec::new()),
             max_excess: AtomicUsize::new(self.max_excess.unwrap_or((cap / 4).max(1))),
             waitq: WaitQueue::new(),
+            closed: AtomicBool::new(false),
             peak: AtomicU64::new(0),
             c: Counters::default(),
             kva,
@@ -381,6 +386,10 @@ pub struct SfPool {
     stale: Mutex<Vec<Mapping>>,
     max_excess: AtomicUsize,
     waitq: Arc<WaitQueue>,
+    /// Set by `close`: every allocation from then on fails. Read by every
+    /// call, hit or miss; here rather than behind the wait queue's pointer,
+    /// so a hit makes no extra dependent load.
+    closed: AtomicBool,
     peak: AtomicU64,
     c: Counters,
 }
@@ -439,7 +448,8 @@ impl SfPool {
     /// mapped and in use, `how` decides (see [`Wait`]).
     ///
     /// Errors: [`Error::ForeignPage`], [`Error::WouldBlock`],
-    /// [`Error::TimedOut`], [`Error::Cancelled`], [`Error::Closed`],
+    /// [`Error::TimedOut`], [`Error::Cancelled`], [`Error::Closed`] (after
+    /// [`close`](Self::close), hit or miss),
     /// [`Error::MapLimit`] / [`Error::Sys`] when the mapping budget or the
     /// kernel refuses and nothing is left to evict, without waiting.
     pub fn alloc<'a>(&'a self, page: &'a Page, how: Wait<'_>) -> Result<SfBuf<'a>> {
@@ -478,6 +488,7 @@ impl SfPool {
         if slots_needed > self.capacity() {
             return Err(Error::WindowFull { requested: slots_needed, capacity: self.capacity() });
         }
+        self.check_open()?;
         let attempt = || -> Result<Option<Vec<SfBuf<'a>>>> {
             let mut got = Vec::with_capacity(groups.len());
             for g in &groups {
@@ -502,8 +513,24 @@ impl SfPool {
         }
     }
 
+    /// `Closed` after [`close`](Self::close): the one rule for every entry
+    /// point, before it looks at the cache.
+    #[inline(always)]
+    fn check_open(&self) -> Result<()> {
+        // Relaxed: a close that happens before this call (the caller joined
+        // the closing thread, got a message from it...) is seen by read
+        // coherence; one racing with the call may or may not be, as any
+        // racing event. A call that passed this check and then sleeps is
+        // woken by the wait queue's own flag.
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
     #[inline]
     fn alloc_key<'a>(&'a self, key: MapKey, hold: Hold<'a>, how: Wait<'_>) -> Result<SfBuf<'a>> {
+        self.check_open()?;
         if let Some(b) = self.try_cached(key, hold) {
             return Ok(b);
         }
@@ -1085,9 +1112,24 @@ impl SfPool {
         self.waitq.wake();
     }
 
-    /// Stop: every waiter, now and later, fails with [`Error::Closed`].
-    /// Live handles stay valid; the pool unmaps everything when dropped.
+    /// Close the pool, for good: from now on every allocation (`alloc`,
+    /// `alloc_run`, `alloc_all`; hit or miss; whatever its [`Wait`]) fails
+    /// at once with [`Error::Closed`], unless its arguments are wrong
+    /// (`ForeignPage`, a broken run, `WindowFull` may be reported first),
+    /// and every allocation sleeping now wakes and fails with it. Handles
+    /// already held stay valid and release as on an open pool (their
+    /// mappings stay cached up to `max_excess`); the pool unmaps everything
+    /// when dropped. No system call.
+    ///
+    /// Hits fail too: whether a frame happens to be cached is the pool's
+    /// business, not its callers', so it must not decide whether a call
+    /// succeeds; and a close that let hits through would keep serving hot
+    /// frames indefinitely, so a shutdown could never count on it to stop
+    /// new work.
     pub fn close(&self) {
+        // Relaxed: see `check_open`; the wait queue's flag (SeqCst, checked
+        // under its mutex) is the one that wakes sleepers.
+        self.closed.store(true, Ordering::Relaxed);
         self.waitq.close();
     }
 
