@@ -104,6 +104,27 @@ impl Extents {
         self.free.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Take the one unit `unit`, if it is free (tests reach frames far from
+    /// where the allocator would hand them out: the top of a huge memory).
+    #[cfg(test)]
+    pub(crate) fn take_at(&self, unit: usize) -> bool {
+        let mut g = lock(&self.inner);
+        g.coalesce();
+        let Some((&start, &len)) = g.by_start.range(..=unit).next_back() else { return false };
+        if unit >= start + len {
+            return false;
+        }
+        g.remove(start, len);
+        if unit > start {
+            g.insert_raw(start, unit - start);
+        }
+        if unit + 1 < start + len {
+            g.insert_raw(unit + 1, start + len - unit - 1);
+        }
+        self.free.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
     /// Units free now (a relaxed reading).
     pub(crate) fn free_count(&self) -> usize {
         self.free.load(Ordering::Relaxed)

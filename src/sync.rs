@@ -104,6 +104,18 @@ pub(crate) mod env {
     /// checks the unbind drain, with no helping drain to mask either.
     #[cfg(loom)]
     pub(crate) const MAILBOX_DRAIN_AT: usize = 3;
+
+    /// Whether the sf_buf pool's hint table has one bucket per frame
+    /// whatever the memory's size. Normally not: its size follows the
+    /// window, and frames may share a bucket.
+    #[cfg(not(loom))]
+    pub(crate) const HINTS_EXACT: bool = false;
+    /// Under loom, always (the models' memories are a few frames, so the
+    /// table stays tiny): a live generation named by a frame's hint then
+    /// maps that frame, and the models skip the key check that a shared
+    /// bucket would need.
+    #[cfg(loom)]
+    pub(crate) const HINTS_EXACT: bool = true;
 }
 
 /// The concurrent map of the sf_buf pool: dashmap normally; under loom a

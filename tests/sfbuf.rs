@@ -78,7 +78,10 @@ on_both_backends!(
     timeout_succeeds_when_the_release_comes_first,
     cancel_wakes_the_waiter_with_cancelled,
     cancel_loses_to_a_release_that_comes_first,
+    timeout_max_waits_until_a_release,
+    timeout_zero_is_a_no_wait_call,
     close_wakes_every_waiter_with_closed,
+    closed_pool_refuses_every_allocation,
     eviction_races_hits_on_four_threads,
     alloc_all_sleeps_instead_of_spinning,
     alloc_all_cannot_deadlock_two_threads,
@@ -437,31 +440,174 @@ fn cancel_loses_to_a_release_that_comes_first(b: Backend) {
     }
 }
 
+/// A timeout too long for the clock (`Instant + Duration` overflows) is a
+/// wait without a deadline: until a release makes room (or a cancel or
+/// close), for every entry point that waits.
+fn timeout_max_waits_until_a_release(b: Backend) {
+    let (rig, pool, pages) = small_pool(b, 2);
+    let run = stamped_run(&rig.mem, 2);
+    type Call<'p> = Box<dyn Fn() -> Vec<SfBuf<'p>> + Sync + 'p>;
+    let how = Wait::Timeout(Duration::MAX);
+    let (pool, pages, run) = (&pool, &pages, &run);
+    let calls: [(&str, Call<'_>); 3] = [
+        ("alloc", Box::new(move || vec![pool.alloc(&pages[2], how).expect("alloc with Timeout(MAX)")])),
+        ("alloc_run", Box::new(move || vec![pool.alloc_run(run, how).expect("alloc_run with Timeout(MAX)")])),
+        ("alloc_all", Box::new(move || pool.alloc_all(&pages[2..4], 1, how).expect("alloc_all with Timeout(MAX)"))),
+    ];
+    for (what, call) in calls {
+        let barrier = Barrier::new(2);
+        let dropping = AtomicBool::new(false);
+        let before = pool.stats();
+        thread::scope(|s| {
+            s.spawn(|| {
+                let held = fill(pool, pages);
+                barrier.wait();
+                eventually("the waiter to sleep", || pool.stats().waiters == 1);
+                thread::sleep(Duration::from_millis(20));
+                dropping.store(true, Ordering::SeqCst);
+                drop(held);
+            });
+            barrier.wait();
+            let got = call();
+            assert!(dropping.load(Ordering::SeqCst), "{what}: woke before the holder released");
+            got.iter().for_each(check_all_words);
+            let s = pool.stats();
+            assert_eq!((s.waits - before.waits, s.timeouts - before.timeouts), (1, 0), "{what}: {s}");
+        });
+        // (Not `assert_quiescent`: a run's entry maps two slots.)
+        let s = pool.stats();
+        assert_eq!((s.used, s.waiters), (0, 0), "{what}: {s}");
+    }
+    pool.set_max_excess(0);
+    assert_eq!(pool.stats().mmu.mapped, 0);
+}
+
+/// `Timeout(Duration::ZERO)` is a no-wait call (one attempt, never a
+/// waiter, never asleep) that reports the timeout as a timeout.
+fn timeout_zero_is_a_no_wait_call(b: Backend) {
+    let (rig, pool, pages) = small_pool(b, 2);
+    let run = stamped_run(&rig.mem, 2);
+    let zero = Wait::Timeout(Duration::ZERO);
+    // Held on this very thread: a call that slept would never wake.
+    let held = fill(&pool, &pages);
+    let before = pool.stats();
+    let r = pool.alloc(&pages[2], zero).map(drop);
+    assert!(matches!(r, Err(Error::TimedOut)), "alloc: {r:?}");
+    let r = pool.alloc_run(&run, zero).map(drop);
+    assert!(matches!(r, Err(Error::TimedOut)), "alloc_run: {r:?}");
+    let r = pool.alloc_all(&pages[2..4], 1, zero).map(drop);
+    assert!(matches!(r, Err(Error::TimedOut)), "alloc_all: {r:?}");
+    let s = pool.stats();
+    let d = |f: fn(&SfStats) -> u64| f(&s) - f(&before);
+    assert_eq!((d(|s| s.waits), d(|s| s.timeouts), d(|s| s.nowait_fails)), (0, 3, 0), "never asleep: {s}");
+    // One attempt each: the no-wait call's one look for room.
+    assert_eq!(d(|s| s.no_room), 3, "one attempt per call: {s}");
+    assert_eq!((s.waiters, s.mmu.enters), (0, before.mmu.enters), "{s}");
+    // A hit needs no room; with room, a miss succeeds.
+    drop(pool.alloc(&pages[0], zero).expect("a hit with a zero timeout"));
+    drop(held);
+    let sf = pool.alloc(&pages[2], zero).expect("room after the release");
+    check_all_words(&sf);
+    drop(sf);
+    assert_quiescent(&pool);
+}
+
 fn close_wakes_every_waiter_with_closed(b: Backend) {
-    let (_rig, pool, pages) = small_pool(b, 1);
+    let (rig, pool, pages) = small_pool(b, 2);
+    let run = stamped_run(&rig.mem, 2);
     let token = CancelToken::new();
     let held = fill(&pool, &pages);
     thread::scope(|s| {
         let waiters = [
-            s.spawn(|| pool.alloc(&pages[1], Wait::Forever).map(drop)),
-            s.spawn(|| pool.alloc(&pages[2], Wait::Timeout(Duration::from_secs(30))).map(drop)),
-            s.spawn(|| pool.alloc(&pages[1], Wait::Cancel(&token)).map(drop)),
+            s.spawn(|| pool.alloc(&pages[2], Wait::Forever).map(drop)),
+            s.spawn(|| pool.alloc(&pages[3], Wait::Timeout(Duration::from_secs(30))).map(drop)),
+            s.spawn(|| pool.alloc(&pages[2], Wait::Timeout(Duration::MAX)).map(drop)),
+            s.spawn(|| pool.alloc(&pages[3], Wait::Cancel(&token)).map(drop)),
+            s.spawn(|| pool.alloc_run(&run, Wait::Forever).map(drop)),
+            s.spawn(|| pool.alloc_all(&pages[2..4], 1, Wait::Forever).map(drop)),
         ];
-        eventually("three waiters to sleep", || pool.stats().waiters == 3);
-        pool.close();
-        for w in waiters {
-            let r = w.join().expect("waiter thread");
-            assert!(matches!(r, Err(Error::Closed)), "{r:?}");
+        // Closed even if not every waiter got to sleep (one failed at
+        // once), so that the others end and the checks below report it.
+        let n = waiters.len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pool.stats().waiters < n && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
         }
+        let sleeping = pool.stats().waiters;
+        pool.close();
+        for (i, w) in waiters.into_iter().enumerate() {
+            let r = w.join().expect("waiter thread");
+            assert!(matches!(r, Err(Error::Closed)), "waiter {i}: {r:?}");
+        }
+        assert_eq!(sleeping, n, "every waiter was asleep at the close");
     });
     let s = pool.stats();
-    assert_eq!((s.waits, s.waiters, s.timeouts, s.cancels), (3, 0, 0, 0), "{s}");
-    // Later misses fail at once; hits and live handles still work.
-    assert!(matches!(pool.alloc(&pages[1], Wait::Forever), Err(Error::Closed)));
-    drop(pool.alloc(&pages[0], Wait::NoWait).expect("hit on a closed pool"));
+    assert_eq!((s.waits, s.waiters, s.timeouts, s.cancels), (6, 0, 0, 0), "{s}");
+    // Later calls fail at once, hits too (see `closed_pool_refuses_every_allocation`);
+    // live handles still work and release normally.
+    assert!(matches!(pool.alloc(&pages[2], Wait::Forever), Err(Error::Closed)));
+    assert!(matches!(pool.alloc(&pages[0], Wait::NoWait), Err(Error::Closed)));
     check_all_words(&held[0]);
     drop(held);
-    assert_quiescent(&pool);
+    let s = assert_quiescent(&pool);
+    assert_eq!(s.cached, 2, "released handles are cached as on an open pool: {s}");
+}
+
+/// After `close`, every allocation fails with `Closed`: hit or miss, single
+/// page, run or all-or-nothing, whatever the wait mode. Handles taken
+/// before stay valid and release normally.
+fn closed_pool_refuses_every_allocation(b: Backend) {
+    let rig = b.rig(32, 8);
+    let pool = rig.pool(8);
+    let pages = stamped_pages(&rig.mem, 4);
+    let run = stamped_run(&rig.mem, 3);
+    // pages[0] and the run cached and unused, pages[1] held (a hit on it
+    // finds an entry in use), pages[2..] never mapped, room for them.
+    drop(pool.alloc(&pages[0], Wait::NoWait).expect("alloc"));
+    drop(pool.alloc(&pages[0], Wait::NoWait).expect("a hit (cached, unused)"));
+    let held = pool.alloc(&pages[1], Wait::NoWait).expect("alloc");
+    drop(pool.alloc_run(&run, Wait::NoWait).expect("alloc_run"));
+    let token = CancelToken::new();
+    pool.close();
+    let before = pool.stats();
+    let modes = [
+        Wait::NoWait,
+        Wait::Forever,
+        Wait::Timeout(Duration::ZERO),
+        Wait::Timeout(Duration::from_secs(1)),
+        Wait::Timeout(Duration::MAX),
+        Wait::Cancel(&token),
+    ];
+    for how in modes {
+        for (what, p) in [("hit, unused", &pages[0]), ("hit, in use", &pages[1]), ("miss with room", &pages[2])] {
+            let r = pool.alloc(p, how).map(drop);
+            assert!(matches!(r, Err(Error::Closed)), "alloc {what} with {how:?}: {r:?}");
+        }
+        let r = pool.alloc_run(&run, how).map(drop);
+        assert!(matches!(r, Err(Error::Closed)), "alloc_run of a cached run with {how:?}: {r:?}");
+        let r = pool.alloc_run(&run[..2], how).map(drop);
+        assert!(matches!(r, Err(Error::Closed)), "alloc_run of an uncached run with {how:?}: {r:?}");
+        for (what, ps, max_run) in [
+            ("a cached page", &pages[..1], 1),
+            ("cached pages, one in use", &pages[..2], 1),
+            ("uncached pages", &pages[2..], 1),
+            ("cached and uncached pages", &pages[..], 1),
+            ("a cached run", &run[..], 3),
+        ] {
+            let r = pool.alloc_all(ps, max_run, how).map(drop);
+            assert!(matches!(r, Err(Error::Closed)), "alloc_all of {what} with {how:?}: {r:?}");
+        }
+    }
+    let s = pool.stats();
+    assert_eq!((s.hits, s.misses, s.mmu.enters), (before.hits, before.misses, before.mmu.enters), "{s}");
+    assert_eq!((s.waits, s.waiters, s.nowait_fails), (0, 0, 0), "a closed pool fails at once: {s}");
+    // The handle taken before the close is valid and releases normally.
+    check_all_words(&held);
+    drop(held);
+    let s = pool.stats();
+    // Three entries, one of them the run of 3: five slots mapped.
+    assert_eq!((s.used, s.cached, s.evictions, s.mmu.mapped), (0, 3, 0, 5), "{s}");
+    assert!(pages.iter().chain(&run).all(|p| p.hold_count() == 1), "no hold leaked");
 }
 
 // === concurrency ===

@@ -298,6 +298,17 @@ impl PhysMem {
         Ok((start..start + n).map(|p| Page::new(self.clone(), Pfn(p))).collect())
     }
 
+    /// Allocate frame `pfn` itself, if it is free (tests only: the
+    /// allocator hands out low frames first).
+    #[cfg(test)]
+    pub(crate) fn alloc_page_at(&self, pfn: Pfn) -> Result<Page> {
+        if pfn.0 < self.inner.frames && self.inner.alloc.take_at(pfn.0) {
+            Ok(Page::new(self.clone(), pfn))
+        } else {
+            Err(self.out_of_frames(1))
+        }
+    }
+
     fn out_of_frames(&self, requested: usize) -> Error {
         let s = self.inner.alloc.stats();
         Error::OutOfFrames { requested, free: s.free, largest_run: s.largest_free_run }

@@ -186,18 +186,22 @@ impl SendfileHolds {
     /// microseconds (acknowledgements raise no event to wait for).
     /// [`Error::TimedOut`] if some are still held after `timeout`.
     pub fn wait_drained(&mut self, sock: BorrowedFd<'_>, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        // A deadline the clock cannot hold is no deadline.
+        let deadline = Instant::now().checked_add(timeout);
         let mut nap = Duration::from_micros(50);
         loop {
             self.reap(sock)?;
             if self.held.is_empty() {
                 return Ok(());
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::TimedOut);
-            }
-            std::thread::sleep(nap.min(deadline - now));
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => l,
+                    _ => return Err(Error::TimedOut),
+                },
+                None => Duration::MAX,
+            };
+            std::thread::sleep(nap.min(left));
             nap = (nap * 2).min(Duration::from_millis(5));
         }
     }

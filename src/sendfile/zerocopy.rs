@@ -283,7 +283,8 @@ impl<'s, M: MapSource> ZeroCopy<'s, M> {
     /// flight), at most [`SendOptions::stall_timeout`].
     fn wait_completion(&mut self, sock: BorrowedFd<'_>, opts: &SendOptions) -> Result<()> {
         let before = self.stats.completed;
-        let deadline = opts.stall_timeout.map(|d| Instant::now() + d);
+        // A deadline the clock cannot hold is no deadline.
+        let deadline = opts.stall_timeout.and_then(|d| Instant::now().checked_add(d));
         self.wait_until(sock, deadline, |z| z.stats.completed > before || z.inflight.is_empty())
     }
 
@@ -357,7 +358,8 @@ impl<'s, M: MapSource> ZeroCopy<'s, M> {
     /// Wait until every send in flight is complete and its holds released.
     /// [`Error::TimedOut`] after `timeout`.
     pub fn flush(&mut self, sock: BorrowedFd<'_>, timeout: Duration) -> Result<()> {
-        let deadline = Some(Instant::now() + timeout);
+        // A deadline the clock cannot hold is no deadline.
+        let deadline = Instant::now().checked_add(timeout);
         self.wait_until(sock, deadline, |z| z.inflight.is_empty())
     }
 }

@@ -10,6 +10,9 @@
 //! a freed sf_buf stays mapped on an inactive LRU so the next alloc of the
 //! frame is a hit; the pool grows on demand up to the window and caps its
 //! cached-but-unused entries at `max_excess`, tunable at run time.
+//! [`SfPool::close`] ends it: from then on every allocation fails with
+//! [`Error::Closed`], hit or miss, and waiters wake with it; handles
+//! already held stay valid and release as before.
 //!
 //! # The race that matters
 //!
@@ -36,27 +39,36 @@
 //! 5. Every publication of an entry starts a new *generation* of its slot
 //!    (the high half of the state word); a killed or free entry stays
 //!    `DEAD` until its slot is published again, with the next generation.
-//! 6. After a successful insert, the publisher records `hint[pfn] =
-//!    (slot, generation)`. A hint is only ever a true statement about the
-//!    past: "generation g of slot s was published for this frame". It may
-//!    be stale, never wrong.
+//! 6. After a successful insert, the publisher records the hint `(slot,
+//!    generation)` in the frame's bucket of the hint table (`hint.rs`):
+//!    buckets in proportion to the window's slots, never to the memory's
+//!    frames, two hints a bucket, each tagged with high bits of its frame
+//!    number. A hint is only ever a true statement about the past:
+//!    "generation g of slot s was published for a frame of this bucket and
+//!    tag", for this very frame when the table is *exact* (a memory of no
+//!    more frames than buckets, and always under loom). It may be stale or
+//!    name a bucket-mate; it never names a generation that was not
+//!    published.
 //! 7. A hit through the hint CASes the state from a value that carries that
 //!    generation and is not `DEAD` to one more reference. If it succeeds,
-//!    generation g is still live, so (by 6) it maps this frame, and the
-//!    kill of (2) can no longer succeed while the reference is held. If the
-//!    generation moved on or the entry is dead, the CAS is not attempted
-//!    and the lookup goes to the map. A mapping is `UNPUBLISHED` from its
-//!    first store until its insert succeeded, and hint readers refuse that
-//!    state: a mapping that loses the insert race (and is then unmapped
-//!    with a plain store) cannot be reached through a hint, not even
-//!    through a stale one whose generation has wrapped round to its own.
+//!    generation g is still live, and the kill of (2) can no longer succeed
+//!    while the reference is held. The entry's key, written before g was
+//!    published (so seen after the CAS, see below), then says whether g
+//!    maps this frame: if not (a bucket-mate), the reference is given back
+//!    and the lookup goes to the map. If the generation moved on or the
+//!    entry is dead, the CAS is not attempted and the lookup goes to the
+//!    map. A mapping is `UNPUBLISHED` from its first store until its insert
+//!    succeeded, and hint readers refuse that state: a mapping that loses
+//!    the insert race (and is then unmapped with a plain store) cannot be
+//!    reached through a hint, not even through a stale one whose generation
+//!    has wrapped round to its own.
 //!    Acquire on that CAS pairs with the Release store that published the
 //!    generation (every later change of the word within a generation is a
-//!    read-modify-write, continuing its release sequence), so the address
-//!    read after it is the one published.
+//!    read-modify-write, continuing its release sequence), so the key and
+//!    address read after it are the ones published.
 //! 8. Generations are 32 bits; a reader would have to stall through 2^32
-//!    reuses of one slot to see a wrapped one. Even then it re-checks the
-//!    frame after taking the reference and gives it back if it differs.
+//!    reuses of one slot to see a wrapped one. The key check of (7) covers
+//!    that too.
 //!
 //! The loom model `sfbuf_hit_vs_eviction` checks this with `max_excess = 0`,
 //! and fails with the generation check switched off.
@@ -109,7 +121,10 @@
 //! trims while a hit pins; `PinRecheckNoRevoked`). `peak` counts only the
 //! entries' own counts (pins are not seen at the moment they are taken).
 
+mod hint;
 mod stats;
+#[cfg(all(test, not(loom)))]
+mod tests;
 mod wait;
 
 pub use stats::SfStats;
@@ -118,6 +133,7 @@ pub use wait::{CancelToken, Wait};
 use std::fmt;
 use std::ptr::NonNull;
 
+use hint::{Hint, Hints};
 use wait::{Outcome, WaitQueue};
 
 use crate::counter::Striped;
@@ -129,7 +145,8 @@ use crate::lru::Lru;
 use crate::mmu::Mmu;
 use crate::phys::{Page, Pfn};
 use crate::sync::{
-    fence, lock, Arc, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering, UnsafeCell,
+    fence, lock, Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering,
+    UnsafeCell,
 };
 
 // === entry state ===
@@ -301,10 +318,15 @@ impl SfPoolBuilder {
         }
         let kva = KvaSpace::new(self.mmu, self.map_budget)?;
         let cap = kva.capacity();
+        // Slot numbers are u32 (map values, pins, handles), and a hint
+        // holds `slot + 1` in 32 bits.
+        if cap >= u32::MAX as usize {
+            return Err(Error::config("slots", format!("{cap} slots: a pool takes fewer than {}", u32::MAX)));
+        }
         barrier::init();
         Ok(SfPool {
             map: ConcurrentMap::new(self.shards),
-            hint: (0..kva.phys().frames()).map(|_| AtomicU64::new(0)).collect(),
+            hint: Hints::new(cap, kva.phys().frames()),
             pins: (0..PIN_STRIPES * cap).map(|_| AtomicU32::new(0)).collect(),
             entries: (0..cap).map(|_| CachePadded::new(Entry::new())).collect(),
             lru: Mutex::new(Lru::default()),
@@ -312,6 +334,7 @@ impl SfPoolBuilder {
             stale: Mutex::new(Vec::new()),
             max_excess: AtomicUsize::new(self.max_excess.unwrap_or((cap / 4).max(1))),
             waitq: WaitQueue::new(),
+            closed: AtomicBool::new(false),
             peak: AtomicU64::new(0),
             c: Counters::default(),
             kva,
@@ -355,10 +378,11 @@ struct Counters {
 pub struct SfPool {
     kva: KvaSpace,
     map: ConcurrentMap<MapKey, u32>,
-    /// Per frame of the memory: `generation << 32 | (slot + 1)` of the
-    /// single-page mapping last published for it, 0 for none (module docs,
-    /// 6). Stale hints are harmless.
-    hint: Box<[AtomicU64]>,
+    /// Per frame, `(slot, generation)` of the single-page mapping last
+    /// published for it (module docs, 6): two hints per bucket, buckets in
+    /// proportion to the window's slots (`hint.rs`). Stale hints, and
+    /// hints of another frame of the bucket, are harmless.
+    hint: Hints,
     /// `PIN_STRIPES` rows of one count per slot: the references taken by
     /// pinned hits (module docs, 9-12), each row written by its threads.
     pins: Box<[AtomicU32]>,
@@ -373,6 +397,10 @@ pub struct SfPool {
     stale: Mutex<Vec<Mapping>>,
     max_excess: AtomicUsize,
     waitq: Arc<WaitQueue>,
+    /// Set by `close`: every allocation from then on fails. Read by every
+    /// call, hit or miss; here rather than behind the wait queue's pointer,
+    /// so a hit makes no extra dependent load.
+    closed: AtomicBool,
     peak: AtomicU64,
     c: Counters,
 }
@@ -436,7 +464,8 @@ impl SfPool {
     /// mapped and in use, `how` decides (see [`Wait`]).
     ///
     /// Errors: [`Error::ForeignPage`], [`Error::WouldBlock`],
-    /// [`Error::TimedOut`], [`Error::Cancelled`], [`Error::Closed`],
+    /// [`Error::TimedOut`], [`Error::Cancelled`], [`Error::Closed`] (after
+    /// [`close`](Self::close), hit or miss),
     /// [`Error::MapLimit`] / [`Error::Sys`] when the mapping budget or the
     /// kernel refuses and nothing is left to evict, without waiting.
     pub fn alloc<'a>(&'a self, page: &'a Page, how: Wait<'_>) -> Result<SfBuf<'a>> {
@@ -475,6 +504,7 @@ impl SfPool {
         if slots_needed > self.capacity() {
             return Err(Error::WindowFull { requested: slots_needed, capacity: self.capacity() });
         }
+        self.check_open()?;
         let attempt = || -> Result<Option<Vec<SfBuf<'a>>>> {
             let mut got = Vec::with_capacity(groups.len());
             for g in &groups {
@@ -499,8 +529,24 @@ impl SfPool {
         }
     }
 
+    /// `Closed` after [`close`](Self::close): the one rule for every entry
+    /// point, before it looks at the cache.
+    #[inline(always)]
+    fn check_open(&self) -> Result<()> {
+        // Relaxed: a close that happens before this call (the caller joined
+        // the closing thread, got a message from it...) is seen by read
+        // coherence; one racing with the call may or may not be, as any
+        // racing event. A call that passed this check and then sleeps is
+        // woken by the wait queue's own flag.
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
     #[inline]
     fn alloc_key<'a>(&'a self, key: MapKey, hold: Hold<'a>, how: Wait<'_>) -> Result<SfBuf<'a>> {
+        self.check_open()?;
         if let Some(b) = self.try_cached(key, hold) {
             return Ok(b);
         }
@@ -550,13 +596,19 @@ impl SfPool {
         if key.pages != 1 {
             return None;
         }
-        let h = self.hint.get(key.pfn)?.load(Ordering::Relaxed);
-        let slot = (h as u32).checked_sub(1)?;
+        let Hint { slot, gen } = self.hint.get(key.pfn)?;
         let e = &self.entries[slot as usize];
         // Acquire: pairs with the Release store that published this
-        // generation (module docs, 7): the address read below is its own.
+        // generation (module docs, 7): the key and address read below are
+        // its own.
         let mut s = e.state.load(Ordering::Acquire);
-        if s & GEN != h & GEN || s & (REFS | DEAD | UNPUBLISHED | REVOKED) != 0 || s & ON_LRU == 0 {
+        if s & GEN != gen || s & (REFS | DEAD | UNPUBLISHED | REVOKED) != 0 || s & ON_LRU == 0 {
+            return None;
+        }
+        // A bucket-mate's entry (module docs, 6): pass it by before writing
+        // to it. Only a filter: the check after the pin decides.
+        #[cfg(not(loom))]
+        if e.key() != key {
             return None;
         }
         if s & PINNED == 0 {
@@ -593,7 +645,8 @@ impl SfPool {
             self.unpin(slot, pin as u32);
             return None;
         }
-        // Only after 2^32 generations (module docs, 8), as in `try_hint`.
+        // Another frame of the hint's bucket, or a wrapped generation
+        // (module docs, 7-8), as in `try_hint`.
         #[cfg(not(loom))]
         if e.key() != key {
             self.unpin(slot, pin as u32);
@@ -642,8 +695,7 @@ impl SfPool {
         if key.pages != 1 {
             return None;
         }
-        let h = self.hint.get(key.pfn)?.load(Ordering::Relaxed);
-        let slot = (h as u32).checked_sub(1)?;
+        let Hint { slot, gen } = self.hint.get(key.pfn)?;
         let e = &self.entries[slot as usize];
         let unchecked = crate::sync::mutant!(HintUnchecked);
         // The first CAS guesses the usual state of a cached entry instead of
@@ -651,15 +703,16 @@ impl SfPool {
         // when the line was last written by another core (a shared copy,
         // then the upgrade), one CAS costs one. A wrong guess fails and
         // returns the real state.
-        let guess = (h & GEN) | ON_LRU | REFERENCED;
-        let live = |s: u64| (unchecked || s & GEN == h & GEN) && s & (DEAD | UNPUBLISHED) == 0;
+        let guess = gen | ON_LRU | REFERENCED;
+        let live = |s: u64| (unchecked || s & GEN == gen) && s & (DEAD | UNPUBLISHED) == 0;
         let (was_unused, _) = e.bump_from(guess, live)?;
         if was_unused {
             self.c.used.inc();
         }
-        // Only after 2^32 generations of this slot (module docs, 8); loom
-        // cannot get there, so its models skip the check (two atomic loads,
-        // each a scheduling point).
+        // The generation is live, but it may map another frame of the
+        // hint's bucket (module docs, 7), or have wrapped (8). Under loom
+        // the table is exact and no generation wraps, so the models skip
+        // the check (two atomic loads, each a scheduling point).
         #[cfg(not(loom))]
         if e.key() != key {
             self.release(slot);
@@ -669,17 +722,16 @@ impl SfPool {
     }
 
     /// Record that generation `state` of `slot` maps `key` (single pages
-    /// only). Written only when it changes: the line is read by every hit.
+    /// only). A bucket-mate's hint is kept if it still names a live
+    /// generation (see `Hints::set`).
     fn set_hint(&self, key: MapKey, slot: u32, state: u64) {
         if key.pages != 1 {
             return;
         }
-        if let Some(h) = self.hint.get(key.pfn) {
-            let v = (state & GEN) | (slot as u64 + 1);
-            if h.load(Ordering::Relaxed) != v {
-                h.store(v, Ordering::Relaxed);
-            }
-        }
+        self.hint.set(key.pfn, slot, state & GEN, |h| {
+            let s = self.entries[h.slot as usize].state.load(Ordering::Relaxed);
+            s & GEN == h.gen && s & DEAD == 0
+        });
     }
 
     /// Look `key` up and take a reference, under the shard's read lock;
@@ -1086,9 +1138,24 @@ impl SfPool {
         self.waitq.wake();
     }
 
-    /// Stop: every waiter, now and later, fails with [`Error::Closed`].
-    /// Live handles stay valid; the pool unmaps everything when dropped.
+    /// Close the pool, for good: from now on every allocation (`alloc`,
+    /// `alloc_run`, `alloc_all`; hit or miss; whatever its [`Wait`]) fails
+    /// at once with [`Error::Closed`], unless its arguments are wrong
+    /// (`ForeignPage`, a broken run, `WindowFull` may be reported first),
+    /// and every allocation sleeping now wakes and fails with it. Handles
+    /// already held stay valid and release as on an open pool (their
+    /// mappings stay cached up to `max_excess`); the pool unmaps everything
+    /// when dropped. No system call.
+    ///
+    /// Hits fail too: whether a frame happens to be cached is the pool's
+    /// business, not its callers', so it must not decide whether a call
+    /// succeeds; and a close that let hits through would keep serving hot
+    /// frames indefinitely, so a shutdown could never count on it to stop
+    /// new work.
     pub fn close(&self) {
+        // Relaxed: see `check_open`; the wait queue's flag (SeqCst, checked
+        // under its mutex) is the one that wakes sleepers.
+        self.closed.store(true, Ordering::Relaxed);
         self.waitq.close();
     }
 

@@ -29,7 +29,9 @@ pub struct SfStats {
     pub evictions: u64,
     /// Allocations that had to sleep.
     pub waits: u64,
-    /// Sleeps that ended in a timeout.
+    /// Timed allocations that ran out of time: sleeps that ended in a
+    /// timeout, and calls with a zero timeout that found no room (they
+    /// never sleep, so they are not in `waits`).
     pub timeouts: u64,
     /// Sleeps that ended in a cancel.
     pub cancels: u64,

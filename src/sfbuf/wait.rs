@@ -69,7 +69,11 @@ pub enum Wait<'a> {
     NoWait,
     /// Sleep until a release makes room.
     Forever,
-    /// Sleep at most this long, then fail with [`Error::TimedOut`].
+    /// Sleep at most this long, then fail with [`Error::TimedOut`]. Any
+    /// duration works: one too long for the clock (`Duration::MAX`) is no
+    /// limit, as [`Forever`](Wait::Forever). `Duration::ZERO` never sleeps:
+    /// one attempt, as [`NoWait`](Wait::NoWait), but failing with
+    /// `TimedOut` (as std's `recv_timeout(Duration::ZERO)` does).
     Timeout(Duration),
     /// Sleep until room or until the token is cancelled
     /// ([`Error::Cancelled`]), like `SFB_CATCH`.
@@ -250,7 +254,14 @@ impl WaitQueue {
                 return Err(Error::WouldBlock);
             }
             Wait::Forever => (None, None),
-            Wait::Timeout(d) => (Some(Instant::now() + d), None),
+            // Already over: no announcement, no second attempt, not a
+            // wait (a no-wait call that reports a timeout).
+            Wait::Timeout(d) if d.is_zero() => {
+                on_end(Outcome::TimedOut);
+                return Err(Error::TimedOut);
+            }
+            // A deadline the clock cannot hold is no deadline.
+            Wait::Timeout(d) => (Instant::now().checked_add(d), None),
             Wait::Cancel(t) => (None, Some(t)),
         };
         on_end(Outcome::Waited);
@@ -304,7 +315,7 @@ impl WaitQueue {
             // by more than they did (module docs). If only they moved it,
             // sleep a bounded while, then retry anyway.
             let gen = gen.wrapping_add(own);
-            let retry_at = (own > 0).then(|| Instant::now() + backoff);
+            let retry_at = (own > 0).then(|| Instant::now().checked_add(backoff)).flatten();
             backoff = if own > 0 { (backoff * 2).min(SELF_RETRY_MAX) } else { SELF_RETRY_MIN };
             let mut g = lock(&self.mutex);
             // Sleep until something changes: room made (gen), cancel,

@@ -1,0 +1,81 @@
+//! Tests of the pool that need the crate's internals: frames at the top of
+//! a 64 TiB memory, which the frame allocator (low frames first) never
+//! hands out through the public API.
+
+use std::sync::Arc;
+
+use super::{SfPool, Wait};
+use crate::mmu::Window;
+use crate::phys::{system_page_size, Page, Pfn, PhysMem, MAX_REGION_BYTES};
+
+/// The largest memory the builder accepts, 4 KiB frames (2^34 of them), no
+/// direct map: the pool builds, and frames at both ends of the frame
+/// numbers miss, hit, and keep their bytes across an unmap.
+#[test]
+fn pool_over_64_tib_maps_frames_at_both_ends() {
+    let fs = system_page_size();
+    let frames = MAX_REGION_BYTES / fs;
+    let mem = PhysMem::builder().frames(frames).direct_map(false).build().expect("64 TiB PhysMem");
+    let win = Arc::new(Window::builder(&mem).slots(8).build().expect("Window"));
+    let pool = SfPool::builder(win).max_excess(8).build().expect("a pool over 64 TiB");
+    let pfns = [0, 1, frames / 2, frames - 2, frames - 1];
+    let pages: Vec<Page> = pfns.iter().map(|&p| mem.alloc_page_at(Pfn(p)).expect("alloc_page_at")).collect();
+    let stamp = |p: &Page| (p.pfn().0 as u64) ^ 0x5fb0_0000_0000_0000;
+
+    for p in &pages {
+        let sf = pool.alloc(p, Wait::NoWait).expect("miss");
+        sf.kva().write_u64(0, stamp(p)).expect("write");
+        sf.kva().write_u64(fs - 8, !stamp(p)).expect("write");
+    }
+    let s = pool.stats();
+    assert_eq!((s.misses, s.hits, s.cached), (5, 0, 5), "{s}");
+    // Hits (through the hints, or the map), twice each, the same bytes.
+    for _ in 0..2 {
+        for p in &pages {
+            let sf = pool.alloc(p, Wait::NoWait).expect("hit");
+            assert_eq!(sf.kva().read_u64(0).expect("read"), stamp(p), "frame {}", p.pfn().0);
+        }
+    }
+    let s = pool.stats();
+    assert_eq!((s.misses, s.hits, s.mmu.enters), (5, 10, 5), "every later alloc was a hit: {s}");
+    // Unmap everything; mapped again, each frame still holds its bytes.
+    pool.set_max_excess(0);
+    assert_eq!(pool.stats().mapped, 0);
+    for p in &pages {
+        let sf = pool.alloc(p, Wait::NoWait).expect("miss again");
+        assert_eq!(sf.kva().read_u64(0).expect("read"), stamp(p), "frame {}", p.pfn().0);
+        assert_eq!(sf.kva().read_u64(fs - 8).expect("read"), !stamp(p), "frame {}", p.pfn().0);
+    }
+    let s = pool.stats();
+    assert_eq!((s.misses, s.hits, s.used, s.mapped), (10, 10, 0, 0), "{s}");
+}
+
+/// Two frames whose hints share a way (same bucket, same tag: frames 2^32
+/// apart in a table of 2048 buckets): each hit through the other's hint
+/// finds the wrong key and gives its reference back, and the map serves
+/// it. Every hit returns its own frame's bytes.
+#[test]
+fn frames_that_share_a_hint_hit_their_own_mappings() {
+    let fs = system_page_size();
+    let frames = MAX_REGION_BYTES / fs;
+    let mem = PhysMem::builder().frames(frames).direct_map(false).build().expect("64 TiB PhysMem");
+    let win = Arc::new(Window::builder(&mem).slots(1024).build().expect("Window"));
+    let pool = SfPool::builder(win).max_excess(1024).build().expect("pool");
+    let a = 12_345;
+    let b = pool.hint.twin(a, frames).expect("a frame sharing a's hint");
+    let pages = [mem.alloc_page_at(Pfn(a)).expect("a"), mem.alloc_page_at(Pfn(b)).expect("b")];
+    for p in &pages {
+        pool.alloc(p, Wait::NoWait).expect("miss").kva().write_u64(0, p.pfn().0 as u64).expect("write");
+    }
+    for round in 0..6 {
+        let p = &pages[round % 2];
+        let sf = pool.alloc(p, Wait::NoWait).expect("hit");
+        assert_eq!(sf.kva().read_u64(0).expect("read"), p.pfn().0 as u64, "round {round}");
+        // Held while the other is taken: its hint then names an entry in use.
+        let q = &pages[(round + 1) % 2];
+        let other = pool.alloc(q, Wait::NoWait).expect("hit");
+        assert_eq!(other.kva().read_u64(0).expect("read"), q.pfn().0 as u64, "round {round}");
+    }
+    let s = pool.stats();
+    assert_eq!((s.misses, s.hits, s.mmu.enters, s.used), (2, 12, 2, 0), "{s}");
+}
