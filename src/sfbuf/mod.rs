@@ -407,6 +407,49 @@ pub struct SfPool {
 
 /// A mapping from the pool; dropping it releases it (it stays cached).
 /// `Send` and `Sync`: the address is valid in every thread.
+///
+/// It borrows the pool and its pages, and a view of its bytes borrows it,
+/// so none of them can outlive the mapping. These do not compile:
+///
+/// ```compile_fail,E0597
+/// # use std::sync::Arc;
+/// # use lwbuf::{Backing, ModelMmu, PhysMem, SfPool, Wait};
+/// # let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+/// let pool = SfPool::builder(Arc::new(ModelMmu::new(&mem, 4)?)).build()?;
+/// let buf = {
+///     let page = mem.alloc_page()?;
+///     pool.alloc(&page, Wait::NoWait)? // the page is dropped while mapped
+/// };
+/// drop(buf);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+///
+/// ```compile_fail,E0597
+/// # use std::sync::Arc;
+/// # use lwbuf::{Backing, ModelMmu, PhysMem, SfPool, Wait};
+/// # let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+/// let page = mem.alloc_page()?;
+/// let buf = {
+///     let pool = SfPool::builder(Arc::new(ModelMmu::new(&mem, 4)?)).build()?;
+///     pool.alloc(&page, Wait::NoWait)? // the pool is dropped under the handle
+/// };
+/// drop(buf);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+///
+/// ```compile_fail,E0597
+/// # use std::sync::Arc;
+/// # use lwbuf::{Backing, ModelMmu, PhysMem, SfPool, Wait};
+/// # let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+/// # let pool = SfPool::builder(Arc::new(ModelMmu::new(&mem, 4)?)).build()?;
+/// let page = mem.alloc_page()?;
+/// let bytes = {
+///     let buf = pool.alloc(&page, Wait::NoWait)?;
+///     buf.kva() // the view outlives the handle
+/// };
+/// bytes.fill(0);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
 #[must_use = "dropping an SfBuf releases its mapping at once"]
 pub struct SfBuf<'a> {
     pool: &'a SfPool,
