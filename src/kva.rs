@@ -4,9 +4,9 @@
 //!
 //! The types carry the rule the kernels learnt the hard way (DragonFly's
 //! resident-count drift, Linux's `kunmap_atomic` race): a slot goes back to a
-//! free list only after its mapping is gone. A [`SlotRun`] is a claim on free
-//! slots; [`KvaSpace::map`] consumes it into a [`Mapping`]; the only way back
-//! to a `SlotRun` is [`KvaSpace::unmap`], which removes the mapping first.
+//! free list only after its mapping is gone. A `SlotRun` is a claim on free
+//! slots; `KvaSpace::map` consumes it into a `Mapping`; the only way back
+//! to a `SlotRun` is `KvaSpace::unmap`, which removes the mapping first.
 
 use std::ptr::NonNull;
 use std::sync::Arc;

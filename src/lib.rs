@@ -1,47 +1,81 @@
-//! Lightweight page mappings for userspace.
+//! Lightweight page mappings for userspace: the kernel's `lwbuf`
+//! (DragonFly BSD), `sf_buf` (FreeBSD/DragonFly) and `kmap_local` (Linux),
+//! over a memfd and a reserved window of address space.
 //!
 //! "Physical pages" are frames of a memfd ([`PhysMem`], [`Page`]); the
 //! "kernel address space" is a reserved `PROT_NONE` window ([`Window`]);
 //! mapping a page is an `mmap(MAP_SHARED | MAP_FIXED)` of one frame into one
 //! slot of the window, and in a multi-threaded process every unmap is a TLB
-//! shootdown costing tens of microseconds. The caches above the [`Mmu`] seam
-//! hand out mappings in nanoseconds instead.
+//! shootdown costing microseconds. The caches hand out mappings in
+//! nanoseconds instead: per-CPU [`Lwbufs`] for threads bound to CPUs, and
+//! the shared [`SfPool`] for everyone else.
 //!
 //! ```
-//! use lwbuf::{Mmu, PhysMem, Pfn, Slot, Window};
+//! use std::sync::Arc;
+//! use lwbuf::{Lwbufs, PhysMem, SfPool, Wait, Window};
 //!
-//! let mem = PhysMem::builder().frames(256).build()?;    // a sparse memfd
-//! let page = mem.alloc_page()?;                          // a frame, held
-//! page.direct()?.write_at(0, b"frame bytes")?;           // via the direct map
+//! let mem = PhysMem::builder().frames(1024).build()?;   // 4 MiB of sparse "RAM"
+//! let page = mem.alloc_page()?;                         // a held frame
 //!
-//! let win = Window::builder(&mem).slots(64).build()?;    // PROT_NONE reservation
-//! // SAFETY: slot 5 is free and nothing refers to it.
-//! let addr = unsafe { win.enter(Slot(5), page.pfn(), 1)? };
-//! let mut buf = [0u8; 11];
-//! // SAFETY: slot 5 maps the page's frame, 4 KiB of readable bytes.
-//! unsafe { std::ptr::copy_nonoverlapping(addr.as_ptr(), buf.as_mut_ptr(), 11) };
-//! assert_eq!(&buf, b"frame bytes");
-//! // SAFETY: nothing refers to slot 5 any more.
-//! unsafe { win.remove(Slot(5), 1)? };
+//! // Per-CPU caches: bind the thread to a CPU, map, use, drop (stays cached).
+//! let lw = Lwbufs::builder(Arc::new(Window::builder(&mem).slots(64).build()?)).cpus(4).build()?;
+//! let cpu = lw.bind(0)?;
+//! let buf = lw.alloc(&page)?;                           // a miss: one mmap
+//! buf.kva()?.write_at(0, b"hello")?;
+//! drop(buf);
+//! let again = lw.alloc(&page)?;                         // a hit: no system call
+//! let mut b = [0u8; 5];
+//! again.kva()?.read_at(0, &mut b)?;
+//! assert_eq!(&b, b"hello");
+//! drop((again, cpu));
+//!
+//! // The shared pool: no binding; wait, or not, when the window is full.
+//! let pool = SfPool::builder(Arc::new(Window::builder(&mem).slots(64).build()?)).build()?;
+//! let sf = pool.alloc(&page, Wait::NoWait)?;
+//! assert_eq!(sf.kva().read_u64(0)?, u64::from_ne_bytes(*b"hello\0\0\0"));
 //! # Ok::<(), lwbuf::Error>(())
 //! ```
+//!
+//! # Layers, and where each argument lives
+//!
+//! Data flows down; nothing points up. Each layer's module documentation
+//! holds the argument for what it promises.
+//!
+//! - [`sendfile`]: a page-cache file and every way of sending a byte range
+//!   of it to a socket, through the caches or not.
+//! - [`lwbuf`](mod@lwbuf): the per-CPU caches; the passive-IPI release
+//!   protocol. [`cpu`]: CPU ids, masks, binding; [`cpu::owned`] argues why
+//!   an owner may enter its CPU's cache with no atomic read-modify-write.
+//! - [`sfbuf`]: the shared pool; the proof that a lock-free hit never sees
+//!   a slot unmapped or remapped, and of pinned hits; [`sfbuf::wait`] the
+//!   argument that no wake-up is lost.
+//! - [`kva`]: one window's slot allocator; its types make "unmap before the
+//!   slot is reused" the only possible order.
+//! - [`mmu`]: the seam: the real [`Window`] and the [`ModelMmu`] that makes
+//!   no system call (loom models and simulations run on it).
+//! - [`phys`]: the memfd "RAM", its frame allocator, the direct map.
+//! - [`Kaddr`]: the memory model of shared bytes (what a reader sees while
+//!   a writer runs: whole words, never undefined behaviour).
+//!
+//! The loom models of every protocol are in `loom-tests/`; each has a
+//! mutant twin that must fail.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 mod counter;
-mod cpu;
+pub mod cpu;
 mod error;
 mod extent;
 mod hash;
 mod kaddr;
-mod kva;
+pub mod kva;
 mod lru;
-mod lwbuf;
-mod mmu;
-mod phys;
+pub mod lwbuf;
+pub mod mmu;
+pub mod phys;
 pub mod sendfile;
-mod sfbuf;
+pub mod sfbuf;
 mod sync;
 
 pub use cpu::{pin_to_core, CpuMask, INLINE_CPUS, MAX_BINDINGS_PER_THREAD};

@@ -7,7 +7,7 @@
 mod bind;
 mod mailbox;
 mod mask;
-mod owned;
+pub mod owned;
 
 use crate::error::{Error, Result};
 pub use bind::MAX_BINDINGS_PER_THREAD;

@@ -1,4 +1,4 @@
-//! [`Owned`]: per-CPU state that its owner enters without atomic
+//! `Owned`: per-CPU state that its owner enters without atomic
 //! read-modify-write instructions, and that others may *steal* (take over
 //! briefly) when the owner is idle or gone.
 //!

@@ -125,7 +125,7 @@ mod hint;
 mod stats;
 #[cfg(all(test, not(loom)))]
 mod tests;
-mod wait;
+pub mod wait;
 
 pub use stats::SfStats;
 pub use wait::{CancelToken, Wait};
