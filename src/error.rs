@@ -72,13 +72,17 @@ pub enum Error {
     /// use; returned at once.
     WouldBlock,
     /// A [`Wait::Timeout`](crate::Wait::Timeout) request ran out of time
-    /// before a release made room.
+    /// before a release made room (`Duration::ZERO`: after one attempt,
+    /// without sleeping; a duration the clock cannot hold, such as
+    /// `Duration::MAX`, is no limit).
     TimedOut,
     /// A [`Wait::Cancel`](crate::Wait::Cancel) request's token was
     /// cancelled (at once if it already was).
     Cancelled,
-    /// The pool is closed ([`SfPool::close`](crate::SfPool::close)); waiters
-    /// sleeping at the moment of the close get it too.
+    /// The pool is closed ([`SfPool::close`](crate::SfPool::close)): every
+    /// allocation after the close, hit or miss, with any [`Wait`](crate::Wait),
+    /// and the waiters sleeping at the moment of the close. Handles already
+    /// held stay valid and release normally.
     Closed,
     /// A [`Page`](crate::Page) of one `PhysMem` was handed to a cache (or
     /// source) over another.
