@@ -77,6 +77,7 @@ pub mod phys;
 pub mod sendfile;
 pub mod sfbuf;
 mod sync;
+mod sys;
 
 pub use cpu::{pin_to_core, CpuMask, INLINE_CPUS, MAX_BINDINGS_PER_THREAD};
 pub use error::{Error, Inconsistency, Result};

@@ -118,6 +118,84 @@ pub(crate) mod env {
     pub(crate) const HINTS_EXACT: bool = true;
 }
 
+/// The asymmetric barrier pair: the *light* side (a compiler barrier) is
+/// for hot paths, the *heavy* side (`membarrier(PRIVATE_EXPEDITED)`: every
+/// running thread of the process executes a full memory barrier) for rare
+/// ones, and together they order a store before a load on both sides as two
+/// `SeqCst` fences would. Used by the per-CPU owner/stealer handshake
+/// (`cpu::owned`) and the sf_buf pool's pins. Where the kernel lacks
+/// `membarrier`, both sides are `SeqCst` fences.
+///
+/// Under Miri both sides are `SeqCst` fences too: Miri cannot run the system
+/// call, and could not model it if it did (a compiler barrier paired with a
+/// barrier the kernel forces on other threads lies outside the language's
+/// memory model, where the light side is no fence at all). Two `SeqCst`
+/// fences are sound within the model, so Miri checks everything built on
+/// the pair as a kernel without `membarrier` runs it. Under loom likewise:
+/// the models check the store-buffering argument the real pair implements.
+#[cfg(not(loom))]
+pub(crate) mod barrier {
+    use std::sync::atomic::{compiler_fence, fence, AtomicU8, Ordering};
+
+    /// 0: not yet tried, 1: membarrier registered, 2: unavailable.
+    static STATE: AtomicU8 = AtomicU8::new(0);
+
+    /// Register the process for expedited membarriers (once).
+    pub(crate) fn init() {
+        if STATE.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let ok = !cfg!(miri) && crate::sys::membarrier_register().is_ok();
+        STATE.store(if ok { 1 } else { 2 }, Ordering::Release);
+    }
+
+    #[inline]
+    fn registered() -> bool {
+        STATE.load(Ordering::Relaxed) == 1
+    }
+
+    /// The light side: a compiler barrier when the heavy side can force a
+    /// full barrier on us, else a full fence.
+    #[inline]
+    pub(crate) fn light() {
+        if registered() {
+            compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    /// The heavy side: a full barrier here and in every running thread.
+    pub(crate) fn heavy() {
+        if registered() {
+            // The light sides rely on it (they issue only a compiler
+            // barrier), so a failure after a successful registration cannot
+            // be papered over.
+            if let Err(e) = crate::sys::membarrier() {
+                panic!("membarrier(PRIVATE_EXPEDITED) failed after registration: {e}");
+            }
+        } else {
+            fence(Ordering::SeqCst);
+        }
+    }
+}
+
+/// Under loom both sides are full fences (see above).
+#[cfg(loom)]
+pub(crate) mod barrier {
+    use super::{fence, Ordering};
+
+    pub(crate) fn init() {}
+
+    pub(crate) fn light() {
+        fence(Ordering::SeqCst);
+    }
+
+    pub(crate) fn heavy() {
+        fence(Ordering::SeqCst);
+    }
+}
+
 /// The concurrent map of the sf_buf pool: dashmap normally; under loom a
 /// mutex around a `HashMap`, because dashmap's own locks are invisible to
 /// loom (and would spin forever in a model). Every closure runs under the

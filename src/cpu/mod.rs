@@ -9,14 +9,14 @@ mod mailbox;
 mod mask;
 pub mod owned;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 pub use bind::MAX_BINDINGS_PER_THREAD;
 
 pub(crate) use bind::{bind, current, table_id, unbind, BindTable};
 pub(crate) use mailbox::Mailbox;
 pub(crate) use mask::Others;
 pub use mask::{CpuMask, INLINE_CPUS};
-pub(crate) use owned::{barrier, Owned, OwnerGuard, StealGuard};
+pub(crate) use owned::{Owned, OwnerGuard, StealGuard};
 
 /// Pin the calling thread to the `cpu % n`-th of the `n` cores it may run
 /// on now (its affinity mask), and return that core's id. One system call to
@@ -29,19 +29,6 @@ pub fn pin_to_core(cpu: usize) -> Result<usize> {
     }
     #[cfg(not(loom))]
     {
-        use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
-        use nix::unistd::Pid;
-
-        let me = Pid::from_raw(0);
-        let allowed = sched_getaffinity(me).map_err(|e| Error::sys("sched_getaffinity", e))?;
-        let cores: Vec<usize> = (0..CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false)).collect();
-        // The kernel never reports an empty mask for a running thread.
-        let core = *cores
-            .get(cpu % cores.len().max(1))
-            .ok_or_else(|| Error::sys("sched_getaffinity", nix::errno::Errno::EINVAL))?;
-        let mut set = CpuSet::new();
-        set.set(core).map_err(|e| Error::sys("sched_setaffinity", e))?;
-        sched_setaffinity(me, &set).map_err(|e| Error::sys("sched_setaffinity", e))?;
-        Ok(core)
+        crate::sys::pin_to_nth_core(cpu).map_err(|(op, e)| crate::error::Error::sys(op, e))
     }
 }

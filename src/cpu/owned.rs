@@ -27,6 +27,9 @@
 use std::ops::{Deref, DerefMut};
 
 #[cfg(not(loom))]
+use crate::sync::barrier;
+
+#[cfg(not(loom))]
 use crate::sync::{lock, try_lock, AtomicBool, Mutex, MutexGuard, Ordering, UnsafeCell};
 #[cfg(loom)]
 use crate::sync::{lock, try_lock, Mutex, MutexGuard};
@@ -221,77 +224,3 @@ macro_rules! deref_guard {
 }
 deref_guard!(OwnerGuard);
 deref_guard!(StealGuard);
-
-/// The asymmetric barrier pair (also used by the sf_buf pool's pins).
-#[cfg(not(loom))]
-pub(crate) mod barrier {
-    use std::sync::atomic::{compiler_fence, fence, AtomicU8, Ordering};
-
-    const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
-    const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
-
-    /// 0: not yet tried, 1: membarrier registered, 2: unavailable.
-    static STATE: AtomicU8 = AtomicU8::new(0);
-
-    /// Register the process for expedited membarriers (once).
-    pub(crate) fn init() {
-        if STATE.load(Ordering::Acquire) != 0 {
-            return;
-        }
-        // SAFETY: membarrier takes (cmd, flags, cpu_id) integers and
-        // touches no memory of ours.
-        let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) };
-        STATE.store(if r == 0 { 1 } else { 2 }, Ordering::Release);
-    }
-
-    #[inline]
-    fn registered() -> bool {
-        STATE.load(Ordering::Relaxed) == 1
-    }
-
-    /// The owner's side: a compiler barrier when the stealer can force a
-    /// full barrier on us, else a full fence.
-    #[inline]
-    pub(crate) fn light() {
-        if registered() {
-            compiler_fence(Ordering::SeqCst);
-        } else {
-            fence(Ordering::SeqCst);
-        }
-    }
-
-    /// The stealer's side: a full barrier here and in every running thread.
-    pub(crate) fn heavy() {
-        if registered() {
-            // SAFETY: as in `init`.
-            let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };
-            // Owners rely on it (they issue only a compiler barrier), so a
-            // failure after a successful registration cannot be papered over.
-            assert_eq!(
-                r,
-                0,
-                "membarrier(PRIVATE_EXPEDITED) failed after registration: {}",
-                std::io::Error::last_os_error()
-            );
-        } else {
-            fence(Ordering::SeqCst);
-        }
-    }
-}
-
-/// Under loom both sides are full fences: the models check the
-/// store-buffering argument the real pair implements.
-#[cfg(loom)]
-pub(crate) mod barrier {
-    use crate::sync::{fence, Ordering};
-
-    pub(crate) fn init() {}
-
-    pub(crate) fn light() {
-        fence(Ordering::SeqCst);
-    }
-
-    pub(crate) fn heavy() {
-        fence(Ordering::SeqCst);
-    }
-}

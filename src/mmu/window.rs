@@ -1,17 +1,14 @@
 //! The real window: a reserved `PROT_NONE` region of the process's address
 //! space into which frames of the memfd are mapped with `MAP_FIXED`.
 
-use std::ffi::c_void;
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
-use nix::errno::Errno;
-use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
-
 use super::{Mmu, MmuStats, Slot, SlotTable};
 use crate::error::{Error, Result};
 use crate::phys::{Backing, Pfn, PhysMem, MAX_REGION_BYTES};
+use crate::sys::{self, Errno};
 
 /// Builds a [`Window`]. See [`Window::builder`].
 #[derive(Debug)]
@@ -51,14 +48,10 @@ impl WindowBuilder {
             )
         })?;
         let nz = NonZeroUsize::new(len).expect("len > 0");
-        // SAFETY: an anonymous PROT_NONE mapping at an address the kernel
-        // chooses cannot clobber anything.
-        let base =
-            unsafe { mmap_anonymous(None, nz, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE) }
-                .map_err(|e| Error::sys("mmap(reserve window)", e))?;
+        let base = sys::reserve(nz).map_err(|e| Error::sys("mmap(reserve window)", e))?;
         let table = SlotTable::new(self.slots, self.phys.frames());
         table.syscall();
-        Ok(Window { phys: self.phys, base: base.cast(), slot_size, len, table })
+        Ok(Window { phys: self.phys, base, slot_size, len, table })
     }
 }
 
@@ -130,20 +123,14 @@ impl Window {
     }
 
     /// Restore a `PROT_NONE` reservation over `len` bytes at `addr`.
-    fn reserve_at(&self, addr: NonNull<u8>, len: usize, flags: MapFlags) -> nix::Result<()> {
+    ///
+    /// # Safety
+    /// As [`sys::reserve_at`]: the slots are the caller's and unused.
+    unsafe fn reserve_at(&self, addr: NonNull<u8>, len: usize) -> Result<(), Errno> {
         self.table.syscall();
-        // SAFETY: `addr..addr+len` lies inside our window and its caller owns
-        // those slots (or, with NOREPLACE, the kernel refuses if anyone else
-        // has mapped there).
-        unsafe {
-            mmap_anonymous(
-                Some(NonZeroUsize::new(addr.as_ptr() as usize).expect("non-null")),
-                NonZeroUsize::new(len).expect("len > 0"),
-                ProtFlags::PROT_NONE,
-                flags | MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
-            )
-        }
-        .map(|_| ())
+        // SAFETY: `addr..addr+len` lies inside our window and the caller
+        // owns those slots and does not use them (contract).
+        unsafe { sys::reserve_at(addr, NonZeroUsize::new(len).expect("len > 0"), false) }
     }
 }
 
@@ -169,11 +156,11 @@ impl Mmu for Window {
         self.table.check(slot, Some(pfn), count)?;
         let fd = self.phys.memfd().expect("window PhysMem is memfd-backed");
         let addr = self.addr(slot);
-        let len = count * self.slot_size;
+        let len = NonZeroUsize::new(count * self.slot_size).expect("count > 0");
         let offset = (pfn.0 * self.slot_size) as i64;
         // A slot whose reservation was lost must not be mapped with plain
         // MAP_FIXED: another mmap of the process may have landed there.
-        let fixed = if self.table.any_hole(slot, count) { MapFlags::MAP_FIXED_NOREPLACE } else { MapFlags::MAP_FIXED };
+        let noreplace = self.table.any_hole(slot, count);
         // Never map over a live slot: MAP_FIXED would silently replace it.
         self.table.reserve(slot, count)?;
         self.table.syscall();
@@ -181,28 +168,10 @@ impl Mmu for Window {
         // slots (method contract) and `reserve` found nothing entered in
         // them, so MAP_FIXED replaces only our own PROT_NONE reservation;
         // holes use MAP_FIXED_NOREPLACE instead.
-        let r = unsafe {
-            mmap(
-                Some(NonZeroUsize::new(addr.as_ptr() as usize).expect("non-null")),
-                NonZeroUsize::new(len).expect("count > 0"),
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED | fixed,
-                fd,
-                offset,
-            )
-        };
-        match r {
-            Ok(p) if p.cast::<u8>() == addr => {
+        match unsafe { sys::map_shared_at(addr, len, fd, offset, noreplace) } {
+            Ok(()) => {
                 self.table.entered(slot, pfn, count);
                 Ok(addr)
-            }
-            Ok(p) => {
-                // Kernels before 4.17 treat NOREPLACE as a hint: undo.
-                // SAFETY: `p` is the mapping just made, at an address the
-                // kernel chose; nobody else knows it.
-                let _ = unsafe { munmap(p, len) };
-                self.table.unreserve(slot, count);
-                Err(Error::sys("mmap(enter)", Errno::EEXIST))
             }
             Err(e) => {
                 self.table.unreserve(slot, count);
@@ -215,7 +184,9 @@ impl Mmu for Window {
         self.table.check(slot, None, count)?;
         let addr = self.addr(slot);
         let len = count * self.slot_size;
-        match self.reserve_at(addr, len, MapFlags::MAP_FIXED) {
+        // SAFETY: the caller owns these slots and nothing accesses them
+        // (method contract).
+        match unsafe { self.reserve_at(addr, len) } {
             Ok(()) => {
                 self.table.removed(slot, count, false);
                 Ok(())
@@ -228,7 +199,7 @@ impl Mmu for Window {
                 self.table.syscall();
                 // SAFETY: the caller owns these slots and promises nothing
                 // accesses them (method contract).
-                unsafe { munmap(addr.cast::<c_void>(), len) }.map_err(|e| Error::sys("munmap(remove)", e))?;
+                unsafe { sys::unmap(addr, len) }.map_err(|e| Error::sys("munmap(remove)", e))?;
                 // Leave a hole: restoring the reservation here would take
                 // the one VMA the munmap just freed, and the caller unmapped
                 // precisely to make room for its next mapping (on 6.18 every
@@ -274,7 +245,7 @@ impl Drop for Window {
             // SAFETY: the window is being dropped, so no handle can refer to
             // any slot (handles borrow the cache that borrows the window), and
             // the segment is ours.
-            let _ = unsafe { munmap(addr.cast::<c_void>(), (i - start) * self.slot_size) };
+            let _ = unsafe { sys::unmap(addr, (i - start) * self.slot_size) };
         }
     }
 }

@@ -11,10 +11,6 @@ use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
-use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use std::os::fd::AsRawFd;
-
 use crate::error::{Error, Result};
 use crate::extent::{ExtentStats, Extents};
 use crate::kaddr::Kaddr;
@@ -31,10 +27,7 @@ pub const MAX_REGION_BYTES: usize = 1 << 46;
 /// The system page size (what `sysconf(_SC_PAGESIZE)` reports).
 pub fn system_page_size() -> usize {
     static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SIZE.get_or_init(|| match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
-        Ok(Some(n)) if n > 0 => n as usize,
-        _ => 4096,
-    })
+    *SIZE.get_or_init(crate::sys::page_size)
 }
 
 /// Where the frames live.
@@ -149,17 +142,8 @@ unsafe impl Sync for Store {}
 impl Store {
     fn memfd(name: &str, bytes: usize, direct_map: bool) -> Result<Store> {
         let cname = CString::new(name).map_err(|_| Error::config("name", "contains a NUL byte"))?;
-        let fd = memfd_create(&cname, MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)
-            .map_err(|e| Error::sys("memfd_create", e))?;
         let len = i64::try_from(bytes).map_err(|_| Error::config("frames", "size overflows off_t"))?;
-        nix::unistd::ftruncate(&fd, len).map_err(|e| Error::sys("ftruncate", e))?;
-        // Sealed against shrinking, so no mapping can ever SIGBUS from a
-        // truncation; and against growing, so the size stays what it says.
-        fcntl(
-            fd.as_raw_fd(),
-            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL),
-        )
-        .map_err(|e| Error::sys("fcntl(F_ADD_SEALS)", e))?;
+        let fd = crate::sys::sealed_memfd(&cname, len).map_err(|(op, e)| Error::sys(op, e))?;
         let dmap = if direct_map {
             Some(
                 memmap2::MmapOptions::new()

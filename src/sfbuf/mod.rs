@@ -137,7 +137,6 @@ use hint::{Hint, Hints};
 use wait::{Outcome, WaitQueue};
 
 use crate::counter::Striped;
-use crate::cpu::barrier;
 use crate::error::{Error, Result};
 use crate::kaddr::Kaddr;
 use crate::kva::{Hold, KvaSpace, MapKey, Mapping, SlotRun};
@@ -145,8 +144,8 @@ use crate::lru::Lru;
 use crate::mmu::Mmu;
 use crate::phys::{Page, Pfn};
 use crate::sync::{
-    fence, lock, Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering,
-    UnsafeCell,
+    barrier, fence, lock, Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex,
+    Ordering, UnsafeCell,
 };
 
 // === entry state ===
