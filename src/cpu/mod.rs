@@ -21,7 +21,7 @@ pub(crate) use owned::{Owned, OwnerGuard, StealGuard};
 /// Pin the calling thread to the `cpu % n`-th of the `n` cores it may run
 /// on now (its affinity mask), and return that core's id. One system call to
 /// read the mask and one to set it; do it once per thread. Errors: the
-/// kernel's, as [`Error::Sys`] (`sched_getaffinity` / `sched_setaffinity`).
+/// kernel's, as [`Error::Sys`](crate::Error::Sys) (`sched_getaffinity` / `sched_setaffinity`).
 pub fn pin_to_core(cpu: usize) -> Result<usize> {
     #[cfg(loom)]
     {

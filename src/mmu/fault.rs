@@ -6,7 +6,7 @@ use std::fmt;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use super::{Mmu, MmuStats, Slot};
+use super::{Mmu, Slot};
 use crate::error::{Error, Result};
 use crate::phys::{Pfn, PhysMem};
 use crate::sync::{lock, AtomicU64, Mutex, Ordering};
@@ -96,7 +96,7 @@ pub struct FaultStats {
 /// `"mmap(remove)"`), and does *not* reach the inner MMU: a failed enter
 /// maps nothing, a failed remove leaves the mapping in place, as the kernel
 /// would. Every other call, and every other method, is passed through; the
-/// inner MMU's [`MmuStats`] therefore count only the calls it performed,
+/// inner MMU's [`MmuStats`](super::MmuStats) therefore count only the calls it performed,
 /// while [`FaultyMmu::fault_stats`] counts them all. No system call of its
 /// own; a mutex per call, so it is for tests, not for benchmarks.
 ///
@@ -181,23 +181,16 @@ impl FaultyMmu {
 }
 
 impl super::sealed::Sealed for FaultyMmu {
-    // The claim is the wrapped window's: a cache over the wrapper and one
-    // over the window itself would hand out the same slots.
-    fn claim(&self) -> Result<()> {
-        self.inner.claim()
-    }
-    fn unclaim(&self) {
-        self.inner.unclaim();
+    // The wrapped window's table, and so its claim: a cache over the
+    // wrapper and one over the window itself would hand out the same slots.
+    fn table(&self) -> &super::SlotTable {
+        self.inner.table()
     }
 }
 
 impl Mmu for FaultyMmu {
     fn phys(&self) -> &PhysMem {
         self.inner.phys()
-    }
-
-    fn capacity(&self) -> usize {
-        self.inner.capacity()
     }
 
     fn slot_size(&self) -> usize {
@@ -225,16 +218,8 @@ impl Mmu for FaultyMmu {
         unsafe { self.inner.remove(slot, count) }
     }
 
-    fn translate(&self, slot: Slot) -> Option<Pfn> {
-        self.inner.translate(slot)
-    }
-
     fn kva(&self, slot: Slot) -> Option<NonNull<u8>> {
         self.inner.kva(slot)
-    }
-
-    fn stats(&self) -> MmuStats {
-        self.inner.stats()
     }
 }
 

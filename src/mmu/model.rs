@@ -4,7 +4,7 @@
 use std::fmt;
 use std::ptr::NonNull;
 
-use super::{Mmu, MmuStats, Slot, SlotTable};
+use super::{Mmu, Slot, SlotTable};
 use crate::error::{Error, Result};
 use crate::phys::{Pfn, PhysMem};
 
@@ -54,21 +54,14 @@ impl ModelMmu {
 }
 
 impl super::sealed::Sealed for ModelMmu {
-    fn claim(&self) -> Result<()> {
-        self.table.claim()
-    }
-    fn unclaim(&self) {
-        self.table.unclaim();
+    fn table(&self) -> &SlotTable {
+        &self.table
     }
 }
 
 impl Mmu for ModelMmu {
     fn phys(&self) -> &PhysMem {
         &self.phys
-    }
-
-    fn capacity(&self) -> usize {
-        self.table.capacity()
     }
 
     unsafe fn enter(&self, slot: Slot, pfn: Pfn, count: usize) -> Result<NonNull<u8>> {
@@ -86,16 +79,8 @@ impl Mmu for ModelMmu {
         Ok(())
     }
 
-    fn translate(&self, slot: Slot) -> Option<Pfn> {
-        self.table.translate(slot)
-    }
-
     fn kva(&self, slot: Slot) -> Option<NonNull<u8>> {
         self.phys.direct_ptr(self.table.translate(slot)?)
-    }
-
-    fn stats(&self) -> MmuStats {
-        self.table.stats()
     }
 }
 

@@ -5,7 +5,7 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
-use super::{Mmu, MmuStats, Slot, SlotTable};
+use super::{Mmu, Slot, SlotTable};
 use crate::error::{Error, Result};
 use crate::phys::{Backing, Pfn, PhysMem, MAX_REGION_BYTES};
 use crate::sys::{self, Errno};
@@ -135,21 +135,14 @@ impl Window {
 }
 
 impl super::sealed::Sealed for Window {
-    fn claim(&self) -> Result<()> {
-        self.table.claim()
-    }
-    fn unclaim(&self) {
-        self.table.unclaim();
+    fn table(&self) -> &SlotTable {
+        &self.table
     }
 }
 
 impl Mmu for Window {
     fn phys(&self) -> &PhysMem {
         &self.phys
-    }
-
-    fn capacity(&self) -> usize {
-        self.table.capacity()
     }
 
     unsafe fn enter(&self, slot: Slot, pfn: Pfn, count: usize) -> Result<NonNull<u8>> {
@@ -213,16 +206,8 @@ impl Mmu for Window {
         }
     }
 
-    fn translate(&self, slot: Slot) -> Option<Pfn> {
-        self.table.translate(slot)
-    }
-
     fn kva(&self, slot: Slot) -> Option<NonNull<u8>> {
         self.table.translate(slot).map(|_| self.addr(slot))
-    }
-
-    fn stats(&self) -> MmuStats {
-        self.table.stats()
     }
 }
 
