@@ -56,7 +56,7 @@ mod zerocopy;
 
 use std::time::Duration;
 
-pub use cache::{CacheStats, LwbufMapping, LwbufSource, SfBufSource, SfMapping};
+pub use cache::{CacheStats, CachedMapping, LwbufMapping, LwbufSource, SfBufSource, SfMapping};
 pub use conn::{Connection, Mode, Sender, WorkerGuard};
 pub use engine::{send_copy, send_mapped};
 pub use file::{FileRun, PageFile, PageFileBuilder, Runs};
