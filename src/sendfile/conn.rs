@@ -177,7 +177,7 @@ impl FromStr for Mode {
 ///
 /// let mem = PhysMem::builder().frames(64).build()?;
 /// let file = PageFile::pattern(&mem, 40_000, 7)?;
-/// let opts = SendOptions { cpus: Some(2), ..SendOptions::default() };
+/// let opts = SendOptions::default().cpus(Some(2));
 /// let sender = Sender::new(Mode::LwbufRun, &mem, opts)?;
 /// let worker = sender.bind_worker(0, false)?; // this thread is CPU 0 of the caches
 /// let (a, mut b) = UnixStream::pair()?;
