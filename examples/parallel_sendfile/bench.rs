@@ -27,6 +27,21 @@ use crate::report::{self, Row};
 use crate::server::{self, Shared, Stats};
 use crate::BenchArgs;
 
+/// Every mode of the library, in the order the table shows them: kernel
+/// sendfile first (every ratio is taken to it), then the baselines without
+/// a cache (copy, a mapping per request), the caches (sf_buf, lwbuf), and
+/// the limits of the mapping-based modes (the direct map, MSG_ZEROCOPY).
+pub const MODES: &[Mode] = &[
+    Mode::Sendfile,
+    Mode::Copy,
+    Mode::MmapPerRequest,
+    Mode::Sfbuf,
+    Mode::Lwbuf,
+    Mode::LwbufRun,
+    Mode::DirectMap,
+    Mode::ZeroCopy,
+];
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -667,6 +682,15 @@ mod tests {
             }
             std::fs::remove_dir_all(&dir).ok();
         }
+    }
+
+    #[test]
+    fn the_table_shows_every_mode_once() {
+        let mut ours: Vec<&str> = MODES.iter().map(|m| m.name()).collect();
+        let mut all: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
+        ours.sort_unstable();
+        all.sort_unstable();
+        assert_eq!(ours, all, "bench::MODES lists every mode of the library once");
     }
 
     #[test]

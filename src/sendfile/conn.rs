@@ -1,10 +1,9 @@
-//! [`Mode`], [`Sender`] (per server: the mode and what it maps with) and
+//! [`Sender`] (per server: the mode and what it maps with) and
 //! [`Connection`] (per socket: the holds a mode keeps between requests).
 
 use std::fmt;
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use super::cache::{CacheStats, LwbufSource, SfBufSource};
 use super::engine::{send_all, send_copy, send_mapped, Out};
 use super::file::PageFile;
 use super::kernel::SendfileHolds;
+use super::mode::Mode;
 use super::source::{DirectMapSource, MapSource, WindowSource};
 use super::zerocopy::{ZeroCopy, ZeroCopyStats};
 use super::{SendOptions, SendStats};
@@ -19,114 +19,6 @@ use crate::error::{Error, Result};
 use crate::lwbuf::CpuGuard;
 use crate::mmu::{Mmu, MmuStats};
 use crate::phys::{Backing, PhysMem};
-
-/// How a byte range of a [`PageFile`] gets to a socket.
-///
-/// More modes may join; match with a wildcard arm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Mode {
-    /// Kernel `sendfile(2)` from the memfd: no mapping, no copy in user
-    /// space; pages go to the socket by reference and stay held until the
-    /// data has left ([`SendfileHolds`]).
-    Sendfile,
-    /// The classic read/write server: copy into a user buffer (from the
-    /// direct map) and `send` it.
-    Copy,
-    /// Map every page (a run per `mmap`) into a window for each request,
-    /// `writev`, unmap: the no-cache baseline; 2 mapping system calls per run.
-    MmapPerRequest,
-    /// `writev` straight from the direct map: the physical limit of the
-    /// mapping-based modes; no mapping system call.
-    DirectMap,
-    /// `sendmsg(MSG_ZEROCOPY)` from the direct map, pages and mappings held
-    /// until the completion notification ([`ZeroCopy`]).
-    ZeroCopy,
-    /// `writev` from mappings of a shared sf_buf pool ([`SfBufSource`]):
-    /// runs of up to [`SendOptions::max_run`] pages, cached after the send;
-    /// a hit makes no system call. A request sleeps for room only while it
-    /// holds no mapping.
-    Sfbuf,
-    /// `writev` from the per-CPU lwbuf caches ([`LwbufSource`]), one mapping
-    /// per page, made and released on the worker's own CPU; a hit makes no
-    /// system call.
-    Lwbuf,
-    /// As [`Mode::Lwbuf`], but contiguous frames are mapped as runs of up to
-    /// [`SendOptions::max_run`] pages: one `mmap` per run, one cache entry.
-    LwbufRun,
-}
-
-impl Mode {
-    /// Every mode, in the order the benchmarks show them.
-    pub const ALL: &'static [Mode] = &[
-        Mode::Sendfile,
-        Mode::Copy,
-        Mode::MmapPerRequest,
-        Mode::Sfbuf,
-        Mode::Lwbuf,
-        Mode::LwbufRun,
-        Mode::DirectMap,
-        Mode::ZeroCopy,
-    ];
-
-    /// The short name (`sendfile`, `copy`, `mmap`, `sfbuf`, `lwbuf`,
-    /// `lwbuf-run`, `direct`, `zerocopy`), which [`FromStr`] accepts.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Sendfile => "sendfile",
-            Mode::Copy => "copy",
-            Mode::MmapPerRequest => "mmap",
-            Mode::DirectMap => "direct",
-            Mode::ZeroCopy => "zerocopy",
-            Mode::Sfbuf => "sfbuf",
-            Mode::Lwbuf => "lwbuf",
-            Mode::LwbufRun => "lwbuf-run",
-        }
-    }
-
-    /// Whether the mode maps through a window of its own (and so makes
-    /// mapping system calls that [`Sender::mmu_stats`] counts).
-    pub fn uses_window(self) -> bool {
-        matches!(self, Mode::MmapPerRequest | Mode::Sfbuf | Mode::Lwbuf | Mode::LwbufRun)
-    }
-
-    /// Whether the mode keeps mappings cached between requests (and so has
-    /// [`Sender::cache_stats`]).
-    pub fn caches_mappings(self) -> bool {
-        matches!(self, Mode::Sfbuf | Mode::Lwbuf | Mode::LwbufRun)
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Mode {
-    type Err = Error;
-
-    /// A name of [`Mode::name`] or a longer alias (`read-write`,
-    /// `mmap-per-request`, `direct-map`, `msg-zerocopy`, `sf-buf`,
-    /// `lwbuf-runs`), any case, `_` for `-`.
-    fn from_str(s: &str) -> Result<Mode> {
-        let m = match s.to_ascii_lowercase().replace('_', "-").as_str() {
-            "sendfile" | "kernel-sendfile" => Mode::Sendfile,
-            "copy" | "read-write" | "readwrite" => Mode::Copy,
-            "mmap" | "mmap-per-request" | "window" => Mode::MmapPerRequest,
-            "direct" | "direct-map" | "dmap" => Mode::DirectMap,
-            "zerocopy" | "zero-copy" | "msg-zerocopy" => Mode::ZeroCopy,
-            "sfbuf" | "sf-buf" | "sf-bufs" => Mode::Sfbuf,
-            "lwbuf" | "lwbufs" => Mode::Lwbuf,
-            "lwbuf-run" | "lwbuf-runs" | "lwbufrun" => Mode::LwbufRun,
-            _ => {
-                let names: Vec<_> = Mode::ALL.iter().map(|m| m.name()).collect();
-                return Err(Error::config("mode", format!("unknown mode {s:?}; known: {}", names.join(", "))));
-            }
-        };
-        Ok(m)
-    }
-}
 
 // === Sender ===
 
