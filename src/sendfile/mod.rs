@@ -51,19 +51,22 @@ mod file;
 mod kernel;
 mod mode;
 mod pattern;
+mod sender;
 mod source;
 mod sys;
+mod via;
 mod zerocopy;
 
 use std::time::Duration;
 
 pub use cache::{CacheStats, CachedMapping, LwbufMapping, LwbufSource, SfBufSource, SfMapping};
-pub use conn::{Connection, Sender, WorkerGuard};
+pub use conn::Connection;
 pub use engine::{send_copy, send_mapped};
 pub use file::{FileRun, PageFile, PageFileBuilder, Runs};
 pub use kernel::SendfileHolds;
 pub use mode::Mode;
 pub use pattern::Pattern;
+pub use sender::{Sender, WorkerGuard};
 pub use source::{DirectMapSource, DirectMapping, MapSource, Mapped, WindowMapping, WindowSource};
 pub use sys::ignore_sigpipe;
 pub use zerocopy::{ZeroCopy, ZeroCopyStats};
