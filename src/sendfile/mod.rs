@@ -26,6 +26,24 @@
 //! the completion notification. [`Sender`] and [`Connection`] wrap it all:
 //! one `Sender` per server, one `Connection` per socket.
 //!
+//! What each file holds:
+//!
+//! | file | holds |
+//! | --- | --- |
+//! | `mod.rs` | these docs, [`SendOptions`], [`SendStats`] |
+//! | `mode.rs` | [`Mode`]: one table entry per mode (names, aliases, window and cache flags) |
+//! | `via.rs` | what a sender sends with, one variant per mode holding that mode's source: where sources are built and checked, and where a send picks its path |
+//! | `sender.rs` | [`Sender`] (one per server) and [`WorkerGuard`] |
+//! | `conn.rs` | [`Connection`] (one per socket) and the holds it keeps between requests |
+//! | `engine.rs` | the `writev` engine ([`send_mapped`]) and the copy path ([`send_copy`]) |
+//! | `source.rs` | the [`MapSource`] seam, the direct map and per-request window sources |
+//! | `cache.rs` | the cache-backed sources ([`SfBufSource`], [`LwbufSource`]), [`CachedMapping`], [`CacheStats`] |
+//! | `kernel.rs` | `sendfile(2)` and [`SendfileHolds`] |
+//! | `zerocopy.rs` | `MSG_ZEROCOPY` and its completions ([`ZeroCopy`]) |
+//! | `file.rs` | the page-cache stand-in ([`PageFile`]) and its runs |
+//! | `pattern.rs` | [`Pattern`], the verifiable content of generated files (a test and benchmark aid) |
+//! | `sys.rs` | the socket system calls, each behind a safe wrapper |
+//!
 //! ```
 //! use std::io::Read;
 //! use std::os::fd::AsFd;
