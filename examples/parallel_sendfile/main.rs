@@ -17,6 +17,7 @@ mod bench;
 mod client;
 mod fileset;
 mod http;
+mod procstat;
 mod report;
 mod server;
 
