@@ -723,6 +723,23 @@ fn cache_modes_over_the_model_mmu_make_no_system_call() {
 }
 
 #[test]
+fn a_given_window_serves_the_mmap_mode_only() {
+    let mem = PhysMem::builder().frames(64).backing(Backing::Heap).build().expect("heap");
+    let file = PageFile::pattern(&mem, 6 * FS, 99).expect("file");
+    let window = |n| WindowSource::new(Arc::new(ModelMmu::new(&mem, n).expect("model"))).expect("window");
+    let sender = Sender::with_window(Mode::MmapPerRequest, window(8), opts()).expect("sender");
+    assert_eq!(sender.mode(), Mode::MmapPerRequest);
+    let (a, b) = UnixStream::pair().expect("pair");
+    let mut conn = sender.connection(a).expect("conn");
+    send_and_check(&mut conn, &b, &file, 99, 0..6 * FS);
+    nothing_in_use(&sender);
+    for &mode in Mode::ALL.iter().filter(|&&m| m != Mode::MmapPerRequest) {
+        let r = Sender::with_window(mode, window(4), opts());
+        assert!(matches!(r, Err(Error::Config { .. })), "{mode}: a window it would not use");
+    }
+}
+
+#[test]
 fn lwbuf_cache_smaller_than_the_working_set_evicts_and_stays_consistent() {
     // 16 slots per CPU for a 100-page file: every send evicts.
     let mem = PhysMem::builder().frames(512).build().expect("phys");

@@ -10,6 +10,10 @@
 //! "beyond" set every slice gets a new `Sender`: keeping the caches of all
 //! modes mapped at once there would take the process near the
 //! `vm.max_map_count` wall, and a cache that overflows is cold anyway.
+//!
+//! This file runs the slices and measures them; `report.rs` adds a mode's
+//! slices up into its row and prints the table, `procstat.rs` reads how
+//! much CPU time other processes took meanwhile.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -23,9 +27,25 @@ use lwbuf::MmuStats;
 
 use crate::client::{self, Clock, Outcome, Plan, Progress, Target};
 use crate::fileset::FileSet;
-use crate::report::{self, Row};
+use crate::procstat::CpuShare;
+use crate::report::{self, Slice, Sum};
 use crate::server::{self, Shared, Stats};
 use crate::BenchArgs;
+
+/// Every mode of the library, in the order the table shows them: kernel
+/// sendfile first (every ratio is taken to it), then the baselines without
+/// a cache (copy, a mapping per request), the caches (sf_buf, lwbuf), and
+/// the limits of the mapping-based modes (the direct map, MSG_ZEROCOPY).
+pub const MODES: &[Mode] = &[
+    Mode::Sendfile,
+    Mode::Copy,
+    Mode::MmapPerRequest,
+    Mode::Sfbuf,
+    Mode::Lwbuf,
+    Mode::LwbufRun,
+    Mode::DirectMap,
+    Mode::ZeroCopy,
+];
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
@@ -137,16 +157,11 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             rows.push(sum.row(set_name, mode));
         }
     }
-    for set_name in &args.sets {
-        let base = rows.iter().find(|r| &r.set == set_name && r.mode == Mode::Sendfile.name()).map(|r| r.rps);
-        for r in rows.iter_mut().filter(|r| &r.set == set_name) {
-            r.vs_sendfile = base.filter(|b| *b > 0.0).map(|b| r.rps / b);
-        }
-    }
+    report::compare_to_sendfile(&mut rows);
 
     println!();
     print!("{}", report::table(&rows));
-    print_footer(args, &rows, workers);
+    report::print_footer(args, &rows, workers);
     let csv_path = args.csv.clone().unwrap_or_else(default_csv);
     report::write(&csv_path, &report::csv(&rows))?;
     println!("wrote {}", csv_path.display());
@@ -178,157 +193,8 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn print_footer(args: &BenchArgs, rows: &[Row], workers: usize) {
-    let zc: Vec<&Row> = rows.iter().filter(|r| r.zc_copied.is_some()).collect();
-    if !zc.is_empty() {
-        let pct: Vec<String> =
-            zc.iter().map(|r| format!("{}: {:.0}%", r.set, r.zc_copied.unwrap_or(0.0) * 100.0)).collect();
-        println!("zerocopy completions the kernel copied anyway (always on loopback): {}", pct.join(", "));
-    }
-    println!(
-        "GB/s = 10^9 body bytes per second received by the clients; latency = request sent to last byte received; \
-         map sc/req = window mmap/remap system calls per request; cache hit = mapping-cache hits (sfbuf, lwbuf); \
-         all over the measured seconds only (not the warm-ups)."
-    );
-    println!(
-        "Caches: mmap and sfbuf windows of {} MiB; lwbuf windows of {} MiB per CPU ({} CPUs, each caching what it \
-         sends); mappings of up to {} pages (sfbuf, lwbuf-run). Inside: a mode keeps its caches across its {} \
-         slices and is measured once they have not missed for 200 ms and 8 requests per file; beyond: every \
-         slice starts cold.",
-        args.cache_mib,
-        args.cache_mib,
-        workers,
-        args.map_run.max(1),
-        args.rounds
-    );
-    let verified: u64 = rows.iter().map(|r| r.fully_verified).sum();
-    let answered: u64 = rows.iter().map(|r| r.responses).sum();
-    if args.no_verify {
-        println!("Verification: status, length and framing of every response only (--no-verify).");
-    } else if args.verify_every <= 1 {
-        println!("Verification: status, length, framing and every byte of every response.");
-    } else {
-        let others = if args.spot_check {
-            "the first 8 bytes of every 4 KiB page of the others (a page from the wrong frame is caught on every \
-             response)"
-        } else {
-            "the others' bodies dropped unread by the kernel (recv MSG_TRUNC: no copy; --spot-check to read them)"
-        };
-        println!(
-            "Verification: status, length and framing of every response; every byte of {verified} of {answered} \
-             responses ({:.1}%: each connection's first and a random 1 in {}); {others}.",
-            100.0 * verified as f64 / answered.max(1) as f64,
-            args.verify_every
-        );
-    }
-    let other: Vec<f64> = rows.iter().filter_map(|r| r.other_cpu).collect();
-    if !other.is_empty() {
-        let mean = other.iter().sum::<f64>() / other.len() as f64;
-        let (worst, at) = rows
-            .iter()
-            .filter_map(|r| r.other_cpu.map(|o| (o, format!("{}/{}", r.set, r.mode))))
-            .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a });
-        println!(
-            "Other processes used {:.0}% of the CPUs on average during the measured seconds (most: {:.0}%, {at}); \
-             the modes share the machine with them, so compare ratios from several runs.",
-            100.0 * mean,
-            100.0 * worst
-        );
-    }
-}
-
 // === one slice ===
 
-/// What one slice measured (raw sums).
-#[derive(Default)]
-struct Slice {
-    secs: f64,
-    outcomes: Vec<Outcome>,
-    responses: u64,
-    served: u64,
-    calls: u64,
-    waits: u64,
-    map_syscalls: Option<u64>,
-    cache: Option<CacheStats>,
-    zc_completed: u64,
-    zc_copied: u64,
-    cpu: Option<CpuShare>,
-}
-
-/// A mode's slices added up.
-#[derive(Default)]
-struct Sum {
-    s: Slice,
-}
-
-impl Sum {
-    fn add(&mut self, o: Slice) {
-        let s = &mut self.s;
-        s.secs += o.secs;
-        s.outcomes.extend(o.outcomes);
-        s.responses += o.responses;
-        s.served += o.served;
-        s.calls += o.calls;
-        s.waits += o.waits;
-        s.map_syscalls = match (s.map_syscalls, o.map_syscalls) {
-            (Some(a), Some(b)) => Some(a + b),
-            (a, b) => a.or(b),
-        };
-        s.cache = match (s.cache, o.cache) {
-            (Some(a), Some(b)) => Some(a + b),
-            (a, b) => a.or(b),
-        };
-        s.zc_completed += o.zc_completed;
-        s.zc_copied += o.zc_copied;
-        s.cpu = match (s.cpu, o.cpu) {
-            (Some(a), Some(b)) => {
-                Some(CpuShare { all: a.all + b.all, ours: a.ours + b.ours, total: a.total + b.total })
-            }
-            (a, b) => a.or(b),
-        };
-    }
-
-    fn row(self, set: &str, mode: Mode) -> Row {
-        let s = self.s;
-        let secs = s.secs.max(1e-9);
-        let mut lat: Vec<u64> = s.outcomes.iter().flat_map(|o| o.latencies_ns.iter().copied()).collect();
-        lat.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if lat.is_empty() {
-                return 0.0;
-            }
-            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
-            lat[i] as f64 / 1e6
-        };
-        let bytes: u64 = s.outcomes.iter().map(|o| o.bytes).sum();
-        let requests: u64 = s.outcomes.iter().map(|o| o.requests).sum();
-        let served = s.served.max(1) as f64;
-        Row {
-            set: set.to_string(),
-            mode: mode.name().to_string(),
-            secs,
-            bytes,
-            requests,
-            gbps: bytes as f64 / secs / 1e9,
-            rps: requests as f64 / secs,
-            p50_ms: pct(0.50),
-            p99_ms: pct(0.99),
-            map_calls_per_req: s.map_syscalls.map_or(0.0, |n| n as f64 / served),
-            send_calls_per_req: s.calls as f64 / served,
-            hit_rate: s.cache.map(|c| c.hit_rate()),
-            vs_sendfile: None,
-            zc_copied: (mode == Mode::ZeroCopy && s.zc_completed > 0)
-                .then(|| s.zc_copied as f64 / s.zc_completed as f64),
-            errors: s.outcomes.iter().map(|o| o.errors).sum(),
-            verify_failures: s.outcomes.iter().map(|o| o.verify_failures).sum(),
-            fully_verified: s.outcomes.iter().map(|o| o.fully_verified).sum(),
-            responses: s.responses,
-            other_cpu: s.cpu.map(|c| c.other()),
-        }
-    }
-}
-
-/// Server counters at one instant.
 struct Snapshot {
     served: u64,
     calls: u64,
@@ -537,53 +403,6 @@ fn run_slice(
     Ok(slice)
 }
 
-// === CPU time of the machine vs. ours ===
-
-/// Clock ticks of CPU time: busy on the whole machine, used by this
-/// process, and elapsed on all CPUs.
-#[derive(Clone, Copy, Debug)]
-struct CpuShare {
-    all: u64,
-    ours: u64,
-    total: u64,
-}
-
-impl CpuShare {
-    /// From `/proc/stat` and `/proc/self/stat`; `None` if either is missing.
-    fn now() -> Option<CpuShare> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let cpu: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
-        if cpu.len() < 5 {
-            return None;
-        }
-        let total: u64 = cpu.iter().take(8).sum();
-        let idle = cpu[3] + cpu[4];
-        let me = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the command name (which may hold spaces): state is
-        // field 3, utime and stime fields 14 and 15.
-        let rest: Vec<&str> = me.rsplit_once(')')?.1.split_whitespace().collect();
-        let ours = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
-        Some(CpuShare { all: total - idle, ours, total })
-    }
-
-    fn since(&self, e: &CpuShare) -> CpuShare {
-        CpuShare {
-            all: self.all.saturating_sub(e.all),
-            ours: self.ours.saturating_sub(e.ours),
-            total: self.total.saturating_sub(e.total),
-        }
-    }
-
-    /// The share of all CPU time used by other processes.
-    fn other(&self) -> f64 {
-        if self.total == 0 {
-            0.0
-        } else {
-            self.all.saturating_sub(self.ours) as f64 / self.total as f64
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,15 +489,11 @@ mod tests {
     }
 
     #[test]
-    fn cpu_share_reads() {
-        let a = CpuShare::now().expect("/proc");
-        let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
-        }
-        std::hint::black_box(x);
-        let b = CpuShare::now().expect("/proc").since(&a);
-        assert!(b.ours <= b.all + 2 && b.all <= b.total, "{b:?}");
-        assert!((0.0..=1.0).contains(&b.other()));
+    fn the_table_shows_every_mode_once() {
+        let mut ours: Vec<&str> = MODES.iter().map(|m| m.name()).collect();
+        let mut all: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
+        ours.sort_unstable();
+        all.sort_unstable();
+        assert_eq!(ours, all, "bench::MODES lists every mode of the library once");
     }
 }

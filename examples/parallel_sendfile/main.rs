@@ -17,6 +17,7 @@ mod bench;
 mod client;
 mod fileset;
 mod http;
+mod procstat;
 mod report;
 mod server;
 
@@ -50,12 +51,8 @@ enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Modes to run, comma-separated (sendfile, copy, mmap, sfbuf, lwbuf, lwbuf-run, direct, zerocopy).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        value_parser = parse_mode,
-        default_value = "sendfile,copy,mmap,sfbuf,lwbuf,lwbuf-run,direct,zerocopy"
-    )]
+    // The default is every mode, in the order the table shows them.
+    #[arg(long, value_delimiter = ',', value_parser = parse_mode, default_values_t = bench::MODES.to_vec())]
     pub modes: Vec<Mode>,
     /// File sizes: MIN-MAX (log-uniform) or one SIZE, with k/m suffixes.
     #[arg(long, value_parser = parse_sizes, default_value = "4k-4m")]

@@ -1,7 +1,15 @@
-//! The results table, as text, CSV and JSON.
+//! The results: each mode's slices added up into a row ([`Sum`]), the
+//! ratios to kernel sendfile, and the table as text (with its notes), CSV
+//! and JSON.
 
 use std::fmt::Write as _;
 use std::path::Path;
+
+use lwbuf::sendfile::{CacheStats, Mode};
+
+use crate::client::Outcome;
+use crate::procstat::CpuShare;
+use crate::BenchArgs;
 
 /// One mode on one working set.
 #[derive(Clone, Debug, Default)]
@@ -34,6 +42,108 @@ pub struct Row {
     /// Share of all CPU time other processes used during the measured seconds.
     pub other_cpu: Option<f64>,
 }
+
+// === aggregation ===
+
+/// What one slice measured (raw sums).
+#[derive(Default)]
+pub struct Slice {
+    pub secs: f64,
+    pub outcomes: Vec<Outcome>,
+    pub responses: u64,
+    pub served: u64,
+    pub calls: u64,
+    pub waits: u64,
+    pub map_syscalls: Option<u64>,
+    pub cache: Option<CacheStats>,
+    pub zc_completed: u64,
+    pub zc_copied: u64,
+    pub cpu: Option<CpuShare>,
+}
+
+/// A mode's slices added up.
+#[derive(Default)]
+pub struct Sum {
+    s: Slice,
+}
+
+impl Sum {
+    pub fn add(&mut self, o: Slice) {
+        let s = &mut self.s;
+        s.secs += o.secs;
+        s.outcomes.extend(o.outcomes);
+        s.responses += o.responses;
+        s.served += o.served;
+        s.calls += o.calls;
+        s.waits += o.waits;
+        s.map_syscalls = match (s.map_syscalls, o.map_syscalls) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        s.cache = match (s.cache, o.cache) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        s.zc_completed += o.zc_completed;
+        s.zc_copied += o.zc_copied;
+        s.cpu = match (s.cpu, o.cpu) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
+
+    pub fn row(self, set: &str, mode: Mode) -> Row {
+        let s = self.s;
+        let secs = s.secs.max(1e-9);
+        let mut lat: Vec<u64> = s.outcomes.iter().flat_map(|o| o.latencies_ns.iter().copied()).collect();
+        lat.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+            lat[i] as f64 / 1e6
+        };
+        let bytes: u64 = s.outcomes.iter().map(|o| o.bytes).sum();
+        let requests: u64 = s.outcomes.iter().map(|o| o.requests).sum();
+        let served = s.served.max(1) as f64;
+        Row {
+            set: set.to_string(),
+            mode: mode.name().to_string(),
+            secs,
+            bytes,
+            requests,
+            gbps: bytes as f64 / secs / 1e9,
+            rps: requests as f64 / secs,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            map_calls_per_req: s.map_syscalls.map_or(0.0, |n| n as f64 / served),
+            send_calls_per_req: s.calls as f64 / served,
+            hit_rate: s.cache.map(|c| c.hit_rate()),
+            vs_sendfile: None,
+            zc_copied: (mode == Mode::ZeroCopy && s.zc_completed > 0)
+                .then(|| s.zc_copied as f64 / s.zc_completed as f64),
+            errors: s.outcomes.iter().map(|o| o.errors).sum(),
+            verify_failures: s.outcomes.iter().map(|o| o.verify_failures).sum(),
+            fully_verified: s.outcomes.iter().map(|o| o.fully_verified).sum(),
+            responses: s.responses,
+            other_cpu: s.cpu.map(|c| c.other()),
+        }
+    }
+}
+
+/// Fill in every row's requests/s relative to kernel sendfile on the same
+/// working set (none if sendfile was not run there).
+pub fn compare_to_sendfile(rows: &mut [Row]) {
+    let bases: Vec<(String, f64)> =
+        rows.iter().filter(|r| r.mode == Mode::Sendfile.name()).map(|r| (r.set.clone(), r.rps)).collect();
+    for r in rows.iter_mut() {
+        let base = bases.iter().find(|(set, _)| *set == r.set).map(|(_, rps)| *rps);
+        r.vs_sendfile = base.filter(|b| *b > 0.0).map(|b| r.rps / b);
+    }
+}
+
+// === text, CSV, JSON ===
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.digits$}"))
@@ -96,6 +206,67 @@ pub fn table(rows: &[Row]) -> String {
         line(&mut s, &b.iter().map(String::as_str).collect::<Vec<_>>());
     }
     s
+}
+
+/// The notes under the table: what the columns mean, how the caches were
+/// sized, how much was verified, and how busy the machine was.
+pub fn print_footer(args: &BenchArgs, rows: &[Row], workers: usize) {
+    let zc: Vec<&Row> = rows.iter().filter(|r| r.zc_copied.is_some()).collect();
+    if !zc.is_empty() {
+        let pct: Vec<String> =
+            zc.iter().map(|r| format!("{}: {:.0}%", r.set, r.zc_copied.unwrap_or(0.0) * 100.0)).collect();
+        println!("zerocopy completions the kernel copied anyway (always on loopback): {}", pct.join(", "));
+    }
+    println!(
+        "GB/s = 10^9 body bytes per second received by the clients; latency = request sent to last byte received; \
+         map sc/req = window mmap/remap system calls per request; cache hit = mapping-cache hits (sfbuf, lwbuf); \
+         all over the measured seconds only (not the warm-ups)."
+    );
+    println!(
+        "Caches: mmap and sfbuf windows of {} MiB; lwbuf windows of {} MiB per CPU ({} CPUs, each caching what it \
+         sends); mappings of up to {} pages (sfbuf, lwbuf-run). Inside: a mode keeps its caches across its {} \
+         slices and is measured once they have not missed for 200 ms and 8 requests per file; beyond: every \
+         slice starts cold.",
+        args.cache_mib,
+        args.cache_mib,
+        workers,
+        args.map_run.max(1),
+        args.rounds
+    );
+    let verified: u64 = rows.iter().map(|r| r.fully_verified).sum();
+    let answered: u64 = rows.iter().map(|r| r.responses).sum();
+    if args.no_verify {
+        println!("Verification: status, length and framing of every response only (--no-verify).");
+    } else if args.verify_every <= 1 {
+        println!("Verification: status, length, framing and every byte of every response.");
+    } else {
+        let others = if args.spot_check {
+            "the first 8 bytes of every 4 KiB page of the others (a page from the wrong frame is caught on every \
+             response)"
+        } else {
+            "the others' bodies dropped unread by the kernel (recv MSG_TRUNC: no copy; --spot-check to read them)"
+        };
+        println!(
+            "Verification: status, length and framing of every response; every byte of {verified} of {answered} \
+             responses ({:.1}%: each connection's first and a random 1 in {}); {others}.",
+            100.0 * verified as f64 / answered.max(1) as f64,
+            args.verify_every
+        );
+    }
+    let other: Vec<f64> = rows.iter().filter_map(|r| r.other_cpu).collect();
+    if !other.is_empty() {
+        let mean = other.iter().sum::<f64>() / other.len() as f64;
+        let (worst, at) = rows
+            .iter()
+            .filter_map(|r| r.other_cpu.map(|o| (o, format!("{}/{}", r.set, r.mode))))
+            .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a });
+        println!(
+            "Other processes used {:.0}% of the CPUs on average during the measured seconds (most: {:.0}%, {at}); \
+             the modes share the machine with them, so compare ratios from several runs.",
+            100.0 * mean,
+            100.0 * worst
+        );
+    }
 }
 
 const CSV_HEAD: &str = "set,mode,seconds,bytes,requests,gb_per_s,requests_per_s,p50_ms,p99_ms,map_syscalls_per_req,\

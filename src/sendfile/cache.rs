@@ -60,6 +60,53 @@ impl std::ops::Add for CacheStats {
     }
 }
 
+// === CachedMapping ===
+
+/// A handle of a mapping cache as the send engine holds it: an [`SfBuf`]
+/// ([`SfMapping`]) or an [`Lwbuf`] ([`LwbufMapping`]), with the address and
+/// length read from it once. Dropping it drops the handle, which releases
+/// the mapping (it stays cached for the next request of its frames).
+#[derive(Debug)]
+#[must_use = "dropping a mapping releases it at once"]
+pub struct CachedMapping<H> {
+    _handle: H,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+/// What [`SfBufSource`] maps: an [`SfBuf`] of the pool.
+pub type SfMapping<'s> = CachedMapping<SfBuf<'s>>;
+
+/// What [`LwbufSource`] maps: an [`Lwbuf`] of the calling thread's CPU.
+pub type LwbufMapping<'s> = CachedMapping<Lwbuf<'s>>;
+
+impl<H> CachedMapping<H> {
+    /// Hold `handle`, whose mapping covers `len` bytes at `ptr` (on the
+    /// CPU it was made on, for an lwbuf) for as long as the handle lives.
+    fn new(handle: H, ptr: *mut u8, len: usize) -> Self {
+        CachedMapping { _handle: handle, ptr: NonNull::new(ptr).expect("mapped address"), len }
+    }
+}
+
+// SAFETY: the pointer is only an address, valid process-wide while
+// `_handle` holds its reference (an sf_buf's address is every thread's; an
+// lwbuf's is its home CPU's, on which the handle holds a reference until
+// it is dropped); sending it with the handle is as safe as sending the
+// handle.
+unsafe impl<H: Send> Send for CachedMapping<H> {}
+// SAFETY: as for `Send`; `&CachedMapping` only reads the address and
+// length.
+unsafe impl<H: Sync> Sync for CachedMapping<H> {}
+
+impl<H> Mapped for CachedMapping<H> {
+    fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr().cast_const()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 // === SfBufSource ===
 
 /// Maps through a shared [`SfPool`]: every thread of a server uses the one
@@ -139,38 +186,14 @@ impl SfBufSource {
             n => self.pool.alloc_run(&run[..n], how)?,
         };
         let k = buf.kva();
-        let (ptr, len) = (NonNull::new(k.as_ptr()).expect("mapped address"), k.len());
-        Ok(SfMapping { _buf: buf, ptr, len })
+        let (ptr, len) = (k.as_ptr(), k.len());
+        Ok(CachedMapping::new(buf, ptr, len))
     }
 }
 
 impl fmt::Debug for SfBufSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SfBufSource").field("pool", &self.pool).field("max_run", &self.max_run).finish()
-    }
-}
-
-/// An [`SfBuf`] as the send engine holds it; dropping it releases the
-/// sf_buf (it stays cached).
-#[derive(Debug)]
-pub struct SfMapping<'s> {
-    _buf: SfBuf<'s>,
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the address is valid process-wide while `_buf` holds its
-// reference, and `SfBuf` is Send + Sync.
-unsafe impl Send for SfMapping<'_> {}
-// SAFETY: as for `Send`; `&SfMapping` only reads the address and length.
-unsafe impl Sync for SfMapping<'_> {}
-
-impl Mapped for SfMapping<'_> {
-    fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr().cast_const()
-    }
-    fn len(&self) -> usize {
-        self.len
     }
 }
 
@@ -319,31 +342,6 @@ impl fmt::Debug for LwbufSource {
     }
 }
 
-/// An [`Lwbuf`] as the send engine holds it; dropping it releases the
-/// lwbuf (it stays cached on its CPU).
-#[derive(Debug)]
-pub struct LwbufMapping<'s> {
-    _buf: Lwbuf<'s>,
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the address is the mapping's on its home CPU, which `_buf` holds
-// a reference on until it is dropped; addresses are process-wide, and
-// `Lwbuf` is Send + Sync.
-unsafe impl Send for LwbufMapping<'_> {}
-// SAFETY: as for `Send`; `&LwbufMapping` only reads the address and length.
-unsafe impl Sync for LwbufMapping<'_> {}
-
-impl Mapped for LwbufMapping<'_> {
-    fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr().cast_const()
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
 impl MapSource for LwbufSource {
     type Mapping<'s> = LwbufMapping<'s>;
 
@@ -359,8 +357,8 @@ impl MapSource for LwbufSource {
         };
         // On the home CPU this is a field read.
         let k = buf.kva()?;
-        let (ptr, len) = (NonNull::new(k.as_ptr()).expect("mapped address"), k.len());
-        Ok(LwbufMapping { _buf: buf, ptr, len })
+        let (ptr, len) = (k.as_ptr(), k.len());
+        Ok(CachedMapping::new(buf, ptr, len))
     }
 
     /// Runs of `max_run` pages (none for single pages).

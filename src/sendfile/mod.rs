@@ -26,6 +26,24 @@
 //! the completion notification. [`Sender`] and [`Connection`] wrap it all:
 //! one `Sender` per server, one `Connection` per socket.
 //!
+//! What each file holds:
+//!
+//! | file | holds |
+//! | --- | --- |
+//! | `mod.rs` | these docs, [`SendOptions`], [`SendStats`] |
+//! | `mode.rs` | [`Mode`]: one table entry per mode (names, aliases, window and cache flags) |
+//! | `via.rs` | what a sender sends with, one variant per mode holding that mode's source: where sources are built and checked, and where a send picks its path |
+//! | `sender.rs` | [`Sender`] (one per server) and [`WorkerGuard`] |
+//! | `conn.rs` | [`Connection`] (one per socket) and the holds it keeps between requests |
+//! | `engine.rs` | the `writev` engine ([`send_mapped`]) and the copy path ([`send_copy`]) |
+//! | `source.rs` | the [`MapSource`] seam, the direct map and per-request window sources |
+//! | `cache.rs` | the cache-backed sources ([`SfBufSource`], [`LwbufSource`]), [`CachedMapping`], [`CacheStats`] |
+//! | `kernel.rs` | `sendfile(2)` and [`SendfileHolds`] |
+//! | `zerocopy.rs` | `MSG_ZEROCOPY` and its completions ([`ZeroCopy`]) |
+//! | `file.rs` | the page-cache stand-in ([`PageFile`]) and its runs |
+//! | `pattern.rs` | [`Pattern`], the verifiable content of generated files (a test and benchmark aid) |
+//! | `sys.rs` | the socket system calls, each behind a safe wrapper |
+//!
 //! ```
 //! use std::io::Read;
 //! use std::os::fd::AsFd;
@@ -49,19 +67,24 @@ mod conn;
 mod engine;
 mod file;
 mod kernel;
+mod mode;
 mod pattern;
+mod sender;
 mod source;
 mod sys;
+mod via;
 mod zerocopy;
 
 use std::time::Duration;
 
-pub use cache::{CacheStats, LwbufMapping, LwbufSource, SfBufSource, SfMapping};
-pub use conn::{Connection, Mode, Sender, WorkerGuard};
+pub use cache::{CacheStats, CachedMapping, LwbufMapping, LwbufSource, SfBufSource, SfMapping};
+pub use conn::Connection;
 pub use engine::{send_copy, send_mapped};
 pub use file::{FileRun, PageFile, PageFileBuilder, Runs};
 pub use kernel::SendfileHolds;
+pub use mode::Mode;
 pub use pattern::Pattern;
+pub use sender::{Sender, WorkerGuard};
 pub use source::{DirectMapSource, DirectMapping, MapSource, Mapped, WindowMapping, WindowSource};
 pub use sys::ignore_sigpipe;
 pub use zerocopy::{ZeroCopy, ZeroCopyStats};

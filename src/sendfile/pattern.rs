@@ -1,5 +1,6 @@
 //! A deterministic byte pattern: the content of generated files, which a
-//! receiver can verify at any offset without a copy of the file.
+//! receiver can verify at any offset without a copy of the file. A test and
+//! benchmark aid: a server has no use for it.
 
 /// An odd constant (2^64 / golden ratio): multiplying by it is a bijection,
 /// so no two words of one file are equal.
@@ -10,6 +11,12 @@ const K: u64 = 0x9E37_79B9_7F4A_7C15;
 /// file differs from every other and two seeds give different files. A
 /// receiver checks what it got at any offset with [`Pattern::check`]; a
 /// shifted, duplicated or stale page does not pass.
+///
+/// A test and benchmark aid, not part of sending: it is what
+/// [`PageFile::pattern`](super::PageFile::pattern) writes, and what the
+/// tests, the doctests and `examples/parallel_sendfile`'s clients check
+/// what they received against (every byte of a response, at any offset,
+/// with no copy of the file).
 ///
 /// ```
 /// use lwbuf::sendfile::Pattern;
