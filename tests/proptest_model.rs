@@ -4,14 +4,14 @@
 //! none, `set_max_excess`, `poll`, `reclaim`; sf_buf alloc, drop and
 //! `set_max_excess`) give exactly the results, counters and MMU calls that a
 //! small reference model predicts. The operations, the model and the runner
-//! are in `tests/common/model_ops.rs`, shared with the cargo-fuzz target
+//! are in `tests/common/model_ops/`, shared with the cargo-fuzz target
 //! `fuzz/fuzz_targets/lwbuf_ops.rs`.
 //!
 //! A failing input found by fuzzing goes below as a `#[test]` that replays
 //! it (`run(&decode(bytes), ..)`); none so far (two 5-minute runs, about
 //! 240,000 executions).
 
-#[path = "common/model_ops.rs"]
+#[path = "common/model_ops/mod.rs"]
 mod model_ops;
 
 use model_ops::{decode, run, Backend, Op, MAX_OPS, OPCODES};

@@ -3,7 +3,7 @@
 //!
 //! The input is decoded three bytes per operation into the same [`Op`]s the
 //! property test `tests/proptest_model.rs` generates, and run by the same
-//! runner against the same model (`tests/common/model_ops.rs`), on the model
+//! runner against the same model (`tests/common/model_ops/`), on the model
 //! MMU (no system calls, so many executions per second).
 //!
 //! ```text
@@ -16,7 +16,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../tests/common/model_ops.rs"]
+#[path = "../../tests/common/model_ops/mod.rs"]
 mod model_ops;
 
 fuzz_target!(|data: &[u8]| {
