@@ -19,6 +19,7 @@ on_both_backends!(
     claim_ends_with_the_cache,
     window_with_frames_entered_by_hand_is_refused,
     enter_over_a_live_slot_is_refused,
+    threads_racing_to_claim_one_window,
 );
 
 fn second_lwbufs_is_refused(b: Backend) {
@@ -137,4 +138,63 @@ fn enter_over_a_live_slot_is_refused(b: Backend) {
     assert_eq!(mmu.translate(Slot(1)), Some(three));
     // SAFETY: nothing refers to slot 1.
     unsafe { mmu.remove(Slot(1), 1) }.expect("remove");
+}
+
+/// Eight threads build a cache over one window at the same moment (pools and
+/// lwbuf caches alternately): exactly one wins, every other gets
+/// `WindowClaimed`, and once the winner is dropped the window serves again.
+fn threads_racing_to_claim_one_window(b: Backend) {
+    let mem = b.phys(16);
+    let mmu = b.mmu(&mem, 8);
+    for round in 0..if cfg!(miri) { 2 } else { 20 } {
+        let start = std::sync::Barrier::new(8);
+        let (won, refused) = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|t| {
+                    let (mmu, start) = (mmu.clone(), &start);
+                    s.spawn(move || {
+                        start.wait();
+                        // Built and dropped at once: the claim is given back
+                        // and may be taken again by whoever comes next.
+                        if t % 2 == 0 {
+                            Lwbufs::builder(mmu).cpus(1).build().map(|_| ())
+                        } else {
+                            SfPool::builder(mmu).build().map(|_| ())
+                        }
+                    })
+                })
+                .collect();
+            let rs: Vec<_> = hs.into_iter().map(|h| h.join().expect("thread")).collect();
+            let won = rs.iter().filter(|r| r.is_ok()).count();
+            let refused = rs.iter().filter(|r| matches!(r, Err(Error::WindowClaimed))).count();
+            (won, refused)
+        });
+        // The caches are dropped as soon as built, so several may win one
+        // after another, but every attempt either won or was refused, and
+        // the window is free again at the end.
+        assert_eq!(won + refused, 8, "round {round}");
+        assert!(won >= 1, "round {round}");
+        assert_eq!(mmu.stats().mapped, 0);
+    }
+    // Held caches: exactly one of eight concurrent builders gets the window.
+    let start = std::sync::Barrier::new(8);
+    let done = std::sync::Barrier::new(8);
+    let won = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let (mmu, start, done) = (mmu.clone(), &start, &done);
+                s.spawn(move || {
+                    start.wait();
+                    let r = Lwbufs::builder(mmu).cpus(1).build();
+                    let ok = r.is_ok();
+                    assert!(ok || matches!(r, Err(Error::WindowClaimed)), "{r:?}");
+                    done.wait(); // every builder has tried while the winner holds it
+                    ok
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).filter(|&ok| ok).count()
+    });
+    assert_eq!(won, 1, "exactly one of eight racing builders claims the window");
+    Lwbufs::builder(mmu).cpus(1).build().expect("free again once the winner is gone");
 }
