@@ -29,14 +29,12 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
-mod counter;
 mod cpu;
 mod error;
 mod extent;
 mod hash;
 mod kaddr;
 mod kva;
-mod lru;
 mod lwbuf;
 mod mmu;
 mod phys;

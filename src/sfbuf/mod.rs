@@ -121,7 +121,9 @@
 //! trims while a hit pins; `PinRecheckNoRevoked`). `peak` counts only the
 //! entries' own counts (pins are not seen at the moment they are taken).
 
+mod counter;
 mod hint;
+mod lru;
 mod stats;
 #[cfg(all(test, not(loom)))]
 mod tests;
@@ -133,15 +135,15 @@ pub use wait::{CancelToken, Wait};
 use std::fmt;
 use std::ptr::NonNull;
 
+use counter::Striped;
 use hint::{Hint, Hints};
+use lru::Lru;
 use wait::{Outcome, WaitQueue};
 
-use crate::counter::Striped;
 use crate::cpu::barrier;
 use crate::error::{Error, Result};
 use crate::kaddr::Kaddr;
 use crate::kva::{Hold, KvaSpace, MapKey, Mapping, SlotRun};
-use crate::lru::Lru;
 use crate::mmu::Mmu;
 use crate::phys::{Page, Pfn};
 use crate::sync::{
@@ -182,7 +184,7 @@ const PIN_STRIPES: usize = 1;
 // Under loom `PIN_STRIPES` is 1, and the modulo is the point.
 #[cfg_attr(loom, allow(clippy::modulo_one))]
 fn pin_row() -> usize {
-    crate::counter::thread_stripe() % PIN_STRIPES
+    counter::thread_stripe() % PIN_STRIPES
 }
 
 /// The state of a free slot whose last generation was that of `s`.
