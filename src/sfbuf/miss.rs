@@ -38,6 +38,31 @@
 //! The loom model `sfbuf_hit_vs_eviction` fails when the evictor kills
 //! without re-checking the count (`EvictNoRecheck`, against 2), and
 //! `sfbuf_pin_vs_eviction` when it ignores pins (`PinUnchecked`, 10).
+//!
+//! # When a look may give up
+//!
+//! 13. An evictor pops the entry it looks at off the LRU, so while it looks
+//!     every other evictor sees a shorter LRU (an empty one, if that entry
+//!     was the only one), and it may push the entry back (a second chance,
+//!     or a relisted pinned entry). A trim stops on what it sees, so the
+//!     evictor that hid an entry from it must not leave that entry cached
+//!     over the cap; and a miss must not report no room while an unused
+//!     entry is listed. `evict_one` stops after a number of looks (against
+//!     entries that keep being used), taken from a relaxed and possibly
+//!     stale read of the LRU's length; when they run out, it goes on with
+//!     a fresh number as long as an unused entry (listed, no reference of
+//!     either kind) is left. Each further look pops a real entry and the
+//!     look ends at an empty LRU, so nothing spins on another thread. So
+//!     `evict_one` returns nothing only at an empty LRU (every listed
+//!     entry is being looked at by other evictors, each of which then owns
+//!     the entry it hid: evicted for itself, or given up under this same
+//!     rule) or with no unused entry listed (nothing cached to trim). A
+//!     miss then reports no room; a trim stops. An entry it gave a second
+//!     chance is evicted by the same call, which leaves the LRU as short
+//!     as a trim that ran during its look saw it.
+//!
+//! The unit test `a_miss_looks_again_when_its_looks_run_short` stages a
+//! stale length.
 
 use std::ptr::NonNull;
 
@@ -172,11 +197,20 @@ impl SfPool {
 impl SfPool {
     /// Evict one cached unused entry (clock order: entries used since the
     /// last pass get a second chance). Returns its slots, unmapped;
-    /// `Ok(None)` if no entry is unused; `Err` if the MMU refused the unmap
-    /// (the entry then stays cached, and the failure is counted).
+    /// `Ok(None)` if the LRU is empty or holds no unused entry (13); `Err`
+    /// if the MMU refused the unmap (the entry then stays cached, and the
+    /// failure is counted).
     fn evict_one(&self) -> Result<Option<SlotRun>> {
-        let mut budget = 2 * self.lru_len.load(Ordering::Relaxed) + 2;
-        while budget > 0 {
+        let looks = || 2 * self.lru_len.load(Ordering::Relaxed) + 2;
+        let mut budget = looks();
+        loop {
+            if budget == 0 {
+                // Out of looks: go on while an unused entry is listed (13).
+                if crate::sync::mutant!(LooksRunShort) || self.evictable() == 0 {
+                    return Ok(None);
+                }
+                budget = looks();
+            }
             budget -= 1;
             let slot = {
                 let mut l = lock(&self.lru);
@@ -221,7 +255,6 @@ impl SfPool {
                 Verdict::InUse => {}
             }
         }
-        Ok(None)
     }
 
     /// A killed entry whose unmap failed: still mapped, bring it back as a
@@ -325,8 +358,8 @@ impl SfPool {
         }
     }
 
-    /// Unused entries on the LRU now (a scan: for `trim`'s rare exit path
-    /// and the stats).
+    /// Unused entries on the LRU now (a scan: for the rare exits of `trim`
+    /// and of `evict_one`, and the stats).
     fn evictable(&self) -> usize {
         self.entries
             .iter()

@@ -48,6 +48,7 @@
 //! | 9 | the pinned hit and its re-check | `hit.rs` |
 //! | 10 | the evictor revokes and counts pins | `miss.rs` |
 //! | 11-12 | last releases of either kind; the pinned release | `handle.rs` |
+//! | 13 | an evictor gives up only with no unused entry listed | `miss.rs` |
 //! | - | waiting for room: no lost wake-up | `wait.rs` |
 //!
 //! Each file names the loom models (in `loom-tests/tests/sfbuf_models.rs`)
