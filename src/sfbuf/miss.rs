@@ -62,7 +62,10 @@
 //!     as a trim that ran during its look saw it.
 //!
 //! The unit test `a_miss_looks_again_when_its_looks_run_short` stages a
-//! stale length.
+//! stale length. Every pin model checks at its end that at most
+//! `max_excess` unused entries are cached; `sfbuf_stale_pin_reuse`, where
+//! a miss races a pinned hit and a trim, fails with the old exit
+//! (`LooksRunShort`).
 
 use std::ptr::NonNull;
 
