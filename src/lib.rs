@@ -63,14 +63,12 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
-mod counter;
 pub mod cpu;
 mod error;
 mod extent;
 mod hash;
 mod kaddr;
 pub mod kva;
-mod lru;
 pub mod lwbuf;
 pub mod mmu;
 pub mod phys;

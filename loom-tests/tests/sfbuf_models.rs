@@ -273,15 +273,16 @@ fn pinned_once(frames: usize) -> (PhysMem, Arc<ModelMmu>, &'static SfPool, Vec<l
     (mem, mmu, pool, pages)
 }
 
-/// What every pin model checks at the end: nothing held, and every mapping
-/// the MMU still has is one the pool counts as cached (listed on the LRU).
-/// Not that `cached <= max_excess`: a look by a miss's evictor hides the
-/// entry it popped from a concurrent trim and may push it back without
-/// trimming, so the cap can be left exceeded until the next release.
+/// What every pin model checks at the end: nothing held, every mapping the
+/// MMU still has is one the pool counts as cached (listed on the LRU), and
+/// no more are cached than `max_excess` allows (a look by a miss's evictor
+/// hides the entry it popped from a concurrent trim: an evictor must not
+/// give up while an unused entry is listed, `miss.rs`, 13).
 fn settled(pool: &SfPool, mmu: &ModelMmu) -> lwbuf::SfStats {
     let s = pool.stats();
     assert_eq!(s.used, 0, "{s}");
     assert_eq!(mmu.stats().mapped, s.mapped, "a mapping is neither in use nor cached: {s}");
+    assert!(s.cached <= s.max_excess, "cached over the cap: {s}");
     s
 }
 
@@ -406,6 +407,17 @@ fn sfbuf_stale_pin_reuse() {
 #[test]
 fn sfbuf_stale_pin_reuse_mutant_no_recount() {
     expect_failure("sfbuf_stale_pin_reuse", Mutant::UnlistNoRecount, stale_pin_reuse);
+}
+
+/// (`miss.rs`, 13) The hitter's alloc of `f` may miss and need `g`'s slot
+/// while the main thread pins `g` and then trims to a cap of 0: while the
+/// miss's look has `g` popped, the trim sees an empty LRU and stops. An
+/// evictor that gives up when its looks run out, although `g` is listed
+/// and unused again, leaves `g` cached over the cap.
+#[test]
+fn sfbuf_stale_pin_reuse_mutant_looks_run_short() {
+    let msg = expect_failure("sfbuf_stale_pin_reuse", Mutant::LooksRunShort, stale_pin_reuse);
+    assert!(msg.contains("cached over the cap"), "failed for another reason: {msg}");
 }
 
 /// 7d. A pinned holder of the cached frame `f` releases while the main

@@ -1,4 +1,4 @@
-//! The hint table of the lock-free hit (the pool's module docs, 5-8):
+//! The hint table of the lock-free hit (`hit.rs`, 6-7; `state.rs`, 5, 8):
 //! "generation g of slot s was published for this frame", looked up by
 //! frame number without a lock.
 //!
@@ -16,7 +16,7 @@
 //! Sharing a bucket only costs hits: a hint read for a frame may name
 //! another frame of the same bucket and tag (a tag has fewer bits than a
 //! frame number), so a hit that took a reference through a hint checks the
-//! entry's key (module docs, 7) and gives the reference back if it is not
+//! entry's key (`hit.rs`, 7) and gives the reference back if it is not
 //! the wanted frame. Two frames hot at once in one bucket keep one way each;
 //! a third pushes the older one out, which then hits through the map.
 //!

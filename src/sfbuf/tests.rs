@@ -1,12 +1,14 @@
 //! Tests of the pool that need the crate's internals: frames at the top of
 //! a 64 TiB memory, which the frame allocator (low frames first) never
-//! hands out through the public API.
+//! hands out through the public API, and an evictor's stale view of the
+//! LRU staged by hand.
 
 use std::sync::Arc;
 
 use super::{SfPool, Wait};
-use crate::mmu::Window;
-use crate::phys::{system_page_size, Page, Pfn, PhysMem, MAX_REGION_BYTES};
+use crate::mmu::{ModelMmu, Window};
+use crate::phys::{system_page_size, Backing, Page, Pfn, PhysMem, MAX_REGION_BYTES};
+use crate::sync::Ordering;
 
 /// The largest memory the builder accepts, 4 KiB frames (2^34 of them), no
 /// direct map: the pool builds, and frames at both ends of the frame
@@ -78,4 +80,33 @@ fn frames_that_share_a_hint_hit_their_own_mappings() {
     }
     let s = pool.stats();
     assert_eq!((s.misses, s.hits, s.mmu.enters, s.used), (2, 12, 2, 0), "{s}");
+}
+
+/// A pool of `slots` slots over the model MMU, with every slot holding a
+/// cached frame (used once, so each gets a second chance first).
+fn full_of_cached(slots: usize) -> (PhysMem, SfPool, Vec<Page>) {
+    let mem = PhysMem::builder().frames(slots + 1).backing(Backing::Heap).build().expect("PhysMem");
+    let mmu = Arc::new(ModelMmu::new(&mem, slots).expect("ModelMmu"));
+    let pool = SfPool::builder(mmu).max_excess(slots).build().expect("pool");
+    let pages: Vec<Page> = (0..=slots).map(|_| mem.alloc_page().expect("alloc_page")).collect();
+    for p in &pages[..slots] {
+        drop(pool.alloc(p, Wait::NoWait).expect("miss"));
+    }
+    assert_eq!(pool.stats().cached, slots as u64);
+    (mem, pool, pages)
+}
+
+/// (`miss.rs`, 13) An evictor stops after a number of looks taken from a
+/// relaxed read of the LRU's length, which may be stale (here: forced to
+/// 0, so two looks, both second chances). A miss must not report no room
+/// while an unused entry is listed: the evictor goes on and evicts one.
+#[test]
+fn a_miss_looks_again_when_its_looks_run_short() {
+    let (_mem, pool, pages) = full_of_cached(2);
+    pool.lru_len.store(0, Ordering::Relaxed);
+    let sf = pool.alloc(&pages[2], Wait::NoWait).expect("an unused entry was cached: room");
+    drop(sf);
+    let s = pool.stats();
+    assert_eq!((s.misses, s.evictions, s.nowait_fails, s.no_room), (3, 1, 0, 0), "{s}");
+    assert!(s.cached <= s.max_excess, "{s}");
 }

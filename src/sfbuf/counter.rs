@@ -1,5 +1,6 @@
-//! Striped counters: statistics that threads on different cores bump
-//! without sharing a cache line, and without a locked instruction.
+//! Striped counters: the sf_buf pool's statistics, which threads on
+//! different cores bump without sharing a cache line, and without a locked
+//! instruction.
 //!
 //! Each thread claims a stripe of its own the first time it counts (one of
 //! [`STRIPES`], from a global bitmap) and gives it back when it exits. The
@@ -108,14 +109,14 @@ mod claim {
 /// the shared index. Also used to spread other per-thread state (the sf_buf
 /// pool's pin rows) over cache lines.
 #[inline]
-pub(crate) fn thread_stripe() -> usize {
+pub(super) fn thread_stripe() -> usize {
     claim::stripe().0
 }
 
 /// A counter whose increments go to the calling thread's own cache line;
 /// reading sums them.
 #[derive(Debug)]
-pub(crate) struct Striped {
+pub(super) struct Striped {
     /// `STRIPES` exclusive cells, then the shared one.
     cells: Box<[CachePadded<AtomicU64>]>,
 }
@@ -129,7 +130,7 @@ impl Default for Striped {
 impl Striped {
     /// Add `n` (wrapping: `sub` adds the two's complement).
     #[inline]
-    pub(crate) fn add(&self, n: u64) {
+    pub(super) fn add(&self, n: u64) {
         let (s, mine) = claim::stripe();
         let c = &self.cells[s];
         // Relaxed: statistics only. An exclusive cell has one writer, this
@@ -142,16 +143,16 @@ impl Striped {
     }
 
     #[inline]
-    pub(crate) fn inc(&self) {
+    pub(super) fn inc(&self) {
         self.add(1);
     }
 
     #[inline]
-    pub(crate) fn sub(&self, n: u64) {
+    pub(super) fn sub(&self, n: u64) {
         self.add(n.wrapping_neg());
     }
 
-    pub(crate) fn get(&self) -> u64 {
+    pub(super) fn get(&self) -> u64 {
         self.cells.iter().fold(0u64, |a, c| a.wrapping_add(c.load(Ordering::Relaxed)))
     }
 }

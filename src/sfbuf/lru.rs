@@ -1,6 +1,8 @@
-//! An LRU list over small integer indices (slab slots), O(1) for every
-//! operation and allocation-free once grown. Used by the per-CPU lwbuf
-//! caches and the sf_buf pool for their cached-but-unused mappings.
+//! An LRU list over small integer indices (the pool's slots), O(1) for
+//! every operation and allocation-free once grown: the sf_buf pool's
+//! inactive list of cached-but-unused mappings, which its evictor walks in
+//! clock order (`miss.rs`). The per-CPU lwbuf caches keep their own clock
+//! queue (`src/lwbuf/pcpu.rs`).
 
 const NIL: u32 = u32::MAX;
 
@@ -15,7 +17,7 @@ const UNLINKED: Link = Link { prev: NIL, next: NIL, on: false };
 
 /// Doubly linked list threaded through a vector indexed by entry index.
 #[derive(Debug)]
-pub(crate) struct Lru {
+pub(super) struct Lru {
     links: Vec<Link>,
     head: u32,
     tail: u32,
@@ -29,16 +31,16 @@ impl Default for Lru {
 }
 
 impl Lru {
-    pub(crate) fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.len
     }
 
-    pub(crate) fn contains(&self, i: usize) -> bool {
+    pub(super) fn contains(&self, i: usize) -> bool {
         self.links.get(i).is_some_and(|l| l.on)
     }
 
     /// Append `i` as the most recently used. `i` must not be on the list.
-    pub(crate) fn push_back(&mut self, i: usize) {
+    pub(super) fn push_back(&mut self, i: usize) {
         if i >= self.links.len() {
             self.links.resize((i + 1).max(self.links.len() * 2), UNLINKED);
         }
@@ -55,7 +57,7 @@ impl Lru {
     }
 
     /// Unlink `i`; returns whether it was on the list.
-    pub(crate) fn remove(&mut self, i: usize) -> bool {
+    pub(super) fn remove(&mut self, i: usize) -> bool {
         if !self.contains(i) {
             return false;
         }
@@ -76,7 +78,7 @@ impl Lru {
     }
 
     /// The least recently used index, unlinked.
-    pub(crate) fn pop_front(&mut self) -> Option<usize> {
+    pub(super) fn pop_front(&mut self) -> Option<usize> {
         if self.head == NIL {
             return None;
         }

@@ -1,0 +1,231 @@
+//! The handle, [`SfBuf`], and the releases its drop makes: of the entry's
+//! own count, or of a pin. A last release lists the entry on the inactive
+//! LRU (it stays mapped, so the next alloc of the frame is a hit) and trims
+//! the LRU to `max_excess`.
+//!
+//! # Last releases of two kinds
+//!
+//! A reference is held either in the entry's own count (`state.rs`) or in
+//! a row of pins (`hit.rs`, 9), never moved from one to the other:
+//!
+//! 11. Pins are never moved into the entry's count. A last release of
+//!     either kind (the count reaching zero, a pin given back) fences and
+//!     reads the other kind; so does an evictor that just took an entry off
+//!     the LRU (`miss.rs`, 10). Of two such racing parties at least one sees
+//!     everything at zero (store-buffering) and puts the entry back on the
+//!     LRU, through a CAS that sets `ON_LRU` only on a live, unlisted,
+//!     unreferenced entry: pushed once (see `SfPool::after_release` for
+//!     which generation).
+//! 12. A pinned release on an entry still listed, with the LRU within
+//!     `max_excess`, does what a last release would (nothing to push, no
+//!     trim) by writing only its pin; it still wakes waiters after its fence.
+//!
+//! The loom model `sfbuf_pin_vs_eviction` checks 9-12 and fails when the
+//! evictor ignores pins (`PinUnchecked`); `sfbuf_two_pins_vs_eviction` races
+//! two pinned last releases. One small model per race of 9-12 each fails
+//! with its mutant: `sfbuf_central_and_pin_release` (11: a central and a
+//! pinned last release at once; `LastReleaseNoFence`),
+//! `sfbuf_pinned_reset` (9: a second-chance look clears `PINNED` between
+//! a hitter's two reads; `PinRecheckNoPinned`), `sfbuf_stale_pin_reuse`
+//! (11: a backed-off pin counted against the slot's next generation;
+//! `UnlistNoRecount`) and `sfbuf_unpin_trims` (12: an unpin over the cap
+//! trims while a hit pins; `PinRecheckNoRevoked`). `peak` counts only the
+//! entries' own counts (pins are not seen at the moment they are taken).
+
+use std::fmt;
+use std::ptr::NonNull;
+
+use super::state::Snapshot;
+use super::SfPool;
+use crate::kaddr::Kaddr;
+use crate::kva::Hold;
+use crate::phys::Page;
+use crate::sync::{fence, Ordering};
+
+// === impl SfBuf ===
+
+/// A mapping from the pool; dropping it releases it (it stays cached).
+/// `Send` and `Sync`: the address is valid in every thread.
+///
+/// It borrows the pool and its pages, and a view of its bytes borrows it,
+/// so none of them can outlive the mapping. These do not compile:
+///
+/// ```compile_fail,E0597
+/// # use std::sync::Arc;
+/// # use lwbuf::{Backing, ModelMmu, PhysMem, SfPool, Wait};
+/// # let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+/// let pool = SfPool::builder(Arc::new(ModelMmu::new(&mem, 4)?)).build()?;
+/// let buf = {
+///     let page = mem.alloc_page()?;
+///     pool.alloc(&page, Wait::NoWait)? // the page is dropped while mapped
+/// };
+/// drop(buf);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+///
+/// ```compile_fail,E0597
+/// # use std::sync::Arc;
+/// # use lwbuf::{Backing, ModelMmu, PhysMem, SfPool, Wait};
+/// # let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+/// let page = mem.alloc_page()?;
+/// let buf = {
+///     let pool = SfPool::builder(Arc::new(ModelMmu::new(&mem, 4)?)).build()?;
+///     pool.alloc(&page, Wait::NoWait)? // the pool is dropped under the handle
+/// };
+/// drop(buf);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+///
+/// ```compile_fail,E0597
+/// # use std::sync::Arc;
+/// # use lwbuf::{Backing, ModelMmu, PhysMem, SfPool, Wait};
+/// # let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+/// # let pool = SfPool::builder(Arc::new(ModelMmu::new(&mem, 4)?)).build()?;
+/// let page = mem.alloc_page()?;
+/// let bytes = {
+///     let buf = pool.alloc(&page, Wait::NoWait)?;
+///     buf.kva() // the view outlives the handle
+/// };
+/// bytes.fill(0);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+#[must_use = "dropping an SfBuf releases its mapping at once"]
+pub struct SfBuf<'a> {
+    pub(super) pool: &'a SfPool,
+    pub(super) hold: Hold<'a>,
+    pub(super) slot: u32,
+    pub(super) addr: NonNull<u8>,
+    /// The pin count this handle holds its reference in, or `NO_PIN` for
+    /// the entry's own count.
+    pub(super) pin: u32,
+}
+
+pub(super) const NO_PIN: u32 = u32::MAX;
+
+// SAFETY: the address is valid process-wide while the handle holds its
+// reference; the pool is Sync.
+unsafe impl Send for SfBuf<'_> {}
+// SAFETY: `&SfBuf` only reads immutable fields.
+unsafe impl Sync for SfBuf<'_> {}
+
+impl<'a> SfBuf<'a> {
+    /// The mapped bytes (the frame, or the whole run). No system call. The
+    /// view borrows the handle, so it cannot outlive the mapping.
+    pub fn kva(&self) -> Kaddr<'_> {
+        let len = self.hold.len() * self.pool.kva.slot_size();
+        // SAFETY: the handle holds a reference on the entry, which keeps the
+        // mapping of `len` bytes until the handle is dropped.
+        unsafe { Kaddr::new(self.addr, len) }
+    }
+
+    /// The first (or only) page.
+    pub fn page(&self) -> &'a Page {
+        &self.hold[0]
+    }
+
+    /// Every page mapped.
+    pub fn pages(&self) -> &'a [Page] {
+        self.hold
+    }
+
+    /// The window slot of the mapping's first page.
+    pub fn slot(&self) -> crate::Slot {
+        crate::Slot(self.slot as usize)
+    }
+}
+
+// === releases ===
+
+impl SfPool {
+    /// A handle on a reference of the entry's own count.
+    pub(super) fn handle<'a>(&'a self, hold: Hold<'a>, slot: u32, addr: NonNull<u8>) -> SfBuf<'a> {
+        SfBuf { pool: self, hold, slot, addr, pin: NO_PIN }
+    }
+
+    /// Give back a reference of the entry's own count.
+    pub(super) fn release(&self, slot: u32) {
+        let now = self.entries[slot as usize].state.release();
+        if now.ref_count() != 0 {
+            return;
+        }
+        self.c.used.sub(1);
+        self.after_release(slot as usize, now);
+    }
+
+    /// Give back a pinned reference. On an entry still on the LRU, with the
+    /// LRU within its cap, that is all a last release would do (it would
+    /// push nothing and trim nothing), so nothing shared is written (12).
+    pub(super) fn unpin(&self, slot: u32, pin: u32) {
+        // Release: the evictor's Acquire read of the pins sees every access
+        // this holder made through the address before it unmaps.
+        self.pins[pin as usize].fetch_sub(1, Ordering::Release);
+        // SeqCst: against an evictor that takes the entry off the LRU and
+        // then reads the pins (`after_unlisting`): either it sees this
+        // decrement, or we see `ON_LRU` cleared below and list it again.
+        // It is also the fence of the wake-up argument (`wait.rs`).
+        fence(Ordering::SeqCst);
+        let s = self.entries[slot as usize].state.load(Ordering::Relaxed);
+        if !s.is_listed() || self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
+            self.after_release(slot as usize, s);
+        } else {
+            // A waiter may be waiting for this entry to become evictable.
+            self.waitq.wake_fenced();
+        }
+    }
+
+    /// After a release that may have been the entry's last (its own count
+    /// at zero, or a pin given back): if no reference of either kind is
+    /// left, put the entry on the LRU unless it is there, then trim and
+    /// wake as a last release does (11).
+    ///
+    /// Both kinds of release run this after their decrement and a SeqCst
+    /// fence, then read the other kind: of two last releases racing (one of
+    /// each, or two pins), at least one sees both counts at zero
+    /// (store-buffering). Both may: the LRU is claimed by a CAS that sets
+    /// `ON_LRU` only on a live, unlisted, unreferenced entry of the
+    /// generation `seen`, so it is pushed once. From `release`, `seen` is
+    /// what its own decrement left, so a kill or reuse since fails the CAS.
+    /// From `unpin`, `seen` is read after the pin went, i.e. the current
+    /// generation, on purpose: a hitter that backed off from an old
+    /// generation leaves a pin for a moment, a look at the reused slot may
+    /// count it and unlist the new entry, and then that late unpin is the
+    /// release that must list it again.
+    fn after_release(&self, slot: usize, seen: Snapshot) {
+        let e = &self.entries[slot];
+        if !crate::sync::mutant!(LastReleaseNoFence) {
+            fence(Ordering::SeqCst);
+        }
+        if self.pinned(slot) != 0 {
+            return;
+        }
+        if e.state.list_unused_of(seen) {
+            self.push_lru(slot);
+            // SeqCst: the cap is read below; see `set_max_excess`.
+            fence(Ordering::SeqCst);
+        }
+        if self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
+            self.trim();
+        }
+        self.waitq.wake();
+    }
+}
+
+impl Drop for SfBuf<'_> {
+    fn drop(&mut self) {
+        if self.pin == NO_PIN {
+            self.pool.release(self.slot);
+        } else {
+            self.pool.unpin(self.slot, self.pin);
+        }
+    }
+}
+
+impl fmt::Debug for SfBuf<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SfBuf")
+            .field("pfn", &self.page().pfn().0)
+            .field("pages", &self.hold.len())
+            .field("slot", &self.slot)
+            .finish()
+    }
+}

@@ -1,0 +1,242 @@
+//! The hit paths: a frame already cached is served without a system call,
+//! by one of three ways, cheapest first: a *pin* in the calling thread's
+//! row (no shared line written), the *hint* (one CAS on the entry, no
+//! lock), or the *map* (under the shard's read lock: the fallback and the
+//! authority).
+//!
+//! # The race that matters: the hitter's half
+//!
+//! A lookup that finds an entry while another thread evicts it must never
+//! return an address that is, or is about to be, unmapped or remapped
+//! (the evictor's half is `miss.rs`, 2-4).
+//!
+//! 1. A hit takes its reference (CAS `refs + 1`) *inside* the map's read
+//!    lock for the key's shard, and only on an entry the map points at.
+//!
+//! # The lock-free hit
+//!
+//! Every publication starts a new generation of the slot (`state.rs`, 5).
+//!
+//! 6. After a successful insert, the publisher records the hint `(slot,
+//!    generation)` in the frame's bucket of the hint table (`hint.rs`):
+//!    buckets in proportion to the window's slots, never to the memory's
+//!    frames, two hints a bucket, each tagged with high bits of its frame
+//!    number. A hint is only ever a true statement about the past:
+//!    "generation g of slot s was published for a frame of this bucket and
+//!    tag", for this very frame when the table is *exact* (a memory of no
+//!    more frames than buckets, and always under loom). It may be stale or
+//!    name a bucket-mate; it never names a generation that was not
+//!    published.
+//! 7. A hit through the hint CASes the state from a value that carries that
+//!    generation and is not `DEAD` to one more reference. If it succeeds,
+//!    generation g is still live, and the kill of `miss.rs`, 2 can no
+//!    longer succeed while the reference is held. The entry's key, written
+//!    before g was published (so seen after the CAS, see below), then says
+//!    whether g maps this frame: if not (a bucket-mate), the reference is
+//!    given back and the lookup goes to the map. If the generation moved on
+//!    or the entry is dead, the CAS is not attempted and the lookup goes to
+//!    the map. A mapping is `UNPUBLISHED` from its first store until its
+//!    insert succeeded, and hint readers refuse that state: a mapping that
+//!    loses the insert race (and is then unmapped with a plain store)
+//!    cannot be reached through a hint, not even through a stale one whose
+//!    generation has wrapped round to its own (`state.rs`, 8).
+//!    Acquire on that CAS pairs with the Release store that published the
+//!    generation (every later change of the word within a generation is a
+//!    read-modify-write, continuing its release sequence: `state.rs`, 5),
+//!    so the key and address read after it are the ones published.
+//!
+//! The loom model `sfbuf_hit_vs_eviction` checks 1-8 with `max_excess = 0`
+//! and fails when the evictor kills without re-checking the count
+//! (`EvictNoRecheck`); `sfbuf_stale_hint` fails with the generation check
+//! switched off (`HintUnchecked`).
+//!
+//! # Pins: hits that write no shared line
+//!
+//! Even the lock-free hit writes the entry's state word, and so does its
+//! release: two cores hitting the same frames pass that line back and forth.
+//! A hit on a cached entry that nobody holds (listed on the LRU, count zero)
+//! instead counts its reference in the calling thread's row of *pins* (one
+//! count per slot per row; a row's lines are written by its threads only):
+//!
+//! 9. The hitter reads the state (same generation, live, listed, count zero,
+//!    not `REVOKED`), sets `PINNED` if it is not set yet (a CAS: one shared
+//!    write per entry until an evictor next finds it unused), adds its pin,
+//!    issues the light barrier, and reads the state again; if the
+//!    generation or any of `DEAD`, `UNPUBLISHED`, `REVOKED`, `PINNED`
+//!    changed, it gives the pin back (a full release, `handle.rs`, 11) and
+//!    takes the ordinary path. The invariant: while a pin may be out,
+//!    `PINNED` is set. (The evictor's half is `miss.rs`, 10; releases are
+//!    `handle.rs`, 11-12.)
+//!
+//! The loom model `sfbuf_pinned_reset` races a second-chance look that
+//! clears `PINNED` between a hitter's two reads, and fails when the
+//! re-check ignores `PINNED` (`PinRecheckNoPinned`); the other pin models
+//! are listed in `handle.rs`.
+
+use std::ptr::NonNull;
+
+use super::entry::Entry;
+use super::hint::Hint;
+use super::state::Snapshot;
+use super::{SfBuf, SfPool};
+use crate::kva::{Hold, MapKey};
+use crate::sync::barrier;
+use crate::sync::Ordering;
+
+/// Rows of pin counts: threads share a row when there are more of them.
+#[cfg(not(loom))]
+pub(super) const PIN_STRIPES: usize = 8;
+/// Under loom one row (the models check the protocol, not the spreading).
+#[cfg(loom)]
+pub(super) const PIN_STRIPES: usize = 1;
+
+/// The calling thread's row of pins: its statistics stripe, folded (under
+/// loom always 0, so that replays of an execution touch the same rows).
+// Under loom `PIN_STRIPES` is 1, and the modulo is the point.
+#[cfg_attr(loom, allow(clippy::modulo_one))]
+fn pin_row() -> usize {
+    super::counter::thread_stripe() % PIN_STRIPES
+}
+
+impl SfPool {
+    /// A hit, if `key` is cached: pinned, else through the hint, else
+    /// through the map.
+    #[inline]
+    pub(super) fn try_cached<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Option<SfBuf<'a>> {
+        if let Some(b) = self.try_pin(key, hold) {
+            return Some(b);
+        }
+        let (slot, addr) = self.try_hint(key).or_else(|| self.try_hit(key))?;
+        self.c.hits.inc();
+        Some(self.handle(hold, slot, addr))
+    }
+
+    /// The pinned hit (9): on a cached entry nobody holds, count the
+    /// reference in this thread's row of pins, writing no line another core
+    /// writes.
+    #[inline]
+    fn try_pin<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Option<SfBuf<'a>> {
+        if key.pages != 1 {
+            return None;
+        }
+        let Hint { slot, gen } = self.hint.get(key.pfn)?;
+        let e = &self.entries[slot as usize];
+        // Acquire: pairs with the Release store that published this
+        // generation (7): the key and address read below are its own.
+        let mut s = e.state.load(Ordering::Acquire);
+        if !s.is_pinnable(gen) {
+            return None;
+        }
+        // A bucket-mate's entry (6): pass it by before writing to it. Only a
+        // filter: the check after the pin decides.
+        #[cfg(not(loom))]
+        if e.key() != key {
+            return None;
+        }
+        if !s.is_pinned() {
+            // The first pin since the entry was last found unused: say so,
+            // once.
+            s = e.state.mark_pinned(s)?;
+        }
+        let pin = pin_row() * self.entries.len() + slot as usize;
+        let old = self.pins[pin].fetch_add(1, Ordering::Relaxed);
+        // As for the entry's own count: a count this high means leaked
+        // handles, and a wrap to zero would let an evictor kill under them.
+        assert!(old < u32::MAX / 2, "sf_buf: pin count overflow (leaked handles)");
+        // Against the evictor's REVOKED store + heavy barrier + read of the
+        // pins: either it sees our pin, or we see REVOKED below.
+        barrier::light();
+        let now = e.state.load(Ordering::Relaxed);
+        // While PINNED is set, every look sums the pins, so a pin is safe
+        // under any PINNED, even one a later hitter set again.
+        if !s.pin_holds(now) {
+            // A full release, not just the decrement: an evictor may have
+            // counted this pin and taken the entry off the LRU meanwhile.
+            self.unpin(slot, pin as u32);
+            return None;
+        }
+        // Another frame of the hint's bucket, or a wrapped generation (7-8),
+        // as in `try_hint`.
+        #[cfg(not(loom))]
+        if e.key() != key {
+            self.unpin(slot, pin as u32);
+            return None;
+        }
+        if !now.is_referenced() {
+            // Once per trip of the clock hand: a second chance for a frame
+            // used through pins.
+            e.state.mark_referenced();
+        }
+        self.c.hits.inc();
+        Some(SfBuf { pool: self, hold, slot, addr: self.addr_of(e), pin: pin as u32 })
+    }
+
+    /// The pinned references on `slot`, with Acquire (see `unpin`).
+    pub(super) fn pinned(&self, slot: usize) -> u32 {
+        let n = self.entries.len();
+        (0..PIN_STRIPES).fold(0u32, |a, r| a.wrapping_add(self.pins[r * n + slot].load(Ordering::Acquire)))
+    }
+
+    /// The lock-free hit (6-8): take a reference on the generation the
+    /// frame's hint names, if it is still live.
+    #[inline]
+    fn try_hint(&self, key: MapKey) -> Option<(u32, NonNull<u8>)> {
+        if key.pages != 1 {
+            return None;
+        }
+        let Hint { slot, gen } = self.hint.get(key.pfn)?;
+        let e = &self.entries[slot as usize];
+        let unchecked = crate::sync::mutant!(HintUnchecked);
+        // The first CAS guesses the usual state of a cached entry instead of
+        // loading it: a load followed by a CAS costs two coherence misses
+        // when the line was last written by another core (a shared copy,
+        // then the upgrade), one CAS costs one. A wrong guess fails and
+        // returns the real state.
+        let live = |s: Snapshot| (unchecked || s.gen() == gen) && s.is_published();
+        let (was_unused, _) = e.state.take_ref(Snapshot::cached_guess(gen), live)?;
+        if was_unused {
+            self.c.used.inc();
+        }
+        // The generation is live, but it may map another frame of the
+        // hint's bucket (7), or have wrapped (8). Under loom the table is
+        // exact and no generation wraps, so the models skip the check (two
+        // atomic loads, each a scheduling point).
+        #[cfg(not(loom))]
+        if e.key() != key {
+            self.release(slot);
+            return None;
+        }
+        Some((slot, self.addr_of(e)))
+    }
+
+    /// Record that generation `state` of `slot` maps `key` (6; single pages
+    /// only). A bucket-mate's hint is kept if it still names a live
+    /// generation (see `Hints::set`).
+    pub(super) fn set_hint(&self, key: MapKey, slot: u32, state: Snapshot) {
+        if key.pages != 1 {
+            return;
+        }
+        self.hint.set(key.pfn, slot, state.gen(), |h| {
+            self.entries[h.slot as usize].state.load(Ordering::Relaxed).is_live_gen(h.gen)
+        });
+    }
+
+    /// Look `key` up and take a reference, under the shard's read lock (1);
+    /// refresh the frame's hint.
+    pub(super) fn try_hit(&self, key: MapKey) -> Option<(u32, NonNull<u8>)> {
+        let (slot, state) = self.map.get_with(&key, |&slot| {
+            let e = &self.entries[slot as usize];
+            let (was_unused, state) = e.bump();
+            if was_unused {
+                self.c.used.inc();
+            }
+            (slot, state)
+        })?;
+        self.set_hint(key, slot, state);
+        Some((slot, self.addr_of(&self.entries[slot as usize])))
+    }
+
+    pub(super) fn addr_of(&self, e: &Entry) -> NonNull<u8> {
+        NonNull::new(e.addr.load(Ordering::Relaxed) as *mut u8).expect("published entry has an address")
+    }
+}
