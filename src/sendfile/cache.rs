@@ -371,7 +371,8 @@ mod tests {
 
     #[test]
     fn prefix_stops_at_gaps_and_max() {
-        let mem = PhysMem::builder().frames(16).build().expect("phys");
+        // Heap memory: only frame numbers matter here, and it needs no memfd.
+        let mem = PhysMem::builder().frames(16).backing(crate::phys::Backing::Heap).build().expect("phys");
         let run = mem.alloc_run(6).expect("run");
         assert_eq!(contiguous_prefix(&run, 16), 6);
         assert_eq!(contiguous_prefix(&run, 4), 4);
