@@ -94,11 +94,16 @@ pub(crate) struct KvaSpace {
 /// process (an eighth, at least 1024), halved because a single-page mapping
 /// inside a `PROT_NONE` reservation splits it and so costs up to two VMAs.
 /// 28,669 with the default limit of 65,530.
+/// Under Miri (which isolates the program from the file system) the limit
+/// is the kernel's default.
 pub fn default_map_budget() -> usize {
+    #[cfg(not(miri))]
     let max = std::fs::read_to_string("/proc/sys/vm/max_map_count")
         .ok()
         .and_then(|s| s.trim().parse::<usize>().ok())
         .unwrap_or(65_530);
+    #[cfg(miri)]
+    let max: usize = 65_530;
     let headroom = (max / 8).max(1024);
     (max.saturating_sub(headroom) / 2).max(1)
 }

@@ -29,6 +29,13 @@ on_both_backends!(
     two_mib_frames,
 );
 
+/// A builder of the memory the backend-neutral tests use: a memfd (the
+/// default), or heap memory under Miri, which cannot create a memfd.
+fn memory() -> lwbuf::PhysMemBuilder {
+    let backing = if cfg!(miri) { Backing::Heap } else { Backing::Memfd };
+    PhysMem::builder().backing(backing)
+}
+
 /// Enter `count` frames from `pfn` at `slot`, panicking on error.
 fn enter(mmu: &dyn Mmu, slot: usize, pfn: usize, count: usize) -> NonNull<u8> {
     // SAFETY: every test owns its MMU outright and enters only slots it has
@@ -192,6 +199,7 @@ fn mapped_vmas(win: &Window) -> Vec<(usize, usize, String)> {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "counts VMAs of the real window in /proc/self/maps (mmap)")]
 fn contiguous_run_is_one_vma_scattered_frames_are_many() {
     let fs = system_page_size();
     let mem = PhysMem::builder().frames(512).build().unwrap();
@@ -257,6 +265,7 @@ fn rss_bytes() -> usize {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "a memfd and /proc/self/status")]
 fn one_tib_sparse_memory_costs_no_resident_memory() {
     const TIB: usize = 1 << 40;
     let fs = system_page_size();
@@ -288,7 +297,7 @@ fn one_tib_sparse_memory_costs_no_resident_memory() {
 
 #[test]
 fn exhaustion_is_out_of_frames() {
-    let mem = PhysMem::builder().frames(8).build().unwrap();
+    let mem = memory().frames(8).build().unwrap();
     match mem.alloc_run(9) {
         Err(Error::OutOfFrames { requested: 9, free: 8, largest_run: 8 }) => {}
         other => panic!("expected OutOfFrames for a run larger than memory, got {other:?}"),
@@ -313,7 +322,7 @@ fn exhaustion_is_out_of_frames() {
 #[test]
 fn run_after_fragmentation_churn() {
     const N: usize = 256;
-    let mem = PhysMem::builder().frames(N).build().unwrap();
+    let mem = memory().frames(N).build().unwrap();
     for _round in 0..3 {
         let mut pages: Vec<Page> = (0..N).map(|_| mem.alloc_page().unwrap()).collect();
         assert_eq!(mem.stats().free, 0);
@@ -335,7 +344,7 @@ fn run_after_fragmentation_churn() {
 
 #[test]
 fn frame_returns_when_the_last_clone_drops_on_any_thread() {
-    let mem = PhysMem::builder().frames(64).build().unwrap();
+    let mem = memory().frames(64).build().unwrap();
     let page = mem.alloc_page().unwrap();
     assert_eq!(mem.stats().free, 63);
     let c1 = page.clone();
@@ -372,6 +381,7 @@ fn frame_returns_when_the_last_clone_drops_on_any_thread() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "compares memfd memory with heap memory (memfd_create)")]
 fn pages_know_their_memory() {
     let a = PhysMem::builder().frames(4).build().unwrap();
     let b = PhysMem::builder().frames(4).build().unwrap();
@@ -393,6 +403,7 @@ fn pages_know_their_memory() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "most configurations checked are of memfd memory and the window (memfd_create, mmap)")]
 fn configuration_errors() {
     let page = system_page_size();
     let b = || PhysMem::builder();
@@ -509,7 +520,7 @@ fn two_mib_frames(b: Backend) {
 #[test]
 fn direct_view_bounds() {
     let fs = system_page_size();
-    let mem = PhysMem::builder().frames(4).build().unwrap();
+    let mem = memory().frames(4).build().unwrap();
     let page = mem.alloc_page().unwrap();
     let k: Kaddr<'_> = page.direct().unwrap();
     assert_eq!(k.len(), fs);

@@ -15,9 +15,7 @@ use lwbuf::{
 #[macro_use]
 #[path = "common/backend.rs"]
 mod backend;
-use backend::Backend;
-
-const BOTH: [Backend; 2] = [Backend::Window, Backend::Model];
+use backend::{Backend, BACKENDS};
 
 /// Wait until a thread sleeps in the pool (a liveness watchdog, not a
 /// timing assertion: a minute means something is broken).
@@ -44,7 +42,7 @@ fn config<T: std::fmt::Debug>(r: lwbuf::Result<T>, what: &str) {
 /// `alloc`, `alloc_run`, `poll` with no CPU bound: `NotBound`.
 #[test]
 fn alloc_with_no_bound_cpu() {
-    for b in BOTH {
+    for &b in BACKENDS {
         let mem = b.phys(8);
         let lw = Lwbufs::builder(b.mmu(&mem, 8)).cpus(2).build().unwrap();
         let run = mem.alloc_run(2).unwrap();
@@ -59,7 +57,7 @@ fn alloc_with_no_bound_cpu() {
 /// good and drops fine there.
 #[test]
 fn kva_with_no_bound_cpu() {
-    for b in BOTH {
+    for &b in BACKENDS {
         let mem = b.phys(8);
         let lw = Lwbufs::builder(b.mmu(&mem, 8)).cpus(2).build().unwrap();
         let page = mem.alloc_page().unwrap();
@@ -77,7 +75,7 @@ fn kva_with_no_bound_cpu() {
 /// A page of another `PhysMem`, to every mapper: `ForeignPage`.
 #[test]
 fn page_of_another_physmem() {
-    for b in BOTH {
+    for &b in BACKENDS {
         let mem = b.phys(8);
         let other = b.phys(8);
         let lw = Lwbufs::builder(b.mmu(&mem, 8)).cpus(1).build().unwrap();
@@ -158,7 +156,7 @@ fn too_many_systems_bound_on_one_thread() {
 /// Every slot of the pool mapped and in use, with each wait mode.
 #[test]
 fn full_window_for_sf_buf_with_each_wait_mode() {
-    for b in BOTH {
+    for &b in BACKENDS {
         let mem = b.phys(16);
         let pool = SfPool::builder(b.mmu(&mem, 4)).build().unwrap();
         let pages: Vec<Page> = (0..8).map(|_| mem.alloc_page().unwrap()).collect();
@@ -213,7 +211,7 @@ fn full_window_for_sf_buf_with_each_wait_mode() {
 /// `Sys { op: "mmap(enter)" }` with `ENOMEM`, is in `tests/lwbuf_wall.rs`.)
 #[test]
 fn full_window_for_lwbuf() {
-    for b in BOTH {
+    for &b in BACKENDS {
         let mem = b.phys(16);
         let pages: Vec<Page> = (0..6).map(|_| mem.alloc_page().unwrap()).collect();
         let lw = Lwbufs::builder(b.mmu(&mem, 4)).cpus(2).max_excess(4).build().unwrap();
@@ -244,6 +242,7 @@ fn full_window_for_lwbuf() {
 /// Zero or absurd configurations: `Config { what }` naming the setting (or
 /// `NoDirectMap` for a model MMU over memory without a direct map).
 #[test]
+#[cfg_attr(miri, ignore = "most of the configurations checked are of memfd memory and the window")]
 fn zero_or_absurd_configurations() {
     let page = system_page_size();
     config(PhysMem::builder().build(), "frames");
@@ -280,7 +279,7 @@ fn zero_or_absurd_configurations() {
 /// Copies outside a mapping, a frame or the memory: `OutOfBounds`.
 #[test]
 fn out_of_bounds_kaddr_access() {
-    for b in BOTH {
+    for &b in BACKENDS {
         let mem = b.phys(4);
         let fs = mem.frame_size();
         let lw = Lwbufs::builder(b.mmu(&mem, 4)).cpus(1).build().unwrap();
@@ -310,7 +309,11 @@ fn out_of_bounds_kaddr_access() {
         assert!(matches!(mem.read_frame(Pfn(0), fs - 1, &mut buf), Err(Error::OutOfBounds { .. })));
         assert_eq!(k.read_u64(fs - 8).unwrap(), 7, "nothing was written out of bounds");
     }
-    // No direct map: NoDirectMap rather than a view.
+    // No direct map: NoDirectMap rather than a view. Only memfd memory can
+    // lack one, and Miri cannot create a memfd.
+    if cfg!(miri) {
+        return;
+    }
     let mem = PhysMem::builder().frames(2).direct_map(false).build().unwrap();
     let p = mem.alloc_page().unwrap();
     assert!(matches!(p.direct(), Err(Error::NoDirectMap)));
@@ -321,7 +324,7 @@ fn out_of_bounds_kaddr_access() {
 /// `Config { what: "pages" }`.
 #[test]
 fn non_contiguous_run() {
-    for b in BOTH {
+    for &b in BACKENDS {
         let mem = b.phys(8);
         let lw = Lwbufs::builder(b.mmu(&mem, 8)).cpus(1).build().unwrap();
         let pool = SfPool::builder(b.mmu(&mem, 8)).build().unwrap();
@@ -354,7 +357,7 @@ fn out_of_frames() {
 /// memory corruption): slots or frames out of range.
 #[test]
 fn mmu_calls_outside_the_window() {
-    for b in BOTH {
+    for &b in BACKENDS {
         let mem = b.phys(4);
         let mmu = b.mmu(&mem, 4);
         // SAFETY: rejected before anything is mapped (that is the point).

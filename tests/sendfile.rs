@@ -4,6 +4,10 @@
 //! and the mapping caches behind the sfbuf and lwbuf modes (hits without
 //! system calls, per-CPU workers, a pool smaller than the requests).
 
+// Not under Miri: real sockets, sendfile(2), MSG_ZEROCOPY and files on disk,
+// none of which Miri can run.
+#![cfg(not(miri))]
+
 use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};

@@ -101,6 +101,11 @@ fn env_u64(name: &str) -> Option<u64> {
 
 fn seed() -> u64 {
     env_u64("LWBUF_SOAK_SEED").unwrap_or_else(|| {
+        // Miri isolates the program from the wall clock (and its runs are
+        // reproducible anyway): a fixed seed there.
+        if cfg!(miri) {
+            return 1;
+        }
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     })
 }
@@ -740,15 +745,28 @@ fn base(backend: Backend, cpus: usize, budget: Budget) -> Config {
     Config { backend, cpus, threads: 8, frames: 1024, lw_slots: 16384, sf_slots: 48, budget, seed: seed() }
 }
 
-/// 64 CPUs on the model backend for `LWBUF_SOAK_SECS` (default 30).
+/// 64 CPUs on the model backend for `LWBUF_SOAK_SECS` (default 30). Under
+/// Miri (about 100x slower, on a virtual clock) `LWBUF_SOAK_OPS` operations
+/// instead (default 1,500) on 256 frames.
 #[test]
 fn soak_model_64_cpus() {
+    if cfg!(miri) {
+        let ops = env_u64("LWBUF_SOAK_OPS").unwrap_or(MIRI_OPS);
+        soak(Config { frames: MIRI_FRAMES, ..base(Backend::Model, 64, Budget::Ops(ops)) });
+        return;
+    }
     let secs = env_u64("LWBUF_SOAK_SECS").unwrap_or(30);
     soak(base(Backend::Model, 64, Budget::Time(Duration::from_secs(secs))));
 }
 
+/// The soak's size under Miri: operations (1,500 take about a minute)
+/// and frames.
+const MIRI_OPS: u64 = 1500;
+const MIRI_FRAMES: usize = 256;
+
 /// 64 CPUs on the real window for `LWBUF_SOAK_WINDOW_SECS` (default 5).
 #[test]
+#[cfg_attr(miri, ignore = "the real window needs memfd_create and mmap")]
 fn soak_window_64_cpus() {
     let secs = env_u64("LWBUF_SOAK_WINDOW_SECS").unwrap_or(5);
     soak(base(Backend::Window, 64, Budget::Time(Duration::from_secs(secs))));

@@ -11,7 +11,9 @@
 //! issues only a compiler barrier, and the stealer issues
 //! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which makes every running
 //! thread of the process execute a full memory barrier (Linux 4.14+). If
-//! the kernel lacks it, both sides use a full `SeqCst` fence instead.
+//! the kernel lacks it, both sides use a full `SeqCst` fence instead; so do
+//! they under Miri (see the `barrier` module of the sync facade for why that
+//! is the sound stand-in).
 //!
 //! Outcome of the handshake: either the stealer sees the owner inside (and
 //! backs off or waits for it to leave), or the owner sees the stealer (and
