@@ -25,6 +25,9 @@ fn ops(max: usize) -> impl Strategy<Value = Vec<Op>> {
     proptest::collection::vec(op(), 1..max)
 }
 
+/// Operations per case (fewer under Miri).
+const MAX_LEN: usize = if cfg!(miri) { 60 } else { 200 };
+
 /// Under Miri (about 100x slower, and isolated from the file system) a few
 /// cases, and no failure file: persistence looks for the source directory.
 fn config(cases: u32) -> ProptestConfig {
@@ -39,7 +42,7 @@ proptest! {
     #![proptest_config(config(512))]
 
     #[test]
-    fn model_backend_matches_the_reference_model(ops in ops(200)) {
+    fn model_backend_matches_the_reference_model(ops in ops(MAX_LEN)) {
         run(&ops, Backend::Model);
     }
 }

@@ -616,8 +616,10 @@ fn eviction_races_hits_on_four_threads(b: Backend) {
     const FRAMES: usize = 64;
     const SLOTS: usize = 16;
     const THREADS: usize = 4;
-    // Per thread: 20k in all; under Miri (about 100x slower) 1,600.
-    const OPS: usize = if cfg!(miri) { 400 } else { 5_000 };
+    // Per thread: 20k in all; under Miri (about 100x slower) 600.
+    const OPS: usize = if cfg!(miri) { 150 } else { 5_000 };
+    // Thread 0 moves the cap every CAP_EVERY operations.
+    const CAP_EVERY: usize = if cfg!(miri) { 50 } else { 500 };
     const MAX_EXCESS: usize = 4;
     let rig = b.rig(FRAMES, SLOTS);
     let pool = rig.pool(MAX_EXCESS);
@@ -648,8 +650,8 @@ fn eviction_races_hits_on_four_threads(b: Backend) {
                         drop(sf);
                     }
                     // Thread 0 also moves the cap while the others race.
-                    if t == 0 && op % 500 == 250 {
-                        pool.set_max_excess([0, 1, 8, MAX_EXCESS][(op / 500) % 4]);
+                    if t == 0 && op % CAP_EVERY == CAP_EVERY / 2 {
+                        pool.set_max_excess([0, 1, 8, MAX_EXCESS][(op / CAP_EVERY) % 4]);
                     }
                 }
                 drop(held);
@@ -694,7 +696,9 @@ fn eviction_races_hits_on_four_threads(b: Backend) {
 /// within 20 s (a deadlock: a liveness check, not a timing assertion).
 fn two_greedy_threads(b: Backend, per_thread: usize, contiguous: bool, max_run: usize) {
     const SLOTS: usize = 8;
-    const ROUNDS: usize = 200;
+    // Under Miri (about 100x slower, and its clock runs with the work done)
+    // fewer rounds, so that the 20 s watchdog still means a deadlock.
+    const ROUNDS: usize = if cfg!(miri) { 10 } else { 200 };
     let rig = b.rig(64, SLOTS);
     let pool = Arc::new(rig.pool(2));
     let (done_tx, done_rx) = mpsc::channel();
