@@ -92,6 +92,37 @@ fn stamped(mem: &PhysMem) -> Vec<Page> {
     pages
 }
 
+/// One step of a workload: what it did and how it went; `None` when the
+/// workload is over.
+type Step = Option<(&'static str, lwbuf::Result<()>)>;
+
+/// Arm `inj` (if any), then run a workload's steps in order: each judged
+/// against the injection (or required to succeed with none) and followed by
+/// `check` of the cache's invariants. Returns the errors the injection
+/// caused.
+fn drive<S>(
+    faulty: &FaultyMmu,
+    inj: Option<&Injection>,
+    st: &mut S,
+    step: fn(&mut S, usize) -> Step,
+    check: impl Fn(&str),
+) -> usize {
+    if let Some(inj) = inj {
+        inj.arm(faulty);
+    }
+    let mut errors = 0;
+    for i in 0.. {
+        let before = faulty.fault_stats();
+        let Some((what, r)) = step(st, i) else { break };
+        match inj {
+            Some(inj) => judge_step(&mut errors, what, inj, &r, before, faulty.fault_stats()),
+            None => r.unwrap_or_else(|e| panic!("{what} with no fault: {e}")),
+        }
+        check(what);
+    }
+    errors
+}
+
 /// Judge one step's result against the faults injected while it ran.
 #[track_caller]
 fn judge_step(
@@ -186,7 +217,7 @@ fn check_lw(h: &Lwbuf<'_>) -> lwbuf::Result<()> {
 
 /// Step `i` of the lwbuf workload, `None` past the end. Each step is one
 /// public call (or a drop, whose unmaps cannot report an error).
-fn lw_step(st: &mut LwState<'_>, i: usize) -> Option<(&'static str, lwbuf::Result<()>)> {
+fn lw_step(st: &mut LwState<'_>, i: usize) -> Step {
     let r = match i {
         0 => ("bind 0", st.rebind(0)),
         1 => ("alloc a", st.alloc(0).map(|h| st.a = Some(h))),
@@ -237,22 +268,7 @@ fn lw_run(b: Backend, inj: Option<Injection>) -> Outcome {
     let faulty = b.faulty(&mem, LW_SLOTS);
     let lw = Lwbufs::builder(faulty.clone()).cpus(2).max_excess(2).build().unwrap();
     let mut st = LwState { lw: &lw, pages: &pages, guard: None, a: None, b: None, r: None, fill: Vec::new() };
-    if let Some(inj) = &inj {
-        inj.arm(&faulty);
-    }
-    let mut i = 0;
-    let mut errors = 0;
-    loop {
-        let before = faulty.fault_stats();
-        let Some((what, r)) = lw_step(&mut st, i) else { break };
-        if let Some(inj) = &inj {
-            judge_step(&mut errors, what, inj, &r, before, faulty.fault_stats());
-        } else {
-            r.unwrap_or_else(|e| panic!("{what} with no fault: {e}"));
-        }
-        lw_mapped_consistent(&lw, what);
-        i += 1;
-    }
+    let errors = drive(&faulty, inj.as_ref(), &mut st, lw_step, |what| lw_mapped_consistent(&lw, what));
     let calls = faulty.fault_stats();
     drop(st);
 
@@ -321,7 +337,7 @@ impl<'a> SfState<'a> {
     }
 }
 
-fn sf_step(st: &mut SfState<'_>, i: usize) -> Option<(&'static str, lwbuf::Result<()>)> {
+fn sf_step(st: &mut SfState<'_>, i: usize) -> Step {
     let quick = Wait::Timeout(std::time::Duration::from_millis(1));
     let r = match i {
         0 => ("alloc a", st.alloc(0, Wait::NoWait).map(|s| st.a = Some(s))),
@@ -374,22 +390,7 @@ fn sf_run(b: Backend, inj: Option<Injection>) -> Outcome {
     let faulty = b.faulty(&mem, SF_SLOTS);
     let pool = SfPool::builder(faulty.clone()).max_excess(2).build().unwrap();
     let mut st = SfState { pool: &pool, pages: &pages, a: None, r: None, all: Vec::new() };
-    if let Some(inj) = &inj {
-        inj.arm(&faulty);
-    }
-    let mut i = 0;
-    let mut errors = 0;
-    loop {
-        let before = faulty.fault_stats();
-        let Some((what, r)) = sf_step(&mut st, i) else { break };
-        if let Some(inj) = &inj {
-            judge_step(&mut errors, what, inj, &r, before, faulty.fault_stats());
-        } else {
-            r.unwrap_or_else(|e| panic!("{what} with no fault: {e}"));
-        }
-        sf_mapped_consistent(&pool, what);
-        i += 1;
-    }
+    let errors = drive(&faulty, inj.as_ref(), &mut st, sf_step, |what| sf_mapped_consistent(&pool, what));
     let calls = faulty.fault_stats();
     drop(st);
 

@@ -255,7 +255,7 @@ fn bad_ranges_and_memory_are_errors() {
     }
     let heap = PhysMem::builder().frames(4).backing(Backing::Heap).build().expect("heap");
     assert!(matches!(Sender::new(Mode::Sendfile, &heap, opts()), Err(Error::Config { .. })));
-    for m in [Mode::MmapPerRequest, Mode::Sfbuf, Mode::Lwbuf, Mode::LwbufRun] {
+    for m in [Mode::MmapPerRequest, Mode::SfBuf, Mode::Lwbuf, Mode::LwbufRun] {
         assert!(matches!(Sender::new(m, &heap, opts()), Err(Error::Config { .. })), "{m}");
     }
     let nodmap = PhysMem::builder().frames(4).direct_map(false).build().expect("no dmap");
@@ -272,10 +272,10 @@ fn mode_names_round_trip() {
         assert_eq!(m.to_string(), m.name());
     }
     assert_eq!("MMAP-per-request".parse::<Mode>().expect("alias"), Mode::MmapPerRequest);
-    assert_eq!("sf_buf".parse::<Mode>().expect("alias"), Mode::Sfbuf);
+    assert_eq!("sf_buf".parse::<Mode>().expect("alias"), Mode::SfBuf);
     assert_eq!("LWBUF_RUN".parse::<Mode>().expect("alias"), Mode::LwbufRun);
     for &m in Mode::ALL {
-        assert_eq!(m.caches_mappings(), matches!(m, Mode::Sfbuf | Mode::Lwbuf | Mode::LwbufRun), "{m}");
+        assert_eq!(m.caches_mappings(), matches!(m, Mode::SfBuf | Mode::Lwbuf | Mode::LwbufRun), "{m}");
         assert_eq!(m.uses_window(), m.caches_mappings() || m == Mode::MmapPerRequest, "{m}");
     }
     assert!(matches!("lwbufz".parse::<Mode>(), Err(Error::Config { .. })));
@@ -566,7 +566,7 @@ fn cache_modes_hit_without_system_calls_the_second_time() {
     let len = 200 * FS + 17;
     let file = PageFile::builder(&mem).max_run(16).pattern(len, 91).expect("file");
     let runs = file.run_count() as u64;
-    for mode in [Mode::Sfbuf, Mode::Lwbuf, Mode::LwbufRun] {
+    for mode in [Mode::SfBuf, Mode::Lwbuf, Mode::LwbufRun] {
         let sender = Sender::new(mode, &mem, opts()).expect("sender");
         let (a, b) = UnixStream::pair().expect("pair");
         let _worker = sender.bind_worker(0, false).expect("bind");
@@ -657,7 +657,7 @@ fn sfbuf_requests_larger_than_the_pool_and_concurrent_requests_do_not_deadlock()
     let mem = PhysMem::builder().frames(1024).build().expect("phys");
     let file = PageFile::builder(&mem).max_run(6).pattern(96 * FS, 93).expect("file");
     let o = opts().window_slots(8).max_run(4).stall_timeout(Some(Duration::from_secs(20)));
-    let sender = Sender::new(Mode::Sfbuf, &mem, o).expect("sender");
+    let sender = Sender::new(Mode::SfBuf, &mem, o).expect("sender");
     thread::scope(|s| {
         for t in 0..4u64 {
             let (sender, file) = (&sender, &file);
@@ -686,7 +686,7 @@ fn sfbuf_no_wait_while_holding_then_waits_when_idle() {
     let file = PageFile::pattern(&mem, 4 * FS, 94).expect("file");
     let other = mem.alloc_run(2).expect("frames");
     let o = opts().window_slots(2).max_run(1).stall_timeout(Some(Duration::from_millis(100)));
-    let sender = Sender::new(Mode::Sfbuf, &mem, o).expect("sender");
+    let sender = Sender::new(Mode::SfBuf, &mem, o).expect("sender");
     let pool = sender.sfbuf().expect("pool").pool();
     let held: Vec<_> = other.iter().map(|p| pool.alloc(p, lwbuf::Wait::NoWait).expect("hold")).collect();
     let (a, b) = UnixStream::pair().expect("pair");
@@ -711,7 +711,7 @@ fn sfbuf_no_wait_while_holding_then_waits_when_idle() {
 fn cache_modes_over_the_model_mmu_make_no_system_call() {
     let mem = PhysMem::builder().frames(256).backing(Backing::Heap).build().expect("heap");
     let file = PageFile::builder(&mem).max_run(5).pattern(40 * FS, 95).expect("file");
-    for mode in [Mode::Sfbuf, Mode::Lwbuf, Mode::LwbufRun, Mode::MmapPerRequest] {
+    for mode in [Mode::SfBuf, Mode::Lwbuf, Mode::LwbufRun, Mode::MmapPerRequest] {
         let mmu: Arc<dyn Mmu> = Arc::new(ModelMmu::new(&mem, 64).expect("model"));
         let sender = Sender::with_mmu(mode, mmu.clone(), opts()).expect("sender");
         let (a, b) = UnixStream::pair().expect("pair");
@@ -748,7 +748,7 @@ fn lwbuf_cache_smaller_than_the_working_set_evicts_and_stays_consistent() {
     // 16 slots per CPU for a 100-page file: every send evicts.
     let mem = PhysMem::builder().frames(512).build().expect("phys");
     let file = PageFile::builder(&mem).max_run(4).pattern(100 * FS, 96).expect("file");
-    for mode in [Mode::Lwbuf, Mode::LwbufRun, Mode::Sfbuf] {
+    for mode in [Mode::Lwbuf, Mode::LwbufRun, Mode::SfBuf] {
         let o = opts().window_slots(16).max_run(4);
         let sender = Sender::new(mode, &mem, o).expect("sender");
         let (a, b) = UnixStream::pair().expect("pair");
@@ -772,7 +772,7 @@ fn run_mappings_are_found_again_by_ranges_that_start_anywhere() {
     let file = PageFile::builder(&mem).max_run(16).pattern(len, 97).expect("file");
     assert_eq!(file.run_of(17), Some(16..32));
     assert_eq!(file.run_of(64), None);
-    for mode in [Mode::Sfbuf, Mode::LwbufRun] {
+    for mode in [Mode::SfBuf, Mode::LwbufRun] {
         let o = opts().max_run(4);
         let sender = Sender::new(mode, &mem, o).expect("sender");
         let (a, b) = UnixStream::pair().expect("pair");

@@ -40,7 +40,7 @@ pub const MODES: &[Mode] = &[
     Mode::Sendfile,
     Mode::Copy,
     Mode::MmapPerRequest,
-    Mode::Sfbuf,
+    Mode::SfBuf,
     Mode::Lwbuf,
     Mode::LwbufRun,
     Mode::DirectMap,

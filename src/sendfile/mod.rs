@@ -6,7 +6,7 @@
 //! | [`Mode::Sendfile`] | `sendfile(2)` from the memfd, pages by reference | 1 call per run + hold bookkeeping |
 //! | [`Mode::Copy`] | copy out of the direct map into a buffer, `send` | 1 `send` per buffer |
 //! | [`Mode::MmapPerRequest`] | map runs into a window, `writev`, unmap | 2 mapping calls per run + `writev`s |
-//! | [`Mode::Sfbuf`] | `writev` from a shared sf_buf pool ([`SfBufSource`]) | `writev`s; a miss: 1 `mmap` (+ 1 unmap if it evicts) |
+//! | [`Mode::SfBuf`] | `writev` from a shared sf_buf pool ([`SfBufSource`]) | `writev`s; a miss: 1 `mmap` (+ 1 unmap if it evicts) |
 //! | [`Mode::Lwbuf`] | `writev` from per-CPU lwbuf caches, a page per mapping ([`LwbufSource`]) | `writev`s; a miss: as sf_buf |
 //! | [`Mode::LwbufRun`] | the same, contiguous frames as one run mapping | `writev`s; a miss: as sf_buf |
 //! | [`Mode::DirectMap`] | `writev` from the direct map | `writev`s only |
@@ -118,7 +118,7 @@ pub struct SendOptions {
     pub copy_buffer: usize,
     /// The mapping capacity of the window-based modes, in slots (frames):
     /// the window [`Sender::new`] reserves for [`Mode::MmapPerRequest`],
-    /// the sf_buf pool's window for [`Mode::Sfbuf`], and each CPU's share
+    /// the sf_buf pool's window for [`Mode::SfBuf`], and each CPU's share
     /// of the lwbuf window for [`Mode::Lwbuf`] and [`Mode::LwbufRun`] (whose
     /// window has `cpus * window_slots` slots: every CPU maps what it sends
     /// itself, so every CPU caches its own copy of a hot page). Default
@@ -129,7 +129,7 @@ pub struct SendOptions {
     /// as the window (per CPU for lwbuf) has slots, so a working set that
     /// fits stays mapped. Default `None`.
     pub max_excess: Option<usize>,
-    /// The longest run of contiguous frames [`Mode::Sfbuf`] and
+    /// The longest run of contiguous frames [`Mode::SfBuf`] and
     /// [`Mode::LwbufRun`] map as one mapping, in pages (1: a mapping per
     /// page). Default 16 (64 KiB of 4 KiB frames).
     pub max_run: usize,

@@ -89,7 +89,7 @@ modes! {
     /// [`SendOptions::max_run`](super::SendOptions::max_run) pages, cached
     /// after the send; a hit makes no system call. A request sleeps for room
     /// only while it holds no mapping.
-    Sfbuf = "sfbuf" | "sf-buf" | "sf-bufs"; window: true, cache: true;
+    SfBuf = "sfbuf" | "sf-buf" | "sf-bufs"; window: true, cache: true;
     /// `writev` from the per-CPU lwbuf caches
     /// ([`LwbufSource`](super::LwbufSource)), one mapping per page, made and
     /// released on the worker's own CPU; a hit makes no system call.

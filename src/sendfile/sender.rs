@@ -19,7 +19,7 @@ use crate::phys::PhysMem;
 
 /// What one server sends with: a [`Mode`], the options, and the mapping
 /// resources the mode needs (a window for [`Mode::MmapPerRequest`], an
-/// sf_buf pool for [`Mode::Sfbuf`], per-CPU lwbuf caches for
+/// sf_buf pool for [`Mode::SfBuf`], per-CPU lwbuf caches for
 /// [`Mode::Lwbuf`] and [`Mode::LwbufRun`]). `Sync`: one `Sender` serves
 /// every worker thread, which share its caches; each socket gets a
 /// [`Connection`]. Mappings borrow the sender, so it outlives every worker
@@ -118,7 +118,7 @@ impl Sender {
     /// A sender of `mode` for files in `phys`. The window-based modes
     /// reserve a [`Window`](crate::Window) (one `mmap`):
     /// [`SendOptions::window_slots`] slots for [`Mode::MmapPerRequest`]
-    /// and [`Mode::Sfbuf`], that many per CPU ([`SendOptions::cpus`]) for
+    /// and [`Mode::SfBuf`], that many per CPU ([`SendOptions::cpus`]) for
     /// the lwbuf modes. Errors: [`Error::NoDirectMap`] for the direct-map
     /// modes without one, [`Error::Config`] for sendfile or a window over
     /// heap memory.
@@ -165,10 +165,10 @@ impl Sender {
         }
     }
 
-    /// The sf_buf pool source, for [`Mode::Sfbuf`].
+    /// The sf_buf pool source, for [`Mode::SfBuf`].
     pub fn sfbuf(&self) -> Option<&SfBufSource> {
         match &self.via {
-            Via::Plain(Plain::Sfbuf(p)) => Some(p),
+            Via::Plain(Plain::SfBuf(p)) => Some(p),
             _ => None,
         }
     }

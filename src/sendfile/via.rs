@@ -48,8 +48,8 @@ pub(super) enum Plain {
     MmapPerRequest(WindowSource),
     /// [`Mode::DirectMap`].
     DirectMap(DirectMapSource),
-    /// [`Mode::Sfbuf`].
-    Sfbuf(SfBufSource),
+    /// [`Mode::SfBuf`].
+    SfBuf(SfBufSource),
     /// [`Mode::Lwbuf`]: one page per mapping.
     Lwbuf(LwbufSource),
     /// [`Mode::LwbufRun`]: runs of up to [`SendOptions::max_run`] pages.
@@ -79,9 +79,9 @@ impl Via {
             Mode::MmapPerRequest => {
                 Plain::MmapPerRequest(WindowSource::new(window(mmu, phys, || Ok(opts.window_slots))?)?)
             }
-            Mode::Sfbuf => {
+            Mode::SfBuf => {
                 let mmu = window(mmu, phys, || Ok(opts.window_slots))?;
-                Plain::Sfbuf(SfBufSource::with_mmu(mmu, opts.max_excess, opts.max_run, opts.stall_timeout)?)
+                Plain::SfBuf(SfBufSource::with_mmu(mmu, opts.max_excess, opts.max_run, opts.stall_timeout)?)
             }
             Mode::Lwbuf => Plain::Lwbuf(lwbuf(mmu, phys, opts, 1)?),
             Mode::LwbufRun => Plain::LwbufRun(lwbuf(mmu, phys, opts, opts.max_run)?),
@@ -121,7 +121,7 @@ impl Plain {
             Plain::Copy => Mode::Copy,
             Plain::MmapPerRequest(_) => Mode::MmapPerRequest,
             Plain::DirectMap(_) => Mode::DirectMap,
-            Plain::Sfbuf(_) => Mode::Sfbuf,
+            Plain::SfBuf(_) => Mode::SfBuf,
             Plain::Lwbuf(_) => Mode::Lwbuf,
             Plain::LwbufRun(_) => Mode::LwbufRun,
         }
@@ -132,7 +132,7 @@ impl Plain {
             Plain::Copy => None,
             Plain::MmapPerRequest(w) => w.mmu_stats(),
             Plain::DirectMap(d) => d.mmu_stats(),
-            Plain::Sfbuf(p) => p.mmu_stats(),
+            Plain::SfBuf(p) => p.mmu_stats(),
             Plain::Lwbuf(l) | Plain::LwbufRun(l) => l.mmu_stats(),
         }
     }
@@ -140,7 +140,7 @@ impl Plain {
     fn cache_stats(&self) -> Option<CacheStats> {
         match self {
             Plain::Copy | Plain::MmapPerRequest(_) | Plain::DirectMap(_) => None,
-            Plain::Sfbuf(p) => Some(p.cache_stats()),
+            Plain::SfBuf(p) => Some(p.cache_stats()),
             Plain::Lwbuf(l) | Plain::LwbufRun(l) => Some(l.cache_stats()),
         }
     }
@@ -160,7 +160,7 @@ impl Plain {
             Plain::Copy => send_copy(fd, file, range, header, buf, opts),
             Plain::MmapPerRequest(w) => send_mapped(fd, file, range, header, w, opts),
             Plain::DirectMap(d) => send_mapped(fd, file, range, header, d, opts),
-            Plain::Sfbuf(p) => send_mapped(fd, file, range, header, p, opts),
+            Plain::SfBuf(p) => send_mapped(fd, file, range, header, p, opts),
             // Every mapping is released before `send_mapped` returns, so a
             // thread that is no worker of the sender can borrow a CPU for it.
             Plain::Lwbuf(l) | Plain::LwbufRun(l) => l.with_cpu(|| send_mapped(fd, file, range, header, l, opts)),

@@ -148,7 +148,7 @@ impl SfPool {
         if now.ref_count() != 0 {
             return;
         }
-        self.c.used.sub(1);
+        self.counters.used.sub(1);
         self.after_release(slot as usize, now);
     }
 

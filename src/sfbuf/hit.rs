@@ -107,7 +107,7 @@ impl SfPool {
             return Some(b);
         }
         let (slot, addr) = self.try_hint(key).or_else(|| self.try_hit(key))?;
-        self.c.hits.inc();
+        self.counters.hits.inc();
         Some(self.handle(hold, slot, addr))
     }
 
@@ -167,7 +167,7 @@ impl SfPool {
             // used through pins.
             e.state.mark_referenced();
         }
-        self.c.hits.inc();
+        self.counters.hits.inc();
         Some(SfBuf { pool: self, hold, slot, addr: self.addr_of(e), pin: pin as u32 })
     }
 
@@ -195,7 +195,7 @@ impl SfPool {
         let live = |s: Snapshot| (unchecked || s.gen() == gen) && s.is_published();
         let (was_unused, _) = e.state.take_ref(Snapshot::cached_guess(gen), live)?;
         if was_unused {
-            self.c.used.inc();
+            self.counters.used.inc();
         }
         // The generation is live, but it may map another frame of the
         // hint's bucket (7), or have wrapped (8). Under loom the table is
@@ -228,7 +228,7 @@ impl SfPool {
             let e = &self.entries[slot as usize];
             let (was_unused, state) = e.bump();
             if was_unused {
-                self.c.used.inc();
+                self.counters.used.inc();
             }
             (slot, state)
         })?;

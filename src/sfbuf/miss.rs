@@ -95,7 +95,7 @@ impl SfPool {
     pub(super) fn try_miss(&self, key: MapKey) -> Result<Option<(u32, NonNull<u8>)>> {
         // Someone may have mapped it since we looked.
         if let Some(v) = self.try_hit(key) {
-            self.c.hits.inc();
+            self.counters.hits.inc();
             return Ok(Some(v));
         }
         let Some(run) = self.take_slots(key.pages)? else { return Ok(None) };
@@ -128,7 +128,7 @@ impl SfPool {
         let live = e.state.start_mapped();
         match self.map.insert_or_with(key, slot, |&other| {
             if self.entries[other as usize].bump().0 {
-                self.c.used.inc();
+                self.counters.used.inc();
             }
             other
         }) {
@@ -136,13 +136,13 @@ impl SfPool {
                 // In the map: hint readers may take it from now on.
                 e.state.publish();
                 self.set_hint(key, slot, live);
-                self.c.misses.inc();
-                self.c.grows.inc();
-                self.c.used.inc();
+                self.counters.misses.inc();
+                self.counters.grows.inc();
+                self.counters.used.inc();
                 // The stripes are read one by one while other threads move
                 // them, so the sum can be off by the operations in flight,
                 // below zero included (it wraps): never record that.
-                let used = self.c.used.get();
+                let used = self.counters.used.get();
                 if used <= self.entries.len() as u64 {
                     self.peak.fetch_max(used, Ordering::Relaxed);
                 }
@@ -150,8 +150,8 @@ impl SfPool {
             }
             Some(other) => {
                 // Lost the race to map this frame: use theirs, undo ours.
-                self.c.lost_races.inc();
-                self.c.hits.inc();
+                self.counters.lost_races.inc();
+                self.counters.hits.inc();
                 e.state.abandon(live);
                 // SAFETY: never published, so ours alone.
                 let m = e.mapping.with_mut(|p| unsafe { (*p).take() }).expect("just stored");
@@ -188,7 +188,7 @@ impl SfPool {
             Err((_, m)) => {
                 // Keep the slots out of circulation rather than reuse a slot
                 // that is still mapped; the next trim tries again.
-                self.c.unmap_errors.inc();
+                self.counters.unmap_errors.inc();
                 lock(&self.stale).push(m);
             }
         }
@@ -244,11 +244,11 @@ impl SfPool {
                         Ok(run) => {
                             // The state stays DEAD (with the generation that
                             // died) until the slot is published again.
-                            self.c.evictions.inc();
+                            self.counters.evictions.inc();
                             return Ok(Some(run));
                         }
                         Err((err, m)) => {
-                            self.c.unmap_errors.inc();
+                            self.counters.unmap_errors.inc();
                             self.revive(slot, key, m);
                             return Err(err);
                         }
@@ -354,7 +354,7 @@ impl SfPool {
             match unsafe { self.kva.unmap(m) } {
                 Ok(run) => self.give_slots(run),
                 Err((_, m)) => {
-                    self.c.unmap_errors.inc();
+                    self.counters.unmap_errors.inc();
                     lock(&self.stale).push(m);
                 }
             }

@@ -17,7 +17,7 @@ use super::{SfBuf, SfStats, Wait};
 use crate::error::{Error, Result};
 use crate::kva::{Hold, KvaSpace, MapKey, Mapping};
 use crate::mmu::Mmu;
-use crate::phys::Page;
+use crate::phys::{contiguous_prefix, Page};
 use crate::sync::barrier;
 use crate::sync::{
     fence, lock, Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering,
@@ -80,7 +80,7 @@ impl SfPoolBuilder {
             waitq: WaitQueue::new(),
             closed: AtomicBool::new(false),
             peak: AtomicU64::new(0),
-            c: Counters::default(),
+            counters: Counters::default(),
             kva,
         })
     }
@@ -149,7 +149,7 @@ pub struct SfPool {
     /// so a hit makes no extra dependent load.
     pub(super) closed: AtomicBool,
     pub(super) peak: AtomicU64,
-    pub(super) c: Counters,
+    pub(super) counters: Counters,
 }
 
 impl SfPool {
@@ -219,10 +219,7 @@ impl SfPool {
         let max_run = max_run.max(1);
         let mut rest = pages;
         while !rest.is_empty() {
-            let mut n = 1;
-            while n < rest.len() && n < max_run && rest[n].pfn().0 == rest[0].pfn().0 + n {
-                n += 1;
-            }
+            let n = contiguous_prefix(rest, max_run);
             groups.push(&rest[..n]);
             rest = &rest[n..];
         }
@@ -247,10 +244,10 @@ impl SfPool {
 
     fn count_wait(&self, o: Outcome) {
         match o {
-            Outcome::Waited => self.c.waits.inc(),
-            Outcome::NoWait => self.c.nowait_fails.inc(),
-            Outcome::TimedOut => self.c.timeouts.inc(),
-            Outcome::Cancelled => self.c.cancels.inc(),
+            Outcome::Waited => self.counters.waits.inc(),
+            Outcome::NoWait => self.counters.nowait_fails.inc(),
+            Outcome::TimedOut => self.counters.timeouts.inc(),
+            Outcome::Cancelled => self.counters.cancels.inc(),
             Outcome::Closed => {}
         }
     }
@@ -293,7 +290,7 @@ impl SfPool {
     fn try_room(&self, key: MapKey) -> Result<Option<(u32, NonNull<u8>)>> {
         let r = self.try_miss(key);
         if let Ok(None) = r {
-            self.c.no_room.inc();
+            self.counters.no_room.inc();
         }
         r
     }
@@ -343,17 +340,17 @@ impl SfPool {
             cached,
             mapped,
             peak: self.peak.load(Ordering::Relaxed),
-            hits: self.c.hits.get(),
-            misses: self.c.misses.get(),
-            grows: self.c.grows.get(),
-            evictions: self.c.evictions.get(),
-            waits: self.c.waits.get(),
-            timeouts: self.c.timeouts.get(),
-            cancels: self.c.cancels.get(),
-            nowait_fails: self.c.nowait_fails.get(),
-            no_room: self.c.no_room.get(),
-            lost_races: self.c.lost_races.get(),
-            unmap_errors: self.c.unmap_errors.get(),
+            hits: self.counters.hits.get(),
+            misses: self.counters.misses.get(),
+            grows: self.counters.grows.get(),
+            evictions: self.counters.evictions.get(),
+            waits: self.counters.waits.get(),
+            timeouts: self.counters.timeouts.get(),
+            cancels: self.counters.cancels.get(),
+            nowait_fails: self.counters.nowait_fails.get(),
+            no_room: self.counters.no_room.get(),
+            lost_races: self.counters.lost_races.get(),
+            unmap_errors: self.counters.unmap_errors.get(),
             waiters: self.waitq.waiters() as u64,
             live_mappings: live as u64,
             map_budget: budget as u64,
