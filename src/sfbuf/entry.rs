@@ -11,7 +11,7 @@
 //! `&mut`.
 
 use crate::kva::{MapKey, Mapping};
-use crate::sync::{AtomicUsize, Ordering, UnsafeCell};
+use crate::sync::{AtomicPtr, AtomicUsize, Ordering, UnsafeCell};
 
 use super::state::{AtomicState, Snapshot};
 
@@ -20,7 +20,7 @@ pub(super) struct Entry {
     /// The key, written before the entry is published in the map.
     pub(super) pfn: AtomicUsize,
     pub(super) pages: AtomicUsize,
-    pub(super) addr: AtomicUsize,
+    pub(super) addr: AtomicPtr<u8>,
     /// Written by the thread that maps the entry before it publishes it,
     /// taken by the evictor that killed it: never two at once (the module
     /// docs).
@@ -38,7 +38,7 @@ impl Entry {
             state: AtomicState::new(),
             pfn: AtomicUsize::new(0),
             pages: AtomicUsize::new(0),
-            addr: AtomicUsize::new(0),
+            addr: AtomicPtr::new(std::ptr::null_mut()),
             mapping: UnsafeCell::new(None),
         }
     }

@@ -237,6 +237,6 @@ impl SfPool {
     }
 
     pub(super) fn addr_of(&self, e: &Entry) -> NonNull<u8> {
-        NonNull::new(e.addr.load(Ordering::Relaxed) as *mut u8).expect("published entry has an address")
+        NonNull::new(e.addr.load(Ordering::Relaxed)).expect("published entry has an address")
     }
 }

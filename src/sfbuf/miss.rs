@@ -121,7 +121,7 @@ impl SfPool {
         // Written before the generation starts (4; `hit.rs`, 7).
         e.pfn.store(key.pfn, Ordering::Relaxed);
         e.pages.store(key.pages, Ordering::Relaxed);
-        e.addr.store(addr.as_ptr() as usize, Ordering::Relaxed);
+        e.addr.store(addr.as_ptr(), Ordering::Relaxed);
         // SAFETY: the slot was free (ours from `take_slots`), so no other
         // thread can reach this entry until we publish it below.
         e.mapping.with_mut(|p| unsafe { *p = Some(m) });

@@ -323,7 +323,7 @@ impl SfPool {
         let mut mapped = 0;
         for (slot, e) in self.entries.iter().enumerate() {
             let s = e.state.load(Ordering::Relaxed);
-            if s.is_dead() || e.addr.load(Ordering::Relaxed) == 0 {
+            if s.is_dead() || e.addr.load(Ordering::Relaxed).is_null() {
                 continue;
             }
             if s.ref_count() != 0 || self.pinned(slot) != 0 {
