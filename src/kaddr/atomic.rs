@@ -63,6 +63,8 @@ pub(crate) unsafe fn load(src: *mut u8, dst: &mut [u8]) {
     if n == 0 {
         return;
     }
+    // Every write to `dst` below goes through `out` (a reborrow of `dst`
+    // in between would invalidate it).
     let out = dst.as_mut_ptr();
     let (w, off) = word_of(src);
     let mut done = 0;
@@ -70,7 +72,8 @@ pub(crate) unsafe fn load(src: *mut u8, dst: &mut [u8]) {
         // SAFETY: the containing word lies inside the mapping (module docs).
         let v = unsafe { atomic(w) }.load(Ordering::Relaxed).to_ne_bytes();
         done = (WORD - off).min(n);
-        dst[..done].copy_from_slice(&v[off..off + done]);
+        // SAFETY: `done <= n` bytes into `dst`, from a local array.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr().add(off), out, done) };
     }
     // `src + done` is word-aligned from here on. Four words a step: the
     // loads must stay word-sized atomics, but the private destination can
@@ -101,7 +104,8 @@ pub(crate) unsafe fn load(src: *mut u8, dst: &mut [u8]) {
     if done < n {
         // SAFETY: the word holding the last bytes lies inside the mapping.
         let v = unsafe { atomic(src.add(done).cast::<usize>()) }.load(Ordering::Relaxed).to_ne_bytes();
-        dst[done..].copy_from_slice(&v[..n - done]);
+        // SAFETY: the last `n - done < WORD` bytes of `dst`, from a local array.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.add(done), n - done) };
     }
 }
 
