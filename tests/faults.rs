@@ -467,6 +467,10 @@ fn sweep(b: Backend, run: fn(Backend, Option<Injection>) -> Outcome) -> (usize, 
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "the whole sweep takes about 7 minutes under Miri; it runs in the normal suite, and the single-fault tests of this file run under Miri"
+)]
 fn lwbuf_every_fault_on_model() {
     let (runs, enter_errors, remove_errors) = sweep(Backend::Model, lw_run);
     assert!(runs > MIN_RUNS && enter_errors > runs / 4 && remove_errors > 0, "{runs} {enter_errors} {remove_errors}");
@@ -480,6 +484,10 @@ fn lwbuf_every_fault_on_window() {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "the whole sweep takes about 7 minutes under Miri; it runs in the normal suite, and the single-fault tests of this file run under Miri"
+)]
 fn sfbuf_every_fault_on_model() {
     let (runs, enter_errors, remove_errors) = sweep(Backend::Model, sf_run);
     assert!(runs > MIN_RUNS && enter_errors > runs / 4 && remove_errors > 0, "{runs} {enter_errors} {remove_errors}");
