@@ -14,6 +14,7 @@ use crate::sync::Ordering;
 /// direct map: the pool builds, and frames at both ends of the frame
 /// numbers miss, hit, and keep their bytes across an unmap.
 #[test]
+#[cfg_attr(miri, ignore = "a 64 TiB memory needs memfd_create")]
 fn pool_over_64_tib_maps_frames_at_both_ends() {
     let fs = system_page_size();
     let frames = MAX_REGION_BYTES / fs;
@@ -57,6 +58,7 @@ fn pool_over_64_tib_maps_frames_at_both_ends() {
 /// finds the wrong key and gives its reference back, and the map serves
 /// it. Every hit returns its own frame's bytes.
 #[test]
+#[cfg_attr(miri, ignore = "a 64 TiB memory needs memfd_create")]
 fn frames_that_share_a_hint_hit_their_own_mappings() {
     let fs = system_page_size();
     let frames = MAX_REGION_BYTES / fs;
