@@ -105,13 +105,22 @@ fn check_words(sf: &SfBuf<'_>, rng: &mut SmallRng) {
     }
 }
 
-/// Check every word of every page of `sf`.
+/// Check every word of every page of `sf`. Under Miri (about 100x slower)
+/// every word of the first page and four words of each other page.
 #[track_caller]
 fn check_all_words(sf: &SfBuf<'_>) {
     let fs = system_page_size();
     let k = sf.kva();
     let mut buf = vec![0u8; fs];
     for (i, p) in sf.pages().iter().enumerate() {
+        if cfg!(miri) && i > 0 {
+            let words = fs / 8;
+            for w in [0, 1, words / 2, words - 1] {
+                let got = k.read_u64(i * fs + w * 8).expect("read_u64");
+                assert_eq!(got, pattern(p.pfn().0, w), "frame {} word {w} read through {:#x}", p.pfn().0, k.addr());
+            }
+            continue;
+        }
         k.read_at(i * fs, &mut buf).expect("read page");
         for (w, chunk) in buf.chunks_exact(8).enumerate() {
             let got = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
@@ -323,7 +332,10 @@ fn forever_wakes_when_the_holder_drops(b: Backend) {
             check_all_words(&sf);
             let s = pool.stats();
             assert_eq!((s.waits, s.timeouts, s.cancels, s.nowait_fails), (1, 0, 0, 0), "{s}");
-            assert!(s.no_room >= 2, "the first try and the one after waiting's announcement: {s}");
+            // The first try found no room; the re-check after the waiter's
+            // announcement finds none either unless the release came in
+            // between (a slow scheduler, Miri): at least one.
+            assert!(s.no_room >= 1, "the first try found no room: {s}");
         });
         assert_quiescent(&pool);
     }
@@ -616,10 +628,10 @@ fn eviction_races_hits_on_four_threads(b: Backend) {
     const FRAMES: usize = 64;
     const SLOTS: usize = 16;
     const THREADS: usize = 4;
-    // Per thread: 20k in all; under Miri (about 100x slower) 600.
-    const OPS: usize = if cfg!(miri) { 150 } else { 5_000 };
+    // Per thread: 20k in all; under Miri (about 100x slower) 240.
+    const OPS: usize = if cfg!(miri) { 60 } else { 5_000 };
     // Thread 0 moves the cap every CAP_EVERY operations.
-    const CAP_EVERY: usize = if cfg!(miri) { 50 } else { 500 };
+    const CAP_EVERY: usize = if cfg!(miri) { 12 } else { 500 };
     const MAX_EXCESS: usize = 4;
     let rig = b.rig(FRAMES, SLOTS);
     let pool = rig.pool(MAX_EXCESS);
@@ -694,6 +706,8 @@ fn eviction_races_hits_on_four_threads(b: Backend) {
 /// Two threads, each asking for `per_thread` pages all-or-nothing from a
 /// window of 8 slots, 200 times; panics if they have not both finished
 /// within 20 s (a deadlock: a liveness check, not a timing assertion).
+/// Under Miri, whose clock advances with the instructions it interprets,
+/// 10 rounds within 600 s.
 fn two_greedy_threads(b: Backend, per_thread: usize, contiguous: bool, max_run: usize) {
     const SLOTS: usize = 8;
     // Under Miri (about 100x slower, and its clock runs with the work done)
@@ -719,13 +733,14 @@ fn two_greedy_threads(b: Backend, per_thread: usize, contiguous: bool, max_run: 
             done_tx.send(t).expect("send");
         });
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let limit = Duration::from_secs(if cfg!(miri) { 600 } else { 20 });
+    let deadline = Instant::now() + limit;
     for _ in 0..2 {
         let left = deadline.saturating_duration_since(Instant::now());
         match done_rx.recv_timeout(left) {
             Ok(_) => {}
             Err(_) => panic!(
-                "two threads each needing {per_thread} of {SLOTS} slots did not finish {ROUNDS} rounds in 20 s \
+                "two threads each needing {per_thread} of {SLOTS} slots did not finish {ROUNDS} rounds in {limit:?} \
                  (deadlock?): {}",
                 pool.stats()
             ),

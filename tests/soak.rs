@@ -747,7 +747,7 @@ fn base(backend: Backend, cpus: usize, budget: Budget) -> Config {
 
 /// 64 CPUs on the model backend for `LWBUF_SOAK_SECS` (default 30). Under
 /// Miri (about 100x slower, on a virtual clock) `LWBUF_SOAK_OPS` operations
-/// instead (default 1,500) on 256 frames.
+/// instead (default 200) on 256 frames.
 #[test]
 fn soak_model_64_cpus() {
     if cfg!(miri) {
@@ -759,9 +759,9 @@ fn soak_model_64_cpus() {
     soak(base(Backend::Model, 64, Budget::Time(Duration::from_secs(secs))));
 }
 
-/// The soak's size under Miri: operations (1,500 take about a minute)
-/// and frames.
-const MIRI_OPS: u64 = 1500;
+/// The soak's size under Miri: operations (200 take about a minute and a
+/// half on a 2-core machine) and frames.
+const MIRI_OPS: u64 = 200;
 const MIRI_FRAMES: usize = 256;
 
 /// 64 CPUs on the real window for `LWBUF_SOAK_WINDOW_SECS` (default 5).

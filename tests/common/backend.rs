@@ -50,8 +50,10 @@ impl Backend {
 /// Instantiate each generic test `fn name(Backend)` once per backend, as
 /// `on_window::name` and `on_model::name`. Under Miri only the model half
 /// runs: the window needs `memfd_create` and `mmap`, which Miri cannot run.
+/// Attributes written before a name apply to its model half, e.g.
+/// `#[cfg_attr(miri, ignore = "why")] name` to leave it out of the Miri run.
 macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
+    ($($(#[$model_attr:meta])* $name:ident),* $(,)?) => {
         mod on_window {
             $(
                 #[test]
@@ -60,7 +62,11 @@ macro_rules! on_both_backends {
             )*
         }
         mod on_model {
-            $(#[test] fn $name() { super::$name(super::Backend::Model) })*
+            $(
+                #[test]
+                $(#[$model_attr])*
+                fn $name() { super::$name(super::Backend::Model) }
+            )*
         }
     };
 }
