@@ -628,10 +628,10 @@ fn eviction_races_hits_on_four_threads(b: Backend) {
     const FRAMES: usize = 64;
     const SLOTS: usize = 16;
     const THREADS: usize = 4;
-    // Per thread: 20k in all; under Miri (about 100x slower) 240.
-    const OPS: usize = if cfg!(miri) { 60 } else { 5_000 };
+    // Per thread: 20k in all; under Miri (about 100x slower) 120.
+    const OPS: usize = if cfg!(miri) { 30 } else { 5_000 };
     // Thread 0 moves the cap every CAP_EVERY operations.
-    const CAP_EVERY: usize = if cfg!(miri) { 12 } else { 500 };
+    const CAP_EVERY: usize = if cfg!(miri) { 8 } else { 500 };
     const MAX_EXCESS: usize = 4;
     let rig = b.rig(FRAMES, SLOTS);
     let pool = rig.pool(MAX_EXCESS);
@@ -707,12 +707,12 @@ fn eviction_races_hits_on_four_threads(b: Backend) {
 /// window of 8 slots, 200 times; panics if they have not both finished
 /// within 20 s (a deadlock: a liveness check, not a timing assertion).
 /// Under Miri, whose clock advances with the instructions it interprets,
-/// 10 rounds within 600 s.
+/// 5 rounds within 600 s.
 fn two_greedy_threads(b: Backend, per_thread: usize, contiguous: bool, max_run: usize) {
     const SLOTS: usize = 8;
     // Under Miri (about 100x slower, and its clock runs with the work done)
     // fewer rounds, so that the 20 s watchdog still means a deadlock.
-    const ROUNDS: usize = if cfg!(miri) { 10 } else { 200 };
+    const ROUNDS: usize = if cfg!(miri) { 5 } else { 200 };
     let rig = b.rig(64, SLOTS);
     let pool = Arc::new(rig.pool(2));
     let (done_tx, done_rx) = mpsc::channel();

@@ -693,7 +693,9 @@ fn soak(cfg: Config) {
     assert_eq!(mismatches, 0, "mismatches: {:#?}", sh.first_mismatches.lock().unwrap());
 
     // The run did what it is meant to.
-    assert!(ops > 1000, "only {ops} operations");
+    // Under Miri the run is a fixed number of operations (`MIRI_OPS`).
+    let min_ops = if cfg!(miri) { MIRI_OPS / 2 } else { 1000 };
+    assert!(ops > min_ops, "only {ops} operations");
     assert!(sh.checked_pages.load(Ordering::Relaxed) > ops / 10);
     assert!(sh.writes.load(Ordering::Relaxed) > ops / 100);
     assert!(lst.total.hits > 0 && lst.total.misses > 0 && lst.total.evictions > 0, "{lst}");
