@@ -700,7 +700,9 @@ fn soak(cfg: Config) {
     assert!(sh.writes.load(Ordering::Relaxed) > ops / 100);
     assert!(lst.total.hits > 0 && lst.total.misses > 0 && lst.total.evictions > 0, "{lst}");
     assert!(lst.total.foreign > 0 && lst.total.decrefs_sent > 0 && lst.unbound_sent > 0, "{lst}");
-    assert!(lst.per_cpu.iter().filter(|c| c.allocs > 0).count() > cfg.cpus / 2, "{lst}");
+    // Most CPUs took part (under Miri's 200 operations, an eighth of them).
+    let min_cpus = if cfg!(miri) { cfg.cpus / 8 } else { cfg.cpus / 2 };
+    assert!(lst.per_cpu.iter().filter(|c| c.allocs > 0).count() > min_cpus, "{lst}");
     assert!(sst.hits > 0 && sst.misses > 0 && sst.evictions > 0, "{sst}");
     assert_eq!(sh.lw_live.load(Ordering::Relaxed), 0);
     assert_eq!(sh.sf_transit.load(Ordering::Relaxed), 0);
