@@ -753,6 +753,7 @@ fn base(backend: Backend, cpus: usize, budget: Budget) -> Config {
 /// Miri (about 100x slower, on a virtual clock) `LWBUF_SOAK_OPS` operations
 /// instead (default 200) on 256 frames.
 #[test]
+#[cfg_attr(miri, ignore = "minutes under Miri: run it with `./scripts/miri soak_model --ignored`")]
 fn soak_model_64_cpus() {
     if cfg!(miri) {
         let ops = env_u64("LWBUF_SOAK_OPS").unwrap_or(MIRI_OPS);
