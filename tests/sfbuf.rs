@@ -711,7 +711,7 @@ fn eviction_races_hits_on_four_threads(b: Backend) {
 fn two_greedy_threads(b: Backend, per_thread: usize, contiguous: bool, max_run: usize) {
     const SLOTS: usize = 8;
     // Under Miri (about 100x slower, and its clock runs with the work done)
-    // fewer rounds, so that the 20 s watchdog still means a deadlock.
+    // fewer rounds, and a 600 s watchdog (below).
     const ROUNDS: usize = if cfg!(miri) { 5 } else { 200 };
     let rig = b.rig(64, SLOTS);
     let pool = Arc::new(rig.pool(2));

@@ -764,8 +764,8 @@ fn soak_model_64_cpus() {
     soak(base(Backend::Model, 64, Budget::Time(Duration::from_secs(secs))));
 }
 
-/// The soak's size under Miri: operations (200 take about a minute and a
-/// half on a 2-core machine) and frames.
+/// The soak's size under Miri: operations (200 take four minutes or more
+/// on a 2-core machine) and frames.
 const MIRI_OPS: u64 = 200;
 const MIRI_FRAMES: usize = 256;
 
