@@ -17,8 +17,11 @@ use crate::mmu::{Mmu, MmuStats, Slot};
 use crate::phys::{contiguous_prefix, Page, Pfn};
 use crate::sync::{AtomicUsize, Ordering};
 
-/// What a cached mapping maps: `pages` contiguous frames from `pfn` (1 for
-/// an ordinary mapping, more for a run mapping). The key of both caches.
+/// What a cached mapping maps: `pages` contiguous frames from `pfn`. The key
+/// of both caches. With a mapping granule of G frames, a page (or a run that
+/// lies inside one granule) is keyed by its whole granule: `pfn` a multiple
+/// of G and `pages` G (fewer for the last granule of the memory); a run that
+/// crosses granules is keyed by itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct MapKey {
     pub(crate) pfn: usize,
@@ -45,6 +48,9 @@ pub(crate) struct SlotRun {
 #[must_use = "a Mapping must be unmapped before its slots are reused"]
 pub(crate) struct Mapping {
     run: SlotRun,
+    /// Frames entered from the run's first slot (at most `run.len`: a run is
+    /// a whole number of granules, the last granule of memory may be short).
+    pages: usize,
     addr: NonNull<u8>,
 }
 
@@ -68,6 +74,10 @@ impl Mapping {
     pub(crate) fn slot(&self) -> Slot {
         Slot(self.run.start)
     }
+    /// Slots the mapping holds (a whole number of granules).
+    pub(crate) fn slots(&self) -> usize {
+        self.run.len
+    }
 }
 
 /// One window's address space: the MMU, who owns which slot, and the
@@ -81,6 +91,11 @@ pub(crate) struct KvaSpace {
     /// Calls that gave slots back (a hint that slots moved; see `gives`).
     gives: AtomicUsize,
     budget: usize,
+    /// log2 of the mapping granule in frames: the slot allocator hands out
+    /// whole granules, and a page is mapped with its granule.
+    shift: u32,
+    /// Frames of the memory (the last granule may be short).
+    frames: usize,
     /// The MMU's slot size, read once: every handle's `kva()` needs it, and
     /// asking the `dyn Mmu` costs two indirect calls.
     slot_size: usize,
@@ -112,13 +127,81 @@ impl KvaSpace {
     /// The slot allocator of `mmu`'s window. [`Error::WindowClaimed`] if
     /// another allocator has it (two would hand out the same slots) or
     /// frames are entered in it by hand; the claim ends when this drops.
-    pub(crate) fn new(mmu: Arc<dyn Mmu>, budget: Option<usize>) -> Result<Self> {
+    ///
+    /// `granule`: the frames mapped, cached and evicted as one unit (a power
+    /// of two, at most the window's slots; on huge-page memory a multiple of
+    /// the frames in a huge page). `None`: the memory's smallest granule (1
+    /// frame, or one huge page). [`Error::Config`] names a bad one.
+    pub(crate) fn new(mmu: Arc<dyn Mmu>, budget: Option<usize>, granule: Option<usize>) -> Result<Self> {
+        let phys = mmu.phys().clone();
+        let min = phys.min_granule();
+        let granule = granule.unwrap_or(min);
+        check_granule(granule, min, mmu.capacity())?;
         mmu.claim()?;
-        let slots = Extents::new(mmu.capacity());
+        let shift = granule.trailing_zeros();
+        let slots = Extents::new(mmu.capacity() >> shift);
         let budget = budget.unwrap_or_else(default_map_budget);
         let slot_size = mmu.slot_size();
-        let phys = mmu.phys().clone();
-        Ok(KvaSpace { mmu, slots, live: AtomicUsize::new(0), gives: AtomicUsize::new(0), budget, slot_size, phys })
+        let frames = phys.frames();
+        Ok(KvaSpace {
+            mmu,
+            slots,
+            live: AtomicUsize::new(0),
+            gives: AtomicUsize::new(0),
+            budget,
+            shift,
+            frames,
+            slot_size,
+            phys,
+        })
+    }
+
+    /// The mapping granule, in frames (and slots).
+    #[inline]
+    pub(crate) fn granule(&self) -> usize {
+        1 << self.shift
+    }
+
+    /// Slots a mapping of `pages` frames takes: whole granules.
+    #[inline]
+    pub(crate) fn slots_for(&self, pages: usize) -> usize {
+        let g = self.granule();
+        pages.div_ceil(g) * g
+    }
+
+    /// The key under which `n` contiguous frames from `first` are mapped:
+    /// their granule if they lie inside one, else themselves.
+    #[inline]
+    pub(crate) fn key_of(&self, first: usize, n: usize) -> MapKey {
+        let base = first & !(self.granule() - 1);
+        if first + n <= base + self.granule() {
+            MapKey { pfn: base, pages: self.granule().min(self.frames - base) }
+        } else {
+            MapKey { pfn: first, pages: n }
+        }
+    }
+
+    /// Whether `key` is one granule (the keys the per-frame indexes hold),
+    /// and its granule number.
+    #[inline]
+    pub(crate) fn granule_index(&self, key: MapKey) -> Option<usize> {
+        let g = self.granule();
+        (key.pfn & (g - 1) == 0 && key.pages <= g).then_some(key.pfn >> self.shift)
+    }
+
+    /// log2 of the granule.
+    #[inline]
+    pub(crate) fn granule_shift(&self) -> u32 {
+        self.shift
+    }
+
+    /// The address of frame `pfn` inside a mapping of `key` at `addr`.
+    #[inline]
+    pub(crate) fn addr_in(&self, key: MapKey, addr: NonNull<u8>, pfn: usize) -> NonNull<u8> {
+        debug_assert!(pfn >= key.pfn && pfn < key.pfn + key.pages);
+        // SAFETY: `pfn` is one of the key's frames, so the offset stays
+        // inside the mapping that starts at `addr`.
+        unsafe { addr.add((pfn - key.pfn) * self.slot_size) }
     }
 
     /// Live mappings now, and the budget.
@@ -135,12 +218,13 @@ impl KvaSpace {
         &self.mmu
     }
 
+    /// Slots the caches can use: whole granules.
     pub(crate) fn capacity(&self) -> usize {
-        self.slots.total()
+        self.slots.total() << self.shift
     }
 
     pub(crate) fn free_slots(&self) -> usize {
-        self.slots.free_count()
+        self.slots.free_count() << self.shift
     }
 
     #[inline]
@@ -173,10 +257,10 @@ impl KvaSpace {
         if let Some(p) = pages.get(n) {
             return Err(Error::config("pages", format!("frame {} breaks the run at index {n}", p.pfn().0)));
         }
-        if pages.len() > self.capacity() {
+        let key = self.key_of(first.pfn().0, pages.len());
+        if self.slots_for(key.pages) > self.capacity() {
             return Err(Error::WindowFull { requested: pages.len(), capacity: self.capacity() });
         }
-        let key = MapKey { pfn: first.pfn().0, pages: pages.len() };
         Ok((key, pages))
     }
 
@@ -184,35 +268,37 @@ impl KvaSpace {
     #[inline]
     pub(crate) fn page_key<'a>(&self, page: &'a Page) -> Result<(MapKey, Hold<'a>)> {
         self.check_page(page)?;
-        Ok((MapKey { pfn: page.pfn().0, pages: 1 }, std::slice::from_ref(page)))
+        Ok((self.key_of(page.pfn().0, 1), std::slice::from_ref(page)))
     }
 
-    /// Claim `n` adjacent free slots.
-    pub(crate) fn take(&self, n: usize) -> Option<SlotRun> {
-        self.slots.alloc(n).map(|start| SlotRun { start, len: n })
+    /// Claim adjacent free slots for a mapping of `pages` frames (whole
+    /// granules).
+    pub(crate) fn take(&self, pages: usize) -> Option<SlotRun> {
+        let units = pages.div_ceil(self.granule());
+        self.slots.alloc(units).map(|u| SlotRun { start: u << self.shift, len: units << self.shift })
     }
 
-    /// Claim up to `max` single slots in one lock round trip.
+    /// Claim up to `max` single granules in one lock round trip.
     pub(crate) fn take_batch(&self, max: usize, out: &mut Vec<SlotRun>) -> usize {
         let mut raw = Vec::with_capacity(max);
         let n = self.slots.alloc_batch(max, &mut raw);
-        out.extend(raw.into_iter().map(|start| SlotRun { start, len: 1 }));
+        out.extend(raw.into_iter().map(|u| SlotRun { start: u << self.shift, len: self.granule() }));
         n
     }
 
     /// Give back claimed, unmapped slots.
     pub(crate) fn give(&self, run: SlotRun) {
-        self.slots.free(run.start, run.len);
+        self.slots.free(run.start >> self.shift, run.len >> self.shift);
         self.gives.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Give back single unmapped slots in one lock round trip.
+    /// Give back single unmapped granules in one lock round trip.
     pub(crate) fn give_batch(&self, runs: impl IntoIterator<Item = SlotRun>) {
         let mut n = 0;
         self.slots.free_batch(runs.into_iter().map(|r| {
-            debug_assert_eq!(r.len, 1);
+            debug_assert_eq!(r.len, self.granule());
             n += 1;
-            r.start
+            r.start >> self.shift
         }));
         if n > 0 {
             self.gives.fetch_add(1, Ordering::Relaxed);
@@ -226,11 +312,12 @@ impl KvaSpace {
         self.gives.load(Ordering::Relaxed)
     }
 
-    /// Enter `run.len` contiguous frames from `pfn` into the claimed slots:
-    /// one MMU call. On failure the claim comes back with the error.
+    /// Enter `pages` contiguous frames from `pfn` (at most `run.len`) into
+    /// the claimed slots: one MMU call. On failure the claim comes back with the error.
     /// [`Error::MapLimit`] if the budget of live mappings is used up (evict
     /// a cached mapping and retry).
-    pub(crate) fn map(&self, run: SlotRun, pfn: Pfn) -> std::result::Result<Mapping, (Error, SlotRun)> {
+    pub(crate) fn map(&self, run: SlotRun, pfn: Pfn, pages: usize) -> std::result::Result<Mapping, (Error, SlotRun)> {
+        debug_assert!(pages >= 1 && pages <= run.len);
         // Relaxed: a counter; the budget is a soft limit checked per call.
         if self.live.fetch_add(1, Ordering::Relaxed) >= self.budget {
             self.live.fetch_sub(1, Ordering::Relaxed);
@@ -238,8 +325,8 @@ impl KvaSpace {
         }
         // SAFETY: `run` is a claim on free slots: nothing is entered there and
         // nothing refers to them (the SlotRun protocol of this module).
-        match unsafe { self.mmu.enter(Slot(run.start), pfn, run.len) } {
-            Ok(addr) => Ok(Mapping { run, addr }),
+        match unsafe { self.mmu.enter(Slot(run.start), pfn, pages) } {
+            Ok(addr) => Ok(Mapping { run, pages, addr }),
             Err(e) => {
                 self.live.fetch_sub(1, Ordering::Relaxed);
                 Err((e, run))
@@ -255,7 +342,7 @@ impl KvaSpace {
     /// is zero and no lookup can find it any more.
     pub(crate) unsafe fn unmap(&self, m: Mapping) -> std::result::Result<SlotRun, (Error, Mapping)> {
         // SAFETY: the caller guarantees nothing accesses the slots.
-        match unsafe { self.mmu.remove(Slot(m.run.start), m.run.len) } {
+        match unsafe { self.mmu.remove(Slot(m.run.start), m.pages) } {
             Ok(()) => {
                 self.live.fetch_sub(1, Ordering::Relaxed);
                 Ok(m.run)
@@ -263,6 +350,24 @@ impl KvaSpace {
             Err(e) => Err((e, m)),
         }
     }
+}
+
+/// [`Error::Config`] unless `granule` is a power of two, a multiple of
+/// `min` (the memory's huge page, in frames) and at most `slots`.
+fn check_granule(granule: usize, min: usize, slots: usize) -> Result<()> {
+    if !granule.is_power_of_two() {
+        return Err(Error::config("granule", format!("{granule} frames is not a power of two")));
+    }
+    if granule % min != 0 {
+        return Err(Error::config(
+            "granule",
+            format!("{granule} frames does not cover whole huge pages of the memory ({min} frames each)"),
+        ));
+    }
+    if granule > slots {
+        return Err(Error::config("granule", format!("{granule} frames is larger than the window ({slots} slots)")));
+    }
+    Ok(())
 }
 
 impl Drop for KvaSpace {

@@ -73,8 +73,10 @@ const LEAF: usize = 256;
 /// per frame in leaves of 4 KiB (and a count), each made when the CPU maps a frame of its
 /// 256-frame range and freed when the last such entry goes, so memory
 /// follows what the CPU has mapped now, not what it ever mapped.
-#[derive(Default)]
 pub(crate) struct Entries {
+    /// log2 of the mapping granule: granule keys are indexed by
+    /// `pfn >> shift`.
+    shift: u32,
     slab: Vec<Option<Cold>>,
     /// Free slab indexes.
     free: Vec<u32>,
@@ -103,21 +105,34 @@ impl fmt::Debug for Entries {
 }
 
 impl Entries {
+    /// No entries; keys of one granule of `1 << shift` frames go to the
+    /// per-frame table, others to the hash map.
+    pub(crate) fn new(shift: u32) -> Self {
+        Entries { shift, slab: Vec::new(), free: Vec::new(), leaves: Vec::new(), runs: WordMap::default(), len: 0 }
+    }
+
+    /// The table index of a granule key (see `KvaSpace::granule_index`).
+    #[inline]
+    fn table_index(&self, key: Key) -> Option<usize> {
+        let g = 1usize << self.shift;
+        (key.pfn & (g - 1) == 0 && key.pages <= g).then_some(key.pfn >> self.shift)
+    }
+
     /// `key`'s entry.
     #[inline]
     pub(crate) fn get_mut(&mut self, key: Key) -> Option<&mut Entry> {
-        if key.pages == 1 {
-            let leaf = self.leaves.get_mut(key.pfn / LEAF)?.as_deref_mut()?;
-            Some(&mut leaf.entries[key.pfn % LEAF]).filter(|e| e.addr.is_some())
+        if let Some(i) = self.table_index(key) {
+            let leaf = self.leaves.get_mut(i / LEAF)?.as_deref_mut()?;
+            Some(&mut leaf.entries[i % LEAF]).filter(|e| e.addr.is_some())
         } else {
             self.runs.get_mut(&key)
         }
     }
 
     pub(crate) fn get(&self, key: Key) -> Option<&Entry> {
-        if key.pages == 1 {
-            let leaf = self.leaves.get(key.pfn / LEAF)?.as_deref()?;
-            Some(&leaf.entries[key.pfn % LEAF]).filter(|e| e.addr.is_some())
+        if let Some(i) = self.table_index(key) {
+            let leaf = self.leaves.get(i / LEAF)?.as_deref()?;
+            Some(&leaf.entries[i % LEAF]).filter(|e| e.addr.is_some())
         } else {
             self.runs.get(&key)
         }
@@ -143,13 +158,13 @@ impl Entries {
             }
         };
         let e = Entry { addr, refs, tag: i | (flags & !SLAB) };
-        if key.pages == 1 {
-            let at = key.pfn / LEAF;
+        if let Some(i) = self.table_index(key) {
+            let at = i / LEAF;
             if self.leaves.len() <= at {
                 self.leaves.resize_with(at + 1, || None);
             }
             let leaf = self.leaves[at].get_or_insert_with(|| Box::new(Leaf { entries: [Entry::EMPTY; LEAF], live: 0 }));
-            let place = &mut leaf.entries[key.pfn % LEAF];
+            let place = &mut leaf.entries[i % LEAF];
             debug_assert!(place.addr.is_none(), "{key:?} inserted twice");
             *place = e;
             leaf.live += 1;
@@ -161,10 +176,10 @@ impl Entries {
 
     /// Take `key`'s entry out; returns its mapping.
     pub(crate) fn remove(&mut self, key: Key) -> Option<Mapping> {
-        let e = if key.pages == 1 {
-            let at = key.pfn / LEAF;
+        let e = if let Some(i) = self.table_index(key) {
+            let at = i / LEAF;
             let leaf = self.leaves.get_mut(at)?.as_deref_mut()?;
-            let e = std::mem::replace(&mut leaf.entries[key.pfn % LEAF], Entry::EMPTY);
+            let e = std::mem::replace(&mut leaf.entries[i % LEAF], Entry::EMPTY);
             e.addr?;
             leaf.live -= 1;
             if leaf.live == 0 {
@@ -213,12 +228,12 @@ mod tests {
     #[test]
     fn entries_index_and_leaves() {
         let mem = PhysMem::builder().frames(4 * LEAF).backing(crate::Backing::Heap).build().unwrap();
-        let kva = KvaSpace::new(Arc::new(ModelMmu::new(&mem, 64).unwrap()), None).unwrap();
-        let mut es = Entries::default();
+        let kva = KvaSpace::new(Arc::new(ModelMmu::new(&mem, 64).unwrap()), None, None).unwrap();
+        let mut es = Entries::new(0);
         let single = |pfn| Key { pfn, pages: 1 };
         let map = |kva: &KvaSpace, key: Key| {
             let run = kva.take(key.pages).unwrap();
-            kva.map(run, Pfn(key.pfn)).map_err(|(e, _)| e).unwrap()
+            kva.map(run, Pfn(key.pfn), key.pages).map_err(|(e, _)| e).unwrap()
         };
         let free = |kva: &KvaSpace, m: Mapping| {
             // SAFETY: the test made this mapping and nothing refers to it.

@@ -49,9 +49,23 @@ pub struct LwbufsBuilder {
     cpus: usize,
     max_excess: Option<usize>,
     map_budget: Option<usize>,
+    granule: Option<usize>,
 }
 
 impl LwbufsBuilder {
+    /// The mapping granule: the frames mapped, cached and evicted as one
+    /// unit, aligned to their number (a power of two, at most the window's
+    /// slots). `alloc` of one page maps its whole granule, so the next pages
+    /// of the granule are hits; a run that lies inside one granule uses the
+    /// granule's mapping. Handles, counts and statistics keep their meaning
+    /// per page. Default: the memory's smallest granule
+    /// ([`PhysMem::min_granule`](crate::PhysMem::min_granule): 1 frame, or
+    /// one huge page). [`Error::Config`] names a bad value.
+    pub fn granule(mut self, frames: usize) -> Self {
+        self.granule = Some(frames);
+        self
+    }
+
     /// CPU ids `0..n` (virtual: any count up to [`MAX_CPUS`], independent of
     /// the cores the machine has). Default: the available parallelism.
     pub fn cpus(mut self, n: usize) -> Self {
@@ -80,12 +94,12 @@ impl LwbufsBuilder {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(Error::config("cpus", format!("{} is not in 1..={MAX_CPUS}", self.cpus)));
         }
-        let kva = KvaSpace::new(self.mmu, self.map_budget)?;
+        let kva = KvaSpace::new(self.mmu, self.map_budget, self.granule)?;
         let max_excess = self.max_excess.unwrap_or_else(|| (kva.capacity() / (2 * self.cpus)).max(1));
         let binds = BindTable::new(self.cpus);
         Ok(Lwbufs {
             id: cpu::table_id(&binds),
-            cpus: (0..self.cpus).map(|c| CachePadded::new(Pcpu::new(c))).collect(),
+            cpus: (0..self.cpus).map(|c| CachePadded::new(Pcpu::new(c, kva.granule_shift()))).collect(),
             binds,
             slot_size: kva.slot_size(),
             kva,
@@ -255,12 +269,17 @@ impl Lwbufs {
     /// [`crate::ModelMmu`]).
     pub fn builder(mmu: std::sync::Arc<dyn Mmu>) -> LwbufsBuilder {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        LwbufsBuilder { mmu, cpus, max_excess: None, map_budget: None }
+        LwbufsBuilder { mmu, cpus, max_excess: None, map_budget: None, granule: None }
     }
 
     /// CPUs configured.
     pub fn cpus(&self) -> usize {
         self.cpus.len()
+    }
+
+    /// The mapping granule, in frames (see [`LwbufsBuilder::granule`]).
+    pub fn granule(&self) -> usize {
+        self.kva.granule()
     }
 
     /// The MMU below the caches.
@@ -377,7 +396,7 @@ impl Lwbufs {
     #[inline]
     fn alloc_key<'a>(&'a self, key: Key, hold: Hold<'a>) -> Result<Lwbuf<'a>> {
         let cpu = self.require_cpu()?;
-        let addr = self.acquire_on(cpu, key)?;
+        let addr = self.kva.addr_in(key, self.acquire_on(cpu, key)?, hold[0].pfn().0);
         Ok(Lwbuf { sys: self, hold, others: Others::new(), home: cpu as u32, home_addr: addr })
     }
 
@@ -421,7 +440,7 @@ impl Lwbufs {
                 || self.reclaiming.load(Ordering::Relaxed) > 1;
             let r = {
                 let mut l = self.enter_cpu(cpu);
-                if key.pages == 1 {
+                if key.pages <= self.kva.granule() {
                     if let Some(slot) = freed.pop() {
                         l.keep_slot(&self.kva, slot);
                     }
@@ -576,7 +595,7 @@ impl Lwbufs {
         for cpu in 0..self.cpus.len() {
             let l = self.steal_cpu(cpu, true).expect("a waiting steal always succeeds");
             let mut seen = std::collections::HashSet::new();
-            for (key, slot, r) in l.entries() {
+            for (key, slot, slots, r) in l.entries() {
                 if !seen.insert(key) {
                     return Err(Inconsistency(format!("CPU {}: {key:?} mapped twice", l.cpu)));
                 }
@@ -591,7 +610,7 @@ impl Lwbufs {
                         )));
                     }
                 }
-                slots_held += key.pages;
+                slots_held += slots;
                 refs += r as u64;
             }
             slots_held += l.free_slot_count();
@@ -660,11 +679,11 @@ impl<'a> Lwbuf<'a> {
         m
     }
 
-    /// What the handle maps, from the pages it borrows (not stored: a
-    /// smaller handle is cheaper to return from `alloc`).
+    /// The cache entry the handle holds, from the pages it borrows (not
+    /// stored: a smaller handle is cheaper to return from `alloc`).
     #[inline]
     fn key(&self) -> Key {
-        Key { pfn: self.hold[0].pfn().0, pages: self.hold.len() }
+        self.sys.kva.key_of(self.hold[0].pfn().0, self.hold.len())
     }
 
     fn len(&self) -> usize {
@@ -693,12 +712,13 @@ impl<'a> Lwbuf<'a> {
     #[cold]
     fn foreign_addr(&self, cpu: usize) -> Result<NonNull<u8>> {
         let sys = self.sys;
+        let (key, pfn) = (self.key(), self.hold[0].pfn().0);
         if self.others.contains(cpu) {
-            return Ok(sys.enter_cpu(cpu).addr_of(self.key()));
+            return Ok(sys.kva.addr_in(key, sys.enter_cpu(cpu).addr_of(key), pfn));
         }
         // Only a thread bound to `cpu` adds `cpu` to a mask, under its lock:
         // the test above cannot race with another insert of the same CPU.
-        let addr = sys.acquire_on(cpu, self.key())?;
+        let addr = sys.kva.addr_in(key, sys.acquire_on(cpu, key)?, pfn);
         sys.enter_cpu(cpu).counters.foreign += 1;
         self.others.insert(cpu, sys.cpus.len());
         Ok(addr)

@@ -63,7 +63,7 @@ pub(crate) struct Local {
     clock: VecDeque<Key>,
     /// Entries with a count of zero.
     unused: usize,
-    /// Unmapped single slots this CPU holds for its next misses.
+    /// Unmapped single granules this CPU holds for its next misses.
     free_slots: Vec<SlotRun>,
     /// The mailbox's spare vector, swapped in at each drain.
     spare: Vec<Key>,
@@ -84,16 +84,17 @@ pub(crate) struct Pcpu {
 }
 
 impl Pcpu {
-    pub(crate) fn new(cpu: usize) -> Self {
-        Pcpu { local: Owned::new(Local::new(cpu)), mailbox: Mailbox::default(), sent: AtomicU64::new(0) }
+    /// CPU `cpu`'s cache, for a window whose granule is `1 << shift` frames.
+    pub(crate) fn new(cpu: usize, shift: u32) -> Self {
+        Pcpu { local: Owned::new(Local::new(cpu, shift)), mailbox: Mailbox::default(), sent: AtomicU64::new(0) }
     }
 }
 
 impl Local {
-    fn new(cpu: usize) -> Self {
+    fn new(cpu: usize, shift: u32) -> Self {
         Local {
             cpu,
-            map: Entries::default(),
+            map: Entries::new(shift),
             clock: VecDeque::new(),
             unused: 0,
             free_slots: Vec::new(),
@@ -113,14 +114,15 @@ impl Local {
         self.unused
     }
 
-    /// Single slots held unmapped.
+    /// Slots held unmapped (whole granules).
     pub(crate) fn free_slot_count(&self) -> usize {
-        self.free_slots.len()
+        self.free_slots.iter().map(|r| r.len).sum()
     }
 
-    /// The frames mapped here with their slots and counts (for checks).
-    pub(crate) fn entries(&self) -> impl Iterator<Item = (Key, crate::mmu::Slot, u32)> + '_ {
-        self.map.iter().map(|(k, m, refs)| (k, m.slot(), refs))
+    /// The frames mapped here with their first slot, the slots they hold
+    /// and their counts (for checks).
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (Key, crate::mmu::Slot, usize, u32)> + '_ {
+        self.map.iter().map(|(k, m, refs)| (k, m.slot(), m.slots(), refs))
     }
 
     /// Apply every message in the mailbox, then enforce the excess limit.
@@ -185,7 +187,7 @@ impl Local {
                 let full = Error::WindowFull { requested: key.pages, capacity: kva.capacity() };
                 return Err(Miss::NoRoom(self.unmap_error.take().unwrap_or(full)));
             };
-            match kva.map(run, Pfn(key.pfn)) {
+            match kva.map(run, Pfn(key.pfn), key.pages) {
                 Ok(m) => return Ok(m),
                 Err((e, run)) => {
                     self.put_slots(kva, run);
@@ -202,7 +204,7 @@ impl Local {
     }
 
     fn take_slots(&mut self, kva: &KvaSpace, pages: usize) -> Option<SlotRun> {
-        if pages == 1 {
+        if pages <= kva.granule() {
             loop {
                 if let Some(s) = self.free_slots.pop() {
                     return Some(s);
@@ -230,9 +232,10 @@ impl Local {
         }
     }
 
-    /// Keep an unmapped claim: singles stay here, runs go back to the window.
+    /// Keep an unmapped claim: single granules stay here, runs go back to
+    /// the window.
     fn put_slots(&mut self, kva: &KvaSpace, run: SlotRun) {
-        if run.len == 1 {
+        if run.len == kva.granule() {
             self.free_slots.push(run);
             if self.free_slots.len() > 2 * env::SLOT_BATCH {
                 let surplus = self.free_slots.len() - env::SLOT_BATCH;
@@ -325,7 +328,7 @@ impl Local {
         self.unmap_error.take()
     }
 
-    /// Evict every unused entry; every single free slot this CPU holds then
+    /// Evict every unused entry; every single free granule this CPU holds then
     /// goes to `freed` (runs go back to the window as they are evicted).
     pub(crate) fn shrink_into(&mut self, kva: &KvaSpace, freed: &mut Vec<SlotRun>) {
         while self.evict_one(kva) {}

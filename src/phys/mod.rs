@@ -238,6 +238,13 @@ impl PhysMem {
         self.inner.frame_size
     }
 
+    /// The smallest mapping granule the memory allows, in frames: 1, or the
+    /// frames of one huge page for huge-page memory (a huge page is mapped
+    /// whole).
+    pub fn min_granule(&self) -> usize {
+        1
+    }
+
     /// Total size in bytes.
     pub fn bytes(&self) -> usize {
         self.inner.frames * self.inner.frame_size

@@ -186,7 +186,7 @@ impl WindowSource {
     /// serving a cache is refused with [`crate::Error::WindowClaimed`]. Live
     /// mappings are capped by [`crate::default_map_budget`].
     pub fn new(mmu: Arc<dyn Mmu>) -> Result<WindowSource> {
-        Ok(WindowSource { kva: KvaSpace::new(mmu, None)?, unmap_failures: AtomicU64::new(0) })
+        Ok(WindowSource { kva: KvaSpace::new(mmu, None, None)?, unmap_failures: AtomicU64::new(0) })
     }
 
     /// A new [`Window`] of `slots` slots over `phys`: one `mmap(PROT_NONE)`.
@@ -277,7 +277,7 @@ impl MapSource for WindowSource {
             }
             n /= 2;
         };
-        match self.kva.map(slots, first.pfn()) {
+        match self.kva.map(slots, first.pfn(), n) {
             Ok(m) => Ok(WindowMapping { src: self, mapping: Some(m), len: n * self.kva.slot_size() }),
             Err((e, slots)) => {
                 self.kva.give(slots);

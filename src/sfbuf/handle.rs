@@ -38,7 +38,7 @@ use std::ptr::NonNull;
 use super::state::Snapshot;
 use super::SfPool;
 use crate::kaddr::Kaddr;
-use crate::kva::Hold;
+use crate::kva::{Hold, MapKey};
 use crate::phys::Page;
 use crate::sync::{fence, Ordering};
 
@@ -128,7 +128,8 @@ impl<'a> SfBuf<'a> {
         self.hold
     }
 
-    /// The window slot of the mapping's first page.
+    /// The window slot where the handle's mapping starts: its first page's,
+    /// or with a mapping granule above 1 frame, the granule's first slot.
     pub fn slot(&self) -> crate::Slot {
         crate::Slot(self.slot as usize)
     }
@@ -137,8 +138,10 @@ impl<'a> SfBuf<'a> {
 // === releases ===
 
 impl SfPool {
-    /// A handle on a reference of the entry's own count.
-    pub(super) fn handle<'a>(&'a self, hold: Hold<'a>, slot: u32, addr: NonNull<u8>) -> SfBuf<'a> {
+    /// A handle on a reference of the entry's own count: the entry maps
+    /// `key` at `addr`, the handle the pages it holds.
+    pub(super) fn handle<'a>(&'a self, key: MapKey, hold: Hold<'a>, slot: u32, addr: NonNull<u8>) -> SfBuf<'a> {
+        let addr = self.kva.addr_in(key, addr, hold[0].pfn().0);
         SfBuf { pool: self, hold, slot, addr, pin: NO_PIN }
     }
 

@@ -108,7 +108,7 @@ impl SfPool {
         }
         let (slot, addr) = self.try_hint(key).or_else(|| self.try_hit(key))?;
         self.counters.hits.inc();
-        Some(self.handle(hold, slot, addr))
+        Some(self.handle(key, hold, slot, addr))
     }
 
     /// The pinned hit (9): on a cached entry nobody holds, count the
@@ -116,10 +116,7 @@ impl SfPool {
     /// writes.
     #[inline]
     fn try_pin<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Option<SfBuf<'a>> {
-        if key.pages != 1 {
-            return None;
-        }
-        let Hint { slot, gen } = self.hint.get(key.pfn)?;
+        let Hint { slot, gen } = self.hint.get(self.kva.granule_index(key)?)?;
         let e = &self.entries[slot as usize];
         // Acquire: pairs with the Release store that published this
         // generation (7): the key and address read below are its own.
@@ -168,7 +165,8 @@ impl SfPool {
             e.state.mark_referenced();
         }
         self.counters.hits.inc();
-        Some(SfBuf { pool: self, hold, slot, addr: self.addr_of(e), pin: pin as u32 })
+        let addr = self.kva.addr_in(key, self.addr_of(e), hold[0].pfn().0);
+        Some(SfBuf { pool: self, hold, slot, addr, pin: pin as u32 })
     }
 
     /// The pinned references on `slot`, with Acquire (see `unpin`).
@@ -181,10 +179,7 @@ impl SfPool {
     /// frame's hint names, if it is still live.
     #[inline]
     fn try_hint(&self, key: MapKey) -> Option<(u32, NonNull<u8>)> {
-        if key.pages != 1 {
-            return None;
-        }
-        let Hint { slot, gen } = self.hint.get(key.pfn)?;
+        let Hint { slot, gen } = self.hint.get(self.kva.granule_index(key)?)?;
         let e = &self.entries[slot as usize];
         let unchecked = crate::sync::mutant!(HintUnchecked);
         // The first CAS guesses the usual state of a cached entry instead of
@@ -209,14 +204,12 @@ impl SfPool {
         Some((slot, self.addr_of(e)))
     }
 
-    /// Record that generation `state` of `slot` maps `key` (6; single pages
-    /// only). A bucket-mate's hint is kept if it still names a live
-    /// generation (see `Hints::set`).
+    /// Record that generation `state` of `slot` maps `key` (6; granule keys
+    /// only, by granule number). A bucket-mate's hint is kept if it still
+    /// names a live generation (see `Hints::set`).
     pub(super) fn set_hint(&self, key: MapKey, slot: u32, state: Snapshot) {
-        if key.pages != 1 {
-            return;
-        }
-        self.hint.set(key.pfn, slot, state.gen(), |h| {
+        let Some(granule) = self.kva.granule_index(key) else { return };
+        self.hint.set(granule, slot, state.gen(), |h| {
             self.entries[h.slot as usize].state.load(Ordering::Relaxed).is_live_gen(h.gen)
         });
     }

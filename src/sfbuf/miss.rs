@@ -99,7 +99,7 @@ impl SfPool {
             return Ok(Some(v));
         }
         let Some(run) = self.take_slots(key.pages)? else { return Ok(None) };
-        let m = match self.kva.map(run, Pfn(key.pfn)) {
+        let m = match self.kva.map(run, Pfn(key.pfn), key.pages) {
             Ok(m) => m,
             Err((e, run)) => {
                 self.give_slots(run);
@@ -161,11 +161,13 @@ impl SfPool {
         }
     }
 
-    /// `n` adjacent free slots: free ones, or by evicting cached entries.
-    /// `Ok(None)`: nothing left to evict; `Err`: an unmap failed.
-    fn take_slots(&self, n: usize) -> Result<Option<SlotRun>> {
+    /// Adjacent free slots for `pages` frames (whole granules): free ones,
+    /// or by evicting cached entries. `Ok(None)`: nothing left to evict;
+    /// `Err`: an unmap failed.
+    fn take_slots(&self, pages: usize) -> Result<Option<SlotRun>> {
+        let n = self.kva.slots_for(pages);
         loop {
-            if let Some(run) = self.kva.take(n) {
+            if let Some(run) = self.kva.take(pages) {
                 return Ok(Some(run));
             }
             let Some(freed) = self.evict_one()? else { return Ok(None) };

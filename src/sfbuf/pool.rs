@@ -33,9 +33,19 @@ pub struct SfPoolBuilder {
     max_excess: Option<usize>,
     map_budget: Option<usize>,
     shards: usize,
+    granule: Option<usize>,
 }
 
 impl SfPoolBuilder {
+    /// The mapping granule: the frames mapped, cached and evicted as one
+    /// unit, aligned to their number (a power of two, at most the window's
+    /// slots), as [`LwbufsBuilder::granule`](crate::LwbufsBuilder::granule).
+    /// Default: the memory's smallest granule.
+    pub fn granule(mut self, frames: usize) -> Self {
+        self.granule = Some(frames);
+        self
+    }
+
     /// Cached unused sf_bufs kept at most. Default: a quarter of the window.
     pub fn max_excess(mut self, n: usize) -> Self {
         self.max_excess = Some(n);
@@ -60,7 +70,7 @@ impl SfPoolBuilder {
         if self.shards == 0 || self.shards > 1 << 16 {
             return Err(Error::config("shards", format!("{} is not in 1..=65536", self.shards)));
         }
-        let kva = KvaSpace::new(self.mmu, self.map_budget)?;
+        let kva = KvaSpace::new(self.mmu, self.map_budget, self.granule)?;
         let cap = kva.capacity();
         // Slot numbers are u32 (map values, pins, handles), and a hint
         // holds `slot + 1` in 32 bits.
@@ -70,7 +80,7 @@ impl SfPoolBuilder {
         barrier::init();
         Ok(SfPool {
             map: ConcurrentMap::new(self.shards),
-            hint: Hints::new(cap, kva.phys().frames()),
+            hint: Hints::new(cap >> kva.granule_shift(), kva.phys().frames().div_ceil(kva.granule())),
             pins: (0..PIN_STRIPES * cap).map(|_| AtomicU32::new(0)).collect(),
             entries: (0..cap).map(|_| CachePadded::new(Entry::new())).collect(),
             lru: Mutex::new(Lru::default()),
@@ -156,7 +166,7 @@ impl SfPool {
     /// A builder over `mmu` (the real [`crate::Window`] or
     /// [`crate::ModelMmu`]).
     pub fn builder(mmu: std::sync::Arc<dyn Mmu>) -> SfPoolBuilder {
-        SfPoolBuilder { mmu, max_excess: None, map_budget: None, shards: 256 }
+        SfPoolBuilder { mmu, max_excess: None, map_budget: None, shards: 256, granule: None }
     }
 
     /// The MMU below the pool.
@@ -167,6 +177,11 @@ impl SfPool {
     /// Slots in the window: the most sf_bufs that can be mapped at once.
     pub fn capacity(&self) -> usize {
         self.kva.capacity()
+    }
+
+    /// The mapping granule, in frames (see [`SfPoolBuilder::granule`]).
+    pub fn granule(&self) -> usize {
+        self.kva.granule()
     }
 
     /// The cap on cached unused sf_bufs.
@@ -274,7 +289,7 @@ impl SfPool {
             return Ok(b);
         }
         let (slot, addr) = WaitQueue::wait_for(&self.waitq, how, || self.try_room(key), |o| self.count_wait(o))?;
-        Ok(self.handle(hold, slot, addr))
+        Ok(self.handle(key, hold, slot, addr))
     }
 
     /// One try at `key` that neither waits nor counts as a call's outcome:
@@ -283,7 +298,7 @@ impl SfPool {
         if let Some(b) = self.try_cached(key, hold) {
             return Ok(Some(b));
         }
-        Ok(self.try_room(key)?.map(|(slot, addr)| self.handle(hold, slot, addr)))
+        Ok(self.try_room(key)?.map(|(slot, addr)| self.handle(key, hold, slot, addr)))
     }
 
     /// [`try_miss`](Self::try_miss), counting the attempts that find no room.
