@@ -42,7 +42,7 @@ use rand::{Rng, SeedableRng};
 mod common;
 
 use common::median_ns;
-use lwbuf::{pin_to_core, Lwbufs, Mmu, Page, PhysMem, SfPool, Slot, Wait, Window};
+use lwbuf::{pin_to_core, Lwbufs, Mmu, Page, PhysMem, Reclaim, SfPool, Slot, Wait, Window};
 
 /// Frames of the hot set.
 const HOT: usize = 256;
@@ -90,6 +90,12 @@ impl Fixture {
     /// A pool over a window of its own.
     fn pool(&self, slots: usize, max_excess: usize) -> SfPool {
         SfPool::builder(self.window(slots)).max_excess(max_excess).build().expect("SfPool")
+    }
+
+    /// A pool that removes every evicted mapping at once (today's mapping
+    /// cycle: map, then unmap), over a window of its own.
+    fn pool_strict(&self, slots: usize, max_excess: usize) -> SfPool {
+        SfPool::builder(self.window(slots)).max_excess(max_excess).reclaim(Reclaim::Strict).build().expect("SfPool")
     }
 
     /// An lwbuf system of `cpus` CPUs over a window of its own.
@@ -365,7 +371,7 @@ fn miss_evict(c: &mut Criterion) {
 
 fn run_vs_single(c: &mut Criterion) {
     let f = Fixture::new();
-    let pool = f.pool(2 * RUN, 0);
+    let pool = f.pool_strict(2 * RUN, 0);
     let fs = f.mem.frame_size();
     let lw = f.lwbufs(4 * HOT, 1, 4 * HOT);
 

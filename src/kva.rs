@@ -4,9 +4,23 @@
 //!
 //! The types carry the rule the kernels learnt the hard way (DragonFly's
 //! resident-count drift, Linux's `kunmap_atomic` race): a slot goes back to a
-//! free list only after its mapping is gone. A `SlotRun` is a claim on free
-//! slots; `KvaSpace::map` consumes it into a `Mapping`; the only way back
-//! to a `SlotRun` is `KvaSpace::unmap`, which removes the mapping first.
+//! free list only after no handle and no lookup can reach its mapping. A
+//! `SlotRun` is a claim on slots nobody refers to; `KvaSpace::map` consumes
+//! it into a `Mapping`; the only ways back to a `SlotRun` are
+//! `KvaSpace::unmap`, which removes the mapping first, and
+//! `KvaSpace::retire`, which under lazy reclaim leaves the old pages entered
+//! (a *stale* claim) for the next `map` of the slots to replace in place.
+//!
+//! Lazy reclaim ([`Reclaim::Lazy`], the default) is how Linux's kmap and
+//! vmalloc avoid a TLB flush per release: an evicted mapping stays in the
+//! page tables, unreachable, until its slots are reused, and then one
+//! `mmap(MAP_FIXED)` maps the new frames straight over it (one system call
+//! where unmap-then-map makes two). Stale claims the caches give back wait
+//! in a list; they are reused first, and removed in a batch (one call per
+//! contiguous range) when the window needs clean slots for a longer run,
+//! when the mapping budget or the kernel's `vm.max_map_count` says no room,
+//! or when the cache goes away. [`Reclaim::Strict`] removes every evicted
+//! mapping at once: nothing released stays readable in the window.
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -15,7 +29,23 @@ use crate::error::{Error, Result};
 use crate::extent::Extents;
 use crate::mmu::{Mmu, MmuStats, Slot};
 use crate::phys::{contiguous_prefix, Page, Pfn};
-use crate::sync::{AtomicUsize, Ordering};
+use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
+
+/// What happens to the mapping of an entry the cache evicts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reclaim {
+    /// Leave it entered until its slots are reused (then one `mmap` maps
+    /// the new frames over it in place) or removed in a batch: half the
+    /// system calls of a miss that evicts, and no TLB flush of its own.
+    /// The old frames stay readable at the slots' addresses until then
+    /// (no handle or lookup can reach them).
+    #[default]
+    Lazy,
+    /// Remove it at once, as the eviction happens: for stores that keep
+    /// pages unmapped except while in use (with `max_excess(0)`, a released
+    /// page is unmapped by the release itself).
+    Strict,
+}
 
 /// What a cached mapping maps: `pages` contiguous frames from `pfn`. The key
 /// of both caches. With a mapping granule of G frames, a page (or a run that
@@ -41,6 +71,9 @@ pub(crate) type Hold<'a> = &'a [Page];
 pub(crate) struct SlotRun {
     pub(crate) start: usize,
     pub(crate) len: usize,
+    /// Frames still entered from `start` by an evicted mapping (0: clean).
+    /// Nothing refers to them; the next `map` replaces them in place.
+    pub(crate) stale: usize,
 }
 
 /// Slots with frames entered in them. Not `Clone`: it must be unmapped.
@@ -91,6 +124,15 @@ pub(crate) struct KvaSpace {
     /// Calls that gave slots back (a hint that slots moved; see `gives`).
     gives: AtomicUsize,
     budget: usize,
+    reclaim: Reclaim,
+    /// Stale claims given back (lazy reclaim), reused before clean slots
+    /// and removed in batches; `stale_slots` counts their slots.
+    stale: Mutex<Vec<SlotRun>>,
+    stale_slots: AtomicUsize,
+    /// Removes of stale mappings the MMU refused (they stay listed), and
+    /// the last refusal, for a miss that found no room to report.
+    purge_failures: AtomicUsize,
+    purge_error: Mutex<Option<Error>>,
     /// log2 of the mapping granule in frames: the slot allocator hands out
     /// whole granules, and a page is mapped with its granule.
     shift: u32,
@@ -132,7 +174,12 @@ impl KvaSpace {
     /// of two, at most the window's slots; on huge-page memory a multiple of
     /// the frames in a huge page). `None`: the memory's smallest granule (1
     /// frame, or one huge page). [`Error::Config`] names a bad one.
-    pub(crate) fn new(mmu: Arc<dyn Mmu>, budget: Option<usize>, granule: Option<usize>) -> Result<Self> {
+    pub(crate) fn new(
+        mmu: Arc<dyn Mmu>,
+        budget: Option<usize>,
+        granule: Option<usize>,
+        reclaim: Reclaim,
+    ) -> Result<Self> {
         let phys = mmu.phys().clone();
         let min = phys.min_granule();
         let granule = granule.unwrap_or(min);
@@ -149,6 +196,11 @@ impl KvaSpace {
             live: AtomicUsize::new(0),
             gives: AtomicUsize::new(0),
             budget,
+            reclaim,
+            stale: Mutex::new(Vec::new()),
+            stale_slots: AtomicUsize::new(0),
+            purge_failures: AtomicUsize::new(0),
+            purge_error: Mutex::new(None),
             shift,
             frames,
             slot_size,
@@ -223,8 +275,29 @@ impl KvaSpace {
         self.slots.total() << self.shift
     }
 
+    /// Slots free for a new mapping: clean ones and stale ones.
     pub(crate) fn free_slots(&self) -> usize {
-        self.slots.free_count() << self.shift
+        (self.slots.free_count() << self.shift) + self.stale_slots.load(Ordering::Relaxed)
+    }
+
+    /// The last refusal of a batch remove, if one happened since the last
+    /// call: a miss that found no room reports it rather than a full
+    /// window (the room is there, behind the refused remove).
+    pub(crate) fn take_purge_error(&self) -> Option<Error> {
+        if self.purge_failures.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        lock(&self.purge_error).take()
+    }
+
+    /// Batch removes of stale mappings the MMU refused so far.
+    pub(crate) fn purge_failures(&self) -> u64 {
+        self.purge_failures.load(Ordering::Relaxed) as u64
+    }
+
+    /// What evicted mappings become.
+    pub(crate) fn reclaim(&self) -> Reclaim {
+        self.reclaim
     }
 
     #[inline]
@@ -273,36 +346,152 @@ impl KvaSpace {
 
     /// Claim adjacent free slots for a mapping of `pages` frames (whole
     /// granules).
+    ///
+    /// A stale claim of the right length is taken first (its old pages are
+    /// replaced in place by `map`); then clean slots; if there are none and
+    /// stale claims wait, they are removed in a batch and clean slots tried
+    /// again.
     pub(crate) fn take(&self, pages: usize) -> Option<SlotRun> {
         let units = pages.div_ceil(self.granule());
-        self.slots.alloc(units).map(|u| SlotRun { start: u << self.shift, len: units << self.shift })
+        let len = units << self.shift;
+        if let Some(run) = self.take_stale(len) {
+            return Some(run);
+        }
+        if let Some(u) = self.slots.alloc(units) {
+            return Some(SlotRun { start: u << self.shift, len, stale: 0 });
+        }
+        if self.purge() > 0 {
+            return self.slots.alloc(units).map(|u| SlotRun { start: u << self.shift, len, stale: 0 });
+        }
+        None
     }
 
-    /// Claim up to `max` single granules in one lock round trip.
+    /// A stale claim of exactly `len` slots, if one waits.
+    fn take_stale(&self, len: usize) -> Option<SlotRun> {
+        // Relaxed: a hint that saves the lock when the list is empty.
+        if self.stale_slots.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let mut stale = lock(&self.stale);
+        let i = stale.iter().rposition(|r| r.len == len)?;
+        let run = stale.swap_remove(i);
+        self.stale_slots.fetch_sub(run.len, Ordering::Relaxed);
+        Some(run)
+    }
+
+    /// Claim up to `max` single granules in one lock round trip: stale
+    /// ones first, then clean ones.
     pub(crate) fn take_batch(&self, max: usize, out: &mut Vec<SlotRun>) -> usize {
-        let mut raw = Vec::with_capacity(max);
-        let n = self.slots.alloc_batch(max, &mut raw);
-        out.extend(raw.into_iter().map(|u| SlotRun { start: u << self.shift, len: self.granule() }));
+        let mut n = 0;
+        if self.stale_slots.load(Ordering::Relaxed) != 0 {
+            let mut stale = lock(&self.stale);
+            let g = self.granule();
+            let mut i = stale.len();
+            while i > 0 && n < max {
+                i -= 1;
+                if stale[i].len == g {
+                    let run = stale.swap_remove(i);
+                    self.stale_slots.fetch_sub(run.len, Ordering::Relaxed);
+                    out.push(run);
+                    n += 1;
+                }
+            }
+        }
+        if n < max {
+            let mut raw = Vec::with_capacity(max - n);
+            n += self.slots.alloc_batch(max - n, &mut raw);
+            out.extend(raw.into_iter().map(|u| SlotRun { start: u << self.shift, len: self.granule(), stale: 0 }));
+        }
+        if n == 0 && self.purge() > 0 {
+            return self.take_batch(max, out);
+        }
         n
     }
 
-    /// Give back claimed, unmapped slots.
+    /// Give back a claim nobody refers to: clean slots go to the allocator,
+    /// a stale claim waits for reuse or the next batch removal.
     pub(crate) fn give(&self, run: SlotRun) {
-        self.slots.free(run.start >> self.shift, run.len >> self.shift);
+        if run.stale > 0 {
+            self.stale_slots.fetch_add(run.len, Ordering::Relaxed);
+            lock(&self.stale).push(run);
+        } else {
+            self.slots.free(run.start >> self.shift, run.len >> self.shift);
+        }
         self.gives.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Give back single unmapped granules in one lock round trip.
+    /// Give back single granules in one lock round trip (per kind).
     pub(crate) fn give_batch(&self, runs: impl IntoIterator<Item = SlotRun>) {
         let mut n = 0;
-        self.slots.free_batch(runs.into_iter().map(|r| {
+        let mut stale = Vec::new();
+        self.slots.free_batch(runs.into_iter().filter_map(|r| {
             debug_assert_eq!(r.len, self.granule());
             n += 1;
-            r.start >> self.shift
+            if r.stale > 0 {
+                stale.push(r);
+                None
+            } else {
+                Some(r.start >> self.shift)
+            }
         }));
+        if !stale.is_empty() {
+            self.stale_slots.fetch_add(stale.len() << self.shift, Ordering::Relaxed);
+            lock(&self.stale).append(&mut stale);
+        }
         if n > 0 {
             self.gives.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Remove every stale claim waiting in the list, one MMU call per
+    /// contiguous range of fully entered claims, and free their slots.
+    /// Returns the slots freed. A claim whose removal fails goes back to
+    /// the list (still entered, still unreachable).
+    pub(crate) fn purge(&self) -> usize {
+        let mut runs = std::mem::take(&mut *lock(&self.stale));
+        if runs.is_empty() {
+            return 0;
+        }
+        runs.sort_unstable_by_key(|r| r.start);
+        let mut freed = 0;
+        let mut failed = Vec::new();
+        let mut i = 0;
+        while i < runs.len() {
+            // Coalesce neighbours whose every slot is entered: one remove.
+            let mut j = i + 1;
+            let mut end = runs[i].start + runs[i].stale;
+            while j < runs.len() && runs[j - 1].stale == runs[j - 1].len && runs[j].start == end {
+                end = runs[j].start + runs[j].stale;
+                j += 1;
+            }
+            let start = runs[i].start;
+            // SAFETY: stale claims are unreachable: their entries were
+            // evicted (count zero, out of every lookup) before they were
+            // retired, and a claim is in one place at a time (this list).
+            match unsafe { self.mmu.remove(Slot(start), end - start) } {
+                Ok(()) => {
+                    for r in &runs[i..j] {
+                        self.live.fetch_sub(1, Ordering::Relaxed);
+                        self.stale_slots.fetch_sub(r.len, Ordering::Relaxed);
+                        self.slots.free(r.start >> self.shift, r.len >> self.shift);
+                        freed += r.len;
+                    }
+                }
+                Err(e) => {
+                    self.purge_failures.fetch_add(1, Ordering::Relaxed);
+                    *lock(&self.purge_error) = Some(e);
+                    failed.extend(runs[i..j].iter().map(|r| SlotRun { ..*r }));
+                }
+            }
+            i = j;
+        }
+        if !failed.is_empty() {
+            lock(&self.stale).append(&mut failed);
+        }
+        if freed > 0 {
+            self.gives.fetch_add(1, Ordering::Relaxed);
+        }
+        freed
     }
 
     /// How many times slots were given back so far: a miss that found the
@@ -316,12 +505,25 @@ impl KvaSpace {
     /// the claimed slots: one MMU call. On failure the claim comes back with the error.
     /// [`Error::MapLimit`] if the budget of live mappings is used up (evict
     /// a cached mapping and retry).
+    ///
+    /// A stale claim is mapped over in place (one call); its old mapping
+    /// already counts against the budget.
     pub(crate) fn map(&self, run: SlotRun, pfn: Pfn, pages: usize) -> std::result::Result<Mapping, (Error, SlotRun)> {
         debug_assert!(pages >= 1 && pages <= run.len);
+        if run.stale > 0 {
+            return self.map_over(run, pfn, pages);
+        }
         // Relaxed: a counter; the budget is a soft limit checked per call.
         if self.live.fetch_add(1, Ordering::Relaxed) >= self.budget {
             self.live.fetch_sub(1, Ordering::Relaxed);
-            return Err((Error::MapLimit { budget: self.budget }, run));
+            // Stale mappings count too: removing them may make room.
+            if self.purge() == 0 {
+                return Err((Error::MapLimit { budget: self.budget }, run));
+            }
+            if self.live.fetch_add(1, Ordering::Relaxed) >= self.budget {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                return Err((Error::MapLimit { budget: self.budget }, run));
+            }
         }
         // SAFETY: `run` is a claim on free slots: nothing is entered there and
         // nothing refers to them (the SlotRun protocol of this module).
@@ -329,8 +531,67 @@ impl KvaSpace {
             Ok(addr) => Ok(Mapping { run, pages, addr }),
             Err(e) => {
                 self.live.fetch_sub(1, Ordering::Relaxed);
+                // At the kernel's wall, stale mappings are what to give up
+                // first: remove them and try once more.
+                if e.errno() == Some(libc::ENOMEM) && self.purge() > 0 {
+                    return self.map(run, pfn, pages);
+                }
                 Err((e, run))
             }
+        }
+    }
+
+    /// Map over a stale claim in place: one MMU call, no change of the
+    /// live count (one mapping replaces another). On failure the claim
+    /// comes back clean or still stale, as the MMU left its slots.
+    fn map_over(&self, mut run: SlotRun, pfn: Pfn, pages: usize) -> std::result::Result<Mapping, (Error, SlotRun)> {
+        // SAFETY: a stale claim is unreachable (see `purge`), and its slots
+        // beyond `stale` are empty: the claim is ours alone.
+        match unsafe { self.mmu.replace(Slot(run.start), pfn, pages, run.stale) } {
+            Ok(addr) => {
+                run.stale = 0;
+                Ok(Mapping { run, pages, addr })
+            }
+            Err(e) => {
+                if self.mmu.translate(Slot(run.start)).is_none() {
+                    run.stale = 0;
+                    self.live.fetch_sub(1, Ordering::Relaxed);
+                }
+                if e.errno() != Some(libc::ENOMEM) {
+                    return Err((e, run));
+                }
+                // At the `vm.max_map_count` wall even an exact replace can
+                // fail (it needs a new VMA before the old one goes): remove
+                // the old mapping (`munmap` still works there), then the
+                // other stale ones, and map into the clean slots.
+                if run.stale > 0 {
+                    // SAFETY: as above: the stale claim is ours alone.
+                    match unsafe { self.mmu.remove(Slot(run.start), run.stale) } {
+                        Ok(()) => {
+                            run.stale = 0;
+                            self.live.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        Err(_) => return Err((e, run)),
+                    }
+                }
+                self.purge();
+                self.map(run, pfn, pages)
+            }
+        }
+    }
+
+    /// Give up a mapping nobody can reach any more (an evicted entry): under
+    /// lazy reclaim its slots come back as a stale claim with no system
+    /// call; under strict reclaim it is removed first, as
+    /// [`unmap`](Self::unmap).
+    ///
+    /// # Safety
+    /// As for [`unmap`](Self::unmap).
+    pub(crate) unsafe fn retire(&self, m: Mapping) -> std::result::Result<SlotRun, (Error, Mapping)> {
+        match self.reclaim {
+            Reclaim::Lazy => Ok(SlotRun { stale: m.pages, ..m.run }),
+            // SAFETY: the caller's contract.
+            Reclaim::Strict => unsafe { self.unmap(m) },
         }
     }
 
@@ -372,6 +633,8 @@ fn check_granule(granule: usize, min: usize, slots: usize) -> Result<()> {
 
 impl Drop for KvaSpace {
     fn drop(&mut self) {
+        // The caches gave back every claim: remove the stale ones.
+        self.purge();
         // The cache that owned this allocator has removed what it could (a
         // mapping whose remove failed stays entered, and then the window
         // refuses a new claim: its slot would be handed out while mapped).

@@ -89,7 +89,7 @@ pub mod __loom {
 
 pub use extent::ExtentStats;
 pub use kaddr::Kaddr;
-pub use kva::default_map_budget;
+pub use kva::{default_map_budget, Reclaim};
 pub use lwbuf::{CpuGuard, CpuStats, Lwbuf, LwbufStats, Lwbufs, LwbufsBuilder, MAX_CPUS};
 pub use mmu::{Fault, FaultStats, FaultyMmu, Mmu, MmuStats, ModelMmu, Slot, Window, WindowBuilder};
 pub use phys::{system_page_size, Backing, FrameStats, Page, Pfn, PhysMem, PhysMemBuilder, MAX_REGION_BYTES};

@@ -25,7 +25,9 @@
 
 use std::sync::Arc;
 
-use lwbuf::{CpuGuard, Error, Fault, FaultStats, FaultyMmu, Lwbuf, Lwbufs, Mmu, Page, PhysMem, SfBuf, SfPool, Wait};
+use lwbuf::{
+    CpuGuard, Error, Fault, FaultStats, FaultyMmu, Lwbuf, Lwbufs, Mmu, Page, PhysMem, Reclaim, SfBuf, SfPool, Wait,
+};
 
 // === helpers ===
 
@@ -147,7 +149,9 @@ fn judge_step(
                 "{what}: `{shown}` does not show the errno"
             );
             match *op {
-                "mmap(enter)" => assert!(failed_enters > 0, "{what} under {inj:?}: {e} but no enter failed"),
+                "mmap(enter)" | "mmap(replace)" => {
+                    assert!(failed_enters > 0, "{what} under {inj:?}: {e} but no enter failed")
+                }
                 "mmap(remove)" => assert!(failed_removes > 0, "{what} under {inj:?}: {e} but no remove failed"),
                 other => panic!("{what} under {inj:?}: unexpected op {other}"),
             }
@@ -257,16 +261,29 @@ fn lw_step(st: &mut LwState<'_>, i: usize) -> Step {
 fn lw_mapped_consistent(lw: &Lwbufs, what: &str) {
     let st = lw.stats();
     let mmu = lw.mmu().stats();
-    assert_eq!(st.total.mapped, mmu.enters - mmu.removes, "{what}: cache entries vs live MMU mappings\n{st}");
+    if lw.reclaim_mode() == Reclaim::Strict {
+        assert_eq!(st.total.mapped, mmu.enters - mmu.removes, "{what}: cache entries vs live MMU mappings\n{st}");
+    } else {
+        // Evicted mappings may still be entered, waiting to be mapped over.
+        assert!(mmu.mapped >= st.total.mapped, "{what}: cache entries vs MMU mappings\n{st}");
+    }
     assert!(lw.check_consistency().is_ok(), "{what}: {:?}", lw.check_consistency());
 }
 
+fn lw_run_strict(b: Backend, inj: Option<Injection>) -> Outcome {
+    lw_run(b, inj, Reclaim::Strict)
+}
+
+fn lw_run_lazy(b: Backend, inj: Option<Injection>) -> Outcome {
+    lw_run(b, inj, Reclaim::Lazy)
+}
+
 /// Run the lwbuf workload with `inj` armed (or none); returns the calls made.
-fn lw_run(b: Backend, inj: Option<Injection>) -> Outcome {
+fn lw_run(b: Backend, inj: Option<Injection>, reclaim: Reclaim) -> Outcome {
     let mem = b.phys(LW_FRAMES);
     let pages = stamped(&mem);
     let faulty = b.faulty(&mem, LW_SLOTS);
-    let lw = Lwbufs::builder(faulty.clone()).cpus(2).max_excess(2).build().unwrap();
+    let lw = Lwbufs::builder(faulty.clone()).cpus(2).max_excess(2).reclaim(reclaim).build().unwrap();
     let mut st = LwState { lw: &lw, pages: &pages, guard: None, a: None, b: None, r: None, fill: Vec::new() };
     let errors = drive(&faulty, inj.as_ref(), &mut st, lw_step, |what| lw_mapped_consistent(&lw, what));
     let calls = faulty.fault_stats();
@@ -373,6 +390,11 @@ fn sf_step(st: &mut SfState<'_>, i: usize) -> Step {
             }),
         ),
         13 => ("alloc and drop d", st.alloc(6, Wait::NoWait).map(drop)),
+        14 => ("reclaim", {
+            st.pool.reclaim();
+            Ok(())
+        }),
+        15 => ("alloc and drop b again", st.alloc(1, Wait::NoWait).map(drop)),
         _ => return None,
     };
     Some(r)
@@ -380,15 +402,29 @@ fn sf_step(st: &mut SfState<'_>, i: usize) -> Step {
 
 fn sf_mapped_consistent(pool: &SfPool, what: &str) {
     let st = pool.stats();
-    assert_eq!(st.mapped, st.mmu.enters - st.mmu.removes, "{what}: pool entries vs live MMU mappings\n{st}");
-    assert_eq!(st.live_mappings, st.mapped, "{what}: live-mapping count\n{st}");
+    if pool.reclaim_mode() == Reclaim::Strict {
+        assert_eq!(st.mapped, st.mmu.enters - st.mmu.removes, "{what}: pool entries vs live MMU mappings\n{st}");
+        assert_eq!(st.live_mappings, st.mapped, "{what}: live-mapping count\n{st}");
+    } else {
+        // Evicted mappings may still be entered, waiting to be mapped over.
+        assert!(st.live_mappings >= st.mapped, "{what}: live-mapping count\n{st}");
+        assert!(st.mmu.mapped >= st.mapped, "{what}: pool entries vs MMU mappings\n{st}");
+    }
 }
 
-fn sf_run(b: Backend, inj: Option<Injection>) -> Outcome {
+fn sf_run_strict(b: Backend, inj: Option<Injection>) -> Outcome {
+    sf_run(b, inj, Reclaim::Strict)
+}
+
+fn sf_run_lazy(b: Backend, inj: Option<Injection>) -> Outcome {
+    sf_run(b, inj, Reclaim::Lazy)
+}
+
+fn sf_run(b: Backend, inj: Option<Injection>, reclaim: Reclaim) -> Outcome {
     let mem = b.phys(SF_FRAMES);
     let pages = stamped(&mem);
     let faulty = b.faulty(&mem, SF_SLOTS);
-    let pool = SfPool::builder(faulty.clone()).max_excess(2).build().unwrap();
+    let pool = SfPool::builder(faulty.clone()).max_excess(2).reclaim(reclaim).build().unwrap();
     let mut st = SfState { pool: &pool, pages: &pages, a: None, r: None, all: Vec::new() };
     let errors = drive(&faulty, inj.as_ref(), &mut st, sf_step, |what| sf_mapped_consistent(&pool, what));
     let calls = faulty.fault_stats();
@@ -401,6 +437,7 @@ fn sf_run(b: Backend, inj: Option<Injection>) -> Outcome {
 
     faulty.clear();
     pool.set_max_excess(0);
+    pool.reclaim();
     let stats = pool.stats();
     assert_eq!((stats.mapped, stats.cached, stats.mmu.mapped), (0, 0, 0), "{inj:?}: mappings left\n{stats}");
 
@@ -412,6 +449,7 @@ fn sf_run(b: Backend, inj: Option<Injection>) -> Outcome {
         check_sf(&r).unwrap();
     }
     pool.set_max_excess(0);
+    pool.reclaim();
     assert_eq!(pool.stats().mmu.mapped, 0);
     drop(pool);
     for p in &pages {
@@ -431,7 +469,7 @@ fn sf_run(b: Backend, inj: Option<Injection>) -> Outcome {
 fn sweep(b: Backend, run: fn(Backend, Option<Injection>) -> Outcome) -> (usize, usize, usize) {
     let clean = run(b, None);
     let c = clean.calls;
-    assert!(c.enters >= 10 && c.removes >= 5, "the workload exercises too little: {c:?}");
+    assert!(c.enters >= 10 && c.removes >= 1, "the workload exercises too little: {c:?}");
     assert_eq!((c.failed_enters, c.failed_removes, clean.errors), (0, 0, 0));
     let (mut runs, mut enter_errors, mut remove_errors) = (0, 0, 0);
     for (target, calls) in [(Target::Enter, c.enters), (Target::Remove, c.removes)] {
@@ -472,14 +510,14 @@ fn sweep(b: Backend, run: fn(Backend, Option<Injection>) -> Outcome) -> (usize, 
     ignore = "the whole sweep takes about 7 minutes under Miri; it runs in the normal suite, and the single-fault tests of this file run under Miri"
 )]
 fn lwbuf_every_fault_on_model() {
-    let (runs, enter_errors, remove_errors) = sweep(Backend::Model, lw_run);
+    let (runs, enter_errors, remove_errors) = sweep(Backend::Model, lw_run_strict);
     assert!(runs > MIN_RUNS && enter_errors > runs / 4 && remove_errors > 0, "{runs} {enter_errors} {remove_errors}");
 }
 
 #[test]
 #[cfg_attr(miri, ignore = "the real window needs memfd_create and mmap")]
 fn lwbuf_every_fault_on_window() {
-    let (runs, enter_errors, remove_errors) = sweep(Backend::Window, lw_run);
+    let (runs, enter_errors, remove_errors) = sweep(Backend::Window, lw_run_strict);
     assert!(runs > MIN_RUNS && enter_errors > runs / 4 && remove_errors > 0, "{runs} {enter_errors} {remove_errors}");
 }
 
@@ -489,15 +527,46 @@ fn lwbuf_every_fault_on_window() {
     ignore = "the whole sweep takes about 7 minutes under Miri; it runs in the normal suite, and the single-fault tests of this file run under Miri"
 )]
 fn sfbuf_every_fault_on_model() {
-    let (runs, enter_errors, remove_errors) = sweep(Backend::Model, sf_run);
+    let (runs, enter_errors, remove_errors) = sweep(Backend::Model, sf_run_strict);
     assert!(runs > MIN_RUNS && enter_errors > runs / 4 && remove_errors > 0, "{runs} {enter_errors} {remove_errors}");
 }
 
 #[test]
 #[cfg_attr(miri, ignore = "the real window needs memfd_create and mmap")]
 fn sfbuf_every_fault_on_window() {
-    let (runs, enter_errors, remove_errors) = sweep(Backend::Window, sf_run);
+    let (runs, enter_errors, remove_errors) = sweep(Backend::Window, sf_run_strict);
     assert!(runs > MIN_RUNS && enter_errors > runs / 4 && remove_errors > 0, "{runs} {enter_errors} {remove_errors}");
+}
+
+// Lazy reclaim: evictions make no remove; replaces in place fail as enters,
+// and the batched removes of `reclaim` are the removes that fail.
+
+#[test]
+#[cfg_attr(miri, ignore = "the whole sweep takes minutes under Miri; it runs in the normal suite")]
+fn lwbuf_every_fault_lazy_on_model() {
+    let (runs, enter_errors, _) = sweep(Backend::Model, lw_run_lazy);
+    assert!(runs > MIN_RUNS && enter_errors > runs / 4, "{runs} {enter_errors}");
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "the real window needs memfd_create and mmap")]
+fn lwbuf_every_fault_lazy_on_window() {
+    let (runs, enter_errors, _) = sweep(Backend::Window, lw_run_lazy);
+    assert!(runs > MIN_RUNS && enter_errors > runs / 4, "{runs} {enter_errors}");
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "the whole sweep takes minutes under Miri; it runs in the normal suite")]
+fn sfbuf_every_fault_lazy_on_model() {
+    let (runs, enter_errors, _) = sweep(Backend::Model, sf_run_lazy);
+    assert!(runs > MIN_RUNS && enter_errors > runs / 4, "{runs} {enter_errors}");
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "the real window needs memfd_create and mmap")]
+fn sfbuf_every_fault_lazy_on_window() {
+    let (runs, enter_errors, _) = sweep(Backend::Window, sf_run_lazy);
+    assert!(runs > MIN_RUNS && enter_errors > runs / 4, "{runs} {enter_errors}");
 }
 
 /// A remove that fails keeps the entry cached and mapped (counted in
@@ -510,7 +579,7 @@ fn failed_remove_keeps_the_entry_and_a_later_remove_cleans_up() {
         let pages = stamped(&mem);
 
         let faulty = b.faulty(&mem, 8);
-        let lw = Lwbufs::builder(faulty.clone()).cpus(1).max_excess(1).build().unwrap();
+        let lw = Lwbufs::builder(faulty.clone()).cpus(1).max_excess(1).reclaim(Reclaim::Strict).build().unwrap();
         let g = lw.bind(0).unwrap();
         drop(lw.alloc(&pages[0]).unwrap());
         faulty.fail_removes(Some(Fault::nth(1, libc::EINVAL)));
@@ -533,7 +602,7 @@ fn failed_remove_keeps_the_entry_and_a_later_remove_cleans_up() {
         // The sf_buf pool: the same, and a trim stops at a refusal instead
         // of retrying it forever.
         let faulty = b.faulty(&mem, 8);
-        let pool = SfPool::builder(faulty.clone()).max_excess(1).build().unwrap();
+        let pool = SfPool::builder(faulty.clone()).max_excess(1).reclaim(Reclaim::Strict).build().unwrap();
         drop(pool.alloc(&pages[1], Wait::NoWait).unwrap());
         faulty.fail_removes(Some(Fault::from_nth(1, libc::EAGAIN)));
         pool.set_max_excess(0);
@@ -559,7 +628,7 @@ fn refused_unmaps_are_the_error_of_a_miss_that_needs_the_slot() {
         let mem = b.phys(8);
         let pages = stamped(&mem);
         let faulty = b.faulty(&mem, 2);
-        let lw = Lwbufs::builder(faulty.clone()).cpus(1).max_excess(2).build().unwrap();
+        let lw = Lwbufs::builder(faulty.clone()).cpus(1).max_excess(2).reclaim(Reclaim::Strict).build().unwrap();
         let g = lw.bind(0).unwrap();
         drop((lw.alloc(&pages[0]).unwrap(), lw.alloc(&pages[1]).unwrap()));
         faulty.fail_removes(Some(Fault::from_nth(1, libc::EINVAL)));
@@ -570,7 +639,7 @@ fn refused_unmaps_are_the_error_of_a_miss_that_needs_the_slot() {
         drop(g);
 
         let faulty = b.faulty(&mem, 2);
-        let pool = SfPool::builder(faulty.clone()).max_excess(2).build().unwrap();
+        let pool = SfPool::builder(faulty.clone()).max_excess(2).reclaim(Reclaim::Strict).build().unwrap();
         drop((pool.alloc(&pages[0], Wait::NoWait).unwrap(), pool.alloc(&pages[1], Wait::NoWait).unwrap()));
         faulty.fail_removes(Some(Fault::from_nth(1, libc::EINVAL)));
         for how in [Wait::NoWait, Wait::Forever] {

@@ -22,7 +22,7 @@ use std::thread;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use lwbuf::{system_page_size, CpuGuard, Error, Lwbuf, Lwbufs, Page, PhysMem, Slot, MAX_CPUS};
+use lwbuf::{system_page_size, CpuGuard, Error, Lwbuf, Lwbufs, Page, PhysMem, Reclaim, Slot, MAX_CPUS};
 
 // === helpers ===
 
@@ -34,7 +34,12 @@ use backend::{pattern, stamp, stamped_pages, Backend};
 impl Backend {
     /// A system of `cpus` CPUs over a fresh window of `slots` slots.
     fn system(self, mem: &PhysMem, slots: usize, cpus: usize, max_excess: usize) -> Lwbufs {
-        Lwbufs::builder(self.mmu(mem, slots)).cpus(cpus).max_excess(max_excess).build().expect("build Lwbufs")
+        Lwbufs::builder(self.mmu(mem, slots))
+            .cpus(cpus)
+            .max_excess(max_excess)
+            .reclaim(Reclaim::Strict)
+            .build()
+            .expect("build Lwbufs")
     }
 }
 

@@ -17,7 +17,7 @@
 use std::sync::{mpsc, Barrier};
 use std::thread;
 
-use lwbuf::{Error, Lwbufs, Page, PhysMem, SfPool, Wait};
+use lwbuf::{Error, Lwbufs, Page, PhysMem, Reclaim, SfPool, Wait};
 
 #[macro_use]
 #[path = "common/backend.rs"]
@@ -48,8 +48,8 @@ fn rig(b: Backend) -> Rig {
     for p in &pages {
         p.direct().unwrap().write_u64(0, p.pfn().0 as u64).unwrap();
     }
-    let lw = Lwbufs::builder(b.mmu(&mem, 64)).cpus(8).max_excess(4).build().unwrap();
-    let pool = SfPool::builder(b.mmu(&mem, 8)).max_excess(4).build().unwrap();
+    let lw = Lwbufs::builder(b.mmu(&mem, 64)).cpus(8).max_excess(4).reclaim(Reclaim::Strict).build().unwrap();
+    let pool = SfPool::builder(b.mmu(&mem, 8)).max_excess(4).reclaim(Reclaim::Strict).build().unwrap();
     Rig { mem, pages, lw, pool }
 }
 

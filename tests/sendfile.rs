@@ -757,7 +757,9 @@ fn lwbuf_cache_smaller_than_the_working_set_evicts_and_stays_consistent() {
             send_and_check(&mut conn, &b, &file, 96, r);
         }
         let m = sender.mmu_stats().expect("mmu");
-        assert!(m.removes > 0, "{mode}: evictions unmap: {m}");
+        // Lazy reclaim (the default): evicted mappings are mapped over in
+        // place by later misses.
+        assert!(m.removes + m.replaces > 0, "{mode}: evictions unmap or are mapped over: {m}");
         assert!(m.mapped <= 32, "{mode}: within the window: {m}");
         nothing_in_use(&sender);
     }

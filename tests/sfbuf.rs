@@ -28,7 +28,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use lwbuf::{
-    system_page_size, CancelToken, Error, Mmu, ModelMmu, Page, PhysMem, SfBuf, SfPool, SfStats, Slot, Wait, Window,
+    system_page_size, CancelToken, Error, Mmu, ModelMmu, Page, PhysMem, Reclaim, SfBuf, SfPool, SfStats, Slot, Wait,
+    Window,
 };
 
 // === helpers ===
@@ -64,7 +65,7 @@ impl Backend {
 
 impl Rig {
     fn pool(&self, max_excess: usize) -> SfPool {
-        SfPool::builder(self.mmu.clone()).max_excess(max_excess).build().expect("build SfPool")
+        SfPool::builder(self.mmu.clone()).max_excess(max_excess).reclaim(Reclaim::Strict).build().expect("build SfPool")
     }
 }
 

@@ -14,12 +14,12 @@ use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::Mutex;
 use loom::thread;
 use loom_tests::{expect_failure, leak, model, unleak, Mutant};
-use lwbuf::{Backing, Lwbuf, Lwbufs, ModelMmu, PhysMem};
+use lwbuf::{Backing, Lwbuf, Lwbufs, ModelMmu, PhysMem, Reclaim};
 
 fn system(frames: usize, slots: usize, cpus: usize, max_excess: usize) -> (PhysMem, Arc<ModelMmu>, &'static Lwbufs) {
     let mem = PhysMem::builder().frames(frames).backing(Backing::Heap).build().unwrap();
     let mmu = Arc::new(ModelMmu::new(&mem, slots).unwrap());
-    let lw = Lwbufs::builder(mmu.clone()).cpus(cpus).max_excess(max_excess).build().unwrap();
+    let lw = Lwbufs::builder(mmu.clone()).cpus(cpus).max_excess(max_excess).reclaim(Reclaim::Strict).build().unwrap();
     (mem, mmu, leak(lw))
 }
 

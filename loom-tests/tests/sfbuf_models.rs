@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use loom::thread;
 use loom_tests::{expect_failure, expect_failure_in_child, leak, model, unleak, Mutant};
-use lwbuf::{Backing, CancelToken, Error, Mmu, ModelMmu, PhysMem, SfPool, Wait};
+use lwbuf::{Backing, CancelToken, Error, Mmu, ModelMmu, PhysMem, Reclaim, SfPool, Wait};
 
 fn pool(frames: usize, slots: usize, max_excess: usize) -> (PhysMem, Arc<ModelMmu>, &'static SfPool) {
     let mem = PhysMem::builder().frames(frames).backing(Backing::Heap).build().unwrap();
     let mmu = Arc::new(ModelMmu::new(&mem, slots).unwrap());
-    let p = SfPool::builder(mmu.clone()).max_excess(max_excess).shards(2).build().unwrap();
+    let p = SfPool::builder(mmu.clone()).max_excess(max_excess).shards(2).reclaim(Reclaim::Strict).build().unwrap();
     (mem, mmu, leak(p))
 }
 

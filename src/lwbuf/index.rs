@@ -228,7 +228,8 @@ mod tests {
     #[test]
     fn entries_index_and_leaves() {
         let mem = PhysMem::builder().frames(4 * LEAF).backing(crate::Backing::Heap).build().unwrap();
-        let kva = KvaSpace::new(Arc::new(ModelMmu::new(&mem, 64).unwrap()), None, None).unwrap();
+        let kva =
+            KvaSpace::new(Arc::new(ModelMmu::new(&mem, 64).unwrap()), None, None, crate::kva::Reclaim::Strict).unwrap();
         let mut es = Entries::new(0);
         let single = |pfn| Key { pfn, pages: 1 };
         let map = |kva: &KvaSpace, key: Key| {

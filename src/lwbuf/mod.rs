@@ -25,7 +25,7 @@ use pcpu::{Key, Local, Miss, Pcpu};
 use crate::cpu::{self, BindTable, CpuMask, Others, OwnerGuard, StealGuard};
 use crate::error::{Error, Inconsistency, Result};
 use crate::kaddr::Kaddr;
-use crate::kva::{Hold, KvaSpace, SlotRun};
+use crate::kva::{Hold, KvaSpace, Reclaim, SlotRun};
 use crate::mmu::Mmu;
 use crate::phys::Page;
 use crate::sync::{env, Arc, AtomicU64, AtomicUsize, CachePadded, Ordering};
@@ -50,9 +50,19 @@ pub struct LwbufsBuilder {
     max_excess: Option<usize>,
     map_budget: Option<usize>,
     granule: Option<usize>,
+    reclaim: Reclaim,
 }
 
 impl LwbufsBuilder {
+    /// What becomes of an evicted entry's mapping: [`Reclaim::Lazy`] (the
+    /// default) leaves it for the next miss to map over in place, one
+    /// system call instead of two; [`Reclaim::Strict`] removes it at once,
+    /// for stores that want nothing released left readable in the window.
+    pub fn reclaim(mut self, r: Reclaim) -> Self {
+        self.reclaim = r;
+        self
+    }
+
     /// The mapping granule: the frames mapped, cached and evicted as one
     /// unit, aligned to their number (a power of two, at most the window's
     /// slots). `alloc` of one page maps its whole granule, so the next pages
@@ -94,7 +104,7 @@ impl LwbufsBuilder {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(Error::config("cpus", format!("{} is not in 1..={MAX_CPUS}", self.cpus)));
         }
-        let kva = KvaSpace::new(self.mmu, self.map_budget, self.granule)?;
+        let kva = KvaSpace::new(self.mmu, self.map_budget, self.granule, self.reclaim)?;
         let max_excess = self.max_excess.unwrap_or_else(|| (kva.capacity() / (2 * self.cpus)).max(1));
         let binds = BindTable::new(self.cpus);
         Ok(Lwbufs {
@@ -269,7 +279,7 @@ impl Lwbufs {
     /// [`crate::ModelMmu`]).
     pub fn builder(mmu: std::sync::Arc<dyn Mmu>) -> LwbufsBuilder {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        LwbufsBuilder { mmu, cpus, max_excess: None, map_budget: None, granule: None }
+        LwbufsBuilder { mmu, cpus, max_excess: None, map_budget: None, granule: None, reclaim: Reclaim::default() }
     }
 
     /// CPUs configured.
@@ -478,14 +488,21 @@ impl Lwbufs {
     }
 
     /// Drain every CPU's mailbox and unmap every cached unused mapping, on
-    /// behalf of CPUs whose threads are idle or gone. Returns the slots given
-    /// back to the window. Each unmap is a system call.
+    /// behalf of CPUs whose threads are idle or gone, and remove the
+    /// mappings lazy reclaim left behind. Returns the slots given back to
+    /// the window. One system call per contiguous range of slots unmapped.
     pub fn reclaim(&self) -> usize {
         let before = self.kva.free_slots();
         let mut freed = Vec::new();
         self.reclaim_except(usize::MAX, &mut freed);
         self.kva.give_batch(freed);
+        self.kva.purge();
         self.kva.free_slots().saturating_sub(before)
+    }
+
+    /// What becomes of evicted mappings (see [`LwbufsBuilder::reclaim`]).
+    pub fn reclaim_mode(&self) -> Reclaim {
+        self.kva.reclaim()
     }
 
     /// Reclaim every CPU but `except`: their single free slots (those they
@@ -560,7 +577,12 @@ impl Lwbufs {
                 CpuStats::read(&l, pc)
             })
             .collect();
-        LwbufStats::new(per_cpu, self.unbound_sent.load(Ordering::Relaxed), self.kva.mmu_stats())
+        LwbufStats::new(
+            per_cpu,
+            self.unbound_sent.load(Ordering::Relaxed),
+            self.kva.mmu_stats(),
+            self.kva.purge_failures(),
+        )
     }
 
     /// Check the caches' invariants, for tests and debugging: every entry's

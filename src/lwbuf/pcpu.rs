@@ -185,7 +185,8 @@ impl Local {
                 // Every cached entry is in use, or the MMU refused to unmap
                 // the one we tried: say which.
                 let full = Error::WindowFull { requested: key.pages, capacity: kva.capacity() };
-                return Err(Miss::NoRoom(self.unmap_error.take().unwrap_or(full)));
+                let refused = self.unmap_error.take().or_else(|| kva.take_purge_error());
+                return Err(Miss::NoRoom(refused.unwrap_or(full)));
             };
             match kva.map(run, Pfn(key.pfn), key.pages) {
                 Ok(m) => return Ok(m),
@@ -303,8 +304,8 @@ impl Local {
         self.unused -= 1;
         // SAFETY: the entry's count is zero, so no handle holds it, and it is
         // out of the map, so no lookup can find it: nothing can reach the
-        // address while it is unmapped.
-        match unsafe { kva.unmap(mapping) } {
+        // address while it is unmapped (or, under lazy reclaim, replaced).
+        match unsafe { kva.retire(mapping) } {
             Ok(run) => {
                 self.counters.evictions += 1;
                 self.put_slots(kva, run);

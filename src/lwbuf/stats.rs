@@ -97,12 +97,15 @@ pub struct LwbufStats {
 }
 
 impl LwbufStats {
-    pub(crate) fn new(per_cpu: Vec<CpuStats>, unbound_sent: u64, mmu: MmuStats) -> Self {
+    /// `purge_failures`: batch removes of lazily reclaimed mappings that
+    /// the MMU refused, counted in the total's `unmap_errors`.
+    pub(crate) fn new(per_cpu: Vec<CpuStats>, unbound_sent: u64, mmu: MmuStats, purge_failures: u64) -> Self {
         let mut total = CpuStats::default();
         for c in &per_cpu {
             total.add(c);
         }
         total.decrefs_sent += unbound_sent;
+        total.unmap_errors += purge_failures;
         LwbufStats { per_cpu, total, unbound_sent, mmu }
     }
 }

@@ -218,6 +218,19 @@ impl Mmu for FaultyMmu {
         unsafe { self.inner.remove(slot, count) }
     }
 
+    /// A replace is an enter for the fault schedule (it counts in
+    /// `enters` and fails as one).
+    unsafe fn replace(&self, slot: Slot, pfn: Pfn, count: usize, old: usize) -> Result<NonNull<u8>> {
+        // Relaxed: counters, read by tests after the fact.
+        self.enters.fetch_add(1, Ordering::Relaxed);
+        if let Some(errno) = lock(&self.enter).next() {
+            self.failed_enters.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::Sys { op: "mmap(replace)", source: std::io::Error::from_raw_os_error(errno) });
+        }
+        // SAFETY: the caller's contract for `replace` is passed on unchanged.
+        unsafe { self.inner.replace(slot, pfn, count, old) }
+    }
+
     fn kva(&self, slot: Slot) -> Option<NonNull<u8>> {
         self.inner.kva(slot)
     }

@@ -103,6 +103,29 @@ pub trait Mmu: sealed::Sealed + Send + Sync + fmt::Debug {
     /// No access through these slots may happen during or after the call.
     unsafe fn remove(&self, slot: Slot, count: usize) -> Result<()>;
 
+    /// Enter `count` contiguous frames from `pfn` into the slots from
+    /// `slot`, whose first `old` slots hold an earlier mapping, replacing it
+    /// in place: for the window one `mmap(MAP_FIXED)` straight over the old
+    /// pages (one system call and one TLB flush, where a remove and an enter
+    /// make two calls). Slots `old..count` must be empty; if `old > count`,
+    /// the slots beyond `count` are removed. Returns the address of `slot`.
+    ///
+    /// On failure the old mapping may be gone or still there; the slots'
+    /// state is what [`translate`](Self::translate) says.
+    ///
+    /// # Safety
+    /// As for [`remove`](Self::remove) of the old mapping and
+    /// [`enter`](Self::enter) of the new one: the caller owns the slots and
+    /// nothing accesses them through the old mapping during or after the
+    /// call.
+    unsafe fn replace(&self, slot: Slot, pfn: Pfn, count: usize, old: usize) -> Result<NonNull<u8>> {
+        // SAFETY: the caller's contract covers both calls.
+        unsafe {
+            self.remove(slot, old)?;
+            self.enter(slot, pfn, count)
+        }
+    }
+
     /// The frame entered at `slot` now, if any. No system call.
     fn translate(&self, slot: Slot) -> Option<Pfn> {
         self.table().translate(slot)
@@ -138,6 +161,11 @@ pub struct MmuStats {
     pub remove_fallbacks: u64,
     /// Slots mapped now.
     pub mapped: u64,
+    /// Enters that replaced an earlier mapping in place (also counted in
+    /// `enters`): each one unmapped the old pages with its own call.
+    pub replaces: u64,
+    /// Slots whose old mapping a replace took away.
+    pub pages_replaced: u64,
 }
 
 impl MmuStats {
@@ -151,6 +179,8 @@ impl MmuStats {
             syscalls: self.syscalls - earlier.syscalls,
             remove_fallbacks: self.remove_fallbacks - earlier.remove_fallbacks,
             mapped: self.mapped,
+            replaces: self.replaces - earlier.replaces,
+            pages_replaced: self.pages_replaced - earlier.pages_replaced,
         }
     }
 }
@@ -159,9 +189,11 @@ impl fmt::Display for MmuStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "enters {} ({} pages), removes {} ({} pages), syscalls {}, munmap fallbacks {}, mapped now {}",
+            "enters {} ({} pages; {} in place over {} pages), removes {} ({} pages), syscalls {}, munmap fallbacks {}, mapped now {}",
             self.enters,
             self.pages_entered,
+            self.replaces,
+            self.pages_replaced,
             self.removes,
             self.pages_removed,
             self.syscalls,

@@ -79,6 +79,18 @@ impl Mmu for ModelMmu {
         Ok(())
     }
 
+    unsafe fn replace(&self, slot: Slot, pfn: Pfn, count: usize, old: usize) -> Result<NonNull<u8>> {
+        self.table.check(slot, Some(pfn), count.max(old))?;
+        if old > count {
+            // SAFETY: the caller's contract for the old mapping.
+            unsafe { self.remove(Slot(slot.0 + count), old - count)? };
+        }
+        let addr = self.phys.direct_ptr(pfn).expect("checked: direct map and frame in range");
+        self.table.reserve_replace(slot, count, old.min(count))?;
+        self.table.replaced(slot, pfn, count, old.min(count));
+        Ok(addr)
+    }
+
     fn kva(&self, slot: Slot) -> Option<NonNull<u8>> {
         self.phys.direct_ptr(self.table.translate(slot)?)
     }

@@ -23,6 +23,8 @@ pub struct SlotTable {
     syscalls: AtomicU64,
     remove_fallbacks: AtomicU64,
     mapped: AtomicU64,
+    replaces: AtomicU64,
+    pages_replaced: AtomicU64,
 }
 
 /// The reservation of this slot was lost (it was `munmap`ped): the next
@@ -64,6 +66,8 @@ impl SlotTable {
             syscalls: AtomicU64::new(0),
             remove_fallbacks: AtomicU64::new(0),
             mapped: AtomicU64::new(0),
+            replaces: AtomicU64::new(0),
+            pages_replaced: AtomicU64::new(0),
         }
     }
 
@@ -127,6 +131,44 @@ impl SlotTable {
             }
         }
         Ok(())
+    }
+
+    /// Mark `count` slots from `slot` as being entered in place of a
+    /// mapping in the first `old` of them (`old <= count`): those must have
+    /// a frame entered, the rest must be empty and not holes, and none may
+    /// have an enter under way. Otherwise change nothing and report the
+    /// first offending slot. Complete with [`replaced`](Self::replaced) or
+    /// undo with [`unreserve`](Self::unreserve).
+    pub(crate) fn reserve_replace(&self, slot: Slot, count: usize, old: usize) -> Result<()> {
+        debug_assert!(old <= count);
+        for i in 0..count {
+            let s = &self.slots[slot.0 + i];
+            let ok = |v: usize| {
+                let mapped = v & PFN_MASK != 0;
+                v & (BUSY | HOLE) == 0 && mapped == (i < old)
+            };
+            let r = s.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| ok(v).then_some(v | BUSY));
+            if r.is_err() {
+                self.unreserve(slot, i);
+                return Err(Error::SlotOccupied { slot: slot.0 + i });
+            }
+        }
+        Ok(())
+    }
+
+    /// Record a replace of slots [`reserve_replace`](Self::reserve_replace)d
+    /// for it.
+    pub(crate) fn replaced(&self, slot: Slot, pfn: Pfn, count: usize, old: usize) {
+        for i in 0..count {
+            // Release: publishes the mapping to `translate` readers.
+            let prev = self.slots[slot.0 + i].swap(pfn.0 + i + 1, Ordering::Release);
+            debug_assert!(prev & BUSY != 0, "replace of a slot not reserved");
+        }
+        self.enters.fetch_add(1, Ordering::Relaxed);
+        self.replaces.fetch_add(1, Ordering::Relaxed);
+        self.pages_entered.fetch_add(count as u64, Ordering::Relaxed);
+        self.pages_replaced.fetch_add(old as u64, Ordering::Relaxed);
+        self.mapped.fetch_add((count - old) as u64, Ordering::Relaxed);
     }
 
     /// Undo [`reserve`](Self::reserve) of `count` slots from `slot`.
@@ -195,6 +237,8 @@ impl SlotTable {
             syscalls: r(&self.syscalls),
             remove_fallbacks: r(&self.remove_fallbacks),
             mapped: r(&self.mapped),
+            replaces: r(&self.replaces),
+            pages_replaced: r(&self.pages_replaced),
         }
     }
 }

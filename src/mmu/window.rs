@@ -206,6 +206,51 @@ impl Mmu for Window {
         }
     }
 
+    unsafe fn replace(&self, slot: Slot, pfn: Pfn, count: usize, old: usize) -> Result<NonNull<u8>> {
+        self.table.check(slot, Some(pfn), count.max(old))?;
+        if old > count {
+            // SAFETY: the caller's contract for the old mapping.
+            unsafe { self.remove(Slot(slot.0 + count), old - count)? };
+        }
+        let old = old.min(count);
+        if self.table.any_hole(slot, count) {
+            // A lost reservation must not be mapped over blindly (see
+            // `enter`): take the two-call way.
+            // SAFETY: the caller's contract covers both calls.
+            return unsafe {
+                self.remove(slot, old)?;
+                self.enter(slot, pfn, count)
+            };
+        }
+        let fd = self.phys.memfd().expect("window PhysMem is memfd-backed");
+        let addr = self.addr(slot);
+        let len = NonZeroUsize::new(count * self.slot_size).expect("count > 0");
+        let offset = (pfn.0 * self.slot_size) as i64;
+        self.table.reserve_replace(slot, count, old)?;
+        self.table.syscall();
+        // SAFETY: the range lies inside the window; the caller owns these
+        // slots and nothing accesses the old mapping (method contract), and
+        // `reserve_replace` found exactly the caller's old mapping and our
+        // own reservation there, so MAP_FIXED replaces only those.
+        match unsafe { sys::map_shared_at(addr, len, fd, offset, false) } {
+            Ok(()) => {
+                self.table.replaced(slot, pfn, count, old);
+                Ok(addr)
+            }
+            Err(e) => {
+                // A failed MAP_FIXED may have unmapped the old pages or not:
+                // put the reservation back so the slots are known empty.
+                self.table.unreserve(slot, count);
+                // SAFETY: as above: ours, unused.
+                if unsafe { self.reserve_at(addr, len.get()) }.is_ok() {
+                    // Slots `old..count` were empty and stay so.
+                    self.table.removed(slot, old, false);
+                }
+                Err(Error::sys("mmap(replace)", e))
+            }
+        }
+    }
+
     fn kva(&self, slot: Slot) -> Option<NonNull<u8>> {
         self.table.translate(slot).map(|_| self.addr(slot))
     }

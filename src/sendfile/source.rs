@@ -186,7 +186,10 @@ impl WindowSource {
     /// serving a cache is refused with [`crate::Error::WindowClaimed`]. Live
     /// mappings are capped by [`crate::default_map_budget`].
     pub fn new(mmu: Arc<dyn Mmu>) -> Result<WindowSource> {
-        Ok(WindowSource { kva: KvaSpace::new(mmu, None, None)?, unmap_failures: AtomicU64::new(0) })
+        Ok(WindowSource {
+            kva: KvaSpace::new(mmu, None, None, crate::kva::Reclaim::Strict)?,
+            unmap_failures: AtomicU64::new(0),
+        })
     }
 
     /// A new [`Window`] of `slots` slots over `phys`: one `mmap(PROT_NONE)`.

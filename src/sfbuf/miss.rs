@@ -170,7 +170,13 @@ impl SfPool {
             if let Some(run) = self.kva.take(pages) {
                 return Ok(Some(run));
             }
-            let Some(freed) = self.evict_one()? else { return Ok(None) };
+            let Some(freed) = self.evict_one()? else {
+                // Room may be there behind a batch remove the MMU refused.
+                return match self.kva.take_purge_error() {
+                    Some(e) => Err(e),
+                    None => Ok(None),
+                };
+            };
             if freed.len == n {
                 return Ok(Some(freed));
             }
@@ -205,7 +211,7 @@ impl SfPool {
     /// `Ok(None)` if the LRU is empty or holds no unused entry (13); `Err`
     /// if the MMU refused the unmap (the entry then stays cached, and the
     /// failure is counted).
-    fn evict_one(&self) -> Result<Option<SlotRun>> {
+    pub(super) fn evict_one(&self) -> Result<Option<SlotRun>> {
         let looks = || 2 * self.lru_len.load(Ordering::Relaxed) + 2;
         let mut budget = looks();
         loop {
@@ -241,8 +247,9 @@ impl SfPool {
                     // under the shard lock, 2), so nobody else can reach it.
                     let m = e.mapping.with_mut(|p| unsafe { (*p).take() }).expect("live entry has a mapping");
                     // SAFETY: no handle holds it (count was 0) and no lookup
-                    // can find it (removed): 3.
-                    match unsafe { self.kva.unmap(m) } {
+                    // can find it (removed): 3. Under lazy reclaim the old
+                    // pages stay entered until the slots are mapped over.
+                    match unsafe { self.kva.retire(m) } {
                         Ok(run) => {
                             // The state stays DEAD (with the generation that
                             // died) until the slot is published again.

@@ -15,7 +15,7 @@ use super::lru::Lru;
 use super::wait::{Outcome, WaitQueue};
 use super::{SfBuf, SfStats, Wait};
 use crate::error::{Error, Result};
-use crate::kva::{Hold, KvaSpace, MapKey, Mapping};
+use crate::kva::{Hold, KvaSpace, MapKey, Mapping, Reclaim};
 use crate::mmu::Mmu;
 use crate::phys::{contiguous_prefix, Page};
 use crate::sync::barrier;
@@ -34,9 +34,18 @@ pub struct SfPoolBuilder {
     map_budget: Option<usize>,
     shards: usize,
     granule: Option<usize>,
+    reclaim: Reclaim,
 }
 
 impl SfPoolBuilder {
+    /// What becomes of an evicted entry's mapping, as
+    /// [`LwbufsBuilder::reclaim`](crate::LwbufsBuilder::reclaim). Default:
+    /// [`Reclaim::Lazy`].
+    pub fn reclaim(mut self, r: Reclaim) -> Self {
+        self.reclaim = r;
+        self
+    }
+
     /// The mapping granule: the frames mapped, cached and evicted as one
     /// unit, aligned to their number (a power of two, at most the window's
     /// slots), as [`LwbufsBuilder::granule`](crate::LwbufsBuilder::granule).
@@ -70,7 +79,7 @@ impl SfPoolBuilder {
         if self.shards == 0 || self.shards > 1 << 16 {
             return Err(Error::config("shards", format!("{} is not in 1..=65536", self.shards)));
         }
-        let kva = KvaSpace::new(self.mmu, self.map_budget, self.granule)?;
+        let kva = KvaSpace::new(self.mmu, self.map_budget, self.granule, self.reclaim)?;
         let cap = kva.capacity();
         // Slot numbers are u32 (map values, pins, handles), and a hint
         // holds `slot + 1` in 32 bits.
@@ -166,7 +175,14 @@ impl SfPool {
     /// A builder over `mmu` (the real [`crate::Window`] or
     /// [`crate::ModelMmu`]).
     pub fn builder(mmu: std::sync::Arc<dyn Mmu>) -> SfPoolBuilder {
-        SfPoolBuilder { mmu, max_excess: None, map_budget: None, shards: 256, granule: None }
+        SfPoolBuilder {
+            mmu,
+            max_excess: None,
+            map_budget: None,
+            shards: 256,
+            granule: None,
+            reclaim: Reclaim::default(),
+        }
     }
 
     /// The MMU below the pool.
@@ -177,6 +193,11 @@ impl SfPool {
     /// Slots in the window: the most sf_bufs that can be mapped at once.
     pub fn capacity(&self) -> usize {
         self.kva.capacity()
+    }
+
+    /// What becomes of evicted mappings (see [`SfPoolBuilder::reclaim`]).
+    pub fn reclaim_mode(&self) -> Reclaim {
+        self.kva.reclaim()
     }
 
     /// The mapping granule, in frames (see [`SfPoolBuilder::granule`]).
@@ -198,6 +219,19 @@ impl SfPool {
         // trims, or this trim sees its entry on the LRU.
         fence(Ordering::SeqCst);
         self.trim();
+    }
+
+    /// Unmap every cached unused mapping now (the cap stays), and remove the
+    /// mappings lazy reclaim left behind. Returns the slots given back to
+    /// the window. One system call per contiguous range of slots unmapped.
+    pub fn reclaim(&self) -> usize {
+        let before = self.kva.free_slots();
+        while let Ok(Some(run)) = self.evict_one() {
+            self.give_slots(run);
+        }
+        self.kva.purge();
+        self.waitq.wake();
+        self.kva.free_slots().saturating_sub(before)
     }
 
     /// Map `page`. A hit (the frame is cached) makes no system call; a miss
@@ -365,7 +399,7 @@ impl SfPool {
             nowait_fails: self.counters.nowait_fails.get(),
             no_room: self.counters.no_room.get(),
             lost_races: self.counters.lost_races.get(),
-            unmap_errors: self.counters.unmap_errors.get(),
+            unmap_errors: self.counters.unmap_errors.get() + self.kva.purge_failures(),
             waiters: self.waitq.waiters() as u64,
             live_mappings: live as u64,
             map_budget: budget as u64,

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::mpsc;
 
-use lwbuf::{CpuGuard, Error, Lwbuf, Lwbufs, Page, PhysMem, SfBuf, SfPool, Wait};
+use lwbuf::{CpuGuard, Error, Lwbuf, Lwbufs, Page, PhysMem, Reclaim, SfBuf, SfPool, Wait};
 
 use super::*;
 
@@ -26,8 +26,21 @@ pub(super) fn system(b: Backend) -> Sys {
     }
     // An explicit budget (far above anything mapped here): no reading of
     // /proc per system, which a fuzz execution would pay each time.
-    let lw = Lwbufs::builder(mmu(LW_SLOTS)).cpus(CPUS).max_excess(2).map_budget(1 << 20).build().unwrap();
-    let pool = SfPool::builder(mmu(SF_SLOTS)).max_excess(2).map_budget(1 << 20).shards(8).build().unwrap();
+    // Strict reclaim: the model counts every eviction as one remove.
+    let lw = Lwbufs::builder(mmu(LW_SLOTS))
+        .cpus(CPUS)
+        .max_excess(2)
+        .map_budget(1 << 20)
+        .reclaim(Reclaim::Strict)
+        .build()
+        .unwrap();
+    let pool = SfPool::builder(mmu(SF_SLOTS))
+        .max_excess(2)
+        .map_budget(1 << 20)
+        .shards(8)
+        .reclaim(Reclaim::Strict)
+        .build()
+        .unwrap();
     let foreign = other.alloc_page().unwrap();
     Sys { mem, pages, foreign, lw, pool }
 }
