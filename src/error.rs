@@ -136,6 +136,19 @@ pub enum Error {
         /// The first occupied slot found.
         slot: usize,
     },
+    /// A [`PhysMem`](crate::PhysMem) of [`Backing::HugeTlb`](crate::Backing::HugeTlb)
+    /// needs more huge pages than the system has free: reserve them with
+    /// `vm.nr_hugepages` (`echo N > /proc/sys/vm/nr_hugepages`). Returned by
+    /// `build`, which allocates every huge page up front, so a mapping of
+    /// the memory can never fault for lack of one (`SIGBUS`) later.
+    HugePages {
+        /// Huge pages the memory needs.
+        needed: usize,
+        /// Huge pages free (and not reserved) when it was built.
+        free: usize,
+        /// The huge page size in bytes.
+        size: usize,
+    },
     /// A system call the kernel (or [`FaultyMmu`](crate::FaultyMmu))
     /// refused, naming the call and its errno. A refused unmap leaves the
     /// cached entry mapped and counted, and is retried later.
@@ -213,6 +226,13 @@ impl fmt::Display for Error {
                 "the window already serves another cache or has frames entered by hand (one slot allocator per window)",
             ),
             Error::SlotOccupied { slot } => write!(f, "slot {slot} already has a frame entered"),
+            Error::HugePages { needed, free, size } => write!(
+                f,
+                "the memory needs {needed} huge pages of {} KiB and {free} are free: reserve more with \
+                 `echo {} > /proc/sys/vm/nr_hugepages` (vm.nr_hugepages; as root)",
+                size >> 10,
+                needed.saturating_sub(*free) + crate::phys::huge_pages_total().unwrap_or(0)
+            ),
             Error::Sys { op, source } => write!(f, "{op} failed: {source}"),
         }
     }
@@ -233,7 +253,7 @@ impl From<Error> for io::Error {
             Error::Sys { source, .. } => source,
             Error::WouldBlock => io::Error::new(io::ErrorKind::WouldBlock, e),
             Error::TimedOut => io::Error::new(io::ErrorKind::TimedOut, e),
-            Error::OutOfFrames { .. } | Error::WindowFull { .. } | Error::MapLimit { .. } => {
+            Error::OutOfFrames { .. } | Error::WindowFull { .. } | Error::MapLimit { .. } | Error::HugePages { .. } => {
                 io::Error::new(io::ErrorKind::OutOfMemory, e)
             }
             Error::Config { .. } | Error::OutOfBounds { .. } | Error::NoSuchCpu { .. } | Error::SlotOccupied { .. } => {

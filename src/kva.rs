@@ -51,7 +51,7 @@ pub enum Reclaim {
 /// of both caches. With a mapping granule of G frames, a page (or a run that
 /// lies inside one granule) is keyed by its whole granule: `pfn` a multiple
 /// of G and `pages` G (fewer for the last granule of the memory); a run that
-/// crosses granules is keyed by itself.
+/// crosses granules by the granules it covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct MapKey {
     pub(crate) pfn: usize,
@@ -222,15 +222,15 @@ impl KvaSpace {
     }
 
     /// The key under which `n` contiguous frames from `first` are mapped:
-    /// their granule if they lie inside one, else themselves.
+    /// the granules they lie in (one granule: the key the per-frame indexes
+    /// hold), cut at the end of the memory. With a granule of 1 frame, the
+    /// frames themselves.
     #[inline]
     pub(crate) fn key_of(&self, first: usize, n: usize) -> MapKey {
-        let base = first & !(self.granule() - 1);
-        if first + n <= base + self.granule() {
-            MapKey { pfn: base, pages: self.granule().min(self.frames - base) }
-        } else {
-            MapKey { pfn: first, pages: n }
-        }
+        let g = self.granule();
+        let base = first & !(g - 1);
+        let end = if first + n <= base + g { base + g } else { (first + n).div_ceil(g) * g };
+        MapKey { pfn: base, pages: end.min(self.frames) - base }
     }
 
     /// Whether `key` is one granule (the keys the per-frame indexes hold),

@@ -92,7 +92,10 @@ pub use kaddr::Kaddr;
 pub use kva::{default_map_budget, Reclaim};
 pub use lwbuf::{CpuGuard, CpuStats, Lwbuf, LwbufStats, Lwbufs, LwbufsBuilder, MAX_CPUS};
 pub use mmu::{Fault, FaultStats, FaultyMmu, Mmu, MmuStats, ModelMmu, Slot, Window, WindowBuilder};
-pub use phys::{system_page_size, Backing, FrameStats, Page, Pfn, PhysMem, PhysMemBuilder, MAX_REGION_BYTES};
+pub use phys::{
+    huge_page_size, huge_pages_free, system_page_size, Backing, FrameStats, Page, Pfn, PhysMem, PhysMemBuilder,
+    MAX_REGION_BYTES,
+};
 pub use sfbuf::{CancelToken, SfBuf, SfPool, SfPoolBuilder, SfStats, Wait};
 
 /// README.md's examples, compiled and run as doctests.

@@ -43,6 +43,57 @@ pub(crate) fn sealed_memfd(name: &CStr, len: i64) -> Result<OwnedFd, (&'static s
     Ok(fd)
 }
 
+/// A sealed memfd of `len` bytes backed by huge pages of `page` bytes
+/// (hugetlbfs), every page allocated now with `fallocate`, so that no
+/// mapping of it can fault for lack of a huge page later (`ENOSPC` here
+/// instead of a `SIGBUS` then). Sealed as [`sealed_memfd`].
+pub(crate) fn sealed_huge_memfd(name: &CStr, len: i64, page: usize) -> Result<OwnedFd, (&'static str, Errno)> {
+    let size_flag = match page {
+        0x20_0000 => MemFdCreateFlag::MFD_HUGE_2MB,
+        0x4000_0000 => MemFdCreateFlag::MFD_HUGE_1GB,
+        _ => MemFdCreateFlag::empty(),
+    };
+    let fd = memfd_create(
+        name,
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING | MemFdCreateFlag::MFD_HUGETLB | size_flag,
+    )
+    .map_err(|e| ("memfd_create(MFD_HUGETLB)", e))?;
+    nix::unistd::ftruncate(&fd, len).map_err(|e| ("ftruncate", e))?;
+    nix::fcntl::fallocate(fd.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len)
+        .map_err(|e| ("fallocate(huge pages)", e))?;
+    fcntl(
+        fd.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL),
+    )
+    .map_err(|e| ("fcntl(F_ADD_SEALS)", e))?;
+    Ok(fd)
+}
+
+/// Reserve `len` bytes of address space where the kernel chooses, starting
+/// at a multiple of `align` (a power of two): a larger reservation with its
+/// unaligned ends unmapped.
+pub(crate) fn reserve_aligned(len: NonZeroUsize, align: usize) -> Result<NonNull<u8>, Errno> {
+    if align <= page_size() {
+        return reserve(len);
+    }
+    let over = len.get().checked_add(align).ok_or(Errno::ENOMEM)?;
+    let p = reserve(NonZeroUsize::new(over).expect("over > 0"))?;
+    let start = p.as_ptr() as usize;
+    let aligned = (start + align - 1) & !(align - 1);
+    let (head, tail) = (aligned - start, over - (aligned - start) - len.get());
+    // SAFETY: both ends lie inside the reservation just made, which nothing
+    // else knows of; what stays is `aligned..aligned + len`.
+    unsafe {
+        if head > 0 {
+            munmap(p.cast(), head)?;
+        }
+        if tail > 0 {
+            munmap(NonNull::new_unchecked((aligned + len.get()) as *mut libc::c_void), tail)?;
+        }
+    }
+    Ok(NonNull::new(aligned as *mut u8).expect("non-null"))
+}
+
 /// Reserve `len` bytes of address space where the kernel chooses:
 /// `PROT_NONE`, `MAP_NORESERVE`, no memory behind it.
 pub(crate) fn reserve(len: NonZeroUsize) -> Result<NonNull<u8>, Errno> {

@@ -30,7 +30,7 @@ impl WindowBuilder {
     /// address space, plus 8 bytes of bookkeeping per slot, itself allocated
     /// zeroed and made resident only as slots are used.
     pub fn build(self) -> Result<Window> {
-        if self.phys.backing() != Backing::Memfd {
+        if self.phys.backing() == Backing::Heap {
             return Err(Error::config("backing", "the real window maps a memfd; use ModelMmu for heap memory"));
         }
         if self.slots == 0 {
@@ -48,7 +48,10 @@ impl WindowBuilder {
             )
         })?;
         let nz = NonZeroUsize::new(len).expect("len > 0");
-        let base = sys::reserve(nz).map_err(|e| Error::sys("mmap(reserve window)", e))?;
+        // Aligned to the memory's smallest granule, so that a huge page's
+        // slots start on a huge-page boundary.
+        let align = self.phys.min_granule() * slot_size;
+        let base = sys::reserve_aligned(nz, align).map_err(|e| Error::sys("mmap(reserve window)", e))?;
         let table = SlotTable::new(self.slots, self.phys.frames());
         table.syscall();
         Ok(Window { phys: self.phys, base, slot_size, len, table })

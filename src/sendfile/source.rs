@@ -230,12 +230,16 @@ impl fmt::Debug for WindowSource {
 pub struct WindowMapping<'s> {
     src: &'s WindowSource,
     mapping: Option<Mapping>,
+    /// Where the frames asked for start inside the mapping.
+    offset: usize,
     len: usize,
 }
 
 impl Mapped for WindowMapping<'_> {
     fn as_ptr(&self) -> *const u8 {
-        self.mapping.as_ref().map_or(std::ptr::null(), |m| m.addr().as_ptr().cast_const())
+        // `wrapping_add`: an offset inside the mapping, whose address stays
+        // valid while the handle lives.
+        self.mapping.as_ref().map_or(std::ptr::null(), |m| m.addr().as_ptr().cast_const().wrapping_add(self.offset))
     }
     fn len(&self) -> usize {
         self.len
@@ -271,17 +275,23 @@ impl MapSource for WindowSource {
         self.kva.check_page(first)?;
         let contiguous = contiguous_prefix(run, usize::MAX);
         let mut n = contiguous.min(self.kva.capacity());
-        let slots = loop {
-            if let Some(s) = self.kva.take(n) {
-                break s;
+        // On huge-page memory a mapping covers whole huge pages (the
+        // granule): the frames asked for lie inside it.
+        let (key, slots) = loop {
+            let key = self.kva.key_of(first.pfn().0, n);
+            if let Some(s) = self.kva.take(key.pages) {
+                break (key, s);
             }
             if n == 1 {
                 return Err(Error::WindowFull { requested: 1, capacity: self.kva.capacity() });
             }
             n /= 2;
         };
-        match self.kva.map(slots, first.pfn(), n) {
-            Ok(m) => Ok(WindowMapping { src: self, mapping: Some(m), len: n * self.kva.slot_size() }),
+        match self.kva.map(slots, crate::Pfn(key.pfn), key.pages) {
+            Ok(m) => {
+                let offset = (first.pfn().0 - key.pfn) * self.kva.slot_size();
+                Ok(WindowMapping { src: self, mapping: Some(m), offset, len: n * self.kva.slot_size() })
+            }
             Err((e, slots)) => {
                 self.kva.give(slots);
                 Err(e)
