@@ -244,7 +244,7 @@ fn run_slice(
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let stats = Stats::default();
     let stop = AtomicBool::new(false);
-    let shared = Shared { files: set, sender, stop: &stop, stats: &stats };
+    let shared = Shared { files: set, sender, stop: &stop, stats: &stats, limits: server::Limits::default() };
     let progress = Progress::default();
     // Counters at the start and the end of the measured seconds.
     let snap = || Snapshot {
