@@ -11,9 +11,11 @@
 //! content, so clients verify bytes without a copy), starts one pinned
 //! worker thread per CPU, and runs each mode for a few seconds against two
 //! working sets: one inside the configured cache capacity and one beyond it.
-//! It prints one table and writes it as CSV (and JSON with `--json`).
+//! It prints one table and writes it as CSV (and JSON with `--json`), with
+//! a bar chart of it beside the CSV (SVG).
 
 mod bench;
+mod chart;
 mod client;
 mod fileset;
 mod http;
@@ -137,7 +139,8 @@ pub struct BenchArgs {
     /// Skip the byte-by-byte check in the clients.
     #[arg(long)]
     pub no_verify: bool,
-    /// Where to write the table as CSV.
+    /// Where to write the table as CSV (default: target/parallel_sendfile.csv);
+    /// a chart of it goes beside, with the extension .svg.
     #[arg(long)]
     pub csv: Option<PathBuf>,
     /// Also write the table as JSON here.
