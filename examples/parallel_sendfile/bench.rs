@@ -12,8 +12,8 @@
 //! `vm.max_map_count` wall, and a cache that overflows is cold anyway.
 //!
 //! This file runs the slices and measures them; `report.rs` adds a mode's
-//! slices up into its row and prints the table, `procstat.rs` reads how
-//! much CPU time other processes took meanwhile.
+//! slices up into its row and prints the table, `chart.rs` draws it,
+//! `procstat.rs` reads how much CPU time other processes took meanwhile.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use lwbuf::sendfile::{CacheStats, Mode, SendOptions, Sender};
 use lwbuf::MmuStats;
 
+use crate::chart;
 use crate::client::{self, Clock, Outcome, Plan, Progress, Target};
 use crate::fileset::FileSet;
 use crate::procstat::CpuShare;
@@ -163,8 +164,19 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     print!("{}", report::table(&rows));
     report::print_footer(args, &rows, workers);
     let csv_path = args.csv.clone().unwrap_or_else(default_csv);
-    report::write(&csv_path, &report::csv(&rows))?;
+    report::write(&csv_path, &report::csv(&rows)?)?;
     println!("wrote {}", csv_path.display());
+    let svg_path = csv_path.with_extension("svg");
+    let note = format!(
+        "inside: {} files, {:.1} MiB (caches of {} MiB); beyond: {} files, {:.0} MiB",
+        inside,
+        mib(acc),
+        args.cache_mib,
+        set.files.len(),
+        mib(set.total_bytes())
+    );
+    chart::svg(&rows, &svg_path, &note)?;
+    println!("wrote {}", svg_path.display());
     if let Some(p) = &args.json {
         let config = [
             ("modes", args.modes.iter().map(|m| m.name()).collect::<Vec<_>>().join(",")),
@@ -183,7 +195,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             ("files", set.files.len().to_string()),
             ("inside_files", inside.to_string()),
         ];
-        report::write(p, &report::json(&config, &rows))?;
+        report::write(p, &report::json(&config, &rows)?)?;
         println!("wrote {}", p.display());
     }
     let bad: u64 = rows.iter().map(|r| r.verify_failures).sum();
@@ -244,7 +256,7 @@ fn run_slice(
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let stats = Stats::default();
     let stop = AtomicBool::new(false);
-    let shared = Shared { files: set, sender, stop: &stop, stats: &stats };
+    let shared = Shared { files: set, sender, stop: &stop, stats: &stats, limits: server::Limits::default() };
     let progress = Progress::default();
     // Counters at the start and the end of the measured seconds.
     let snap = || Snapshot {
@@ -444,6 +456,8 @@ mod tests {
             assert_eq!(cols[15], "0", "no verify failures: {line}");
         }
         assert!(std::fs::read_to_string(&json).expect("json").contains("\"rows\""));
+        let svg = std::fs::read_to_string(dir.join("out.svg")).expect("the chart beside the CSV");
+        assert!(Mode::ALL.iter().all(|m| svg.contains(m.name())), "every mode on the chart");
         std::fs::remove_dir_all(&dir).ok();
     }
 

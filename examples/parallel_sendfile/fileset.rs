@@ -3,11 +3,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use lwbuf::sendfile::PageFile;
 use lwbuf::PhysMem;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+
+use crate::http::FileMeta;
 
 /// One served file.
 pub struct Entry {
@@ -16,6 +19,8 @@ pub struct Entry {
     pub file: PageFile,
     /// The pattern seed of a generated file.
     pub seed: Option<u64>,
+    /// Length, dates, entity tag and type, for the HTTP replies.
+    pub meta: FileMeta,
 }
 
 /// The files, by name.
@@ -57,10 +62,13 @@ impl FileSet {
         let frames: u64 = sizes.iter().map(|s| s.div_ceil(fs)).sum::<u64>() + 64;
         let mem = PhysMem::builder().frames(frames as usize).name("parallel_sendfile").build()?;
         let mut files = Vec::with_capacity(sizes.len());
+        let now = SystemTime::now();
         for (i, &len) in sizes.iter().enumerate() {
             let fseed = seed.wrapping_mul(0x9E37_79B9).wrapping_add(i as u64);
             let file = PageFile::builder(&mem).max_run(max_run).pattern(len, fseed)?;
-            files.push(Entry { name: format!("f{i:05}"), file, seed: Some(fseed) });
+            let name = format!("f{i:05}");
+            let meta = FileMeta::new(&name, len, now);
+            files.push(Entry { name, file, seed: Some(fseed), meta });
         }
         Ok(FileSet::new(mem, files))
     }
@@ -75,8 +83,8 @@ impl FileSet {
         }
         let mut found = Vec::new();
         walk(&root, &root, "", 0, &mut found)?;
-        found.sort();
-        let total: u64 = found.iter().map(|(_, _, len)| len).sum();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let total: u64 = found.iter().map(|(_, _, m)| m.len()).sum();
         if total > max_bytes {
             return Err(format!(
                 "{} holds {} MiB, more than --max-mib {}",
@@ -86,20 +94,24 @@ impl FileSet {
             ));
         }
         let fs = lwbuf::system_page_size() as u64;
-        let frames: u64 = found.iter().map(|(_, _, len)| len.div_ceil(fs)).sum::<u64>() + 64;
+        let frames: u64 = found.iter().map(|(_, _, m)| m.len().div_ceil(fs)).sum::<u64>() + 64;
         let mem = PhysMem::builder()
             .frames(frames as usize)
             .name("parallel_sendfile-serve")
             .build()
             .map_err(|e| e.to_string())?;
         let mut files = Vec::with_capacity(found.len());
-        for (name, path, _) in found {
+        for (name, path, m) in found {
             let mut b = PageFile::builder(&mem);
             if max_run > 0 {
                 b = b.max_run(max_run);
             }
+            let modified = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             match b.path(&path) {
-                Ok(file) => files.push(Entry { name, file, seed: None }),
+                Ok(file) => {
+                    let meta = FileMeta::new(&name, file.len(), modified);
+                    files.push(Entry { name, file, seed: None, meta })
+                }
                 Err(e) => eprintln!("skipping {}: {e}", path.display()),
             }
         }
@@ -112,7 +124,7 @@ fn walk(
     dir: &Path,
     prefix: &str,
     depth: usize,
-    out: &mut Vec<(String, PathBuf, u64)>,
+    out: &mut Vec<(String, PathBuf, std::fs::Metadata)>,
 ) -> Result<(), String> {
     if depth > 32 {
         return Ok(());
@@ -130,12 +142,12 @@ fn walk(
         if ft.is_dir() {
             walk(root, &path, &key, depth + 1, out)?;
         } else if ft.is_file() {
-            out.push((key, path, meta.len()));
+            out.push((key, path, meta));
         } else if ft.is_symlink() {
             // Only links that stay inside the directory, to regular files.
             match path.canonicalize() {
                 Ok(real) if real.starts_with(root) => match std::fs::metadata(&real) {
-                    Ok(m) if m.is_file() => out.push((key, real, m.len())),
+                    Ok(m) if m.is_file() => out.push((key, real, m)),
                     _ => eprintln!("skipping symlink {key}: not a regular file"),
                 },
                 _ => eprintln!("skipping symlink {key}: it leads out of the directory"),

@@ -11,14 +11,18 @@
 //! content, so clients verify bytes without a copy), starts one pinned
 //! worker thread per CPU, and runs each mode for a few seconds against two
 //! working sets: one inside the configured cache capacity and one beyond it.
-//! It prints one table and writes it as CSV (and JSON with `--json`).
+//! It prints one table and writes it as CSV (and JSON with `--json`), with
+//! a bar chart of it beside the CSV (SVG).
 
 mod bench;
+mod chart;
 mod client;
 mod fileset;
 mod http;
 mod procstat;
 mod report;
+#[cfg(test)]
+mod serve_tests;
 mod server;
 
 use std::path::PathBuf;
@@ -44,8 +48,32 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the files of a directory over HTTP/1.1 (keep-alive) on 127.0.0.1.
+    #[command(long_about = SERVE_ABOUT)]
     Serve(ServeArgs),
 }
+
+const SERVE_ABOUT: &str = "\
+Serve the files of a directory over HTTP/1.1 (keep-alive) on 127.0.0.1.
+
+The files are loaded into the page-cache stand-in at startup; later changes
+on disk are not seen. GET and HEAD (405 otherwise); a single Range (206, or
+416 with Content-Range: bytes */LEN; several ranges get 200 and the whole
+file); Last-Modified with If-Modified-Since and a strong ETag with
+If-None-Match (304); If-Range; Content-Type by extension; index.html for a
+path ending in / (a directory named without the / is redirected, 301; no
+listings). Paths are percent-decoded; .. segments, encoded or not, empty
+segments, backslashes and NUL are refused (400), and nothing outside the
+directory is ever loaded. HTTP/1.0 connections close unless the request
+says Connection: keep-alive; Connection: close closes after the response.
+Requests with a body are refused (400).
+
+Limits (all workers together for --max-connections): a request head larger
+than --max-header-bytes or with more than --max-headers fields gets 431; a
+connection with no complete request for --idle-timeout seconds is closed,
+with 408 if part of a request had arrived; a connection beyond
+--max-connections gets 503 at once. Every error but 404 and 405 closes the
+connection (after the response; what the client still sends is drained for
+up to a second).";
 
 /// Options of the benchmark (the default command).
 #[derive(Args, Debug, Clone)]
@@ -111,7 +139,8 @@ pub struct BenchArgs {
     /// Skip the byte-by-byte check in the clients.
     #[arg(long)]
     pub no_verify: bool,
-    /// Where to write the table as CSV.
+    /// Where to write the table as CSV (default: target/parallel_sendfile.csv);
+    /// a chart of it goes beside, with the extension .svg.
     #[arg(long)]
     pub csv: Option<PathBuf>,
     /// Also write the table as JSON here.
@@ -150,6 +179,38 @@ pub struct ServeArgs {
     /// mapping, in pages.
     #[arg(long, default_value_t = 16)]
     pub map_run: usize,
+    /// Most bytes of a request head (request line and header fields);
+    /// beyond: 431 and close.
+    #[arg(long, value_parser = parse_size, default_value = "16k")]
+    pub max_header_bytes: u64,
+    /// Most header fields of a request (1-256); beyond: 431 and close.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=http::HEADERS_CAP as i64))]
+    pub max_headers: u16,
+    /// Seconds a connection may go without a complete request (since it
+    /// was accepted or its last response was sent); then it is closed, with
+    /// 408 if part of a request had arrived.
+    #[arg(long, value_parser = parse_secs, default_value = "30")]
+    pub idle_timeout: Duration,
+    /// Most connections open at once (all workers); beyond: 503 and close.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+}
+
+impl ServeArgs {
+    /// The server's limits, from the options.
+    pub fn limits(&self) -> Result<server::Limits, String> {
+        if self.max_header_bytes < 64 || self.max_header_bytes > 1 << 20 {
+            return Err("--max-header-bytes must be between 64 and 1m".into());
+        }
+        if self.idle_timeout.is_zero() {
+            return Err("--idle-timeout must be above 0".into());
+        }
+        Ok(server::Limits {
+            http: http::Limits { max_head: self.max_header_bytes as usize, max_headers: usize::from(self.max_headers) },
+            idle: self.idle_timeout,
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+        })
+    }
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -251,6 +312,27 @@ mod tests {
         Cli::try_parse_from(["x", "--modes", "sendfile,copy", "--duration", "1"]).expect("bench");
         Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--mode", "zerocopy"]).expect("serve");
         Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--mode", "lwbuf-run", "--cache-mib", "8"]).expect("serve");
+        let cli = Cli::try_parse_from([
+            "x",
+            "serve",
+            "--dir",
+            "/tmp",
+            "--max-header-bytes",
+            "8k",
+            "--max-headers",
+            "10",
+            "--idle-timeout",
+            "2.5",
+            "--max-connections",
+            "7",
+        ])
+        .expect("serve limits");
+        let Some(Command::Serve(args)) = cli.command else { panic!("serve") };
+        let l = args.limits().expect("limits");
+        assert_eq!((l.http.max_head, l.http.max_headers), (8192, 10));
+        assert_eq!((l.idle, l.max_connections), (Duration::from_millis(2500), 7));
+        assert!(Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--max-headers", "300"]).is_err());
+        assert!(Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--max-connections", "0"]).is_err());
         Cli::try_parse_from(["x", "--modes", "sfbuf,lwbuf,lwbuf-run", "--verify-every", "4", "--spot-check"])
             .expect("bench");
         assert!(Cli::try_parse_from(["x", "--modes", "teleport"]).is_err());

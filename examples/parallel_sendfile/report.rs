@@ -6,32 +6,44 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use lwbuf::sendfile::{CacheStats, Mode};
+use serde::{Serialize, Serializer};
 
 use crate::client::Outcome;
 use crate::procstat::CpuShare;
 use crate::BenchArgs;
 
-/// One mode on one working set.
-#[derive(Clone, Debug, Default)]
+/// One mode on one working set. Serialized (CSV and JSON) under the
+/// names given here, in this order; ratios and rates with 4 decimals.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Row {
     pub set: String,
     pub mode: String,
+    #[serde(rename = "seconds", serialize_with = "round3")]
     pub secs: f64,
     pub bytes: u64,
     pub requests: u64,
+    #[serde(rename = "gb_per_s", serialize_with = "round4")]
     pub gbps: f64,
+    #[serde(rename = "requests_per_s", serialize_with = "round1")]
     pub rps: f64,
+    #[serde(serialize_with = "round4")]
     pub p50_ms: f64,
+    #[serde(serialize_with = "round4")]
     pub p99_ms: f64,
     /// Mapping system calls per request served (window modes), else 0.
+    #[serde(rename = "map_syscalls_per_req", serialize_with = "round4")]
     pub map_calls_per_req: f64,
     /// Send system calls (sendmsg/writev/sendfile) per request served.
+    #[serde(serialize_with = "round4")]
     pub send_calls_per_req: f64,
     /// Mapping-cache hit rate, for modes with a cache.
+    #[serde(rename = "cache_hit_rate", serialize_with = "round4_opt")]
     pub hit_rate: Option<f64>,
     /// Requests/s relative to kernel sendfile on the same working set.
+    #[serde(serialize_with = "round4_opt")]
     pub vs_sendfile: Option<f64>,
     /// Share of zero-copy sends the kernel copied after all.
+    #[serde(rename = "zerocopy_copied", serialize_with = "round4_opt")]
     pub zc_copied: Option<f64>,
     pub errors: u64,
     pub verify_failures: u64,
@@ -40,7 +52,31 @@ pub struct Row {
     /// Responses received (all, warm-up included).
     pub responses: u64,
     /// Share of all CPU time other processes used during the measured seconds.
+    #[serde(serialize_with = "round4_opt")]
     pub other_cpu: Option<f64>,
+}
+
+fn round<S: Serializer>(v: f64, scale: f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((v * scale).round() / scale)
+}
+
+fn round1<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    round(*v, 1e1, s)
+}
+
+fn round3<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    round(*v, 1e3, s)
+}
+
+fn round4<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    round(*v, 1e4, s)
+}
+
+fn round4_opt<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => round(*v, 1e4, s),
+        None => s.serialize_none(),
+    }
 }
 
 // === aggregation ===
@@ -269,104 +305,27 @@ pub fn print_footer(args: &BenchArgs, rows: &[Row], workers: usize) {
     }
 }
 
-const CSV_HEAD: &str = "set,mode,seconds,bytes,requests,gb_per_s,requests_per_s,p50_ms,p99_ms,map_syscalls_per_req,\
-                        send_calls_per_req,cache_hit_rate,vs_sendfile,zerocopy_copied,errors,verify_failures,\
-                        fully_verified,responses,other_cpu";
-
-fn csv_opt(v: Option<f64>) -> String {
-    v.map_or_else(String::new, |x| format!("{x:.4}"))
-}
-
-pub fn csv(rows: &[Row]) -> String {
-    let mut s = String::from(CSV_HEAD);
-    s.push('\n');
+/// The rows as CSV, a header line first (empty cells for `None`).
+pub fn csv(rows: &[Row]) -> Result<String, String> {
+    let mut w = csv::Writer::from_writer(Vec::new());
     for r in rows {
-        let _ = writeln!(
-            s,
-            "{},{},{:.3},{},{},{:.4},{:.1},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{}",
-            r.set,
-            r.mode,
-            r.secs,
-            r.bytes,
-            r.requests,
-            r.gbps,
-            r.rps,
-            r.p50_ms,
-            r.p99_ms,
-            r.map_calls_per_req,
-            r.send_calls_per_req,
-            csv_opt(r.hit_rate),
-            csv_opt(r.vs_sendfile),
-            csv_opt(r.zc_copied),
-            r.errors,
-            r.verify_failures,
-            r.fully_verified,
-            r.responses,
-            csv_opt(r.other_cpu)
-        );
+        w.serialize(r).map_err(|e| format!("CSV: {e}"))?;
     }
-    s
+    let bytes = w.into_inner().map_err(|e| format!("CSV: {e}"))?;
+    String::from_utf8(bytes).map_err(|e| format!("CSV: {e}"))
 }
 
-fn json_opt(v: Option<f64>) -> String {
-    v.map_or_else(|| "null".to_string(), |x| format!("{x:.4}"))
-}
-
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for ch in s.chars() {
-        match ch {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
+/// `{"config": {...}, "rows": [...]}`; `config` values are strings.
+pub fn json(config: &[(&str, String)], rows: &[Row]) -> Result<String, String> {
+    #[derive(Serialize)]
+    struct Report<'a> {
+        config: serde_json::Map<String, serde_json::Value>,
+        rows: &'a [Row],
     }
-    o.push('"');
-    o
-}
-
-/// `{"config": {...}, "rows": [...]}`; `config` pairs are emitted as strings.
-pub fn json(config: &[(&str, String)], rows: &[Row]) -> String {
-    let mut s = String::from("{\n  \"config\": {");
-    for (i, (k, v)) in config.iter().enumerate() {
-        let _ = write!(s, "{}\n    {}: {}", if i == 0 { "" } else { "," }, json_str(k), json_str(v));
-    }
-    s.push_str("\n  },\n  \"rows\": [");
-    for (i, r) in rows.iter().enumerate() {
-        let _ = write!(
-            s,
-            "{}\n    {{\"set\": {}, \"mode\": {}, \"seconds\": {:.3}, \"bytes\": {}, \"requests\": {}, \
-             \"gb_per_s\": {:.4}, \"requests_per_s\": {:.1}, \"p50_ms\": {:.4}, \"p99_ms\": {:.4}, \
-             \"map_syscalls_per_req\": {:.4}, \"send_calls_per_req\": {:.4}, \"cache_hit_rate\": {}, \
-             \"vs_sendfile\": {}, \"zerocopy_copied\": {}, \"errors\": {}, \"verify_failures\": {}, \
-             \"fully_verified\": {}, \"responses\": {}, \"other_cpu\": {}}}",
-            if i == 0 { "" } else { "," },
-            json_str(&r.set),
-            json_str(&r.mode),
-            r.secs,
-            r.bytes,
-            r.requests,
-            r.gbps,
-            r.rps,
-            r.p50_ms,
-            r.p99_ms,
-            r.map_calls_per_req,
-            r.send_calls_per_req,
-            json_opt(r.hit_rate),
-            json_opt(r.vs_sendfile),
-            json_opt(r.zc_copied),
-            r.errors,
-            r.verify_failures,
-            r.fully_verified,
-            r.responses,
-            json_opt(r.other_cpu)
-        );
-    }
-    s.push_str("\n  ]\n}\n");
-    s
+    let config = config.iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone()))).collect();
+    let mut text = serde_json::to_string_pretty(&Report { config, rows }).map_err(|e| format!("JSON: {e}"))?;
+    text.push('\n');
+    Ok(text)
 }
 
 pub fn write(path: &Path, text: &str) -> Result<(), String> {
@@ -389,10 +348,23 @@ mod tests {
         let t = table(&rows);
         assert_eq!(t.lines().count(), 4);
         assert!(t.contains("n/a"));
-        let c = csv(&rows);
+        let c = csv(&rows).expect("csv");
         assert_eq!(c.lines().count(), 3);
-        assert_eq!(c.lines().next().map(|l| l.split(',').count()), c.lines().nth(1).map(|l| l.split(',').count()));
-        let j = json(&[("modes", "a,b".into())], &rows);
-        assert!(j.contains("\"zero\\\"copy\"") && j.contains("\"cache_hit_rate\": null"));
+        assert_eq!(
+            c.lines().next(),
+            Some(
+                "set,mode,seconds,bytes,requests,gb_per_s,requests_per_s,p50_ms,p99_ms,map_syscalls_per_req,\
+                 send_calls_per_req,cache_hit_rate,vs_sendfile,zerocopy_copied,errors,verify_failures,\
+                 fully_verified,responses,other_cpu"
+            )
+        );
+        assert_eq!(c.lines().nth(1), Some("inside,sendfile,0.0,0,0,1.5,0.0,0.0,0.0,0.0,0.0,,1.0,,0,0,0,0,"));
+        assert!(c.contains("\"zero\"\"copy\""), "quoted: {c}");
+        let j = json(&[("modes", "a,b".into())], &rows).expect("json");
+        assert!(j.contains("\"zero\\\"copy\"") && j.contains("\"cache_hit_rate\": null"), "{j}");
+        let v: serde_json::Value = serde_json::from_str(&j).expect("valid JSON");
+        assert_eq!(v["config"]["modes"], "a,b");
+        assert_eq!(v["rows"][0]["gb_per_s"], 1.5);
+        assert_eq!(v["rows"][1]["zerocopy_copied"], 1.0);
     }
 }

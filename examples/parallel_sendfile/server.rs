@@ -1,22 +1,25 @@
 //! The server: one worker thread per CPU, pinned, each with its own
-//! `SO_REUSEPORT` listener on 127.0.0.1 and its own epoll loop. Worker `i`
-//! is CPU `i` of the sender's lwbuf caches for its whole life
-//! (`Sender::bind_worker`). A request is answered in place: the worker sends
-//! the whole response (the library polls for `POLLOUT` when the socket is
-//! full) before it serves the next.
+//! `SO_REUSEPORT` listener on 127.0.0.1 and its own event loop (mio, epoll
+//! underneath). Worker `i` is CPU `i` of the sender's lwbuf caches for its
+//! whole life (`Sender::bind_worker`). A request is answered in place: the
+//! worker sends the whole response (the library polls for `POLLOUT` when
+//! the socket is full) before it serves the next. What a request gets is
+//! decided by `http.rs`; this file does the I/O and enforces the limits.
 
 use std::io::{self, Read};
-use std::net::TcpListener;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::thread::{self, Scope, ScopedJoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use lwbuf::sendfile::{Connection, SendOptions, SendStats, Sender};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Registry, Token};
 use nix::sys::socket::{listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType};
 
 use crate::fileset::FileSet;
-use crate::http::{self, Parsed, Status};
+use crate::http::{self, DateCache, Parsed, Request, Route, Status};
 use crate::ServeArgs;
 
 /// Counters of all workers (relaxed atomics: read once the run is over, or
@@ -30,6 +33,10 @@ pub struct Stats {
     pub send_errors: AtomicU64,
     pub bad_requests: AtomicU64,
     pub connections: AtomicU64,
+    /// Connections open now (counted against `Limits::max_connections`).
+    pub open: AtomicU64,
+    /// Connections refused with 503 (over `Limits::max_connections`).
+    pub refused: AtomicU64,
     pub zc_sends: AtomicU64,
     pub zc_completed: AtomicU64,
     pub zc_copied: AtomicU64,
@@ -67,7 +74,7 @@ impl Stats {
         }
     }
 
-    fn closed(&self, c: &Connection<'_, std::net::TcpStream>) {
+    fn closed(&self, c: &Connection<'_, TcpStream>) {
         let z = c.zerocopy_stats();
         self.zc_sends.fetch_add(z.sends, Relaxed);
         self.zc_completed.fetch_add(z.completed, Relaxed);
@@ -75,46 +82,9 @@ impl Stats {
     }
 }
 
-// === epoll ===
-
-struct Epoll(OwnedFd);
-
-impl Epoll {
-    fn new() -> io::Result<Epoll> {
-        // SAFETY: epoll_create1 takes no pointers.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    fn ctl(&self, op: i32, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: `ev` is a valid event for the call; `fd` is an open
-        // descriptor owned by the caller.
-        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Wait up to `ms`; a signal counts as a timeout.
-    fn wait(&self, events: &mut [libc::epoll_event], ms: i32) -> io::Result<usize> {
-        // SAFETY: the kernel writes at most `events.len()` entries into the slice.
-        let r = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
-        }
-        Ok(r as usize)
-    }
-}
-
 // === listeners ===
 
-fn listener(port: u16) -> io::Result<TcpListener> {
+fn listener(port: u16) -> io::Result<std::net::TcpListener> {
     let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     setsockopt(&fd, sockopt::ReusePort, &true)?;
@@ -137,14 +107,14 @@ fn listener(port: u16) -> io::Result<TcpListener> {
         return Err(io::Error::last_os_error());
     }
     listen(&fd, Backlog::new(1024)?)?;
-    let l = TcpListener::from(fd);
+    let l = std::net::TcpListener::from(fd);
     l.set_nonblocking(true)?;
     Ok(l)
 }
 
 /// `n` listeners sharing one port on 127.0.0.1 (`SO_REUSEPORT`: the kernel
 /// spreads connections over them). Port 0 picks a free port.
-pub fn bind_listeners(port: u16, n: usize) -> io::Result<(u16, Vec<TcpListener>)> {
+pub fn bind_listeners(port: u16, n: usize) -> io::Result<(u16, Vec<std::net::TcpListener>)> {
     let first = listener(port)?;
     let port = first.local_addr()?.port();
     let mut all = vec![first];
@@ -156,11 +126,57 @@ pub fn bind_listeners(port: u16, n: usize) -> io::Result<(u16, Vec<TcpListener>)
 
 // === workers ===
 
-const LISTENER: u64 = u64::MAX;
+/// Limits of the server (see `serve --help`): what a request head may hold,
+/// how long a connection may sit without a complete request, and how many
+/// may be open at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub http: http::Limits,
+    /// A connection without a complete request for this long (since it
+    /// was accepted or its last response was sent) is closed: with 408 if
+    /// part of a request had arrived, silently otherwise.
+    pub idle: Duration,
+    /// More connections than this (all workers together) are answered 503
+    /// and closed as they are accepted.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { http: http::Limits::default(), idle: Duration::from_secs(30), max_connections: 1024 }
+    }
+}
+
+/// How long a connection the server closes is drained before it is closed
+/// (a lingering close): the response goes out, then the write side is shut,
+/// and what the client still sends is read and dropped until it closes or
+/// this runs out, so that a close with unread bytes (a reset) does not
+/// destroy the response before the client has read it.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// How often a worker looks for idle connections and finished lingers.
+const SWEEP: Duration = Duration::from_millis(100);
+
+const LISTENER: Token = Token(usize::MAX);
 
 struct Client<'s> {
-    conn: Connection<'s, std::net::TcpStream>,
+    conn: Connection<'s, TcpStream>,
     inbuf: Vec<u8>,
+    /// When the connection was accepted or its last response finished.
+    since: Instant,
+    /// Closing: drained until this deadline.
+    closing: Option<Instant>,
+    /// Counted in `Stats::open` (false for a refused connection).
+    counted: bool,
+}
+
+/// What to do with a connection after serving it.
+enum Next {
+    Keep,
+    /// Close now (the client closed, or the connection failed).
+    Close,
+    /// Close after draining (the server chose to close).
+    Linger,
 }
 
 /// Everything a worker reads and counts.
@@ -169,6 +185,7 @@ pub struct Shared<'a> {
     pub sender: &'a Sender,
     pub stop: &'a AtomicBool,
     pub stats: &'a Stats,
+    pub limits: Limits,
 }
 
 /// Start one worker per listener: worker `i` binds CPU `i` of the sender
@@ -176,7 +193,7 @@ pub struct Shared<'a> {
 /// `crate::cores`, whose core `i` is the one `bind_worker(i, true)` picks).
 pub fn spawn_workers<'scope, 'env>(
     s: &'scope Scope<'scope, 'env>,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<std::net::TcpListener>,
     shared: &'env Shared<'env>,
     cores: &[Option<core_affinity::CoreId>],
 ) -> Vec<ScopedJoinHandle<'scope, io::Result<()>>> {
@@ -190,54 +207,156 @@ pub fn spawn_workers<'scope, 'env>(
         .collect()
 }
 
-fn worker(cpu: usize, listener: TcpListener, sh: &Shared<'_>, pin: bool) -> io::Result<()> {
+/// A worker's buffers and counts, reused for every request.
+struct Scratch {
+    rbuf: Vec<u8>,
+    head: Vec<u8>,
+    sent: Sent,
+    dates: DateCache,
+}
+
+/// A worker's connections, by token.
+struct Clients<'s> {
+    slots: Vec<Option<Client<'s>>>,
+    free: Vec<usize>,
+}
+
+fn worker(cpu: usize, listener: std::net::TcpListener, sh: &Shared<'_>, pin: bool) -> io::Result<()> {
     // For the whole life of the thread: mappings are made and released on
     // this CPU's cache.
     let _cpu = sh.sender.bind_worker(cpu, pin).map_err(io::Error::from)?;
-    let ep = Epoll::new()?;
-    ep.ctl(libc::EPOLL_CTL_ADD, listener.as_raw_fd(), LISTENER, libc::EPOLLIN as u32)?;
-    let mut slots: Vec<Option<Client<'_>>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 128];
-    let mut rbuf = vec![0u8; 16 << 10];
-    let mut head = Vec::with_capacity(256);
-    let mut sent = Sent::default();
+    // mio's registrations are edge-triggered: every read below goes on
+    // until the socket is empty (a short read or EAGAIN), or the
+    // connection is closed, so no readiness is left unreported.
+    let mut poll = Poll::new()?;
+    let mut listener = TcpListener::from_std(listener);
+    poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+    let mut events = Events::with_capacity(128);
+    let mut clients = Clients { slots: Vec::new(), free: Vec::new() };
+    let mut s = Scratch {
+        rbuf: vec![0u8; 16 << 10],
+        head: Vec::with_capacity(512),
+        sent: Sent::default(),
+        dates: DateCache::default(),
+    };
+    let mut next_sweep = Instant::now() + SWEEP;
     while !sh.stop.load(Relaxed) {
-        sh.stats.flush(&mut sent);
-        let n = ep.wait(&mut events, 50)?;
-        for ev in events.iter().take(n) {
-            let token = ev.u64;
-            if token == LISTENER {
-                accept_all(&listener, &ep, sh, &mut slots, &mut free);
+        sh.stats.flush(&mut s.sent);
+        match poll.poll(&mut events, Some(Duration::from_millis(50))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        let reg = poll.registry();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        for ev in events.iter() {
+            if ev.token() == LISTENER {
+                accept_all(&listener, reg, sh, &mut clients, &mut s, now, wall);
                 continue;
             }
-            let idx = token as usize;
-            let close = match slots.get_mut(idx).and_then(Option::as_mut) {
-                Some(c) => serve_client(c, sh, &mut rbuf, &mut head, &mut sent),
-                None => false,
-            };
-            if close {
-                if let Some(c) = slots[idx].take() {
-                    let _ = ep.ctl(libc::EPOLL_CTL_DEL, c.conn.get_ref().as_raw_fd(), 0, 0);
-                    sh.stats.closed(&c.conn);
-                    free.push(idx);
+            let idx = ev.token().0;
+            let next = match clients.slots.get_mut(idx).and_then(Option::as_mut) {
+                Some(c) if c.closing.is_some() => {
+                    if drain(c, &mut s.rbuf) {
+                        Next::Close
+                    } else {
+                        Next::Keep
+                    }
                 }
-            }
+                Some(c) => serve_client(c, sh, &mut s, now, wall),
+                None => continue,
+            };
+            clients.after(idx, next, reg, sh, &mut s.rbuf, now);
+        }
+        if now >= next_sweep {
+            next_sweep = now + SWEEP;
+            clients.sweep(reg, sh, &mut s, now, wall);
         }
     }
-    sh.stats.flush(&mut sent);
-    for c in slots.into_iter().flatten() {
-        sh.stats.closed(&c.conn);
+    sh.stats.flush(&mut s.sent);
+    for idx in 0..clients.slots.len() {
+        clients.close(idx, poll.registry(), sh);
     }
     Ok(())
 }
 
+impl<'s> Clients<'s> {
+    fn add(&mut self, c: Client<'s>, reg: &Registry) -> Option<usize> {
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        let mut c = c;
+        if reg.register(c.conn.get_mut(), Token(idx), Interest::READABLE).is_err() {
+            self.free.push(idx);
+            return None;
+        }
+        self.slots[idx] = Some(c);
+        Some(idx)
+    }
+
+    fn close(&mut self, idx: usize, reg: &Registry, sh: &Shared<'_>) {
+        if let Some(mut c) = self.slots.get_mut(idx).and_then(Option::take) {
+            let _ = reg.deregister(c.conn.get_mut());
+            sh.stats.closed(&c.conn);
+            if c.counted {
+                sh.stats.open.fetch_sub(1, Relaxed);
+            }
+            self.free.push(idx);
+        }
+    }
+
+    /// Start the lingering close of `idx`, or close it now if the client
+    /// has already closed its side.
+    fn linger(&mut self, idx: usize, reg: &Registry, sh: &Shared<'_>, rbuf: &mut [u8], now: Instant) {
+        let Some(c) = self.slots.get_mut(idx).and_then(Option::as_mut) else { return };
+        c.inbuf = Vec::new();
+        c.closing = Some(now + LINGER);
+        // Edge-triggered: what had arrived was reported already, so read now.
+        if c.conn.get_ref().shutdown(Shutdown::Write).is_err() || drain(c, rbuf) {
+            self.close(idx, reg, sh);
+        }
+    }
+
+    fn after(&mut self, idx: usize, next: Next, reg: &Registry, sh: &Shared<'_>, rbuf: &mut [u8], now: Instant) {
+        match next {
+            Next::Keep => {}
+            Next::Close => self.close(idx, reg, sh),
+            Next::Linger => self.linger(idx, reg, sh, rbuf, now),
+        }
+    }
+
+    /// Close the connections idle too long (408 if part of a request
+    /// arrived) and those whose linger ran out.
+    fn sweep(&mut self, reg: &Registry, sh: &Shared<'_>, s: &mut Scratch, now: Instant, wall: SystemTime) {
+        for idx in 0..self.slots.len() {
+            let Some(c) = self.slots[idx].as_mut() else { continue };
+            let next = match c.closing {
+                Some(deadline) if now >= deadline => Next::Close,
+                Some(_) => Next::Keep,
+                None if now.saturating_duration_since(c.since) < sh.limits.idle => Next::Keep,
+                None if c.inbuf.is_empty() => Next::Close,
+                None => {
+                    sh.stats.bad_requests.fetch_add(1, Relaxed);
+                    http::write_error(&mut s.head, Status::RequestTimeout, s.dates.at(wall), false);
+                    let _ = c.conn.send_bytes(&s.head);
+                    Next::Linger
+                }
+            };
+            self.after(idx, next, reg, sh, &mut s.rbuf, now);
+        }
+    }
+}
+
 fn accept_all<'s>(
     listener: &TcpListener,
-    ep: &Epoll,
+    reg: &Registry,
     sh: &Shared<'s>,
-    slots: &mut Vec<Option<Client<'s>>>,
-    free: &mut Vec<usize>,
+    clients: &mut Clients<'s>,
+    s: &mut Scratch,
+    now: Instant,
+    wall: SystemTime,
 ) {
     loop {
         let stream = match listener.accept() {
@@ -245,103 +364,158 @@ fn accept_all<'s>(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
+                // Out of descriptors, say: the connections still queued
+                // are taken at the next one's arrival.
                 eprintln!("accept: {e}");
                 return;
             }
         };
-        if stream.set_nonblocking(true).is_err() || stream.set_nodelay(true).is_err() {
+        if stream.set_nodelay(true).is_err() {
             continue;
         }
+        let counted = sh
+            .stats
+            .open
+            .fetch_update(Relaxed, Relaxed, |n| (n < sh.limits.max_connections as u64).then_some(n + 1))
+            .is_ok();
         let conn = match sh.sender.connection(stream) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("connection setup ({}): {e}", sh.sender.mode());
                 sh.stats.send_errors.fetch_add(1, Relaxed);
+                if counted {
+                    sh.stats.open.fetch_sub(1, Relaxed);
+                }
                 continue;
             }
         };
-        let fd = conn.get_ref().as_raw_fd();
-        let idx = free.pop().unwrap_or_else(|| {
-            slots.push(None);
-            slots.len() - 1
-        });
-        if ep.ctl(libc::EPOLL_CTL_ADD, fd, idx as u64, (libc::EPOLLIN | libc::EPOLLRDHUP) as u32).is_err() {
-            free.push(idx);
+        let c = Client { conn, inbuf: Vec::new(), since: now, closing: None, counted };
+        let Some(idx) = clients.add(c, reg) else {
+            if counted {
+                sh.stats.open.fetch_sub(1, Relaxed);
+            }
             continue;
+        };
+        if counted {
+            sh.stats.connections.fetch_add(1, Relaxed);
+        } else {
+            sh.stats.refused.fetch_add(1, Relaxed);
+            if let Some(c) = clients.slots[idx].as_mut() {
+                http::write_error(&mut s.head, Status::ServiceUnavailable, s.dates.at(wall), false);
+                let _ = c.conn.send_bytes(&s.head);
+            }
+            clients.linger(idx, reg, sh, &mut s.rbuf, now);
         }
-        slots[idx] = Some(Client { conn, inbuf: Vec::new() });
-        sh.stats.connections.fetch_add(1, Relaxed);
     }
 }
 
-/// Read what the client sent and answer every complete request. Returns
-/// whether to close the connection.
-fn serve_client(c: &mut Client<'_>, sh: &Shared<'_>, rbuf: &mut [u8], head: &mut Vec<u8>, sent: &mut Sent) -> bool {
-    let mut eof = false;
+/// Read what a closing connection's client sent and drop it. Returns
+/// whether to close it now (the client closed, or the connection failed).
+fn drain(c: &mut Client<'_>, rbuf: &mut [u8]) -> bool {
     loop {
         match c.conn.get_mut().read(rbuf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Read what the client sent and answer every complete request.
+fn serve_client(c: &mut Client<'_>, sh: &Shared<'_>, s: &mut Scratch, now: Instant, wall: SystemTime) -> Next {
+    let mut eof = false;
+    let most = sh.limits.http.max_head + s.rbuf.len();
+    loop {
+        match c.conn.get_mut().read(&mut s.rbuf) {
             Ok(0) => {
                 eof = true;
                 break;
             }
             Ok(n) => {
-                c.inbuf.extend_from_slice(&rbuf[..n]);
+                c.inbuf.extend_from_slice(&s.rbuf[..n]);
                 // A short read took everything queued: the next read would
-                // only say EAGAIN (one system call per request saved; epoll
-                // is level-triggered, so anything arriving later is seen).
-                if n < rbuf.len() || c.inbuf.len() > 2 * http::MAX_HEAD {
+                // only say EAGAIN (one system call per request saved; what
+                // arrives later is a new edge, reported by the next poll).
+                // Beyond `most` the head is too large whatever follows.
+                if n < s.rbuf.len() || c.inbuf.len() > most {
                     break;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return true,
+            Err(_) => return Next::Close,
         }
     }
     loop {
-        match http::parse(&c.inbuf) {
-            Parsed::Partial => return eof,
+        let (n, r) = match http::parse(&c.inbuf, &sh.limits.http) {
+            Parsed::Partial if eof => return Next::Close,
+            Parsed::Partial => return Next::Keep,
             Parsed::Error(status) => {
                 sh.stats.bad_requests.fetch_add(1, Relaxed);
-                let _ = c.conn.send_bytes(&http::error_response(status, false));
-                return true;
+                http::write_error(&mut s.head, status, s.dates.at(wall), false);
+                let _ = c.conn.send_bytes(&s.head);
+                return Next::Linger;
             }
-            Parsed::Complete(n, req) => {
-                let keep = req.keep_alive;
-                let ok = match req.target {
-                    Err(status) => {
-                        sh.stats.bad_requests.fetch_add(1, Relaxed);
-                        let keep = keep && status != Status::BadRequest;
-                        c.conn.send_bytes(&http::error_response(status, keep)).is_ok() && keep
-                    }
-                    Ok(key) => match sh.files.get(&key) {
-                        None => {
-                            sh.stats.bad_requests.fetch_add(1, Relaxed);
-                            c.conn.send_bytes(&http::error_response(Status::NotFound, keep)).is_ok()
-                        }
-                        Some(entry) => {
-                            let len = entry.file.len();
-                            http::ok_head(head, len, keep);
-                            let r =
-                                if req.get { c.conn.send(&entry.file, 0..len, head) } else { c.conn.send_bytes(head) };
-                            match r {
-                                Ok(st) => {
-                                    sent.add(st);
-                                    true
-                                }
-                                Err(_) => {
-                                    sh.stats.send_errors.fetch_add(1, Relaxed);
-                                    false
-                                }
-                            }
-                        }
-                    },
-                };
-                c.inbuf.drain(..n);
-                if !ok || !keep {
-                    return true;
-                }
+            Parsed::Complete(n, req) => (n, respond(&req, &mut c.conn, sh, s, wall)),
+        };
+        c.inbuf.drain(..n);
+        c.since = now;
+        match r {
+            Err(()) => return Next::Close,
+            Ok(false) => return Next::Linger,
+            Ok(true) if eof && c.inbuf.is_empty() => return Next::Close,
+            Ok(true) => {}
+        }
+    }
+}
+
+/// Answer one request. Returns whether the connection goes on, or `Err`
+/// if sending failed.
+fn respond(
+    req: &Request<'_>,
+    conn: &mut Connection<'_, TcpStream>,
+    sh: &Shared<'_>,
+    s: &mut Scratch,
+    wall: SystemTime,
+) -> Result<bool, ()> {
+    let keep = req.keep_alive;
+    let date = s.dates.at(wall);
+    let entry = match &req.target {
+        Err(status) => {
+            sh.stats.bad_requests.fetch_add(1, Relaxed);
+            let keep = keep && status.keeps_connection();
+            http::write_error(&mut s.head, *status, date, keep);
+            return conn.send_bytes(&s.head).map(|_| keep).map_err(drop);
+        }
+        Ok(t) => match http::route(t, |k| sh.files.get(k)) {
+            Route::File(e) => e,
+            Route::Redirect(location) => {
+                http::write_redirect(&mut s.head, &location, date, keep);
+                return conn.send_bytes(&s.head).map(|_| keep).map_err(drop);
             }
+            Route::NotFound => {
+                sh.stats.bad_requests.fetch_add(1, Relaxed);
+                http::write_error(&mut s.head, Status::NotFound, date, keep);
+                return conn.send_bytes(&s.head).map(|_| keep).map_err(drop);
+            }
+        },
+    };
+    let reply = http::reply(req.get, &req.cond, &entry.meta);
+    http::write_head(&mut s.head, &reply, &entry.meta, date, keep);
+    let r = match reply.body(&entry.meta).filter(|_| req.get) {
+        Some(range) => conn.send(&entry.file, range, &s.head),
+        None => conn.send_bytes(&s.head),
+    };
+    match r {
+        Ok(st) => {
+            s.sent.add(st);
+            Ok(keep)
+        }
+        Err(_) => {
+            sh.stats.send_errors.fetch_add(1, Relaxed);
+            Err(())
         }
     }
 }
@@ -354,8 +528,19 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Relaxed);
 }
 
-/// `parallel_sendfile serve`.
+/// `parallel_sendfile serve`: until SIGINT or SIGTERM (or `--duration`).
 pub fn serve(args: &ServeArgs) -> Result<(), String> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    serve_until(args, &STOP, |_| {})
+}
+
+/// Serve `args.dir` until `stop` is set (or `--duration` passes); `ready`
+/// gets the port once the listeners are bound.
+pub fn serve_until(args: &ServeArgs, stop: &AtomicBool, ready: impl FnOnce(u16)) -> Result<(), String> {
     let t = Instant::now();
     let files = FileSet::load_dir(&args.dir, args.max_mib << 20, args.max_run)?;
     let cores = crate::cores(args.cpus);
@@ -366,34 +551,36 @@ pub fn serve(args: &ServeArgs) -> Result<(), String> {
         .max_run(args.map_run.max(1))
         .cpus(Some(cores.len()));
     let sender = Sender::new(args.mode, &files.mem, opts).map_err(|e| format!("mode {}: {e}", args.mode))?;
+    let limits = args.limits()?;
     let (port, listeners) =
         bind_listeners(args.port, cores.len()).map_err(|e| format!("bind 127.0.0.1:{}: {e}", args.port))?;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
     println!(
-        "serving {} files ({:.1} MiB, loaded in {:.2} s) from {} on http://127.0.0.1:{port}/ with mode {}, {} workers",
+        "serving {} files ({:.1} MiB, loaded in {:.2} s) from {} on http://127.0.0.1:{port}/ with mode {}, {} workers; \
+         limits: {} header bytes, {} header fields, {:.1} s idle, {} connections",
         files.files.len(),
         files.total_bytes() as f64 / (1 << 20) as f64,
         t.elapsed().as_secs_f64(),
         args.dir.display(),
         args.mode,
-        cores.len()
+        cores.len(),
+        limits.http.max_head,
+        limits.http.max_headers,
+        limits.idle.as_secs_f64(),
+        limits.max_connections,
     );
     let stats = Stats::default();
-    let shared = Shared { files: &files, sender: &sender, stop: &STOP, stats: &stats };
+    let shared = Shared { files: &files, sender: &sender, stop, stats: &stats, limits };
     let start = Instant::now();
     let result = thread::scope(|s| {
         let workers = spawn_workers(s, listeners, &shared, &cores);
-        while !STOP.load(Relaxed) && args.duration.is_none_or(|d| start.elapsed() < d) {
+        ready(port);
+        while !stop.load(Relaxed) && args.duration.is_none_or(|d| start.elapsed() < d) {
             if workers.iter().any(|w| w.is_finished()) {
                 break;
             }
-            thread::sleep(Duration::from_millis(100));
+            thread::sleep(Duration::from_millis(20));
         }
-        STOP.store(true, Relaxed);
+        stop.store(true, Relaxed);
         let mut r = Ok(());
         for w in workers {
             match w.join() {
@@ -407,11 +594,13 @@ pub fn serve(args: &ServeArgs) -> Result<(), String> {
     let secs = start.elapsed().as_secs_f64();
     let reqs = stats.requests.load(Relaxed);
     println!(
-        "served {reqs} requests ({:.1} MB, {:.0} req/s) on {} connections in {secs:.1} s; {} bad requests, {} send errors{}",
+        "served {reqs} requests ({:.1} MB, {:.0} req/s) on {} connections in {secs:.1} s; {} bad requests, \
+         {} refused connections, {} send errors{}",
         stats.bytes.load(Relaxed) as f64 / 1e6,
         reqs as f64 / secs.max(1e-9),
         stats.connections.load(Relaxed),
         stats.bad_requests.load(Relaxed),
+        stats.refused.load(Relaxed),
         stats.send_errors.load(Relaxed),
         sender.mmu_stats().map(|m| format!("; window: {m}")).unwrap_or_default()
     );
@@ -445,12 +634,13 @@ mod tests {
             let (port, listeners) = bind_listeners(0, 2).expect("bind");
             let stop = AtomicBool::new(false);
             let stats = Stats::default();
-            let shared = Shared { files: &set, sender: &sender, stop: &stop, stats: &stats };
+            let shared = Shared { files: &set, sender: &sender, stop: &stop, stats: &stats, limits: Limits::default() };
             thread::scope(|s| {
                 let workers = spawn_workers(s, listeners, &shared, &[None, None]);
                 // Two GETs and a HEAD on one keep-alive connection, the last one closing.
                 let req = format!(
-                    "GET /{0} HTTP/1.1\r\nHost: x\r\n\r\nHEAD /{0} HTTP/1.1\r\n\r\nGET /{0} HTTP/1.1\r\nConnection: close\r\n\r\n",
+                    "GET /{0} HTTP/1.1\r\nHost: x\r\n\r\nHEAD /{0} HTTP/1.1\r\nHost: x\r\n\r\n\
+                     GET /{0} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                     e.name
                 );
                 let out = roundtrip(port, req.as_bytes());
@@ -471,10 +661,10 @@ mod tests {
                 }
                 assert!(rest.is_empty(), "{mode}: nothing after the last response");
                 for (req, code) in [
-                    (&b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n"[..], "404"),
-                    (b"GET /../etc/passwd HTTP/1.1\r\n\r\n", "400"),
-                    (b"GET /%2e%2e/x HTTP/1.1\r\n\r\n", "400"),
-                    (b"BREW /pot HTTP/1.1\r\nConnection: close\r\n\r\n", "405"),
+                    (&b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..], "404"),
+                    (b"GET /../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+                    (b"GET /%2e%2e/x HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+                    (b"BREW /pot HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "405"),
                     (b"\x01\x02garbage\r\n\r\n", "400"),
                 ] {
                     let out = roundtrip(port, req);
