@@ -71,6 +71,7 @@ mod kaddr;
 pub mod kva;
 pub mod lwbuf;
 pub mod mmu;
+mod owned;
 pub mod phys;
 pub mod sendfile;
 pub mod sfbuf;
@@ -88,12 +89,12 @@ pub mod __loom {
 }
 
 pub use extent::ExtentStats;
-pub use kaddr::Kaddr;
+pub use kaddr::{IoVec, Kaddr, IOV_MAX};
 pub use kva::default_map_budget;
-pub use lwbuf::{CpuGuard, CpuStats, Lwbuf, LwbufStats, Lwbufs, LwbufsBuilder, MAX_CPUS};
+pub use lwbuf::{CpuGuard, CpuStats, Lwbuf, LwbufStats, Lwbufs, LwbufsBuilder, OwnedLwbuf, MAX_CPUS};
 pub use mmu::{Fault, FaultStats, FaultyMmu, Mmu, MmuStats, ModelMmu, Slot, Window, WindowBuilder};
 pub use phys::{system_page_size, Backing, FrameStats, Page, Pfn, PhysMem, PhysMemBuilder, MAX_REGION_BYTES};
-pub use sfbuf::{CancelToken, SfBuf, SfPool, SfPoolBuilder, SfStats, Wait};
+pub use sfbuf::{CancelToken, OwnedSfBuf, SfBuf, SfPool, SfPoolBuilder, SfStats, Wait};
 
 /// README.md's examples, compiled and run as doctests.
 #[cfg(doctest)]

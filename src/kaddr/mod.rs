@@ -9,6 +9,9 @@
 //! states the aliasing rule.
 
 mod atomic;
+mod io;
+
+pub use io::{IoVec, IOV_MAX};
 
 use std::fmt;
 use std::marker::PhantomData;
