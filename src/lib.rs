@@ -55,7 +55,14 @@
 //!   no system call (loom models and simulations run on it).
 //! - [`phys`]: the memfd "RAM", its frame allocator, the direct map.
 //! - [`Kaddr`]: the memory model of shared bytes (what a reader sees while
-//!   a writer runs: whole words, never undefined behaviour).
+//!   a writer runs: whole words, never undefined behaviour), and fd I/O
+//!   straight from and into mappings ([`Kaddr::write_to`], [`IoVec`]
+//!   batches, [`Kaddr::read_from`]).
+//!
+//! For async servers, [`OwnedLwbuf`] and [`OwnedSfBuf`] are `'static`
+//! handles (they own an `Arc` of their cache and clones of their pages),
+//! and [`Lwbufs::bind_for_thread`] binds a runtime's worker thread for its
+//! whole life.
 //!
 //! The loom models of every protocol are in `loom-tests/`; each has a
 //! mutant twin that must fail.
