@@ -17,6 +17,10 @@
 //!   `lwbuf_read_4k_64_frames`, over 64 of them. Beside them, the same read
 //!   through handles held all along (the cost of the window mapping itself).
 //!   Target: at least 0.8x the direct map.
+//! - `lwbuf_owned_hit`: the hit of (a) with an owned handle
+//!   (`Lwbufs::alloc_owned`: an `Arc` and a `Page` clone and a small heap
+//!   allocation on top) beside the borrowed one, on the same sequence.
+//!   Reported, no target: the borrowed handle is the zero-cost path.
 //! - `lwbuf_remote_release`: a handle allocated on CPU 0 and dropped on CPU
 //!   1, the decref applied by CPU 0 at its next library call; amortized per
 //!   decref (method at [`remote_release`]). Target: at most 100 ns.
@@ -56,7 +60,7 @@ struct Fixture {
     /// `(page index, byte offset of an 8-byte word)`, random, shared by the
     /// candidate and its baseline.
     seq: Vec<(usize, usize)>,
-    lw: Lwbufs,
+    lw: Arc<Lwbufs>,
 }
 
 impl Fixture {
@@ -75,7 +79,7 @@ impl Fixture {
         let mut r = SmallRng::seed_from_u64(0x1b0f);
         let seq = (0..SEQ).map(|_| (r.gen_range(0..FRAMES), r.gen_range(0..fs / 8) * 8)).collect();
         let win = Window::builder(&mem).slots(4 * FRAMES).build().expect("Window");
-        let lw = Lwbufs::builder(Arc::new(win)).cpus(2).max_excess(2 * FRAMES).build().expect("Lwbufs");
+        let lw = Arc::new(Lwbufs::builder(Arc::new(win)).cpus(2).max_excess(2 * FRAMES).build().expect("Lwbufs"));
         Fixture { mem, pages, seq, lw }
     }
 
@@ -98,6 +102,14 @@ impl Fixture {
     fn hit_8(&self, i: usize) -> u64 {
         let (p, off) = self.seq[i & (SEQ - 1)];
         let h = self.lw.alloc(&self.pages[p]).expect("alloc");
+        h.kva().expect("kva").read_u64(off).expect("read")
+    }
+
+    /// (a) with an owned handle.
+    #[inline(always)]
+    fn owned_hit_8(&self, i: usize) -> u64 {
+        let (p, off) = self.seq[i & (SEQ - 1)];
+        let h = self.lw.alloc_owned(&self.pages[p]).expect("alloc_owned");
         h.kva().expect("kva").read_u64(off).expect("read")
     }
 
@@ -439,7 +451,33 @@ fn config<M: Measurement>(c: Criterion<M>) -> Criterion<M> {
         .configure_from_args()
 }
 
+/// The hit of (a), borrowed and owned handles side by side.
+fn owned_hit<M: Measurement>(c: &mut Criterion<M>, clock: Clock) {
+    let f = Fixture::new();
+    let _cpu0 = f.lw.bind(0).expect("bind");
+    f.warm();
+    let misses = f.lw.stats().total.misses;
+    let mut g = c.benchmark_group(clock.group("lwbuf_owned_hit"));
+    let mut i = 0;
+    g.bench_function("borrowed_hit", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(f.hit_8(i))
+        })
+    });
+    let mut i = 0;
+    g.bench_function("owned_hit", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(f.owned_hit_8(i))
+        })
+    });
+    g.finish();
+    assert_eq!(f.lw.stats().total.misses, misses, "every alloc was a hit");
+}
+
 fn run_all<M: Measurement<Value = Duration>>(mut c: Criterion<M>, clock: Clock) {
+    owned_hit(&mut c, clock);
     read_4k(&mut c, clock, FRAMES);
     read_4k(&mut c, clock, 64);
     remote_release(&mut c, clock);
@@ -460,6 +498,10 @@ fn summary(clock: Clock) {
     for b in ["lwbuf_hit", "direct_map", "mmap_touch_remap", "mmap_touch_remap_sibling_running"] {
         println!("  {g8}/{b}: {}", show(median_ns(&g8, b)));
     }
+    let go = clock.group("lwbuf_owned_hit");
+    for b in ["borrowed_hit", "owned_hit"] {
+        println!("  {go}/{b}: {}", show(median_ns(&go, b)));
+    }
     let gr = clock.group("lwbuf_remote_release");
     let remote = median_ns(&gr, "drop_on_cpu1_applied_by_cpu0");
     println!("  {gr}/drop_on_cpu1_applied_by_cpu0: {}", show(remote));
@@ -477,6 +519,8 @@ fn summary(clock: Clock) {
         r.ratio,
         verdict(r.ratio <= 3.0)
     );
+    let r = common::paired(31, 20_000, ns, |i| f.owned_hit_8(i), |i| f.hit_8(i));
+    println!("  owned hit {:.1} ns / borrowed hit {:.1} ns = {:.2}x (reported)", r.a_ns, r.b_ns, r.ratio);
     let win = Window::builder(&f.mem).slots(1).build().expect("Window");
     let (mut i, mut k) = (0usize, 0usize);
     // Per round: 20,000 hits beside 200 remaps, each timed per call.

@@ -6,6 +6,10 @@
 //! - `sfbuf_hit`: alloc + kva + read 8 bytes + drop, over a random sequence
 //!   of a pre-warmed hot set of 256 frames (every alloc is a hit).
 //!   Target: the sf_buf hit within 3x of the lwbuf hit.
+//! - `sfbuf_owned_hit`: the same hit with an owned handle
+//!   (`SfPool::alloc_owned`: an `Arc` and a `Page` clone and a small heap
+//!   allocation on top) beside the borrowed one. Reported, no target: the
+//!   borrowed handle is the zero-cost path.
 //! - `sfbuf_hit_threads`: the same on one and on two threads (pinned to
 //!   cores 0 and 1) sharing one pool and one hot set; time per op per
 //!   thread, with `iter_custom` (each thread times its own loop after a
@@ -53,6 +57,7 @@ const RUN: usize = 64;
 
 const GROUP_HIT: &str = "sfbuf_hit";
 const GROUP_THREADS: &str = "sfbuf_hit_threads";
+const GROUP_OWNED: &str = "sfbuf_owned_hit";
 const GROUP_MISS: &str = "sfbuf_miss_evict";
 const GROUP_RUN: &str = "sfbuf_run_vs_single";
 
@@ -108,6 +113,14 @@ impl Fixture {
     fn sf_op(&self, pool: &SfPool, i: usize) -> u64 {
         let (p, off) = self.seq[i & (SEQ - 1)];
         Self::sf_read(pool, &self.pages[p], off)
+    }
+
+    /// `sf_op` with an owned handle.
+    #[inline(always)]
+    fn sf_owned_op(&self, pool: &Arc<SfPool>, i: usize) -> u64 {
+        let (p, off) = self.seq[i & (SEQ - 1)];
+        let sf = pool.alloc_owned(&self.pages[p], Wait::NoWait).expect("alloc_owned");
+        sf.kva().read_u64(off).expect("read")
     }
 
     /// `sf_op` on half `half` (0 or 1) of the hot set only.
@@ -226,6 +239,31 @@ fn hit(c: &mut Criterion) {
     g.finish();
     assert_eq!(pool.stats().misses, sf_misses, "every sf_buf alloc was a hit");
     assert_eq!(lw.stats().total.misses, lw_misses, "every lwbuf alloc was a hit");
+}
+
+/// The hit, borrowed and owned handles side by side.
+fn owned_hit(c: &mut Criterion) {
+    let f = Fixture::new();
+    let pool = Arc::new(f.pool(4 * HOT, 4 * HOT));
+    f.warm_sf(&pool);
+    let misses = pool.stats().misses;
+    let mut g = c.benchmark_group(GROUP_OWNED);
+    let mut i = 0;
+    g.bench_function("borrowed_hit", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(f.sf_op(&pool, i))
+        })
+    });
+    let mut i = 0;
+    g.bench_function("owned_hit", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(f.sf_owned_op(&pool, i))
+        })
+    });
+    g.finish();
+    assert_eq!(pool.stats().misses, misses, "every alloc was a hit");
 }
 
 fn hit_threads(c: &mut Criterion) {
@@ -417,7 +455,7 @@ fn run_vs_single(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).sample_size(30);
-    targets = hit, hit_threads, miss_evict, run_vs_single
+    targets = hit, owned_hit, hit_threads, miss_evict, run_vs_single
 }
 
 // === the summary ===
@@ -428,6 +466,7 @@ fn summary() {
     println!("\n== sfbuf bench summary (medians; per op, per page in {GROUP_RUN})");
     for (g, benches) in [
         (GROUP_HIT, &["sfbuf_hit", "lwbuf_hit_cpu0", "direct_map"][..]),
+        (GROUP_OWNED, &["borrowed_hit", "owned_hit"][..]),
         (
             GROUP_THREADS,
             &[
@@ -469,6 +508,18 @@ fn summary() {
             r.b_ns,
             r.ratio,
             verdict(r.ratio <= 3.0)
+        );
+    }
+    {
+        let f = Fixture::new();
+        let pool = Arc::new(f.pool(4 * HOT, 4 * HOT));
+        f.warm_sf(&pool);
+        let t0 = Instant::now();
+        let ns = || t0.elapsed().as_nanos() as f64;
+        let r = common::paired(31, 20_000, ns, |i| f.sf_owned_op(&pool, i), |i| f.sf_op(&pool, i));
+        println!(
+            "  side by side: owned sf_buf hit {:.1} ns / borrowed {:.1} ns = {:.2}x (reported)",
+            r.a_ns, r.b_ns, r.ratio
         );
     }
     if let Some(r) = ratio(m(GROUP_THREADS, "sfbuf_hit_1_thread"), m(GROUP_THREADS, "sfbuf_hit_2_threads")) {

@@ -55,7 +55,14 @@
 //!   no system call (loom models and simulations run on it).
 //! - [`phys`]: the memfd "RAM", its frame allocator, the direct map.
 //! - [`Kaddr`]: the memory model of shared bytes (what a reader sees while
-//!   a writer runs: whole words, never undefined behaviour).
+//!   a writer runs: whole words, never undefined behaviour), and fd I/O
+//!   straight from and into mappings ([`Kaddr::write_to`], [`IoVec`]
+//!   batches, [`Kaddr::read_from`]).
+//!
+//! For async servers, [`OwnedLwbuf`] and [`OwnedSfBuf`] are `'static`
+//! handles (they own an `Arc` of their cache and clones of their pages),
+//! and [`Lwbufs::bind_for_thread`] binds a runtime's worker thread for its
+//! whole life.
 //!
 //! The loom models of every protocol are in `loom-tests/`; each has a
 //! mutant twin that must fail.
@@ -71,6 +78,7 @@ mod kaddr;
 pub mod kva;
 pub mod lwbuf;
 pub mod mmu;
+mod owned;
 pub mod phys;
 pub mod sendfile;
 pub mod sfbuf;
@@ -88,15 +96,15 @@ pub mod __loom {
 }
 
 pub use extent::ExtentStats;
-pub use kaddr::Kaddr;
+pub use kaddr::{IoVec, Kaddr, IOV_MAX};
 pub use kva::{default_map_budget, Reclaim};
-pub use lwbuf::{CpuGuard, CpuStats, Lwbuf, LwbufStats, Lwbufs, LwbufsBuilder, MAX_CPUS};
+pub use lwbuf::{CpuGuard, CpuStats, Lwbuf, LwbufStats, Lwbufs, LwbufsBuilder, OwnedLwbuf, MAX_CPUS};
 pub use mmu::{Fault, FaultStats, FaultyMmu, Mmu, MmuStats, ModelMmu, Slot, Window, WindowBuilder};
 pub use phys::{
     huge_page_size, huge_pages_free, system_page_size, Backing, FrameStats, Page, Pfn, PhysMem, PhysMemBuilder,
     MAX_REGION_BYTES,
 };
-pub use sfbuf::{CancelToken, SfBuf, SfPool, SfPoolBuilder, SfStats, Wait};
+pub use sfbuf::{CancelToken, OwnedSfBuf, SfBuf, SfPool, SfPoolBuilder, SfStats, Wait};
 
 /// README.md's examples, compiled and run as doctests.
 #[cfg(doctest)]

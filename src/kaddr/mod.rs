@@ -7,8 +7,15 @@
 //! and the view borrows the handle it came from so it cannot outlive the
 //! mapping. Slices are available through `unsafe` methods whose contract
 //! states the aliasing rule.
+//!
+//! File-descriptor I/O goes straight between a descriptor and the mapped
+//! bytes, with no slice and no `unsafe` in the caller ([`Kaddr::write_to`],
+//! [`Kaddr::read_from`], batches of [`IoVec`]s): the kernel does the copy.
 
 mod atomic;
+mod io;
+
+pub use io::{IoVec, IOV_MAX};
 
 use std::fmt;
 use std::marker::PhantomData;

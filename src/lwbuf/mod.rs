@@ -9,11 +9,18 @@
 //! count reaches zero stay mapped on an LRU for reuse, up to the per-CPU
 //! *excess* limit. The owner's cache and its clock are in `pcpu.rs`, its entry index in
 //! `index.rs`, the owner/stealer protocol in `cpu/owned.rs`.
+//!
+//! [`OwnedLwbuf`] (`owned.rs`) is an [`Lwbuf`] that owns its caches and
+//! pages, to hold across an `.await`; [`Lwbufs::bind_for_thread`]
+//! (`thread.rs`) binds a thread until it exits, for runtime worker threads.
 
 mod index;
+mod owned;
 mod pcpu;
 mod stats;
+mod thread;
 
+pub use owned::OwnedLwbuf;
 pub use stats::{CpuStats, LwbufStats};
 
 use std::fmt;

@@ -2,11 +2,12 @@
 //! classic copy path.
 //!
 //! The engine walks the runs of a byte range, asks a [`MapSource`] for
-//! mappings, queues their addresses as `iovec`s (merging adjacent ones, up to
-//! [`IOV_MAX`](super::IOV_MAX) per call and [`SendOptions::batch_bytes`]
-//! mapped ahead), and sends them with `sendmsg(MSG_NOSIGNAL)`, advancing
-//! through the `iovec`s on partial writes and polling for `POLLOUT` on
-//! `EAGAIN`. A mapping is released as soon as a call has covered its last
+//! mappings, queues their addresses as [`IoVec`]s (merging adjacent ones, up
+//! to [`IOV_MAX`](super::IOV_MAX) per call and [`SendOptions::batch_bytes`]
+//! mapped ahead), and sends them with the public batch calls
+//! ([`IoVec::send_vectored`], `MSG_NOSIGNAL`; [`IoVec::write_vectored`] on
+//! descriptors that are not sockets), advancing through the pieces on
+//! partial writes and polling for `POLLOUT` on `EAGAIN`. A mapping is released as soon as a call has covered its last
 //! byte; on any error everything still queued is released before the error
 //! is returned.
 
@@ -16,32 +17,33 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::BorrowedFd;
 
-use libc::{c_void, iovec};
-
 use super::file::PageFile;
 use super::source::{MapSource, Mapped};
-use super::sys::{self, IOV_MAX};
+use super::sys;
 use super::{SendOptions, SendStats};
 use crate::error::{Error, Result};
+use crate::kaddr::{IoVec, IOV_MAX};
 
 // === IovQueue ===
 
 // std's `thread_local!`, not the sync facade's: a spare buffer shares
 // nothing between threads, so there is nothing for a loom model to check.
 std::thread_local! {
-    /// A spare `iovec` vector per thread, so that a send does not allocate
+    /// A spare piece vector per thread, so that a send does not allocate
     /// one (a server thread sends one response after another).
-    static SPARE_IOVS: Cell<Vec<iovec>> = const { Cell::new(Vec::new()) };
+    static SPARE_IOVS: Cell<Vec<IoVec<'static>>> = const { Cell::new(Vec::new()) };
 }
 
 /// The most `iovec`s a spare vector keeps room for.
 const SPARE_MAX: usize = 4 * IOV_MAX;
 
-/// `iovec`s waiting to be sent, and the handles that own their memory: an
+/// Pieces waiting to be sent, and the handles that own their memory: an
 /// owner is handed back (to drop, or to keep until a completion) once every
-/// byte queued up to its end has been sent.
+/// byte queued up to its end has been sent. The pieces claim `'static`: each
+/// lies in a mapping its owner, queued behind it, keeps alive until the
+/// piece is sent (or in a buffer the caller lends for the whole send).
 pub(crate) struct IovQueue<T> {
-    iovs: Vec<iovec>,
+    iovs: Vec<IoVec<'static>>,
     /// The first `iovec` not entirely sent.
     head: usize,
     /// `(end, owner)`: the owner's bytes end at queue offset `end`.
@@ -57,14 +59,22 @@ impl<T> IovQueue<T> {
     }
 
     /// Queue `len` bytes at `ptr`, owned by `owner` (if any) until sent.
-    /// Adjacent to the previous pending `iovec`, it extends that one.
-    pub(crate) fn push(&mut self, ptr: *const u8, len: usize, owner: Option<T>) {
+    /// Adjacent to the previous pending piece, it extends that one.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` stays readable until those bytes are sent or the
+    /// queue is dropped: it lies in `owner`'s mapping, or in one queued
+    /// before it, or in a buffer that outlives the queue.
+    pub(crate) unsafe fn push(&mut self, ptr: *const u8, len: usize, owner: Option<T>) {
         if len > 0 {
             let merge = self.iovs.len() > self.head
-                && self.iovs.last().is_some_and(|l| (l.iov_base as usize).wrapping_add(l.iov_len) == ptr as usize);
+                && self.iovs.last().is_some_and(|l| (l.as_ptr() as usize).wrapping_add(l.len()) == ptr as usize);
             match self.iovs.last_mut() {
-                Some(last) if merge => last.iov_len += len,
-                _ => self.iovs.push(iovec { iov_base: ptr.cast_mut().cast::<c_void>(), iov_len: len }),
+                // SAFETY: the previous piece and this one are adjacent, each
+                // readable until sent (this function's contract).
+                Some(last) if merge => *last = unsafe { IoVec::from_raw_parts(last.as_ptr(), last.len() + len) },
+                // SAFETY: readable until sent (this function's contract).
+                _ => self.iovs.push(unsafe { IoVec::from_raw_parts(ptr, len) }),
             }
             self.queued += len as u64;
         }
@@ -73,8 +83,8 @@ impl<T> IovQueue<T> {
         }
     }
 
-    /// The next `iovec`s to send (at most `IOV_MAX`).
-    pub(crate) fn pending(&self) -> &[iovec] {
+    /// The next pieces to send (at most `IOV_MAX`).
+    pub(crate) fn pending(&self) -> &[IoVec<'static>] {
         &self.iovs[self.head..self.iovs.len().min(self.head + IOV_MAX)]
     }
 
@@ -98,12 +108,11 @@ impl<T> IovQueue<T> {
         let mut left = n as usize;
         while left > 0 && self.head < self.iovs.len() {
             let iov = &mut self.iovs[self.head];
-            if left >= iov.iov_len {
-                left -= iov.iov_len;
+            if left >= iov.len() {
+                left -= iov.len();
                 self.head += 1;
             } else {
-                iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(left).cast::<c_void>();
-                iov.iov_len -= left;
+                iov.advance(left);
                 left = 0;
             }
         }
@@ -144,15 +153,15 @@ impl<'a> Out<'a> {
         Out { fd, socket: true }
     }
 
-    /// One send call of the pending `iovec`s with `flags` (sockets only).
-    pub(crate) fn send_iov(&mut self, iov: &[iovec], flags: i32) -> io::Result<usize> {
+    /// One send call of the pending pieces with `flags` (sockets only).
+    pub(crate) fn send_iov(&mut self, iov: &[IoVec<'_>], flags: i32) -> io::Result<usize> {
         if self.socket {
-            match sys::send_iov(self.fd, iov, flags) {
+            match IoVec::send_vectored(self.fd, iov, flags) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => self.socket = false,
                 r => return r,
             }
         }
-        sys::writev(self.fd, iov)
+        IoVec::write_vectored(self.fd, iov)
     }
 }
 
@@ -195,7 +204,8 @@ pub(crate) fn send_all(
     st: &mut SendStats,
 ) -> Result<()> {
     let mut q: IovQueue<()> = IovQueue::new();
-    q.push(buf.as_ptr(), buf.len(), None);
+    // SAFETY: `buf` outlives `q`, a local.
+    unsafe { q.push(buf.as_ptr(), buf.len(), None) };
     drain_queue(out, &mut q, flags, opts, st, |_| {})
 }
 
@@ -254,7 +264,8 @@ pub fn send_mapped<M: MapSource>(
     let mut out = Out::new(sock);
     let mut st = SendStats::default();
     let mut q: IovQueue<M::Mapping<'_>> = IovQueue::new();
-    q.push(header.as_ptr(), header.len(), None);
+    // SAFETY: `header` outlives `q`, a local.
+    unsafe { q.push(header.as_ptr(), header.len(), None) };
     let fs = file.page_size();
     let grid = source.run_grid().filter(|&g| g > 1);
     let all = file.pages();
@@ -299,7 +310,10 @@ pub fn send_mapped<M: MapSource>(
             }
             let at = skip * fs + off;
             let take = left.min(npages * fs - at);
-            q.push(m.as_ptr().wrapping_add(at), take, Some(m));
+            // SAFETY: `at + take` is within the mapping (`check_mapping`
+            // counted its pages), which `m`, queued as the owner of these
+            // bytes, keeps mapped until they are sent.
+            unsafe { q.push(m.as_ptr().wrapping_add(at), take, Some(m)) };
             idx = from + npages;
             off = 0;
             left -= take;

@@ -90,7 +90,7 @@ pub use sys::ignore_sigpipe;
 pub use zerocopy::{ZeroCopy, ZeroCopyStats};
 
 /// The most `iovec`s the engine passes to one `sendmsg` (Linux's `UIO_MAXIOV`).
-pub const IOV_MAX: usize = sys::IOV_MAX;
+pub const IOV_MAX: usize = crate::kaddr::IOV_MAX;
 
 /// Knobs of the send paths. `SendOptions::default()` suits a server; tests
 /// shorten the timeouts with the chainable setters:

@@ -1,19 +1,16 @@
 //! The socket system calls of the send paths, each behind a safe wrapper.
 //!
-//! nix has no zero-copy API and its `sendfile`/`sendmsg` wrappers cannot take
-//! raw `iovec`s of mapped memory without forming Rust references to it, so
-//! this module calls libc directly. Every wrapper returns `io::Result` with
-//! the errno; nothing here panics.
+//! nix has no zero-copy API, so this module calls libc directly. The
+//! `writev`/`sendmsg` of mapped memory are not here: the send paths use the
+//! crate's public batch calls ([`IoVec`](crate::IoVec)) as any user does.
+//! Every wrapper returns `io::Result` with the errno; nothing here panics.
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
-use libc::{c_int, c_void, iovec};
-
-/// The most `iovec`s one `writev`/`sendmsg` accepts on Linux (`UIO_MAXIOV`).
-pub(crate) const IOV_MAX: usize = 1024;
+use libc::{c_int, c_void};
 
 /// `SO_ZEROCOPY` (asm-generic value; libc does not export it everywhere).
 #[cfg(not(any(target_arch = "sparc64", target_arch = "sparc")))]
@@ -36,28 +33,6 @@ fn cvt(r: isize) -> io::Result<usize> {
     } else {
         Ok(r as usize)
     }
-}
-
-/// `sendmsg(fd, iov, flags | MSG_NOSIGNAL)`: a `writev` that cannot raise
-/// `SIGPIPE`. Fails with `ENOTSOCK` on anything but a socket.
-pub(crate) fn send_iov(fd: BorrowedFd<'_>, iov: &[iovec], flags: c_int) -> io::Result<usize> {
-    let iov = &iov[..iov.len().min(IOV_MAX)];
-    // SAFETY: an all-zero msghdr is valid (no name, no control data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_ptr().cast_mut();
-    msg.msg_iovlen = iov.len() as _;
-    // SAFETY: `msg` points at `iov.len()` iovecs that the caller built from
-    // live mappings or buffers; the kernel only reads them (it validates every
-    // address itself and fails with EFAULT rather than touching bad memory).
-    cvt(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, flags | libc::MSG_NOSIGNAL) })
-}
-
-/// Plain `writev`, for descriptors that are not sockets (pipes, files).
-pub(crate) fn writev(fd: BorrowedFd<'_>, iov: &[iovec]) -> io::Result<usize> {
-    let iov = &iov[..iov.len().min(IOV_MAX)];
-    // SAFETY: as in `send_iov`: the kernel reads `iov.len()` iovecs and
-    // validates the addresses they hold.
-    cvt(unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as c_int) })
 }
 
 /// `sendfile(out, in, &offset, count)`: advances `offset` by what was sent.

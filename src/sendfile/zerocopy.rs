@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use super::engine::{check_mapping, classify, no_room, send_all, sys_err, IovQueue, Out, Step};
 use super::file::PageFile;
 use super::source::{DirectMapSource, MapSource, Mapped};
-use super::sys::{self, ZcNotice, IOV_MAX};
+use super::sys::{self, ZcNotice};
 use super::{SendOptions, SendStats};
 use crate::error::{Error, Result};
+use crate::kaddr::IOV_MAX;
 use crate::phys::Page;
 
 /// Counters of a [`ZeroCopy`] sender.
@@ -189,7 +190,10 @@ impl<'s, M: MapSource> ZeroCopy<'s, M> {
                 let held = Held { pages: pages[..npages].to_vec(), bytes: take };
                 self.held_pages += npages;
                 self.held_bytes += take;
-                q.push(ptr, take, Some((m, held)));
+                // SAFETY: `off + take` is within the mapping (`check_mapping`
+                // counted its pages), which `m`, queued as the owner of these
+                // bytes, keeps mapped until they are sent.
+                unsafe { q.push(ptr, take, Some((m, held))) };
                 pages = &pages[npages..];
                 off = 0;
                 left -= take;

@@ -25,6 +25,8 @@
 //! - `hit.rs`: the hit paths: pinned, through the hint, through the map.
 //! - `miss.rs`: the miss, the eviction (clock order), the trim.
 //! - `handle.rs`: [`SfBuf`] and the releases its drop makes.
+//! - `owned.rs`: [`OwnedSfBuf`], an `SfBuf` that owns its pool and pages
+//!   (`'static`, for async tasks).
 //! - `hint.rs` (the hint table), `wait.rs` (waiting for room, with its own
 //!   lost-wake-up argument), `lru.rs`, `counter.rs` (striped statistics),
 //!   `stats.rs`.
@@ -61,6 +63,7 @@ pub mod hint;
 pub mod hit;
 mod lru;
 pub mod miss;
+mod owned;
 pub mod pool;
 pub mod state;
 mod stats;
@@ -69,6 +72,7 @@ mod tests;
 pub mod wait;
 
 pub use handle::SfBuf;
+pub use owned::OwnedSfBuf;
 pub use pool::{SfPool, SfPoolBuilder};
 pub use stats::SfStats;
 pub use wait::{CancelToken, Wait};
