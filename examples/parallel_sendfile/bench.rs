@@ -83,7 +83,8 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
 
     let t = Instant::now();
     eprintln!("building the file set ({} MiB of {}..{} byte files) ...", mib(4 * cache), min, max);
-    let set = FileSet::generate(min, max, 4 * cache, args.max_run.max(1), args.seed).map_err(|e| e.to_string())?;
+    let set =
+        FileSet::generate(min, max, 4 * cache, args.max_run.max(1), args.seed, args.huge).map_err(|e| e.to_string())?;
     let mut inside = 0;
     let mut acc = 0;
     for e in &set.files {
@@ -221,6 +222,8 @@ fn new_sender(args: &BenchArgs, set: &FileSet, mode: Mode, workers: usize) -> Re
         .close_timeout(Duration::from_millis(200))
         .window_slots(crate::cache_slots(args.cache_mib)?)
         .max_run(args.map_run.max(1))
+        .granule(args.granule)
+        .reclaim(args.reclaim)
         .cpus(Some(workers));
     Sender::new(mode, &set.mem, opts).map_err(|e| format!("{mode}: {e}"))
 }
@@ -382,6 +385,16 @@ fn run_slice(
             (Some(a), Some(b)) => Some(b.since(&a).syscalls),
             _ => None,
         },
+        // The calls that took old pages out of the window (each a TLB
+        // flush): removes, and enters that mapped over a mapping in place.
+        remaps: match (s0.mmu, s1.mmu) {
+            (Some(a), Some(b)) => {
+                let d = b.since(&a);
+                Some(d.removes + d.replaces)
+            }
+            _ => None,
+        },
+        granule: sender.granule(),
         cache: match (s0.cache, s1.cache) {
             (Some(a), Some(b)) => Some(b.since(&a)),
             _ => None,

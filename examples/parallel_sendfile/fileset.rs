@@ -47,7 +47,9 @@ impl FileSet {
     /// Files of sizes log-uniform in `min..=max` (page-cache runs of at most
     /// `max_run` pages) until they add up to `total` bytes, with pattern
     /// contents.
-    pub fn generate(min: u64, max: u64, total: u64, max_run: usize, seed: u64) -> lwbuf::Result<FileSet> {
+    /// `huge`: in huge pages ([`lwbuf::Backing::HugeTlb`]), the frames
+    /// rounded up to whole huge pages.
+    pub fn generate(min: u64, max: u64, total: u64, max_run: usize, seed: u64, huge: bool) -> lwbuf::Result<FileSet> {
         let mut rng = SmallRng::seed_from_u64(seed);
         let (lmin, lmax) = ((min as f64).ln(), (max as f64).ln());
         let mut sizes = Vec::new();
@@ -60,7 +62,15 @@ impl FileSet {
         }
         let fs = lwbuf::system_page_size() as u64;
         let frames: u64 = sizes.iter().map(|s| s.div_ceil(fs)).sum::<u64>() + 64;
-        let mem = PhysMem::builder().frames(frames as usize).name("parallel_sendfile").build()?;
+        let mut b = PhysMem::builder().name("parallel_sendfile");
+        let frames = if huge {
+            b = b.backing(lwbuf::Backing::HugeTlb);
+            let per = (lwbuf::huge_page_size()? as u64 / fs).max(1);
+            frames.div_ceil(per) * per
+        } else {
+            frames
+        };
+        let mem = b.frames(frames as usize).build()?;
         let mut files = Vec::with_capacity(sizes.len());
         let now = SystemTime::now();
         for (i, &len) in sizes.iter().enumerate() {

@@ -113,6 +113,20 @@ pub struct BenchArgs {
     /// mapping, in pages.
     #[arg(long, default_value_t = 16)]
     pub map_run: usize,
+    /// Mapping granule of the caches, in 4 KiB frames (a power of two):
+    /// the unit they map, cache and evict; a page's whole granule is mapped
+    /// with it. Default: the memory's smallest (1, or 512 with --huge).
+    #[arg(long)]
+    pub granule: Option<usize>,
+    /// Put the file set in huge pages (hugetlbfs, 2 MiB): the caches map
+    /// whole huge pages. Needs huge pages reserved, as root:
+    /// echo N > /proc/sys/vm/nr_hugepages (the error says how many).
+    #[arg(long)]
+    pub huge: bool,
+    /// What the caches do with evicted mappings: lazy (map over them in
+    /// place later, one system call) or strict (unmap at once).
+    #[arg(long, value_parser = parse_reclaim, default_value = "lazy")]
+    pub reclaim: lwbuf::Reclaim,
     /// Working sets to run, comma-separated (inside, beyond).
     #[arg(long, value_delimiter = ',', default_value = "inside,beyond")]
     pub sets: Vec<String>,
@@ -210,6 +224,14 @@ impl ServeArgs {
             idle: self.idle_timeout,
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
         })
+    }
+}
+
+fn parse_reclaim(s: &str) -> Result<lwbuf::Reclaim, String> {
+    match s {
+        "lazy" => Ok(lwbuf::Reclaim::Lazy),
+        "strict" => Ok(lwbuf::Reclaim::Strict),
+        _ => Err(format!("{s:?}: lazy or strict")),
     }
 }
 

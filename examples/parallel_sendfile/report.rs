@@ -36,6 +36,16 @@ pub struct Row {
     /// Send system calls (sendmsg/writev/sendfile) per request served.
     #[serde(serialize_with = "round4")]
     pub send_calls_per_req: f64,
+    /// The caches' mapping granule in frames (window modes), else none.
+    pub granule: Option<usize>,
+    /// Calls that took pages out of the window (removes, and maps over an
+    /// old mapping in place: each a TLB flush) per request served.
+    #[serde(rename = "flush_calls_per_req", serialize_with = "round4_opt")]
+    pub flush_calls_per_req: Option<f64>,
+    /// Those calls per page the caches evicted (1 when every evicted page
+    /// is unmapped on its own; 1/512 for granules of a huge page).
+    #[serde(serialize_with = "round4_opt")]
+    pub remaps_per_evicted_page: Option<f64>,
     /// Mapping-cache hit rate, for modes with a cache.
     #[serde(rename = "cache_hit_rate", serialize_with = "round4_opt")]
     pub hit_rate: Option<f64>,
@@ -91,6 +101,8 @@ pub struct Slice {
     pub calls: u64,
     pub waits: u64,
     pub map_syscalls: Option<u64>,
+    pub remaps: Option<u64>,
+    pub granule: Option<usize>,
     pub cache: Option<CacheStats>,
     pub zc_completed: u64,
     pub zc_copied: u64,
@@ -116,6 +128,11 @@ impl Sum {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
         };
+        s.remaps = match (s.remaps, o.remaps) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        s.granule = s.granule.or(o.granule);
         s.cache = match (s.cache, o.cache) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
@@ -155,6 +172,12 @@ impl Sum {
             p99_ms: pct(0.99),
             map_calls_per_req: s.map_syscalls.map_or(0.0, |n| n as f64 / served),
             send_calls_per_req: s.calls as f64 / served,
+            granule: s.granule,
+            flush_calls_per_req: s.remaps.map(|n| n as f64 / served),
+            remaps_per_evicted_page: match (s.remaps, s.cache) {
+                (Some(n), Some(c)) if c.evicted_pages > 0 => Some(n as f64 / c.evicted_pages as f64),
+                _ => None,
+            },
             hit_rate: s.cache.map(|c| c.hit_rate()),
             vs_sendfile: None,
             zc_copied: (mode == Mode::ZeroCopy && s.zc_completed > 0)
@@ -194,12 +217,15 @@ pub fn table(rows: &[Row]) -> String {
         "p50 ms",
         "p99 ms",
         "map sc/req",
+        "flush/req",
+        "remap/evicted pg",
+        "granule",
         "sends/req",
         "cache hit",
         "vs sendfile",
         "errors",
     ];
-    let body: Vec<[String; 11]> = rows
+    let body: Vec<[String; 14]> = rows
         .iter()
         .map(|r| {
             [
@@ -210,6 +236,9 @@ pub fn table(rows: &[Row]) -> String {
                 format!("{:.2}", r.p50_ms),
                 format!("{:.2}", r.p99_ms),
                 format!("{:.2}", r.map_calls_per_req),
+                opt(r.flush_calls_per_req, 2),
+                opt(r.remaps_per_evicted_page, 3),
+                r.granule.map_or_else(|| "-".to_string(), |g| g.to_string()),
                 format!("{:.2}", r.send_calls_per_req),
                 opt(r.hit_rate.map(|h| h * 100.0), 1),
                 opt(r.vs_sendfile, 2),
@@ -354,11 +383,11 @@ mod tests {
             c.lines().next(),
             Some(
                 "set,mode,seconds,bytes,requests,gb_per_s,requests_per_s,p50_ms,p99_ms,map_syscalls_per_req,\
-                 send_calls_per_req,cache_hit_rate,vs_sendfile,zerocopy_copied,errors,verify_failures,\
+                 send_calls_per_req,granule,flush_calls_per_req,remaps_per_evicted_page,cache_hit_rate,vs_sendfile,zerocopy_copied,errors,verify_failures,\
                  fully_verified,responses,other_cpu"
             )
         );
-        assert_eq!(c.lines().nth(1), Some("inside,sendfile,0.0,0,0,1.5,0.0,0.0,0.0,0.0,0.0,,1.0,,0,0,0,0,"));
+        assert_eq!(c.lines().nth(1), Some("inside,sendfile,0.0,0,0,1.5,0.0,0.0,0.0,0.0,0.0,,,,,1.0,,0,0,0,0,"));
         assert!(c.contains("\"zero\"\"copy\""), "quoted: {c}");
         let j = json(&[("modes", "a,b".into())], &rows).expect("json");
         assert!(j.contains("\"zero\\\"copy\"") && j.contains("\"cache_hit_rate\": null"), "{j}");

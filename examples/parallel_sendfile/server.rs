@@ -513,8 +513,10 @@ fn respond(
             s.sent.add(st);
             Ok(keep)
         }
-        Err(_) => {
-            sh.stats.send_errors.fetch_add(1, Relaxed);
+        Err(e) => {
+            if sh.stats.send_errors.fetch_add(1, Relaxed) == 0 {
+                eprintln!("first send error ({}): {e}", sh.sender.mode());
+            }
             Err(())
         }
     }
@@ -626,7 +628,7 @@ mod tests {
 
     #[test]
     fn serves_files_and_errors_in_every_mode() {
-        let set = FileSet::generate(5000, 70_000, 200_000, 4, 3).expect("files");
+        let set = FileSet::generate(5000, 70_000, 200_000, 4, 3, false).expect("files");
         let e = &set.files[0];
         for &mode in lwbuf::sendfile::Mode::ALL {
             let opts = SendOptions::default().cpus(Some(2)).window_slots(512);

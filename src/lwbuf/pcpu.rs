@@ -39,6 +39,7 @@ pub(crate) struct Counters {
     pub(crate) foreign: u64,
     pub(crate) applied: u64,
     pub(crate) evictions: u64,
+    pub(crate) evicted_pages: u64,
     pub(crate) peak_mapped: u64,
     pub(crate) unmap_errors: u64,
 }
@@ -308,6 +309,7 @@ impl Local {
         match unsafe { kva.retire(mapping) } {
             Ok(run) => {
                 self.counters.evictions += 1;
+                self.counters.evicted_pages += key.pages as u64;
                 self.put_slots(kva, run);
                 true
             }

@@ -24,6 +24,8 @@ pub struct CpuStats {
     pub decrefs_applied: u64,
     /// Entries unmapped to respect the excess limit or to free slots.
     pub evictions: u64,
+    /// Pages those entries mapped (a granule or run entry maps several).
+    pub evicted_pages: u64,
     /// Entries mapped now (in use or cached).
     pub mapped: u64,
     /// Entries mapped and unused now.
@@ -48,6 +50,7 @@ impl CpuStats {
             decrefs_sent: pc.sent.load(Ordering::Relaxed),
             decrefs_applied: l.counters.applied,
             evictions: l.counters.evictions,
+            evicted_pages: l.counters.evicted_pages,
             mapped: l.mapped() as u64,
             cached: l.cached() as u64,
             peak: l.counters.peak_mapped,
@@ -64,6 +67,7 @@ impl CpuStats {
         self.decrefs_sent += o.decrefs_sent;
         self.decrefs_applied += o.decrefs_applied;
         self.evictions += o.evictions;
+        self.evicted_pages += o.evicted_pages;
         self.mapped += o.mapped;
         self.cached += o.cached;
         self.peak += o.peak;

@@ -80,7 +80,8 @@ impl Mmu for ModelMmu {
     }
 
     unsafe fn replace(&self, slot: Slot, pfn: Pfn, count: usize, old: usize) -> Result<NonNull<u8>> {
-        self.table.check(slot, Some(pfn), count.max(old))?;
+        self.table.check(slot, Some(pfn), count)?;
+        self.table.check(slot, None, old)?;
         if old > count {
             // SAFETY: the caller's contract for the old mapping.
             unsafe { self.remove(Slot(slot.0 + count), old - count)? };

@@ -25,6 +25,8 @@ pub struct CacheStats {
     pub lookups: u64,
     /// Of those, found mapped already: no system call.
     pub hits: u64,
+    /// Pages whose cached mapping was evicted.
+    pub evicted_pages: u64,
 }
 
 impl CacheStats {
@@ -39,7 +41,7 @@ impl CacheStats {
 
     /// Counts of `lookups` lookups of which `hits` hit.
     pub fn new(lookups: u64, hits: u64) -> CacheStats {
-        CacheStats { lookups, hits }
+        CacheStats { lookups, hits, evicted_pages: 0 }
     }
 
     /// Field-wise difference `self - earlier`.
@@ -47,6 +49,7 @@ impl CacheStats {
         CacheStats {
             lookups: self.lookups.saturating_sub(earlier.lookups),
             hits: self.hits.saturating_sub(earlier.hits),
+            evicted_pages: self.evicted_pages.saturating_sub(earlier.evicted_pages),
         }
     }
 }
@@ -56,7 +59,11 @@ impl std::ops::Add for CacheStats {
 
     /// Field-wise sum (of two caches, or two periods), saturating.
     fn add(self, o: CacheStats) -> CacheStats {
-        CacheStats { lookups: self.lookups.saturating_add(o.lookups), hits: self.hits.saturating_add(o.hits) }
+        CacheStats {
+            lookups: self.lookups.saturating_add(o.lookups),
+            hits: self.hits.saturating_add(o.hits),
+            evicted_pages: self.evicted_pages.saturating_add(o.evicted_pages),
+        }
     }
 }
 
@@ -175,7 +182,7 @@ impl SfBufSource {
     /// Hits and lookups so far.
     pub fn cache_stats(&self) -> CacheStats {
         let s = self.pool.stats();
-        CacheStats { lookups: s.hits + s.misses, hits: s.hits }
+        CacheStats { lookups: s.hits + s.misses, hits: s.hits, evicted_pages: s.evicted_pages }
     }
 
     fn alloc<'s>(&'s self, run: &'s [Page], how: Wait<'_>) -> Result<SfMapping<'s>> {
@@ -295,7 +302,7 @@ impl LwbufSource {
     /// Hits and lookups so far (takes each CPU's lock briefly).
     pub fn cache_stats(&self) -> CacheStats {
         let t = self.sys.stats().total;
-        CacheStats { lookups: t.allocs, hits: t.hits }
+        CacheStats { lookups: t.allocs, hits: t.hits, evicted_pages: t.evicted_pages }
     }
 
     /// Bind the calling thread to `cpu` of the caches until the guard is

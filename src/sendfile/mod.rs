@@ -142,6 +142,13 @@ pub struct SendOptions {
     /// How long dropping a [`Connection`] waits for its holds to be released
     /// before leaking them. Default 1 s.
     pub close_timeout: Duration,
+    /// The caches' mapping granule in frames (see
+    /// [`LwbufsBuilder::granule`](crate::LwbufsBuilder::granule)); `None`:
+    /// the memory's smallest (1 frame, or one huge page). Default `None`.
+    pub granule: Option<usize>,
+    /// What the caches do with evicted mappings
+    /// ([`Reclaim`](crate::Reclaim)). Default lazy.
+    pub reclaim: crate::Reclaim,
 }
 
 impl Default for SendOptions {
@@ -156,6 +163,8 @@ impl Default for SendOptions {
             cpus: None,
             zerocopy_max_held: 16 << 20,
             close_timeout: Duration::from_secs(1),
+            granule: None,
+            reclaim: crate::Reclaim::Lazy,
         }
     }
 }
@@ -198,6 +207,10 @@ setters!(
     zerocopy_max_held: usize,
     /// Set [`close_timeout`](SendOptions#structfield.close_timeout).
     close_timeout: Duration,
+    /// Set [`granule`](SendOptions#structfield.granule).
+    granule: Option<usize>,
+    /// Set [`reclaim`](SendOptions#structfield.reclaim).
+    reclaim: crate::Reclaim,
 );
 
 impl SendOptions {

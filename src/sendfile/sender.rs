@@ -187,6 +187,16 @@ impl Sender {
         self.via.mmu_stats()
     }
 
+    /// The mapping granule of the mode's cache, in frames (see
+    /// [`SendOptions::granule`]), `None` for modes without one.
+    pub fn granule(&self) -> Option<usize> {
+        match &self.via {
+            Via::Plain(Plain::SfBuf(p)) => Some(p.pool().granule()),
+            Via::Plain(Plain::Lwbuf(l) | Plain::LwbufRun(l)) => Some(l.lwbufs().granule()),
+            _ => None,
+        }
+    }
+
     /// Hits and lookups of the mode's mapping cache, `None` for modes
     /// without one. Cheap but not free: it reads every CPU's counters
     /// (lwbuf) or scans the pool's entries (sf_buf).

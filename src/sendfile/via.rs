@@ -81,7 +81,13 @@ impl Via {
             }
             Mode::SfBuf => {
                 let mmu = window(mmu, phys, || Ok(opts.window_slots))?;
-                Plain::SfBuf(SfBufSource::with_mmu(mmu, opts.max_excess, opts.max_run, opts.stall_timeout)?)
+                let cap = mmu.capacity();
+                let mut b =
+                    crate::SfPool::builder(mmu).max_excess(opts.max_excess.unwrap_or(cap)).reclaim(opts.reclaim);
+                if let Some(g) = opts.granule {
+                    b = b.granule(g);
+                }
+                Plain::SfBuf(SfBufSource::new(b.build()?, opts.max_run, opts.stall_timeout))
             }
             Mode::Lwbuf => Plain::Lwbuf(lwbuf(mmu, phys, opts, 1)?),
             Mode::LwbufRun => Plain::LwbufRun(lwbuf(mmu, phys, opts, opts.max_run)?),
@@ -186,5 +192,11 @@ fn lwbuf(given: Option<Arc<dyn Mmu>>, phys: &PhysMem, opts: &SendOptions, max_ru
         cpus.checked_mul(opts.window_slots)
             .ok_or_else(|| Error::config("window_slots", format!("{cpus} x {} slots overflow", opts.window_slots)))
     })?;
-    LwbufSource::with_mmu(mmu, cpus, opts.max_excess, max_run)
+    let share = (mmu.capacity() / cpus.max(1)).max(1);
+    let mut b =
+        crate::Lwbufs::builder(mmu).cpus(cpus).max_excess(opts.max_excess.unwrap_or(share)).reclaim(opts.reclaim);
+    if let Some(g) = opts.granule {
+        b = b.granule(g);
+    }
+    Ok(LwbufSource::new(b.build()?, max_run))
 }

@@ -254,6 +254,7 @@ impl SfPool {
                             // The state stays DEAD (with the generation that
                             // died) until the slot is published again.
                             self.counters.evictions.inc();
+                            self.counters.evicted_pages.add(key.pages as u64);
                             return Ok(Some(run));
                         }
                         Err((err, m)) => {

@@ -27,6 +27,8 @@ pub struct SfStats {
     pub grows: u64,
     /// Cached mappings unmapped (excess cap, room for a miss, budget).
     pub evictions: u64,
+    /// Pages those mappings mapped (a granule or run maps several).
+    pub evicted_pages: u64,
     /// Allocations that had to sleep.
     pub waits: u64,
     /// Timed allocations that ran out of time: sleeps that ended in a
