@@ -21,6 +21,14 @@
 //! when the mapping budget or the kernel's `vm.max_map_count` says no room,
 //! or when the cache goes away. [`Reclaim::Strict`] removes every evicted
 //! mapping at once: nothing released stays readable in the window.
+//!
+//! A stale claim is in one place at a time, as any claim: the list, a
+//! CPU's free slots (lwbuf), the miss that took it to map over it, or the
+//! batch removal that took the whole list. The loom models
+//! `sfbuf_lazy_replace_vs_reader` and `sfbuf_purge_vs_stale_take` fail when
+//! a taken claim stays listed (`StaleTakeKeeps`: a second miss maps over a
+//! live handle's slots) and when a removal copies the list instead of
+//! taking it (`PurgeSnapshot`: it removes a claim a miss took meanwhile).
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -374,6 +382,9 @@ impl KvaSpace {
         }
         let mut stale = lock(&self.stale);
         let i = stale.iter().rposition(|r| r.len == len)?;
+        if crate::sync::mutant!(StaleTakeKeeps) {
+            return Some(SlotRun { ..stale[i] });
+        }
         let run = stale.swap_remove(i);
         self.stale_slots.fetch_sub(run.len, Ordering::Relaxed);
         Some(run)
@@ -448,7 +459,12 @@ impl KvaSpace {
     /// Returns the slots freed. A claim whose removal fails goes back to
     /// the list (still entered, still unreachable).
     pub(crate) fn purge(&self) -> usize {
-        let mut runs = std::mem::take(&mut *lock(&self.stale));
+        let snapshot = crate::sync::mutant!(PurgeSnapshot);
+        let mut runs = if snapshot {
+            lock(&self.stale).iter().map(|r| SlotRun { ..*r }).collect()
+        } else {
+            std::mem::take(&mut *lock(&self.stale))
+        };
         if runs.is_empty() {
             return 0;
         }
@@ -484,6 +500,10 @@ impl KvaSpace {
                 }
             }
             i = j;
+        }
+        if snapshot {
+            // The mutant unlists what it removed only now.
+            lock(&self.stale).retain(|r| !runs.iter().any(|d| d.start == r.start));
         }
         if !failed.is_empty() {
             lock(&self.stale).append(&mut failed);

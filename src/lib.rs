@@ -92,6 +92,7 @@ pub use error::{Error, Inconsistency, Result};
 #[cfg(loom)]
 #[doc(hidden)]
 pub mod __loom {
+    pub use crate::lwbuf::entry_slot as lwbuf_entry_slot;
     pub use crate::sync::mutants::{set as set_mutant, Mutant};
 }
 

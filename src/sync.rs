@@ -336,6 +336,18 @@ pub mod mutants {
         /// An sf_buf evictor gives up when its number of looks runs out,
         /// though an unused entry is still listed.
         LooksRunShort,
+        /// Taking a stale claim (lazy reclaim) hands out a copy and leaves
+        /// the claim listed, so the next miss maps over the same slots.
+        StaleTakeKeeps,
+        /// A batch removal of stale claims copies the list instead of
+        /// taking it, and removes claims a miss took from it meanwhile.
+        PurgeSnapshot,
+        /// A release of an lwbuf handle decrefs its page's own key instead
+        /// of the key of the granule its entry maps.
+        ReleasePageKey,
+        /// Asking for an lwbuf handle's address on another CPU makes (or
+        /// finds) that CPU's entry for the page instead of its granule.
+        ForeignPageKey,
     }
 
     std::thread_local! {

@@ -78,10 +78,11 @@ pub unsafe fn unleak<T>(r: &'static T) {
     drop(unsafe { Box::from_raw(r as *const T as *mut T) });
 }
 
-/// Like [`expect_failure`] for breakages that loom reports as a deadlock:
-/// loom then aborts the process (its clean-up panics while unwinding), so
-/// the mutant model runs in a child process (this test binary again, running
-/// only `test_name`) and the parent checks that it died reporting
+/// Like [`expect_failure`] for breakages that abort the process: a deadlock
+/// loom reports (its clean-up panics while unwinding), or a panic in a
+/// thread whose handles and CPU binding call into the library again as they
+/// drop. The mutant model runs in a child process (this test binary again,
+/// running only `test_name`) and the parent checks that it died reporting
 /// `expect` (e.g. "deadlock"). Returns the child's stderr.
 pub fn expect_failure_in_child<F>(test_name: &str, name: &str, mutant: Mutant, expect: &str, f: F) -> String
 where

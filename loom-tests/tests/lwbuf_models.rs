@@ -1,5 +1,6 @@
 //! Loom models of the per-CPU lwbuf protocol: the mailbox (passive IPI),
-//! release across CPUs, and CPUs whose thread has gone.
+//! release across CPUs, CPUs whose thread has gone, and two pages of one
+//! mapping granule used and released on two CPUs.
 //!
 //! Each model runs the library's own code (its sync facade is loom's under
 //! `--cfg loom`) on the model MMU, with a small fixed CPU count. Each has a
@@ -13,8 +14,9 @@ use std::sync::Arc;
 use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::Mutex;
 use loom::thread;
-use loom_tests::{expect_failure, leak, model, unleak, Mutant};
-use lwbuf::{Backing, Lwbuf, Lwbufs, ModelMmu, PhysMem, Reclaim};
+use loom_tests::{expect_failure, expect_failure_in_child, leak, model, unleak, Mutant};
+use lwbuf::__loom::lwbuf_entry_slot;
+use lwbuf::{Backing, Lwbuf, Lwbufs, Mmu, ModelMmu, Pfn, PhysMem, Reclaim, Slot};
 
 fn system(frames: usize, slots: usize, cpus: usize, max_excess: usize) -> (PhysMem, Arc<ModelMmu>, &'static Lwbufs) {
     let mem = PhysMem::builder().frames(frames).backing(Backing::Heap).build().unwrap();
@@ -169,4 +171,127 @@ fn unowned_cpu_is_drained_on_its_behalf() {
 #[test]
 fn unowned_mutant_no_unbind_drain() {
     expect_failure("unowned_cpu", Mutant::NoUnbindDrain, unowned);
+}
+
+// === 4. granule sharing: two pages of one granule, used on two CPUs ===
+
+/// Granule 2: frames 0 and 1 are one granule, mapped and cached as one
+/// entry per CPU. The main thread (CPU 0) maps both pages: one miss, one
+/// hit on the granule's entry (count 2). Thread B (CPU 1) takes both
+/// handles and uses them there (its own entry for the granule, count 2),
+/// releases the first on CPU 1 (a decref message to CPU 0) and hands the
+/// second back; the main thread, which maps frame 2 meanwhile (a miss that
+/// may map over a stale claim in place), uses it and releases it on CPU 0
+/// (a decref message to CPU 1). `max_excess` 0: an entry whose count
+/// reaches zero is evicted at once. Every decref must be applied exactly
+/// once, to the granule's entry, and neither CPU's mapping of the granule
+/// may go or change while a handle can use it.
+fn granule_shared() {
+    let mem = PhysMem::builder().frames(4).backing(Backing::Heap).build().unwrap();
+    let mmu = Arc::new(ModelMmu::new(&mem, 6).unwrap());
+    let lw = leak(Lwbufs::builder(mmu.clone()).cpus(2).max_excess(0).granule(2).build().unwrap());
+    assert_eq!((lw.granule(), lw.reclaim_mode()), (2, Reclaim::Lazy));
+    let pages: &'static Vec<lwbuf::Page> = leak((0..3).map(|_| mem.alloc_page().unwrap()).collect());
+    for p in pages {
+        p.direct().unwrap().write_u64(0, mark(p)).unwrap();
+    }
+    let back: &'static Mutex<Option<Lwbuf<'static>>> = leak(Mutex::new(None));
+    let g0 = lw.bind(0).unwrap();
+    let h0 = lw.alloc(&pages[0]).unwrap();
+    let h1 = lw.alloc(&pages[1]).unwrap();
+    let (bmmu, bmmu2) = (mmu.clone(), mmu.clone());
+    let b = thread::spawn(move || {
+        let g1 = lw.bind(1).unwrap();
+        uses_its_granule(&bmmu, &h0, "CPU 1, first page");
+        uses_its_granule(&bmmu, &h1, "CPU 1, second page");
+        drop(h0); // on CPU 1: a local decref, a message to CPU 0
+        uses_its_granule(&bmmu, &h1, "CPU 1, after the first release");
+        *back.lock().unwrap() = Some(h1);
+        drop(g1); // unbinds: drains CPU 1's mailbox (or a sender does)
+    });
+    // Frame 2 is the other granule: CPU 0's second miss; evicted at once,
+    // its mapping stays entered, and the next miss maps over it in place.
+    for when in ["CPU 0, the other granule", "CPU 0, the other granule mapped over in place"] {
+        let other = lw.alloc(&pages[2]).unwrap();
+        uses_its_granule(&bmmu2, &other, when);
+    }
+    let h1 = loop {
+        if let Some(h) = back.lock().unwrap().take() {
+            break h;
+        }
+        lw.poll().unwrap();
+        thread::yield_now();
+    };
+    uses_its_granule(&mmu, &h1, "CPU 0, handed back");
+    drop(h1); // on CPU 0: a local decref, a message to CPU 1
+    b.join().unwrap();
+    lw.poll().unwrap();
+    let s = lw.stats();
+    assert_eq!(s.total.decrefs_sent, s.total.decrefs_applied, "a decref message lost or applied twice");
+    assert_eq!(s.total.decrefs_sent, 2);
+    assert!(s.per_cpu.iter().all(|c| c.mailbox == 0));
+    assert_eq!(lw.check_consistency(), Ok(0), "every count back to zero, every slot accounted for");
+    assert!(mmu.stats().replaces >= 1, "frame 2's second miss maps over its stale mapping: {}", mmu.stats());
+    drop(g0);
+    // SAFETY: the thread is joined; every handle is dropped.
+    unsafe {
+        unleak(lw);
+        unleak(back);
+        unleak(pages);
+    }
+}
+
+fn mark(page: &lwbuf::Page) -> u64 {
+    0x1b00_0000 + page.pfn().0 as u64
+}
+
+/// On the calling thread's CPU: the handle's bytes are its page's, and
+/// that CPU's entry for its granule maps the whole granule in place.
+fn uses_its_granule(mmu: &ModelMmu, h: &Lwbuf<'_>, when: &str) {
+    assert_eq!(h.kva().unwrap().read_u64(0).unwrap(), mark(h.page()), "{when}: the handle's bytes are not its page's");
+    let slot = lwbuf_entry_slot(h).unwrap_or_else(|| panic!("{when}: this CPU has no entry for the handle's granule"));
+    let base = h.page().pfn().0 & !1;
+    for i in 0..2 {
+        assert_eq!(
+            mmu.translate(Slot(slot.0 + i)),
+            Some(Pfn(base + i)),
+            "{when}: the granule's mapping went or changed under a live handle"
+        );
+    }
+}
+
+#[test]
+fn lwbuf_granule_shared() {
+    model("lwbuf_granule_shared", granule_shared);
+}
+
+// Both mutants panic in a thread that holds handles and a CPU binding,
+// whose drops during the unwinding panic again: the process aborts, so
+// they run in a child process.
+
+/// A release that decrefs the page's own key: the second page's key names
+/// no entry (the library's own check panics).
+#[test]
+fn lwbuf_granule_shared_mutant_release_page_key() {
+    expect_failure_in_child(
+        "lwbuf_granule_shared_mutant_release_page_key",
+        "lwbuf_granule_shared",
+        Mutant::ReleasePageKey,
+        "decref of MapKey { pfn: 1, pages: 1 } on CPU 0, which holds no reference on it",
+        granule_shared,
+    );
+}
+
+/// A foreign CPU's entry made for the page: CPU 1 maps the page alone, and
+/// has no entry for the granule the handle maps (nor for the decref
+/// messages, which name the granule).
+#[test]
+fn lwbuf_granule_shared_mutant_foreign_page_key() {
+    expect_failure_in_child(
+        "lwbuf_granule_shared_mutant_foreign_page_key",
+        "lwbuf_granule_shared",
+        Mutant::ForeignPageKey,
+        "CPU 1, first page: this CPU has no entry for the handle's granule",
+        granule_shared,
+    );
 }

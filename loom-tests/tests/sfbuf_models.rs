@@ -1,5 +1,7 @@
 //! Loom models of the sf_buf pool: a hit racing an eviction, and waiting
-//! for a slot (plain, timeout, cancel, close).
+//! for a slot (plain, timeout, cancel, close), pins, and lazy reclaim (a
+//! miss mapping over an evicted mapping in place, a batch removal racing
+//! it).
 
 #![cfg(loom)]
 
@@ -8,7 +10,7 @@ use std::time::Duration;
 
 use loom::thread;
 use loom_tests::{expect_failure, expect_failure_in_child, leak, model, unleak, Mutant};
-use lwbuf::{Backing, CancelToken, Error, Mmu, ModelMmu, PhysMem, Reclaim, SfPool, Wait};
+use lwbuf::{Backing, CancelToken, Error, Mmu, ModelMmu, PhysMem, Reclaim, SfPool, Slot, Wait};
 
 fn pool(frames: usize, slots: usize, max_excess: usize) -> (PhysMem, Arc<ModelMmu>, &'static SfPool) {
     let mem = PhysMem::builder().frames(frames).backing(Backing::Heap).build().unwrap();
@@ -457,4 +459,153 @@ fn sfbuf_unpin_trims() {
 #[test]
 fn sfbuf_unpin_trims_mutant_recheck_no_revoked() {
     expect_failure("sfbuf_unpin_trims", Mutant::PinRecheckNoRevoked, unpin_trims);
+}
+
+// === 8. lazy reclaim: evicted mappings mapped over in place ===
+
+/// A pool under lazy reclaim (the default) with one page per frame of the
+/// memory, each frame's first word marked with its number.
+fn lazy_pool(frames: usize, slots: usize, max_excess: usize) -> (Arc<ModelMmu>, &'static SfPool, Vec<lwbuf::Page>) {
+    let mem = PhysMem::builder().frames(frames).backing(Backing::Heap).build().unwrap();
+    let mmu = Arc::new(ModelMmu::new(&mem, slots).unwrap());
+    let p = SfPool::builder(mmu.clone()).max_excess(max_excess).shards(2).build().unwrap();
+    assert_eq!(p.reclaim_mode(), Reclaim::Lazy);
+    let pages: Vec<_> = (0..frames).map(|_| mem.alloc_page().unwrap()).collect();
+    for pg in &pages {
+        pg.direct().unwrap().write_u64(0, mark(pg)).unwrap();
+    }
+    (mmu, leak(p), pages)
+}
+
+fn mark(page: &lwbuf::Page) -> u64 {
+    0x5f00_0000 + page.pfn().0 as u64
+}
+
+/// What a handle must see for its whole life: its slot maps its frame, and
+/// its bytes are that frame's.
+fn maps_its_frame(mmu: &ModelMmu, sf: &lwbuf::SfBuf<'_>, when: &str) {
+    let pfn = sf.page().pfn();
+    assert_eq!(mmu.translate(sf.slot()), Some(pfn), "{when}: slot {} does not map frame {}", sf.slot().0, pfn.0);
+    assert_eq!(sf.kva().read_u64(0).unwrap(), mark(sf.page()), "{when}: the handle's bytes are not its frame's");
+}
+
+/// Nothing held or cached (`max_excess` 0), so every slot is free or
+/// stale: a last reclaim removes every stale mapping (one remove per
+/// contiguous range), and nothing is left entered.
+fn lazy_settled(pool: &SfPool, mmu: &ModelMmu) {
+    let s = pool.stats();
+    assert_eq!((s.used, s.cached), (0, 0), "{s}");
+    pool.reclaim();
+    assert_eq!(mmu.stats().mapped, 0, "a stale mapping outlived the last reclaim: {}", mmu.stats());
+}
+
+/// 8a. Two slots, `max_excess` 0: every last release evicts, and under
+/// lazy reclaim the eviction leaves the old frame entered for the next miss
+/// to map over in place. Frame `a` was mapped and evicted, so a stale claim
+/// waits from the start. The main thread holds frame `f` (a miss, over the
+/// stale claim or not) while another thread maps `g`, hits (or maps) `f`
+/// and maps `h`: a miss takes a stale claim if one waits and replaces the
+/// frame there, and none may pick a slot whose handle still lives.
+fn lazy_replace_vs_reader() {
+    let (mmu, pool, pages) = lazy_pool(4, 2, 0);
+    drop(pool.alloc(&pages[0], Wait::NoWait).unwrap());
+    let f = &pages[1];
+    let (others, omm) = ([2, 1, 3].map(|i| pages[i].clone()), mmu.clone());
+    let t = thread::spawn(move || {
+        for p in &others {
+            let sf = pool.alloc(p, Wait::Forever).unwrap();
+            maps_its_frame(&omm, &sf, "other thread");
+        }
+    });
+    let sf = pool.alloc(f, Wait::Forever).unwrap();
+    maps_its_frame(&mmu, &sf, "holder, at alloc");
+    thread::yield_now();
+    maps_its_frame(&mmu, &sf, "holder, later (replaced in place under a live handle?)");
+    drop(sf);
+    t.join().unwrap();
+    assert!(mmu.stats().replaces >= 1, "a miss took the stale claim and mapped over it: {}", mmu.stats());
+    lazy_settled(pool, &mmu);
+    // SAFETY: the thread is joined.
+    unsafe { unleak(pool) };
+}
+
+#[test]
+fn sfbuf_lazy_replace_vs_reader() {
+    model("sfbuf_lazy_replace_vs_reader", lazy_replace_vs_reader);
+}
+
+/// A stale claim handed out but left listed is taken again by the next
+/// miss, which maps over the slot the first taker's handle still uses.
+#[test]
+fn sfbuf_lazy_replace_vs_reader_mutant_stale_take_keeps() {
+    let msg = expect_failure("sfbuf_lazy_replace_vs_reader", Mutant::StaleTakeKeeps, lazy_replace_vs_reader);
+    assert!(msg.contains("does not map frame"), "failed for another reason: {msg}");
+}
+
+/// Who runs the batch removal in `purge_vs_stale_take`.
+#[derive(Clone, Copy, Debug)]
+enum Purger {
+    /// `SfPool::reclaim`.
+    Reclaim,
+    /// A miss for a run of two frames: no stale claim has its length, no
+    /// two clean slots are adjacent, so it removes the stale ones first.
+    RunMiss,
+}
+
+/// 8b. A batch removal racing a miss that takes a stale claim. Frames `a`
+/// and `b` were mapped side by side and evicted: two stale claims, slots 0
+/// and 1, whose removal coalesces into one call (slot 2 is clean). A user
+/// maps `f` (taking a stale claim and mapping over it, or, after the purge
+/// took the list, a clean slot) while the main thread runs the purge
+/// (`by`): it must remove only claims it took off the list, never one a
+/// miss took and mapped over.
+fn purge_vs_stale_take(by: Purger) {
+    let (mmu, pool, pages) = lazy_pool(6, 3, 0);
+    let (a, b) = (pool.alloc(&pages[0], Wait::NoWait).unwrap(), pool.alloc(&pages[1], Wait::NoWait).unwrap());
+    drop((a, b));
+    assert_eq!(mmu.stats().mapped, 2, "lazy reclaim leaves evicted mappings entered");
+    let f = pages[2].clone();
+    let umm = mmu.clone();
+    let user = thread::spawn(move || {
+        let sf = pool.alloc(&f, Wait::Forever).unwrap_or_else(|e| panic!("user's miss failed: {e}"));
+        maps_its_frame(&umm, &sf, "user, at alloc");
+        thread::yield_now();
+        maps_its_frame(&umm, &sf, "user, later (removed by a purge under a live handle?)");
+    });
+    match by {
+        Purger::Reclaim => {
+            pool.reclaim();
+        }
+        Purger::RunMiss => {
+            // Waits, if the user holds a slot of the only adjacent pair,
+            // for its release (an eviction: a stale claim again).
+            let sf = pool.alloc_run(&pages[4..6], Wait::Forever).unwrap();
+            for (i, p) in sf.pages().iter().enumerate() {
+                assert_eq!(mmu.translate(Slot(sf.slot().0 + i)), Some(p.pfn()), "the run's slots map its frames");
+            }
+        }
+    }
+    user.join().unwrap();
+    lazy_settled(pool, &mmu);
+    // SAFETY: the thread is joined.
+    unsafe { unleak(pool) };
+}
+
+#[test]
+fn sfbuf_purge_vs_stale_take() {
+    model("sfbuf_purge_vs_stale_take/reclaim", || purge_vs_stale_take(Purger::Reclaim));
+    model("sfbuf_purge_vs_stale_take/run_miss", || purge_vs_stale_take(Purger::RunMiss));
+}
+
+/// A purge that copies the list removes the claim the user took meanwhile:
+/// the user's slot goes (or its replace finds it gone).
+#[test]
+fn sfbuf_purge_vs_stale_take_mutant_purge_snapshot() {
+    for by in [Purger::Reclaim, Purger::RunMiss] {
+        let msg = expect_failure("sfbuf_purge_vs_stale_take", Mutant::PurgeSnapshot, move || purge_vs_stale_take(by));
+        assert!(
+            msg.contains("does not map frame") || msg.contains("user's miss failed"),
+            "{by:?}: failed for another reason: {msg}"
+        );
+    }
 }

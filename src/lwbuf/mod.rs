@@ -709,10 +709,23 @@ impl<'a> Lwbuf<'a> {
     }
 
     /// The cache entry the handle holds, from the pages it borrows (not
-    /// stored: a smaller handle is cheaper to return from `alloc`).
+    /// stored: a smaller handle is cheaper to return from `alloc`). With a
+    /// granule above 1 frame, the granule's entry, shared by the handles of
+    /// its pages on every CPU; the loom model `lwbuf_granule_shared` fails
+    /// when a release names the page instead (`ReleasePageKey`) or a
+    /// foreign CPU's entry is made for it (`ForeignPageKey`).
     #[inline]
     fn key(&self) -> Key {
         self.sys.kva.key_of(self.hold[0].pfn().0, self.hold.len())
+    }
+
+    /// The key a release decrefs: the handle's entry's.
+    #[inline]
+    fn release_key(&self) -> Key {
+        if crate::sync::mutant!(ReleasePageKey) {
+            return Key { pfn: self.hold[0].pfn().0, pages: self.hold.len() };
+        }
+        self.key()
     }
 
     fn len(&self) -> usize {
@@ -742,6 +755,7 @@ impl<'a> Lwbuf<'a> {
     fn foreign_addr(&self, cpu: usize) -> Result<NonNull<u8>> {
         let sys = self.sys;
         let (key, pfn) = (self.key(), self.hold[0].pfn().0);
+        let key = if crate::sync::mutant!(ForeignPageKey) { Key { pfn, pages: self.hold.len() } } else { key };
         if self.others.contains(cpu) {
             return Ok(sys.kva.addr_in(key, sys.enter_cpu(cpu).addr_of(key), pfn));
         }
@@ -762,7 +776,7 @@ impl Drop for Lwbuf<'_> {
         // The common case: released on its home CPU, used nowhere else.
         if sys.current_cpu() == Some(home) && self.others.is_empty() {
             let mut l = sys.enter_cpu(home);
-            l.decref(self.key());
+            l.decref(self.release_key());
             l.trim(&sys.kva, sys.max_excess());
             return;
         }
@@ -782,13 +796,27 @@ impl Lwbuf<'_> {
         for cpu in std::iter::once(self.home as usize).chain(self.others.iter()) {
             if Some(cpu) == me {
                 let mut l = sys.enter_cpu(cpu);
-                l.decref(self.key());
+                l.decref(self.release_key());
                 l.trim(&sys.kva, sys.max_excess());
             } else if !crate::sync::mutant!(NoRemoteDecref) {
-                sys.send_decref(me, cpu, self.key());
+                sys.send_decref(me, cpu, self.release_key());
             }
         }
     }
+}
+
+/// Under loom only: the first slot of the calling thread's CPU's entry for
+/// `h`'s mapping (`None` if that CPU has none, or the thread is unbound),
+/// so that a model can check that the slots stay mapped to the handle's
+/// frames while it lives. A library call on that CPU, as `poll` is.
+#[cfg(loom)]
+pub fn entry_slot(h: &Lwbuf<'_>) -> Option<crate::Slot> {
+    let cpu = h.sys.current_cpu()?;
+    let key = h.key();
+    let l = h.sys.enter_cpu(cpu);
+    // A binding of its own: the search borrows the guard.
+    let slot = l.entries().find(|&(k, ..)| k == key).map(|(_, slot, ..)| slot);
+    slot
 }
 
 impl fmt::Debug for Lwbuf<'_> {
