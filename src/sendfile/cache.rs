@@ -186,7 +186,7 @@ impl SfBufSource {
     }
 
     fn alloc<'s>(&'s self, run: &'s [Page], how: Wait<'_>) -> Result<SfMapping<'s>> {
-        let n = contiguous_prefix(run, self.max_run);
+        let n = within_granule(run, contiguous_prefix(run, self.max_run), self.pool.granule());
         let buf = match n {
             0 => return Err(Error::config("run", "no pages to map")),
             1 => self.pool.alloc(&run[0], how)?,
@@ -195,6 +195,16 @@ impl SfBufSource {
         let k = buf.kva();
         let (ptr, len) = (k.as_ptr(), k.len());
         Ok(CachedMapping::new(buf, ptr, len))
+    }
+}
+
+/// The first `n` pages of `run`, cut at the end of the first page's
+/// granule: a mapping then hits (or makes) that granule's entry, and a
+/// frame is never mapped by two entries of one cache.
+fn within_granule(run: &[Page], n: usize, granule: usize) -> usize {
+    match run.first() {
+        Some(p) if granule > 1 => n.min(granule - p.pfn().0 % granule),
+        _ => n,
     }
 }
 
@@ -224,8 +234,10 @@ impl MapSource for SfBufSource {
 
     /// Runs of `max_run` pages (none for single pages: every page is its
     /// own key anyway).
+    /// With a granule above one frame, none: every mapping is keyed by
+    /// its granule, wherever the pages asked for start.
     fn run_grid(&self) -> Option<usize> {
-        (self.max_run > 1).then_some(self.max_run)
+        (self.max_run > 1 && self.pool.granule() == 1).then_some(self.max_run)
     }
 
     fn mmu_stats(&self) -> Option<MmuStats> {
@@ -356,7 +368,7 @@ impl MapSource for LwbufSource {
     /// one `mmap` (plus an unmap if it evicts). [`Error::NotBound`] on a thread without a CPU (see
     /// [`with_cpu`](Self::with_cpu)).
     fn map<'s>(&'s self, run: &'s [Page]) -> Result<LwbufMapping<'s>> {
-        let n = contiguous_prefix(run, self.max_run);
+        let n = within_granule(run, contiguous_prefix(run, self.max_run), self.sys.granule());
         let buf = match n {
             0 => return Err(Error::config("run", "no pages to map")),
             1 => self.sys.alloc(&run[0])?,
@@ -369,8 +381,9 @@ impl MapSource for LwbufSource {
     }
 
     /// Runs of `max_run` pages (none for single pages).
+    /// As for the sf_buf pool: none with a granule above one frame.
     fn run_grid(&self) -> Option<usize> {
-        (self.max_run > 1).then_some(self.max_run)
+        (self.max_run > 1 && self.sys.granule() == 1).then_some(self.max_run)
     }
 
     fn mmu_stats(&self) -> Option<MmuStats> {

@@ -68,7 +68,7 @@ impl Via {
             return Err(Error::config("mode", format!("{mode} maps through no window")));
         }
         let plain = match mode {
-            Mode::Sendfile if phys.backing() != Backing::Memfd => {
+            Mode::Sendfile if phys.backing() == Backing::Heap => {
                 return Err(Error::config("backing", "sendfile needs memfd-backed memory"))
             }
             Mode::Sendfile => return Ok(Via::Sendfile),
