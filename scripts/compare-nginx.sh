@@ -9,7 +9,11 @@
 #   MODES="sendfile sfbuf lwbuf lwbuf-run"
 #                          parallel_sendfile modes to run (space-separated: sendfile copy mmap
 #                          sfbuf lwbuf lwbuf-run direct zerocopy)
-#   FILES="f16k.bin f1m.bin"
+#   FILES="f16k.bin f1m.bin random"
+#                          what wrk requests: one file again and again, or "random": one of
+#                          512 files of 512 KiB (256 MiB, four times the default cache of
+#                          64 MiB) chosen at random per request (a wrk Lua script)
+#   SERVE_ARGS=""          extra options of `parallel_sendfile serve` (e.g. "--granule 16")
 #   DURATION=5s            wrk duration per measurement
 #   RUNS=1                 rounds; each round measures nginx and every mode once, in turn,
 #                          and the table shows the median of each over the rounds
@@ -25,7 +29,8 @@
 set -euo pipefail
 
 MODES=${MODES:-sendfile sfbuf lwbuf lwbuf-run}
-FILES=${FILES:-f16k.bin f1m.bin}
+FILES=${FILES:-f16k.bin f1m.bin random}
+SERVE_ARGS=${SERVE_ARGS:-}
 DURATION=${DURATION:-5s}
 RUNS=${RUNS:-1}
 THREADS=${THREADS:-2}
@@ -70,6 +75,19 @@ trap cleanup EXIT INT TERM
 mkdir -p "$WORK/www" "$WORK/nginx"
 head -c 16384 /dev/urandom > "$WORK/www/f16k.bin"
 head -c 1048576 /dev/urandom > "$WORK/www/f1m.bin"
+if [[ " $FILES " == *" random "* ]]; then
+    mkdir -p "$WORK/www/r"
+    for i in $(seq 0 511); do
+        head -c 524288 /dev/urandom > "$WORK/www/r/$(printf 'r%03d.bin' "$i")"
+    done
+    # One of the 512 files at random per request.
+    cat > "$WORK/random.lua" <<'LUA'
+math.randomseed(os.time())
+request = function()
+    return wrk.format("GET", string.format("/r/r%03d.bin", math.random(0, 511)))
+end
+LUA
+fi
 
 wait_port() { # port: wait until a server answers on 127.0.0.1:port
     local _i
@@ -83,7 +101,8 @@ wait_port() { # port: wait until a server answers on 127.0.0.1:port
 
 check_files() { # port name
     local f
-    for f in f16k.bin f1m.bin; do
+    for f in f16k.bin f1m.bin r/r000.bin r/r511.bin r/r257.bin; do
+        [ -e "$WORK/www/$f" ] || continue
         if ! curl -sf "http://127.0.0.1:$1/$f" | cmp -s - "$WORK/www/$f"; then
             echo "$2 did not return $f byte for byte" >&2
             exit 1
@@ -132,7 +151,11 @@ BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/parallel_sendfile"
 
 run_wrk() { # port file -> "req/s transfer/s"
     local out
-    out=$(timeout 120 wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" "http://127.0.0.1:$1/$2" 2>&1)
+    if [ "$2" = random ]; then
+        out=$(timeout 120 wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" -s "$WORK/random.lua" "http://127.0.0.1:$1/" 2>&1)
+    else
+        out=$(timeout 120 wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" "http://127.0.0.1:$1/$2" 2>&1)
+    fi
     local rps tps errs
     rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
     tps=$(awk '/^Transfer\/sec:/ {print $2}' <<<"$out")
@@ -143,7 +166,8 @@ run_wrk() { # port file -> "req/s transfer/s"
 # Start `serve --mode $1` on LWBUF_PORT and check it; sets LWBUF_PID.
 start_lwbuf() {
     # Bounded: the server stops by itself even if this script is killed.
-    "$BIN" serve --dir "$WORK/www" --port "$LWBUF_PORT" --mode "$1" --duration 600 >"$WORK/lwbuf-$1.log" 2>&1 &
+    # shellcheck disable=SC2086
+    "$BIN" serve --dir "$WORK/www" --port "$LWBUF_PORT" --mode "$1" --duration 600 $SERVE_ARGS >"$WORK/lwbuf-$1.log" 2>&1 &
     LWBUF_PID=$!
     wait_port "$LWBUF_PORT"
     check_files "$LWBUF_PORT" "parallel_sendfile ($1)"

@@ -193,6 +193,13 @@ pub struct ServeArgs {
     /// mapping, in pages.
     #[arg(long, default_value_t = 16)]
     pub map_run: usize,
+    /// Mapping granule of the caches, in 4 KiB frames (a power of two).
+    /// Default: the memory's smallest (1).
+    #[arg(long)]
+    pub granule: Option<usize>,
+    /// What the caches do with evicted mappings: lazy or strict.
+    #[arg(long, value_parser = parse_reclaim, default_value = "lazy")]
+    pub reclaim: lwbuf::Reclaim,
     /// Most bytes of a request head (request line and header fields);
     /// beyond: 431 and close.
     #[arg(long, value_parser = parse_size, default_value = "16k")]

@@ -551,6 +551,8 @@ pub fn serve_until(args: &ServeArgs, stop: &AtomicBool, ready: impl FnOnce(u16))
         .close_timeout(Duration::from_millis(200))
         .window_slots(crate::cache_slots(args.cache_mib)?)
         .max_run(args.map_run.max(1))
+        .granule(args.granule)
+        .reclaim(args.reclaim)
         .cpus(Some(cores.len()));
     let sender = Sender::new(args.mode, &files.mem, opts).map_err(|e| format!("mode {}: {e}", args.mode))?;
     let limits = args.limits()?;
