@@ -249,3 +249,51 @@ fn child_default_budget() {
     held.iter().for_each(check);
     drain(&lw, held);
 }
+
+// === granules: the same frames in a sixteenth of the VMAs ===
+
+#[test]
+fn granules_hold_every_frame_below_the_wall() {
+    in_child("child_granules");
+}
+
+/// Every one of the 70,000 frames held at once, in shuffled order, which
+/// single-page mappings cannot do (the wall is at 65,530 VMAs): with
+/// granules of 16 frames they take 4,375 mappings.
+#[test]
+#[ignore = "child process of granules_hold_every_frame_below_the_wall"]
+fn child_granules() {
+    if !is_child("child_granules") {
+        return;
+    }
+    let (mem, pages, order) = memory();
+    let win = Window::builder(&mem).slots(FRAMES).build().unwrap();
+    let lw = Lwbufs::builder(Arc::new(win))
+        .cpus(1)
+        .granule(16)
+        .map_budget(usize::MAX)
+        .max_excess(FRAMES)
+        .build()
+        .unwrap();
+    let _g = lw.bind(0).unwrap();
+    let before = vmas();
+    let held: Vec<Lwbuf<'_>> = order.iter().map(|&i| lw.alloc(&pages[i]).expect("below the wall")).collect();
+    let used = vmas() - before;
+    let st = lw.stats();
+    eprintln!(
+        "{} frames held in {} mappings: {used} more VMAs (max_map_count {})",
+        held.len(),
+        st.mmu.enters,
+        max_map_count()
+    );
+    assert_eq!(held.len(), FRAMES);
+    assert_eq!(st.mmu.enters as usize, FRAMES.div_ceil(16), "one mapping per granule");
+    assert!(used <= 2 * FRAMES.div_ceil(16) + 2, "{used} VMAs for {} granules", FRAMES.div_ceil(16));
+    held.iter().step_by(7).for_each(check);
+    drop(held);
+    assert_eq!(lw.stats().total.cached as usize, FRAMES.div_ceil(16), "every granule cached");
+    lw.reclaim();
+    let st = lw.stats();
+    assert_eq!(lw.check_consistency(), Ok(0));
+    assert_eq!((st.total.mapped, st.mmu.mapped, st.total.unmap_errors), (0, 0, 0), "{st}");
+}
