@@ -25,6 +25,10 @@ pub enum Error {
     /// - `"cpus"`: [`LwbufsBuilder::cpus`](crate::LwbufsBuilder::cpus) of 0
     ///   or more than [`MAX_CPUS`](crate::MAX_CPUS);
     /// - `"shards"`: an sf_buf pool of 0 or more than 65,536 shards;
+    /// - `"granule"`: a mapping granule
+    ///   ([`LwbufsBuilder::granule`](crate::LwbufsBuilder::granule),
+    ///   [`SfPoolBuilder::granule`](crate::SfPoolBuilder::granule)) that is
+    ///   not a power of two or is larger than the window (tests/granule.rs);
     /// - `"binding"`: CPUs of more than
     ///   [`MAX_BINDINGS_PER_THREAD`](crate::MAX_BINDINGS_PER_THREAD) systems
     ///   bound on one thread;

@@ -340,7 +340,7 @@ impl KvaSpace {
         }
         let key = self.key_of(first.pfn().0, pages.len());
         if self.slots_for(key.pages) > self.capacity() {
-            return Err(Error::WindowFull { requested: pages.len(), capacity: self.capacity() });
+            return Err(Error::WindowFull { requested: self.slots_for(key.pages), capacity: self.capacity() });
         }
         Ok((key, pages))
     }

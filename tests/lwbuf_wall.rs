@@ -268,13 +268,8 @@ fn child_granules() {
     }
     let (mem, pages, order) = memory();
     let win = Window::builder(&mem).slots(FRAMES).build().unwrap();
-    let lw = Lwbufs::builder(Arc::new(win))
-        .cpus(1)
-        .granule(16)
-        .map_budget(usize::MAX)
-        .max_excess(FRAMES)
-        .build()
-        .unwrap();
+    let lw =
+        Lwbufs::builder(Arc::new(win)).cpus(1).granule(16).map_budget(usize::MAX).max_excess(FRAMES).build().unwrap();
     let _g = lw.bind(0).unwrap();
     let before = vmas();
     let held: Vec<Lwbuf<'_>> = order.iter().map(|&i| lw.alloc(&pages[i]).expect("below the wall")).collect();

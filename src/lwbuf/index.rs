@@ -285,4 +285,32 @@ mod tests {
         assert_eq!((es.len(), es.leaves.len(), es.iter().count()), (0, 0, 0));
         assert!(format!("{es:?}").len() < 200, "Debug stays short");
     }
+
+    /// With a granule of 4 frames the table is indexed by granule number:
+    /// the 256 granules of 1021 frames (the last one short) share one leaf,
+    /// and a run crossing granules goes to the map.
+    #[test]
+    fn granule_keys_index_by_granule_number() {
+        let g = 4;
+        let frames = LEAF * g - 3;
+        let mem = PhysMem::builder().frames(frames).backing(crate::Backing::Heap).build().unwrap();
+        let kva =
+            KvaSpace::new(Arc::new(ModelMmu::new(&mem, 4 * g).unwrap()), None, Some(g), crate::kva::Reclaim::Strict)
+                .unwrap();
+        let mut es = Entries::new(kva.granule_shift());
+        let keys = [kva.key_of(1, 1), kva.key_of(5 * g + 3, 1), kva.key_of(frames - 1, 1), kva.key_of(g - 2, 3)];
+        assert_eq!(keys[2], Key { pfn: (LEAF - 1) * g, pages: 1 }, "the last granule is short");
+        assert_eq!(keys[3], Key { pfn: g - 2, pages: 3 }, "a crossing run is keyed by itself");
+        for k in keys {
+            let run = kva.take(k.pages).unwrap();
+            es.insert(k, kva.map(run, Pfn(k.pfn), k.pages).map_err(|(e, _)| e).unwrap(), 0, 0);
+        }
+        assert_eq!(es.leaves.len(), 1, "256 granules, one leaf");
+        assert!(keys.iter().all(|&k| es.get(k).is_some()));
+        assert!(es.get(kva.key_of(g, 1)).is_none(), "another granule of the leaf");
+        for m in es.drain() {
+            // SAFETY: the test made these mappings and nothing refers to them.
+            kva.give(unsafe { kva.unmap(m) }.map_err(|(e, _)| e).unwrap());
+        }
+    }
 }

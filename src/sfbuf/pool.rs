@@ -89,7 +89,9 @@ impl SfPoolBuilder {
         barrier::init();
         Ok(SfPool {
             map: ConcurrentMap::new(self.shards),
-            hint: Hints::new(cap >> kva.granule_shift(), kva.phys().frames().div_ceil(kva.granule())),
+            // Indexed by granule; a hint holds the entry's slot number, so
+            // its slot field is sized for every slot, not every granule.
+            hint: Hints::new(cap, kva.phys().frames().div_ceil(kva.granule())),
             pins: (0..PIN_STRIPES * cap).map(|_| AtomicU32::new(0)).collect(),
             entries: (0..cap).map(|_| CachePadded::new(Entry::new())).collect(),
             lru: Mutex::new(Lru::default()),
@@ -144,10 +146,11 @@ pub(super) struct Counters {
 pub struct SfPool {
     pub(super) kva: KvaSpace,
     pub(super) map: ConcurrentMap<MapKey, u32>,
-    /// Per frame, `(slot, generation)` of the single-page mapping last
-    /// published for it (`hit.rs`, 6): two hints per bucket, buckets in
-    /// proportion to the window's slots (`hint.rs`). Stale hints, and
-    /// hints of another frame of the bucket, are harmless.
+    /// Per granule (per frame with the default granule of 1), `(slot,
+    /// generation)` of the granule's mapping last published (`hit.rs`, 6):
+    /// two hints per bucket, buckets in proportion to the window's slots
+    /// (`hint.rs`). Stale hints, and hints of another granule of the
+    /// bucket, are harmless.
     pub(super) hint: Hints,
     /// `PIN_STRIPES` rows of one count per slot: the references taken by
     /// pinned hits (`hit.rs`, 9; `miss.rs`, 10; `handle.rs`, 11-12), each
@@ -263,7 +266,10 @@ impl SfPool {
     /// waiting for the rest (FreeBSD's sendfile deadlock): each attempt takes
     /// them without waiting, and if one is missing, gives back what it took
     /// before sleeping as `how` allows. Contiguous frames are mapped as runs
-    /// of up to `max_run` pages (1: one mapping per page).
+    /// of up to `max_run` pages (1: one mapping per page). A request that
+    /// needs more slots than the window has (whole granules: one per
+    /// granule its pages touch, and per run that crosses granules) fails
+    /// at once with [`Error::WindowFull`], whatever `how` says.
     pub fn alloc_all<'a>(&'a self, pages: &'a [Page], max_run: usize, how: Wait<'_>) -> Result<Vec<SfBuf<'a>>> {
         let mut groups: Vec<&[Page]> = Vec::new();
         let max_run = max_run.max(1);
@@ -273,7 +279,16 @@ impl SfPool {
             groups.push(&rest[..n]);
             rest = &rest[n..];
         }
-        let slots_needed: usize = groups.iter().map(|g| g.len()).sum();
+        // Slots the request needs: whole granules, once per entry (pages of
+        // one granule share its entry). More than the window can never be
+        // served, so waiting would never end.
+        let mut keys = Vec::with_capacity(groups.len());
+        for g in &groups {
+            keys.push(self.kva.run_key(g)?.0);
+        }
+        keys.sort_unstable_by_key(|k| (k.pfn, k.pages));
+        keys.dedup();
+        let slots_needed: usize = keys.iter().map(|k| self.kva.slots_for(k.pages)).sum();
         if slots_needed > self.capacity() {
             return Err(Error::WindowFull { requested: slots_needed, capacity: self.capacity() });
         }

@@ -1,7 +1,7 @@
 //! Tests of the pool that need the crate's internals: frames at the top of
 //! a 64 TiB memory, which the frame allocator (low frames first) never
-//! hands out through the public API, and an evictor's stale view of the
-//! LRU staged by hand.
+//! hands out through the public API, an evictor's stale view of the LRU
+//! staged by hand, and the hint table of a pool with a mapping granule.
 
 use std::sync::Arc;
 
@@ -111,4 +111,22 @@ fn a_miss_looks_again_when_its_looks_run_short() {
     let s = pool.stats();
     assert_eq!((s.misses, s.evictions, s.nowait_fails, s.no_room), (3, 1, 0, 0), "{s}");
     assert!(s.cached <= s.max_excess, "{s}");
+}
+
+/// With a mapping granule, hints are indexed by granule number and name the
+/// entry's slot (a multiple of the granule, up to the window's last
+/// granule): after a miss on each of four granules filling the window,
+/// every granule's hint names its own entry.
+#[test]
+fn granule_hints_name_their_entries() {
+    for g in [2, 4, 16] {
+        let mem = PhysMem::builder().frames(8 * g).backing(Backing::Heap).build().expect("PhysMem");
+        let mmu = Arc::new(ModelMmu::new(&mem, 4 * g).expect("ModelMmu"));
+        let pool = SfPool::builder(mmu).granule(g).max_excess(4).build().expect("pool");
+        let pages = mem.alloc_run(8 * g).expect("alloc_run");
+        for gr in [7, 0, 3, 5] {
+            let sf = pool.alloc(&pages[gr * g + 1], Wait::NoWait).expect("miss");
+            assert_eq!(pool.hint.get(gr).map(|h| h.slot as usize), Some(sf.slot().0), "G = {g}, granule {gr}");
+        }
+    }
 }
