@@ -285,14 +285,15 @@ impl KvaSpace {
 
     /// Slots free for a new mapping: clean ones and stale ones.
     pub(crate) fn free_slots(&self) -> usize {
-        (self.slots.free_count() << self.shift) + self.stale_slots.load(Ordering::Relaxed)
+        let stale = if self.lazy() { self.stale_slots.load(Ordering::Relaxed) } else { 0 };
+        (self.slots.free_count() << self.shift) + stale
     }
 
     /// The last refusal of a batch remove, if one happened since the last
     /// call: a miss that found no room reports it rather than a full
     /// window (the room is there, behind the refused remove).
     pub(crate) fn take_purge_error(&self) -> Option<Error> {
-        if self.purge_failures.load(Ordering::Relaxed) == 0 {
+        if !self.lazy() || self.purge_failures.load(Ordering::Relaxed) == 0 {
             return None;
         }
         lock(&self.purge_error).take()
@@ -301,6 +302,13 @@ impl KvaSpace {
     /// Batch removes of stale mappings the MMU refused so far.
     pub(crate) fn purge_failures(&self) -> u64 {
         self.purge_failures.load(Ordering::Relaxed) as u64
+    }
+
+    /// Whether evicted mappings may be left entered (stale claims exist
+    /// only then: under strict reclaim none of the stale-list work runs).
+    #[inline]
+    fn lazy(&self) -> bool {
+        self.reclaim == Reclaim::Lazy
     }
 
     /// What evicted mappings become.
@@ -377,7 +385,7 @@ impl KvaSpace {
     /// A stale claim of exactly `len` slots, if one waits.
     fn take_stale(&self, len: usize) -> Option<SlotRun> {
         // Relaxed: a hint that saves the lock when the list is empty.
-        if self.stale_slots.load(Ordering::Relaxed) == 0 {
+        if !self.lazy() || self.stale_slots.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let mut stale = lock(&self.stale);
@@ -394,7 +402,7 @@ impl KvaSpace {
     /// ones first, then clean ones.
     pub(crate) fn take_batch(&self, max: usize, out: &mut Vec<SlotRun>) -> usize {
         let mut n = 0;
-        if self.stale_slots.load(Ordering::Relaxed) != 0 {
+        if self.lazy() && self.stale_slots.load(Ordering::Relaxed) != 0 {
             let mut stale = lock(&self.stale);
             let g = self.granule();
             let mut i = stale.len();
@@ -459,6 +467,9 @@ impl KvaSpace {
     /// Returns the slots freed. A claim whose removal fails goes back to
     /// the list (still entered, still unreachable).
     pub(crate) fn purge(&self) -> usize {
+        if !self.lazy() {
+            return 0;
+        }
         let snapshot = crate::sync::mutant!(PurgeSnapshot);
         let mut runs = if snapshot {
             lock(&self.stale).iter().map(|r| SlotRun { ..*r }).collect()
