@@ -296,7 +296,7 @@ mod tests {
         let frames = LEAF * g - 3;
         let mem = PhysMem::builder().frames(frames).backing(crate::Backing::Heap).build().unwrap();
         let kva =
-            KvaSpace::new(Arc::new(ModelMmu::new(&mem, 4 * g).unwrap()), None, Some(g), crate::kva::Reclaim::Strict)
+            KvaSpace::new(Arc::new(ModelMmu::new(&mem, 5 * g).unwrap()), None, Some(g), crate::kva::Reclaim::Strict)
                 .unwrap();
         let mut es = Entries::new(kva.granule_shift());
         let keys = [kva.key_of(1, 1), kva.key_of(5 * g + 3, 1), kva.key_of(frames - 1, 1), kva.key_of(g - 2, 3)];
