@@ -91,7 +91,7 @@ impl LwbufsBuilder {
     }
 
     /// Unused mappings each CPU keeps cached (the *excess* limit). Default:
-    /// an even share of half the window, at least 1.
+    /// an even share of half the window's granules, at least 1.
     pub fn max_excess(mut self, n: usize) -> Self {
         self.max_excess = Some(n);
         self
@@ -112,7 +112,9 @@ impl LwbufsBuilder {
             return Err(Error::config("cpus", format!("{} is not in 1..={MAX_CPUS}", self.cpus)));
         }
         let kva = KvaSpace::new(self.mmu, self.map_budget, self.granule, self.reclaim)?;
-        let max_excess = self.max_excess.unwrap_or_else(|| (kva.capacity() / (2 * self.cpus)).max(1));
+        // Entries, each a granule of slots.
+        let granules = kva.capacity() / kva.granule();
+        let max_excess = self.max_excess.unwrap_or_else(|| (granules / (2 * self.cpus)).max(1));
         let binds = BindTable::new(self.cpus);
         Ok(Lwbufs {
             id: cpu::table_id(&binds),

@@ -55,7 +55,8 @@ impl SfPoolBuilder {
         self
     }
 
-    /// Cached unused sf_bufs kept at most. Default: a quarter of the window.
+    /// Cached unused sf_bufs kept at most (entries: a granule or run
+    /// mapping is one). Default: a quarter of the window's granules.
     pub fn max_excess(mut self, n: usize) -> Self {
         self.max_excess = Some(n);
         self
@@ -97,7 +98,8 @@ impl SfPoolBuilder {
             lru: Mutex::new(Lru::default()),
             lru_len: AtomicUsize::new(0),
             stale: Mutex::new(Vec::new()),
-            max_excess: AtomicUsize::new(self.max_excess.unwrap_or((cap / 4).max(1))),
+            // Entries, each a granule of slots.
+            max_excess: AtomicUsize::new(self.max_excess.unwrap_or((cap / kva.granule() / 4).max(1))),
             waitq: WaitQueue::new(),
             closed: AtomicBool::new(false),
             peak: AtomicU64::new(0),
