@@ -122,12 +122,13 @@ impl TokioServer {
             send_buffer: opts.send_buffer,
             stats: Arc::clone(&stats),
         });
-        let _in_runtime = rt.enter();
+        // Registering a listener with the runtime's I/O driver needs its context.
+        let in_runtime = rt.enter();
         for l in listeners {
             let l = TcpListener::from_std(l).map_err(|e| format!("listener: {e}"))?;
             rt.spawn(accept_loop(l, Arc::clone(&ctx)));
         }
-        drop(_in_runtime);
+        drop(in_runtime);
         Ok(TokioServer { rt, stats })
     }
 
