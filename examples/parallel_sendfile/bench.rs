@@ -28,6 +28,7 @@ use lwbuf::MmuStats;
 use crate::chart;
 use crate::client::{self, Clock, Outcome, Plan, Progress, Target};
 use crate::fileset::FileSet;
+use crate::modes::{Runtime, ServerMode};
 use crate::procstat::CpuShare;
 use crate::report::{self, Slice, Sum};
 use crate::server::{self, Shared, Stats};
@@ -47,6 +48,11 @@ pub const MODES: &[Mode] = &[
     Mode::DirectMap,
     Mode::ZeroCopy,
 ];
+
+/// The modes run on the tokio server too (`tokio-sfbuf`, `tokio-lwbuf`),
+/// after every mode above: the cost of an async runtime, owned handles and
+/// readiness-driven sends, against the same clients.
+pub const TOKIO_MODES: &[Mode] = &[Mode::SfBuf, Mode::Lwbuf];
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
@@ -88,7 +94,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     // The kernel cannot sendfile(2) from hugetlbfs (EINVAL): with --huge,
     // the sendfile baseline sends the same files (same seed, same bytes)
     // from small pages.
-    let small = if args.huge && args.modes.contains(&Mode::Sendfile) {
+    let small = if args.huge && args.modes.iter().any(|m| m.mode == Mode::Sendfile) {
         Some(FileSet::generate(min, max, 4 * cache, args.max_run.max(1), args.seed, false).map_err(|e| e.to_string())?)
     } else {
         None
@@ -157,11 +163,11 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                 let warm = senders[k].is_some();
                 let sender = match senders[k].take() {
                     Some(s) => s,
-                    None => new_sender(args, set_for(mode), mode, workers)?,
+                    None => new_sender(args, set_for(mode.mode), mode.mode, workers)?,
                 };
                 let warmup = if warm { args.warmup / 4 } else { args.warmup };
                 let slice = Run { label: &label, mode, duration: slice, warmup, settle: keep, round };
-                let s = run_slice(args, set_for(mode), &targets, &sender, &slice, &cores, client_threads)?;
+                let s = run_slice(args, set_for(mode.mode), &targets, &sender, &slice, &cores, client_threads)?;
                 sums[k].add(s);
                 if keep {
                     senders[k] = Some(sender);
@@ -170,7 +176,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         }
         drop(senders);
         for (sum, &mode) in sums.into_iter().zip(&args.modes) {
-            rows.push(sum.row(set_name, mode));
+            rows.push(report::Row { mode: mode.to_string(), ..sum.row(set_name, mode.mode) });
         }
     }
     report::compare_to_sendfile(&mut rows);
@@ -194,7 +200,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     println!("wrote {}", svg_path.display());
     if let Some(p) = &args.json {
         let config = [
-            ("modes", args.modes.iter().map(|m| m.name()).collect::<Vec<_>>().join(",")),
+            ("modes", args.modes.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(",")),
             ("sizes", format!("{min}-{max}")),
             ("connections", args.connections.to_string()),
             ("duration_s", args.duration.as_secs_f64().to_string()),
@@ -245,7 +251,7 @@ fn new_sender(args: &BenchArgs, set: &FileSet, mode: Mode, workers: usize) -> Re
 /// One slice to run.
 struct Run<'a> {
     label: &'a str,
-    mode: Mode,
+    mode: ServerMode,
     duration: Duration,
     warmup: Duration,
     /// Warm up until the mapping cache stops missing.
@@ -293,7 +299,10 @@ fn run_slice(
     let mut quiet_since: Option<(Instant, u64, CacheStats)> = None;
     let quiet_requests = QUIET_REQUESTS * targets.len() as u64;
     let (outcomes, worker_result) = thread::scope(|s| {
-        let workers = server::spawn_workers(s, listeners, &shared, cores);
+        let workers = match mode.runtime {
+            Runtime::Threads => server::spawn_workers(s, listeners, &shared, cores),
+            Runtime::Tokio => vec![s.spawn(|| crate::tokio_server::run(&shared, listeners, cores))],
+        };
         let clients: Vec<_> = (0..client_threads)
             .map(|i| {
                 let conns = args.connections / client_threads + usize::from(i < args.connections % client_threads);
@@ -302,7 +311,7 @@ fn run_slice(
                     targets,
                     connections: conns,
                     clock: &clock,
-                    seed: args.seed ^ ((i as u64 + 1) << 32) ^ ((mode as u64) << 8) ^ u64::from(round),
+                    seed: args.seed ^ ((i as u64 + 1) << 32) ^ ((mode.mode as u64) << 8) ^ u64::from(round),
                     verify_every: args.verify_every.max(1),
                     spot_check: args.spot_check,
                 };
@@ -476,7 +485,7 @@ mod tests {
         .expect("args");
         run(&cli.bench).expect("benchmark run");
         let text = std::fs::read_to_string(&csv).expect("csv");
-        assert_eq!(text.lines().count(), 1 + 2 * Mode::ALL.len());
+        assert_eq!(text.lines().count(), 1 + 2 * ServerMode::defaults().len());
         for line in text.lines().skip(1) {
             let col = |name| column(&text, line, name);
             assert!(col("requests").parse::<u64>().expect("requests") > 0, "{line}");

@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use crate::http::FileMeta;
 
 /// One served file.
+#[derive(Clone)]
 pub struct Entry {
     /// The key requests name it by (`/KEY`).
     pub name: String,
@@ -23,7 +24,9 @@ pub struct Entry {
     pub meta: FileMeta,
 }
 
-/// The files, by name.
+/// The files, by name. A clone shares the pages (a hold on each, no bytes
+/// copied).
+#[derive(Clone)]
 pub struct FileSet {
     pub mem: PhysMem,
     pub files: Vec<Entry>,

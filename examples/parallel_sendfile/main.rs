@@ -5,6 +5,7 @@
 //! cargo run --release --example parallel_sendfile              # the benchmark, ~1 minute
 //! cargo run --release --example parallel_sendfile -- --help
 //! cargo run --release --example parallel_sendfile -- serve --dir DIR --port 8080 --mode sendfile
+//! cargo run --release --example parallel_sendfile -- serve --dir DIR --runtime tokio --mode lwbuf
 //! ```
 //!
 //! The benchmark builds a file set in the page-cache stand-in (generated
@@ -19,11 +20,16 @@ mod chart;
 mod client;
 mod fileset;
 mod http;
+mod modes;
 mod procstat;
 mod report;
 #[cfg(test)]
 mod serve_tests;
 mod server;
+mod tokio_send;
+mod tokio_server;
+#[cfg(test)]
+mod tokio_tests;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +37,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use lwbuf::sendfile::Mode;
+use modes::{Runtime, ServerMode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -78,10 +85,11 @@ up to a second).";
 /// Options of the benchmark (the default command).
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Modes to run, comma-separated (sendfile, copy, mmap, sfbuf, lwbuf, lwbuf-run, direct, zerocopy).
+    /// Modes to run, comma-separated (sendfile, copy, mmap, sfbuf, lwbuf, lwbuf-run, direct, zerocopy on
+    /// the thread-per-core server; tokio-sfbuf, tokio-lwbuf, tokio-lwbuf-run on the tokio server).
     // The default is every mode, in the order the table shows them.
-    #[arg(long, value_delimiter = ',', value_parser = parse_mode, default_values_t = bench::MODES.to_vec())]
-    pub modes: Vec<Mode>,
+    #[arg(long, value_delimiter = ',', value_parser = parse_server_mode, default_values_t = ServerMode::defaults())]
+    pub modes: Vec<ServerMode>,
     /// File sizes: MIN-MAX (log-uniform) or one SIZE, with k/m suffixes.
     #[arg(long, value_parser = parse_sizes, default_value = "4k-4m")]
     pub sizes: (u64, u64),
@@ -174,6 +182,11 @@ pub struct ServeArgs {
     /// Sending mode.
     #[arg(long, value_parser = parse_mode, default_value = "sendfile")]
     pub mode: Mode,
+    /// Server: one mio event loop per pinned worker thread (every mode), or a
+    /// tokio multi-thread runtime with a task per connection (sfbuf, lwbuf,
+    /// lwbuf-run: owned handles held across .await).
+    #[arg(long, value_enum, default_value_t = Runtime::Threads)]
+    pub runtime: Runtime,
     /// Worker threads, one per CPU, pinned (default: every core).
     #[arg(long)]
     pub cpus: Option<usize>,
@@ -244,6 +257,10 @@ fn parse_reclaim(s: &str) -> Result<lwbuf::Reclaim, String> {
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
     s.parse::<Mode>().map_err(|e| e.to_string())
+}
+
+fn parse_server_mode(s: &str) -> Result<ServerMode, String> {
+    s.parse()
 }
 
 /// `4096`, `16k`, `1m`, `1MiB`, `2g`.
@@ -365,6 +382,13 @@ mod tests {
         Cli::try_parse_from(["x", "--modes", "sfbuf,lwbuf,lwbuf-run", "--verify-every", "4", "--spot-check"])
             .expect("bench");
         assert!(Cli::try_parse_from(["x", "--modes", "teleport"]).is_err());
+        let cli = Cli::try_parse_from(["x", "--modes", "lwbuf,tokio-lwbuf"]).expect("a tokio mode");
+        assert_eq!(cli.bench.modes[1], ServerMode { runtime: Runtime::Tokio, mode: Mode::Lwbuf });
+        assert!(Cli::try_parse_from(["x", "--modes", "tokio-sendfile"]).is_err(), "tokio maps from the caches");
+        let cli = Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--runtime", "tokio", "--mode", "sfbuf"])
+            .expect("serve on tokio");
+        let Some(Command::Serve(args)) = cli.command else { panic!("serve") };
+        assert_eq!((args.runtime, args.mode), (Runtime::Tokio, Mode::SfBuf));
         assert!(Cli::try_parse_from(["x", "--verify-every", "0"]).is_err());
     }
 }

@@ -1,5 +1,7 @@
 //! `serve` against real clients: the server runs on a temporary directory
-//! and an ephemeral port, in every sending mode where the bytes matter;
+//! and an ephemeral port, in every sending mode where the bytes matter,
+//! on both servers (the thread-per-core one and `--runtime tokio`: each
+//! HTTP test is `NAME::threads` and `NAME::tokio`);
 //! ureq checks what an HTTP client sees, raw sockets what a client library
 //! would hide (framing, closes, malformed requests, limits), and curl its
 //! range download and resume (skipped, saying so, where curl is missing).
@@ -10,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -18,25 +20,29 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use lwbuf::sendfile::Mode;
 
+use crate::modes::{Runtime, ServerMode, TOKIO_CAPABLE};
 use crate::{Cli, Command as Sub};
 
 /// How long any one read, connect or server start may take before the
 /// test fails (a watchdog, not a measurement).
-const WATCHDOG: Duration = Duration::from_secs(20);
+pub(crate) const WATCHDOG: Duration = Duration::from_secs(20);
 
 // === fixture ===
 
 /// A temporary directory of files to serve, and one file beside it that
 /// must never be served.
-struct Site {
-    root: PathBuf,
-    www: PathBuf,
-    data: Vec<u8>,
+pub(crate) struct Site {
+    pub(crate) root: PathBuf,
+    pub(crate) www: PathBuf,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Site {
-    fn new(tag: &str) -> Site {
-        let root = std::env::temp_dir().join(format!("parallel_sendfile-serve-{tag}-{}", std::process::id()));
+    pub(crate) fn new(tag: &str) -> Site {
+        // Tests run in parallel, some under one tag on both servers.
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = std::env::temp_dir().join(format!("parallel_sendfile-serve-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let www = root.join("www");
         std::fs::create_dir_all(www.join("sub")).expect("mkdir");
@@ -68,7 +74,16 @@ impl Site {
         Site { root, www, data }
     }
 
-    fn serve(&self, mode: Mode, extra: &[&str]) -> Server {
+    /// `serve` of the site on the server `rt` in the mode the HTTP tests use
+    /// there (sendfile; lwbuf on tokio, which serves from the caches).
+    pub(crate) fn serve_http(&self, rt: Runtime, extra: &[&str]) -> Server {
+        let mode = if rt == Runtime::Tokio { Mode::Lwbuf } else { Mode::Sendfile };
+        self.serve_on(ServerMode { runtime: rt, mode }, extra)
+    }
+
+    /// `serve` of the site in mode `m` (`--runtime` and `--mode`).
+    pub(crate) fn serve_on(&self, m: ServerMode, extra: &[&str]) -> Server {
+        let ServerMode { runtime, mode } = m;
         let mut argv = vec![
             "x".to_string(),
             "serve".into(),
@@ -82,6 +97,8 @@ impl Site {
             "2".into(),
             "--mode".into(),
             mode.name().into(),
+            "--runtime".into(),
+            runtime.name().into(),
             // A bound on the server's life even if a test hangs.
             "--duration".into(),
             "300".into(),
@@ -107,21 +124,19 @@ impl Drop for Site {
     }
 }
 
-struct Server {
+pub(crate) struct Server {
     port: u16,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl Server {
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    fn connect(&self) -> Raw {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        s.set_read_timeout(Some(WATCHDOG)).expect("timeout");
-        Raw { s, buf: Vec::new() }
+    pub(crate) fn connect(&self) -> Raw {
+        Raw::new(TcpStream::connect(("127.0.0.1", self.port)).expect("connect"))
     }
 }
 
@@ -140,30 +155,36 @@ impl Drop for Server {
 // === a raw client ===
 
 /// One connection, read response by response (what a client library hides).
-struct Raw {
-    s: TcpStream,
+pub(crate) struct Raw {
+    pub(crate) s: TcpStream,
     buf: Vec<u8>,
 }
 
 #[derive(Debug)]
-struct Resp {
-    code: u16,
+pub(crate) struct Resp {
+    pub(crate) code: u16,
     headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
 impl Raw {
-    fn send(&mut self, req: &str) {
+    /// A client on `s`, whose reads fail after the watchdog.
+    pub(crate) fn new(s: TcpStream) -> Raw {
+        s.set_read_timeout(Some(WATCHDOG)).expect("timeout");
+        Raw { s, buf: Vec::new() }
+    }
+
+    pub(crate) fn send(&mut self, req: &str) {
         self.s.write_all(req.as_bytes()).expect("write request");
     }
 
-    fn fill(&mut self) -> usize {
+    pub(crate) fn fill(&mut self) -> usize {
         let mut chunk = [0u8; 64 << 10];
         let n = self.s.read(&mut chunk).expect("read (watchdog)");
         self.buf.extend_from_slice(&chunk[..n]);
@@ -171,7 +192,7 @@ impl Raw {
     }
 
     /// Read one response; `head_only` for the answer to a HEAD.
-    fn response(&mut self, head_only: bool) -> Resp {
+    pub(crate) fn response(&mut self, head_only: bool) -> Resp {
         loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut r = httparse::Response::new(&mut headers);
@@ -202,7 +223,7 @@ impl Raw {
     }
 
     /// Whether the server closed the connection (with nothing more sent).
-    fn closed(&mut self) -> bool {
+    pub(crate) fn closed(&mut self) -> bool {
         self.buf.is_empty() && self.fill() == 0
     }
 }
@@ -217,7 +238,7 @@ fn once(srv: &Server, req: &str) -> (Resp, bool) {
     (r, closed)
 }
 
-fn get_req(path: &str, extra: &str) -> String {
+pub(crate) fn get_req(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n")
 }
 
@@ -271,10 +292,9 @@ fn fetch(a: &ureq::Agent, method: &str, url: &str, headers: &[(&str, &str)]) -> 
 
 // === tests ===
 
-#[test]
-fn files_get_their_type_dates_and_validators() {
+fn files_get_their_type_dates_and_validators(rt: Runtime) {
     let site = Site::new("meta");
-    let srv = site.serve(Mode::Sendfile, &[]);
+    let srv = site.serve_http(rt, &[]);
     let a = agent();
     let g = fetch(&a, "GET", &srv.url("/a.txt"), &[]);
     assert_eq!(g.code, 200);
@@ -306,10 +326,9 @@ fn files_get_their_type_dates_and_validators() {
     assert_eq!(fetch(&a, "GET", &srv.url("/sp%20ace.txt"), &[]).body, b"space\n");
 }
 
-#[test]
-fn single_ranges_are_partial_content() {
+fn single_ranges_are_partial_content(rt: Runtime) {
     let site = Site::new("range");
-    let srv = site.serve(Mode::Sendfile, &[]);
+    let srv = site.serve_http(rt, &[]);
     let a = agent();
     let url = srv.url("/data.bin");
     let g = fetch(&a, "GET", &url, &[("Range", "bytes=1000-1999")]);
@@ -343,10 +362,9 @@ fn single_ranges_are_partial_content() {
     }
 }
 
-#[test]
-fn conditional_requests_answer_not_modified() {
+fn conditional_requests_answer_not_modified(rt: Runtime) {
     let site = Site::new("cond");
-    let srv = site.serve(Mode::Sendfile, &[]);
+    let srv = site.serve_http(rt, &[]);
     let a = agent();
     let url = srv.url("/data.bin");
     let first = fetch(&a, "GET", &url, &[]);
@@ -386,10 +404,9 @@ fn conditional_requests_answer_not_modified() {
     }
 }
 
-#[test]
-fn directories_serve_their_index() {
+fn directories_serve_their_index(rt: Runtime) {
     let site = Site::new("index");
-    let srv = site.serve(Mode::Sendfile, &[]);
+    let srv = site.serve_http(rt, &[]);
     let a = agent();
     let g = fetch(&a, "GET", &srv.url("/"), &[]);
     assert_eq!((g.code, g.body.as_slice()), (200, &b"<!doctype html><title>root</title>\n"[..]));
@@ -402,10 +419,9 @@ fn directories_serve_their_index() {
     assert_eq!(fetch(&a, "GET", &srv.url("/nothing"), &[]).code, 404);
 }
 
-#[test]
-fn paths_outside_the_directory_are_refused() {
+fn paths_outside_the_directory_are_refused(rt: Runtime) {
     let site = Site::new("traversal");
-    let srv = site.serve(Mode::Sendfile, &[]);
+    let srv = site.serve_http(rt, &[]);
     // Raw requests: a client library would normalise these paths away.
     for path in [
         "/../secret",
@@ -430,10 +446,9 @@ fn paths_outside_the_directory_are_refused() {
     assert!(!r.body.windows(7).any(|w| w == b"outside"));
 }
 
-#[test]
-fn connections_close_as_http_says() {
+fn connections_close_as_http_says(rt: Runtime) {
     let site = Site::new("close");
-    let srv = site.serve(Mode::Sendfile, &[]);
+    let srv = site.serve_http(rt, &[]);
     // HTTP/1.1: keep-alive by default, several requests on one connection
     // (pipelined), closed after the one that says `Connection: close`.
     let mut c = srv.connect();
@@ -474,10 +489,9 @@ fn connections_close_as_http_says() {
     assert_eq!((r.code, closed), (400, true), "a request body");
 }
 
-#[test]
-fn heads_over_the_limits_get_431() {
+fn heads_over_the_limits_get_431(rt: Runtime) {
     let site = Site::new("limits");
-    let srv = site.serve(Mode::Sendfile, &["--max-header-bytes", "1k", "--max-headers", "8"]);
+    let srv = site.serve_http(rt, &["--max-header-bytes", "1k", "--max-headers", "8"]);
     // Header bytes and fields.
     let big = format!("X-Big: {}\r\n", "a".repeat(1100));
     let (r, closed) = once(&srv, &get_req("/a.txt", &big));
@@ -493,10 +507,9 @@ fn heads_over_the_limits_get_431() {
     assert_eq!(c.response(false).code, 431);
 }
 
-#[test]
-fn connections_over_the_limit_get_503() {
+fn connections_over_the_limit_get_503(rt: Runtime) {
     let site = Site::new("maxconn");
-    let srv = site.serve(Mode::Sendfile, &["--max-connections", "3"]);
+    let srv = site.serve_http(rt, &["--max-connections", "3"]);
     // Three are served; the fourth gets 503 and is closed.
     let mut held: Vec<Raw> = (0..3).map(|_| srv.connect()).collect();
     for c in &mut held {
@@ -524,10 +537,9 @@ fn connections_over_the_limit_get_503() {
     }
 }
 
-#[test]
-fn idle_connections_are_closed_with_408() {
+fn idle_connections_are_closed_with_408(rt: Runtime) {
     let site = Site::new("idle");
-    let srv = site.serve(Mode::Sendfile, &["--idle-timeout", "0.3"]);
+    let srv = site.serve_http(rt, &["--idle-timeout", "0.3"]);
     // Part of a request, then nothing: 408 and close.
     let mut c = srv.connect();
     c.send("GET /a.txt HTTP/1.1\r\nHo");
@@ -552,8 +564,10 @@ fn idle_connections_are_closed_with_408() {
 #[test]
 fn every_mode_serves_whole_files_and_ranges() {
     let site = Site::new("modes");
-    for &mode in Mode::ALL {
-        let srv = site.serve(mode, &[]);
+    let threads = Mode::ALL.iter().map(|&mode| ServerMode { runtime: Runtime::Threads, mode });
+    let tokio = TOKIO_CAPABLE.iter().map(|&mode| ServerMode { runtime: Runtime::Tokio, mode });
+    for mode in threads.chain(tokio) {
+        let srv = site.serve_on(mode, &[]);
         let mut c = srv.connect();
         c.send(&get_req("/data.bin", ""));
         let r = c.response(false);
@@ -595,11 +609,10 @@ fn run_curl(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
-#[test]
-fn curl_downloads_ranges_and_resumes() {
+fn curl_downloads_ranges_and_resumes(rt: Runtime) {
     let Some(_) = curl() else { return };
     let site = Site::new("curl");
-    let srv = site.serve(Mode::LwbufRun, &[]);
+    let srv = site.serve_on(ServerMode { runtime: rt, mode: Mode::LwbufRun }, &[]);
     let url = srv.url("/data.bin");
     assert_eq!(run_curl(&[&url]), site.data);
     assert_eq!(run_curl(&["--range", "100-199", &url]), &site.data[100..200]);
@@ -639,3 +652,33 @@ fn curl_downloads_ranges_and_resumes() {
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// Each test on both servers: `NAME::threads` and `NAME::tokio`.
+macro_rules! on_both_servers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn threads() {
+                super::$name(super::Runtime::Threads)
+            }
+
+            #[test]
+            fn tokio() {
+                super::$name(super::Runtime::Tokio)
+            }
+        }
+    )*};
+}
+
+on_both_servers!(
+    files_get_their_type_dates_and_validators,
+    single_ranges_are_partial_content,
+    conditional_requests_answer_not_modified,
+    directories_serve_their_index,
+    paths_outside_the_directory_are_refused,
+    connections_close_as_http_says,
+    heads_over_the_limits_get_431,
+    connections_over_the_limit_get_503,
+    idle_connections_are_closed_with_408,
+    curl_downloads_ranges_and_resumes,
+);

@@ -20,6 +20,7 @@ use nix::sys::socket::{listen, setsockopt, socket, sockopt, AddressFamily, Backl
 
 use crate::fileset::FileSet;
 use crate::http::{self, DateCache, Parsed, Request, Route, Status};
+use crate::modes::{Runtime, ServerMode};
 use crate::ServeArgs;
 
 /// Counters of all workers (relaxed atomics: read once the run is over, or
@@ -152,7 +153,7 @@ impl Default for Limits {
 /// and what the client still sends is read and dropped until it closes or
 /// this runs out, so that a close with unread bytes (a reset) does not
 /// destroy the response before the client has read it.
-const LINGER: Duration = Duration::from_secs(1);
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// How often a worker looks for idle connections and finished lingers.
 const SWEEP: Duration = Duration::from_millis(100);
@@ -543,6 +544,9 @@ pub fn serve(args: &ServeArgs) -> Result<(), String> {
 /// Serve `args.dir` until `stop` is set (or `--duration` passes); `ready`
 /// gets the port once the listeners are bound.
 pub fn serve_until(args: &ServeArgs, stop: &AtomicBool, ready: impl FnOnce(u16)) -> Result<(), String> {
+    if args.runtime == Runtime::Tokio {
+        crate::modes::tokio_runs(args.mode)?;
+    }
     let t = Instant::now();
     let files = FileSet::load_dir(&args.dir, args.max_mib << 20, args.max_run)?;
     let cores = crate::cores(args.cpus);
@@ -565,7 +569,7 @@ pub fn serve_until(args: &ServeArgs, stop: &AtomicBool, ready: impl FnOnce(u16))
         files.total_bytes() as f64 / (1 << 20) as f64,
         t.elapsed().as_secs_f64(),
         args.dir.display(),
-        args.mode,
+        ServerMode { runtime: args.runtime, mode: args.mode },
         cores.len(),
         limits.http.max_head,
         limits.http.max_headers,
@@ -576,7 +580,10 @@ pub fn serve_until(args: &ServeArgs, stop: &AtomicBool, ready: impl FnOnce(u16))
     let shared = Shared { files: &files, sender: &sender, stop, stats: &stats, limits };
     let start = Instant::now();
     let result = thread::scope(|s| {
-        let workers = spawn_workers(s, listeners, &shared, &cores);
+        let workers = match args.runtime {
+            Runtime::Threads => spawn_workers(s, listeners, &shared, &cores),
+            Runtime::Tokio => vec![s.spawn(|| crate::tokio_server::run(&shared, listeners, &cores))],
+        };
         ready(port);
         while !stop.load(Relaxed) && args.duration.is_none_or(|d| start.elapsed() < d) {
             if workers.iter().any(|w| w.is_finished()) {

@@ -130,7 +130,7 @@ impl<H> Mapped for CachedMapping<H> {
 /// deadlock FreeBSD's sendfile avoids by letting only its first `sf_buf`
 /// sleep.
 pub struct SfBufSource {
-    pool: SfPool,
+    pool: Arc<SfPool>,
     max_run: usize,
     wait: Option<Duration>,
 }
@@ -141,7 +141,7 @@ impl SfBufSource {
     /// `wait` (`None`: until room is made).
     pub fn new(pool: SfPool, max_run: usize, wait: Option<Duration>) -> SfBufSource {
         let max_run = max_run.clamp(1, pool.capacity().max(1));
-        SfBufSource { pool, max_run, wait }
+        SfBufSource { pool: Arc::new(pool), max_run, wait }
     }
 
     /// A pool over `mmu` caching up to `max_excess` unused mappings
@@ -169,8 +169,10 @@ impl SfBufSource {
         Self::with_mmu(Arc::new(Window::builder(phys).slots(slots).build()?), max_excess, max_run, wait)
     }
 
-    /// The pool, for its [`stats`](SfPool::stats) and tuning.
-    pub fn pool(&self) -> &SfPool {
+    /// The pool, for its [`stats`](SfPool::stats) and tuning, and for
+    /// [`SfPool::alloc_owned`] (which takes the `Arc`): a server on an async
+    /// runtime maps through the sender's pool with owned handles.
+    pub fn pool(&self) -> &Arc<SfPool> {
         &self.pool
     }
 
@@ -264,7 +266,7 @@ impl MapSource for SfBufSource {
 ///
 /// [`Connection::send`]: super::Connection::send
 pub struct LwbufSource {
-    sys: Lwbufs,
+    sys: Arc<Lwbufs>,
     max_run: usize,
 }
 
@@ -273,7 +275,7 @@ impl LwbufSource {
     /// `1..=` the window's slots).
     pub fn new(sys: Lwbufs, max_run: usize) -> LwbufSource {
         let max_run = max_run.clamp(1, sys.mmu().capacity().max(1));
-        LwbufSource { sys, max_run }
+        LwbufSource { sys: Arc::new(sys), max_run }
     }
 
     /// Caches for `cpus` CPUs over `mmu`, each keeping up to `max_excess`
@@ -301,8 +303,11 @@ impl LwbufSource {
         Self::with_mmu(Arc::new(Window::builder(phys).slots(slots).build()?), cpus, max_excess, max_run)
     }
 
-    /// The caches, for their [`stats`](Lwbufs::stats) and checks.
-    pub fn lwbufs(&self) -> &Lwbufs {
+    /// The caches, for their [`stats`](Lwbufs::stats) and checks, and for
+    /// what takes the `Arc` ([`Lwbufs::alloc_owned`],
+    /// [`Lwbufs::bind_for_thread`]): a server on an async runtime binds its
+    /// workers and maps through the sender's caches with owned handles.
+    pub fn lwbufs(&self) -> &Arc<Lwbufs> {
         &self.sys
     }
 
