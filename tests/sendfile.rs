@@ -567,7 +567,8 @@ fn cache_modes_hit_without_system_calls_the_second_time() {
     let file = PageFile::builder(&mem).max_run(16).pattern(len, 91).expect("file");
     let runs = file.run_count() as u64;
     for mode in [Mode::SfBuf, Mode::Lwbuf, Mode::LwbufRun] {
-        let sender = Sender::new(mode, &mem, opts()).expect("sender");
+        // Single-frame granules: one mapping per page, or per run.
+        let sender = Sender::new(mode, &mem, opts().granule(Some(1))).expect("sender");
         let (a, b) = UnixStream::pair().expect("pair");
         let _worker = sender.bind_worker(0, false).expect("bind");
         let mut conn = sender.connection(a).expect("conn");
@@ -585,6 +586,34 @@ fn cache_modes_hit_without_system_calls_the_second_time() {
         assert_eq!(sender.mmu_stats().expect("mmu").since(&m1).syscalls, 0, "{mode}: no system call");
         nothing_in_use(&sender);
     }
+}
+
+/// With the default granule (512 frames here: the window has 8,192 slots)
+/// the whole file is one granule: one mapping, every other lookup a hit,
+/// the second send no system call at all.
+#[test]
+fn default_granule_maps_a_file_with_one_mapping() {
+    let mem = PhysMem::builder().frames(512).build().expect("phys");
+    let len = 200 * FS + 17;
+    let file = PageFile::builder(&mem).max_run(16).pattern(len, 93).expect("file");
+    for mode in [Mode::SfBuf, Mode::Lwbuf, Mode::LwbufRun] {
+        let sender = Sender::new(mode, &mem, opts()).expect("sender");
+        assert_eq!(sender.granule(), Some(lwbuf::sendfile::DEFAULT_GRANULE), "{mode}");
+        let (a, b) = UnixStream::pair().expect("pair");
+        let _worker = sender.bind_worker(0, false).expect("bind");
+        let mut conn = sender.connection(a).expect("conn");
+        send_and_check(&mut conn, &b, &file, 93, 0..len);
+        let c1 = sender.cache_stats().expect("cache");
+        let m1 = sender.mmu_stats().expect("mmu");
+        assert_eq!((m1.enters, c1.lookups - c1.hits), (1, 1), "{mode}: one granule, one miss: {c1:?}");
+        send_and_check(&mut conn, &b, &file, 93, 5..len - 1);
+        assert_eq!(sender.mmu_stats().expect("mmu").since(&m1).syscalls, 0, "{mode}: no system call");
+        nothing_in_use(&sender);
+    }
+    // A window too small for the default: the granule shrinks to a
+    // sixteenth of it.
+    let sender = Sender::new(Mode::SfBuf, &mem, opts().window_slots(64)).expect("sender");
+    assert_eq!(sender.granule(), Some(4));
 }
 
 #[test]

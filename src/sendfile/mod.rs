@@ -92,6 +92,13 @@ pub use zerocopy::{ZeroCopy, ZeroCopyStats};
 /// The most `iovec`s the engine passes to one `sendmsg` (Linux's `UIO_MAXIOV`).
 pub const IOV_MAX: usize = crate::kaddr::IOV_MAX;
 
+/// The sendfile caches' default mapping granule, in frames (see
+/// [`SendOptions::granule`]): beyond the cache, on the main job's file set,
+/// 512 frames served 1.0-1.2x kernel sendfile where 16 frames served 0.5x
+/// and single frames 0.1-0.7x (BENCHMARKS.md has the sweep); inside it,
+/// every granule did the same.
+pub const DEFAULT_GRANULE: usize = 512;
+
 /// Knobs of the send paths. `SendOptions::default()` suits a server; tests
 /// shorten the timeouts with the chainable setters:
 ///
@@ -143,8 +150,12 @@ pub struct SendOptions {
     /// before leaking them. Default 1 s.
     pub close_timeout: Duration,
     /// The caches' mapping granule in frames (see
-    /// [`LwbufsBuilder::granule`](crate::LwbufsBuilder::granule)); `None`:
-    /// the memory's smallest (1 frame, or one huge page). Default `None`.
+    /// [`LwbufsBuilder::granule`](crate::LwbufsBuilder::granule)). `None`,
+    /// the default: [`DEFAULT_GRANULE`] frames (2 MiB of 4 KiB frames), but
+    /// at most a sixteenth of the cache's slots and at least the memory's
+    /// smallest granule (one huge page on huge-page memory). A file's pages
+    /// are runs of contiguous frames, so a large granule serves a whole
+    /// file, or several, with one mapping.
     pub granule: Option<usize>,
     /// What the caches do with evicted mappings
     /// ([`Reclaim`](crate::Reclaim)). Default lazy.

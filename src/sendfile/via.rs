@@ -84,9 +84,7 @@ impl Via {
                 let cap = mmu.capacity();
                 let mut b =
                     crate::SfPool::builder(mmu).max_excess(opts.max_excess.unwrap_or(cap)).reclaim(opts.reclaim);
-                if let Some(g) = opts.granule {
-                    b = b.granule(g);
-                }
+                b = b.granule(granule(opts, phys, cap));
                 Plain::SfBuf(SfBufSource::new(b.build()?, opts.max_run, opts.stall_timeout))
             }
             Mode::Lwbuf => Plain::Lwbuf(lwbuf(mmu, phys, opts, 1)?),
@@ -195,8 +193,18 @@ fn lwbuf(given: Option<Arc<dyn Mmu>>, phys: &PhysMem, opts: &SendOptions, max_ru
     let share = (mmu.capacity() / cpus.max(1)).max(1);
     let mut b =
         crate::Lwbufs::builder(mmu).cpus(cpus).max_excess(opts.max_excess.unwrap_or(share)).reclaim(opts.reclaim);
-    if let Some(g) = opts.granule {
-        b = b.granule(g);
-    }
+    b = b.granule(granule(opts, phys, share));
     Ok(LwbufSource::new(b.build()?, max_run))
+}
+
+/// The mapping granule of a cache whose window (or share of one) has
+/// `slots` slots: [`SendOptions::granule`], or [`DEFAULT_GRANULE`] frames
+/// but at most a sixteenth of the slots (so the cache holds at least 16
+/// granules), and at least the memory's smallest.
+fn granule(opts: &SendOptions, phys: &PhysMem, slots: usize) -> usize {
+    opts.granule.unwrap_or_else(|| {
+        let sixteenth = (slots / 16).max(1);
+        let fit = 1 << (usize::BITS - 1 - sixteenth.leading_zeros());
+        super::DEFAULT_GRANULE.min(fit).max(phys.min_granule())
+    })
 }
