@@ -61,6 +61,7 @@ on_both_backends!(
     misuse_returns_its_error,
     window_full_when_every_slot_is_in_use,
     run_of_64_pages_is_one_enter_and_one_remove,
+    short_last_granule_maps_over_a_full_stale_one,
     two_cpus_reclaiming_each_other_at_once,
     no_window_full_while_a_slot_is_free_or_cached_8_cpus,
     #[cfg_attr(miri, ignore = "16 threads over 1024 stamped frames take many minutes under Miri; the 8-CPU case runs")]
@@ -991,6 +992,42 @@ fn window_full_when_every_slot_is_in_use(b: Backend) {
 
 /// `alloc_run` of 64 contiguous pages is one enter of 64 slots; a second
 /// `alloc_run` of the same run is a hit; after drop and eviction, one remove.
+/// Under lazy reclaim the short last granule of a memory that is no whole
+/// number of granules (frames 4..6, granule 4) maps in place over the stale
+/// mapping of a full one: the old pages reach past the new ones (and past
+/// the end of the memory, counted from the new first frame), and the slots
+/// beyond the new pages are removed with one more call.
+fn short_last_granule_maps_over_a_full_stale_one(b: Backend) {
+    let mem = b.phys(6);
+    let run = mem.alloc_run(6).unwrap();
+    assert_eq!(run[0].pfn().0, 0, "a fresh memory hands out its first frames");
+    run.iter().for_each(stamp);
+    let lw = Lwbufs::builder(b.mmu(&mem, 8))
+        .cpus(1)
+        .max_excess(0)
+        .granule(4)
+        .reclaim(Reclaim::Lazy)
+        .build()
+        .expect("build Lwbufs");
+    let _g = lw.bind(0).unwrap();
+    drop(lw.alloc(&run[1]).unwrap()); // granule 0..4: evicted, left entered
+    let m0 = lw.mmu().stats();
+    assert_eq!(m0.mapped, 4);
+    let h = lw.alloc(&run[5]).expect("the short granule over the stale one");
+    let d = lw.mmu().stats().since(&m0);
+    assert_eq!(
+        (d.enters, d.replaces, d.pages_replaced, d.removes, d.pages_removed, d.mapped),
+        (1, 1, 2, 1, 2, 2),
+        "one replace in place, one remove of the slots beyond"
+    );
+    check_read(&h, &mut rng(12));
+    assert_eq!(mapped_frames(&lw), pfns(&run[4..6]));
+    drop(h);
+    lw.reclaim();
+    assert_eq!(lw.mmu().stats().mapped, 0);
+    assert_quiescent(&lw);
+}
+
 fn run_of_64_pages_is_one_enter_and_one_remove(b: Backend) {
     let fs = system_page_size();
     let mem = b.phys(256);

@@ -1,10 +1,12 @@
 //! Fuzz the lwbuf caches and the sf_buf pool with operation sequences,
 //! checked step by step against the reference model.
 //!
-//! The input is decoded three bytes per operation into the same [`Op`]s the
-//! property test `tests/proptest_model.rs` generates, and run by the same
-//! runner against the same model (`tests/common/model_ops/`), on the model
-//! MMU (no system calls, so many executions per second).
+//! The input's first byte picks the configuration of the caches (mapping
+//! granule 1, 2 or 4 frames; strict or lazy reclaim), and the rest is
+//! decoded three bytes per operation into the same [`Op`]s the property test
+//! `tests/proptest_model.rs` generates; they are run by the same runner
+//! against the same model (`tests/common/model_ops/`), on the model MMU (no
+//! system calls, so many executions per second).
 //!
 //! ```text
 //! cargo +nightly fuzz run lwbuf_ops -- -max_total_time=300
@@ -20,5 +22,6 @@ use libfuzzer_sys::fuzz_target;
 mod model_ops;
 
 fuzz_target!(|data: &[u8]| {
-    model_ops::run(&model_ops::decode(data), model_ops::Backend::Model);
+    let (cfg, ops) = model_ops::decode_case(data);
+    model_ops::run(&ops, model_ops::Backend::Model, cfg);
 });

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::mpsc;
 
-use lwbuf::{CpuGuard, Error, Lwbuf, Lwbufs, Page, PhysMem, Reclaim, SfBuf, SfPool, Wait};
+use lwbuf::{CpuGuard, Error, Lwbuf, LwbufStats, Lwbufs, MmuStats, Page, PhysMem, SfBuf, SfPool, SfStats, Slot, Wait};
 
 use super::*;
 
@@ -14,9 +14,12 @@ pub(super) struct Sys {
     pub(super) foreign: Page,
     pub(super) lw: Lwbufs,
     pub(super) pool: SfPool,
+    /// System calls each window made before the caches used it (the
+    /// reservation of the real window).
+    pub(super) syscalls: (u64, u64),
 }
 
-pub(super) fn system(b: Backend) -> Sys {
+pub(super) fn system(b: Backend, cfg: Config) -> Sys {
     let mem = b.phys(FRAMES);
     let other = b.phys(1);
     let mmu = |slots: usize| b.mmu(&mem, slots);
@@ -26,23 +29,25 @@ pub(super) fn system(b: Backend) -> Sys {
     }
     // An explicit budget (far above anything mapped here): no reading of
     // /proc per system, which a fuzz execution would pay each time.
-    // Strict reclaim: the model counts every eviction as one remove.
     let lw = Lwbufs::builder(mmu(LW_SLOTS))
         .cpus(CPUS)
         .max_excess(2)
         .map_budget(1 << 20)
-        .reclaim(Reclaim::Strict)
+        .granule(cfg.granule)
+        .reclaim(cfg.reclaim)
         .build()
         .unwrap();
     let pool = SfPool::builder(mmu(SF_SLOTS))
         .max_excess(2)
         .map_budget(1 << 20)
         .shards(8)
-        .reclaim(Reclaim::Strict)
+        .granule(cfg.granule)
+        .reclaim(cfg.reclaim)
         .build()
         .unwrap();
     let foreign = other.alloc_page().unwrap();
-    Sys { mem, pages, foreign, lw, pool }
+    let syscalls = (lw.mmu().stats().syscalls, pool.mmu().stats().syscalls);
+    Sys { mem, pages, foreign, lw, pool, syscalls }
 }
 
 pub(super) fn stamp(pfn: usize) -> u64 {
@@ -58,6 +63,7 @@ pub(super) struct Run<'a, 's> {
     pub(super) sys: &'a Sys,
     pub(super) fs: usize,
     pub(super) backend: Backend,
+    pub(super) cfg: Config,
     pub(super) model: Model,
     pub(super) guard: Option<CpuGuard<'a>>,
     pub(super) handles: Vec<Lwbuf<'a>>,
@@ -68,11 +74,15 @@ pub(super) struct Run<'a, 's> {
     pub(super) helper: Option<Link<'a, 's>>,
     pub(super) step: usize,
     pub(super) op: Op,
+    /// Each window's MMU counters when its frames were last read: unchanged
+    /// counters mean unchanged slots, and reading 2048 slots per step would
+    /// be most of a case's time.
+    pub(super) read_at: [Option<MmuStats>; 2],
 }
 
 impl fmt::Debug for Run<'_, '_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "step {} ({:?})", self.step, self.op)
+        write!(f, "step {} ({:?}) under {:?}", self.step, self.op, self.cfg)
     }
 }
 
@@ -96,34 +106,39 @@ impl<'a, 's> Run<'a, 's> {
         }
     }
 
+    /// Check a result against the model's.
     #[track_caller]
-    pub(super) fn expect(&self, got: Outcome, want: Outcome) {
-        assert_eq!(got, want, "{self:?}: result");
+    pub(super) fn expect_r<T>(&self, r: &Result<T, Error>, want: Outcome) {
+        let got = outcome(r);
+        assert!(got == want, "{self:?}: result {got:?} ({:?}), model: {want:?}", r.as_ref().err());
     }
 
-    /// Check what an address shows, and remember it for its entry.
+    /// Check what an address shows (a handle on the frames `hold` of the
+    /// entry `key`), and remember the entry's address.
     #[track_caller]
-    pub(super) fn saw(&mut self, cpu: usize, key: Key, seen: &Seen) {
-        let want: Vec<u64> = (0..key.1).map(|i| stamp(key.0 + i)).collect();
-        assert_eq!(seen.words, want, "{self:?}: frames {key:?} read through {:#x} on CPU {cpu}", seen.addr);
-        let (fs, at) = (self.fs, format!("{self:?}"));
+    pub(super) fn saw(&mut self, cpu: usize, key: Key, hold: Key, seen: &Seen) {
+        let want: Vec<u64> = frames_of(hold).map(stamp).collect();
+        assert_eq!(seen.words, want, "{self:?}: frames {hold:?} read through {:#x} on CPU {cpu}", seen.addr);
+        let (fs, g, at) = (self.fs, self.cfg.granule, format!("{self:?}"));
+        // The handle points at its first page inside the entry.
+        let addr = seen.addr - (hold.0 - key.0) * fs;
         let c = &mut self.model.cpus[cpu];
         if let Some(&a) = c.addr.get(&key) {
-            assert_eq!(a, seen.addr, "{at}: entry {key:?} on CPU {cpu} moved while mapped");
+            assert_eq!(a, addr, "{at}: entry {key:?} on CPU {cpu} moved while mapped");
         } else {
             if self.backend == Backend::Window {
                 // In the real window, entries of one CPU never share a slot
                 // (the model MMU's address is the frame's own, shared by
-                // design).
-                let (lo, hi) = (seen.addr, seen.addr + key.1 * fs);
+                // design). An entry holds whole granules of slots.
+                let (lo, hi) = (addr, addr + slots_for(g, key.1) * fs);
                 for (k, &a) in &c.addr {
                     assert!(
-                        hi <= a || a + k.1 * fs <= lo,
+                        hi <= a || a + slots_for(g, k.1) * fs <= lo,
                         "{at}: entry {key:?} at {lo:#x} overlaps entry {k:?} at {a:#x} on CPU {cpu}"
                     );
                 }
             }
-            c.addr.insert(key, seen.addr);
+            c.addr.insert(key, addr);
         }
     }
 
@@ -148,14 +163,15 @@ impl<'a, 's> Run<'a, 's> {
     pub(super) fn alloc(&mut self, pages: Vec<&'a Page>, single: bool) {
         let me = self.model.main_cpu;
         // The library's order of checks: the pages first, then the CPU.
-        let key = (pages.first().map_or(0, |p| p.pfn().0), pages.len());
+        let hold = (pages.first().map_or(0, |p| p.pfn().0), pages.len());
+        let key = self.model.key_of(hold.0, hold.1);
         let shape = if pages.is_empty() {
             Some("Config")
         } else if let Some(i) = pages.iter().position(|p| !p.phys().same_as(&self.sys.mem)) {
             // A foreign page is found before any gap after it.
-            let gap = pages[..i].iter().enumerate().any(|(j, p)| p.pfn().0 != key.0 + j);
+            let gap = pages[..i].iter().enumerate().any(|(j, p)| p.pfn().0 != hold.0 + j);
             Some(if gap { "Config" } else { "ForeignPage" })
-        } else if pages.iter().enumerate().any(|(j, p)| p.pfn().0 != key.0 + j) {
+        } else if pages.iter().enumerate().any(|(j, p)| p.pfn().0 != hold.0 + j) {
             Some("Config")
         } else {
             None
@@ -180,14 +196,14 @@ impl<'a, 's> Run<'a, 's> {
             };
             Err(e)
         };
-        self.expect(outcome(&r), want);
+        self.expect_r(&r, want);
         if let (Ok(h), Some(cpu)) = (r, me) {
             self.model.acquire(cpu, key);
             // On its home CPU the address is a field: no library call.
             let seen = look(&h, self.fs).expect("kva on the home CPU");
-            self.saw(cpu, key, &seen);
+            self.saw(cpu, key, hold, &seen);
             self.handles.push(h);
-            self.model.handles.push(HandleModel { key, home: cpu, mask: BTreeSet::from([cpu]) });
+            self.model.handles.push(HandleModel { key, hold, home: cpu, mask: BTreeSet::from([cpu]) });
         }
     }
 
@@ -208,12 +224,12 @@ impl<'a, 's> Run<'a, 's> {
             look(&self.handles[i], self.fs)
         };
         match cpu {
-            None => self.expect(outcome(&r), Outcome::Err("NotBound")),
+            None => self.expect_r(&r, Outcome::Err("NotBound")),
             Some(cpu) => {
-                self.expect(outcome(&r), Outcome::Ok);
+                self.expect_r(&r, Outcome::Ok);
                 self.model.kva(i, cpu);
-                let key = self.model.handles[i].key;
-                self.saw(cpu, key, &r.unwrap());
+                let (key, hold) = (self.model.handles[i].key, self.model.handles[i].hold);
+                self.saw(cpu, key, hold, &r.unwrap());
             }
         }
     }
@@ -241,7 +257,7 @@ impl<'a, 's> Run<'a, 's> {
                 let c = c as usize;
                 let want = self.model.bind_result(c, self.model.main_cpu);
                 let r = lw.bind(c);
-                self.expect(outcome(&r), want);
+                self.expect_r(&r, want);
                 if let Ok(g) = r {
                     self.guard = Some(g);
                     self.model.main_cpu = Some(c);
@@ -260,7 +276,7 @@ impl<'a, 's> Run<'a, 's> {
                 }
                 let want = self.model.bind_result(c, None);
                 let r = self.done(Cmd::Bind(c));
-                self.expect(outcome(&r), want);
+                self.expect_r(&r, want);
                 if r.is_ok() {
                     self.model.helper_cpu = Some(c);
                 }
@@ -277,20 +293,20 @@ impl<'a, 's> Run<'a, 's> {
                 let r = self.done(Cmd::Poll);
                 match self.model.helper_cpu {
                     Some(cpu) => {
-                        self.expect(outcome(&r), Outcome::Ok);
+                        self.expect_r(&r, Outcome::Ok);
                         self.model.enter_cpu(cpu);
                     }
-                    None => self.expect(outcome(&r), Outcome::Err("NotBound")),
+                    None => self.expect_r(&r, Outcome::Err("NotBound")),
                 }
             }
             Op::Poll => {
                 let r = lw.poll();
                 match self.model.main_cpu {
                     Some(cpu) => {
-                        self.expect(outcome(&r), Outcome::Ok);
+                        self.expect_r(&r, Outcome::Ok);
                         self.model.enter_cpu(cpu);
                     }
-                    None => self.expect(outcome(&r), Outcome::Err("NotBound")),
+                    None => self.expect_r(&r, Outcome::Err("NotBound")),
                 }
             }
             Op::Alloc(f) => {
@@ -318,36 +334,30 @@ impl<'a, 's> Run<'a, 's> {
                 self.model.set_max_excess(n);
             }
             Op::Reclaim => {
-                lw.reclaim();
-                self.model.reclaim();
+                let got = lw.reclaim();
+                let want = self.model.reclaim();
+                assert_eq!(got, want, "{self:?}: slots Lwbufs::reclaim gave back");
             }
-            Op::SfAlloc(f) => {
-                let p = self.page(f);
-                let r = self.sys.pool.alloc(p, Wait::NoWait);
-                let want =
-                    if f as usize >= FRAMES { Outcome::Err("ForeignPage") } else { self.model.sf_alloc(f as usize) };
-                self.expect(outcome(&r), want);
-                if let Ok(sf) = r {
-                    let f = f as usize;
-                    let k = sf.kva();
-                    assert_eq!(k.read_u64(0).unwrap(), stamp(f), "{self:?}: sf_buf of frame {f}");
-                    match self.model.sf.addr.get(&f) {
-                        Some(&a) => assert_eq!(a, k.addr(), "{self:?}: sf_buf of frame {f} moved while mapped"),
-                        None => {
-                            assert!(!self.model.sf.addr.values().any(|&a| a == k.addr()), "{self:?}: address reused");
-                            self.model.sf.addr.insert(f, k.addr());
-                        }
-                    }
-                    self.sf.push(sf);
-                    self.model.sf_handles.push(f);
-                }
+            Op::SfAlloc(f) => self.sf_alloc(f as usize, 1, true),
+            Op::SfAllocRun(start, len) => {
+                let start = start as usize;
+                // Inside the start's granule: where a run of several
+                // granules lands depends on the slot allocator's placement.
+                let g = self.cfg.granule;
+                let len = (len as usize).min(g - start % g).min(FRAMES - start);
+                self.sf_alloc(start, len, false);
+            }
+            Op::SfReclaim => {
+                let got = self.sys.pool.reclaim();
+                let want = self.model.sf_reclaim();
+                assert_eq!(got, want, "{self:?}: slots SfPool::reclaim gave back");
             }
             Op::SfDrop(i) => {
                 if !self.sf.is_empty() {
                     let i = i as usize % self.sf.len();
                     drop(self.sf.swap_remove(i));
-                    let f = self.model.sf_handles.swap_remove(i);
-                    self.model.sf_release(f);
+                    let key = self.model.sf_handles.swap_remove(i);
+                    self.model.sf_release(key);
                 }
             }
             Op::SfSetMaxExcess(n) => {
@@ -359,8 +369,97 @@ impl<'a, 's> Run<'a, 's> {
         }
     }
 
+    /// `SfPool::alloc` of frame `first` (`single`; `FRAMES`: the foreign
+    /// page) or `alloc_run` of `len` frames from it, without waiting.
+    pub(super) fn sf_alloc(&mut self, first: usize, len: usize, single: bool) {
+        let sys: &'a Sys = self.sys;
+        let r = if single {
+            sys.pool.alloc(self.page(first as u8), Wait::NoWait)
+        } else {
+            sys.pool.alloc_run(&sys.pages[first..first + len], Wait::NoWait)
+        };
+        let want = if first >= FRAMES {
+            Outcome::Err("ForeignPage")
+        } else {
+            self.model.sf_alloc(self.model.key_of(first, len))
+        };
+        self.expect_r(&r, want);
+        let Ok(sf) = r else { return };
+        let key = self.model.key_of(first, len);
+        let k = sf.kva();
+        for i in 0..len {
+            assert_eq!(
+                k.read_u64(i * self.fs).unwrap(),
+                stamp(first + i),
+                "{self:?}: sf_buf of frames {key:?}, page {i}"
+            );
+        }
+        // The handle points at its first page inside the entry, which
+        // starts at a granule of slots.
+        let (g, fs) = (self.cfg.granule, self.fs);
+        let seen = (k.addr() - (first - key.0) * fs, sf.slot().0);
+        assert!(seen.1 % g == 0 && seen.1 + g <= SF_SLOTS, "{self:?}: sf_buf of {key:?} at slot {}", seen.1);
+        match self.model.sf.addr.get(&key) {
+            Some(&a) => assert_eq!(a, seen, "{self:?}: sf_buf of frames {key:?} moved while mapped (address, slot)"),
+            None => {
+                for (k, &(a, slot)) in &self.model.sf.addr {
+                    assert_ne!(slot, seen.1, "{self:?}: {key:?} mapped at the slot of {k:?}");
+                    // The model MMU's address is the frame's own (shared by
+                    // design when two entries start at one frame).
+                    if self.backend == Backend::Window {
+                        assert_ne!(a, seen.0, "{self:?}: {key:?} mapped at the address of {k:?}");
+                    }
+                }
+                self.model.sf.addr.insert(key, seen);
+            }
+        }
+        self.sf.push(sf);
+        self.model.sf_handles.push(key);
+    }
+
+    /// One window's MMU counters, and the frames entered in it slot by
+    /// slot, against the model's.
+    #[track_caller]
+    pub(super) fn check_mmu(&mut self, lwbuf: bool, got: &MmuStats, want: &MmuCount, frames: Vec<usize>) {
+        let sys = self.sys;
+        let (which, what, mmu, syscalls_before) = if lwbuf {
+            (0, "lwbuf", &**sys.lw.mmu(), sys.syscalls.0)
+        } else {
+            (1, "sf_buf", &**sys.pool.mmu(), sys.syscalls.1)
+        };
+        let got_t = (got.enters, got.replaces, got.pages_entered, got.pages_replaced, got.pages_removed, got.mapped);
+        let want_t =
+            (want.enters, want.replaces, want.pages_entered, want.pages_replaced, want.pages_removed, want.mapped);
+        assert_eq!(
+            got_t, want_t,
+            "{self:?}: {what} MMU (enters, replaces, pages entered, replaced, removed, mapped)\nmodel: {want:?}\n{got}"
+        );
+        assert!(
+            (want.removes_min..=want.removes_max).contains(&got.removes),
+            "{self:?}: {what} MMU removes {} outside {}..={}\n{got}",
+            got.removes,
+            want.removes_min,
+            want.removes_max
+        );
+        if self.backend == Backend::Window {
+            let calls = got.syscalls - syscalls_before;
+            assert_eq!(calls, got.enters + got.removes, "{self:?}: {what} system calls\n{got}");
+        }
+        if self.read_at[which] == Some(*got) {
+            return;
+        }
+        self.read_at[which] = Some(*got);
+        // The slots are read until as many are found entered as the MMU
+        // counts (checked above): the caches take low slots first, and the
+        // lwbuf window is mostly empty.
+        let mut entered: Vec<usize> =
+            (0..mmu.capacity()).filter_map(|s| mmu.translate(Slot(s))).map(|p| p.0).take(got.mapped as usize).collect();
+        entered.sort_unstable();
+        assert_eq!(entered, frames, "{self:?}: frames entered in the {what} window (entries' and stale)");
+    }
+
     /// Every observable counter against the model.
-    pub(super) fn compare(&self) {
+    pub(super) fn compare(&mut self) {
         let st = self.sys.lw.stats();
         let m = &self.model;
         for (cpu, (got, want)) in st.per_cpu.iter().zip(&m.cpus).enumerate() {
@@ -395,36 +494,40 @@ impl<'a, 's> Run<'a, 's> {
             );
         }
         assert_eq!(st.unbound_sent, m.unbound_sent, "{self:?}: unbound sends");
-        assert_eq!((st.mmu.enters, st.mmu.removes), (m.enters, m.removes), "{self:?}: lwbuf MMU calls\n{st}");
         assert_eq!(self.sys.lw.check_consistency(), Ok(m.total_refs()), "{self:?}: references");
 
         let ss = self.sys.pool.stats();
         let used = m.sf.entries.values().filter(|e| e.refs > 0).count() as u64;
         let cached = m.sf.entries.values().filter(|e| e.refs == 0).count() as u64;
-        let got =
-            (ss.used, ss.cached, ss.hits, ss.misses, ss.evictions, ss.nowait_fails, ss.mmu.enters, ss.mmu.removes);
-        let want = (used, cached, m.sf.hits, m.sf.misses, m.sf.evictions, m.sf.nowait_fails, m.sf.enters, m.sf.removes);
+        let got = (ss.used, ss.cached, ss.hits, ss.misses, ss.evictions, ss.nowait_fails);
+        let want = (used, cached, m.sf.hits, m.sf.misses, m.sf.evictions, m.sf.nowait_fails);
         assert_eq!(
             got, want,
-            "{self:?}: sf_buf (used, cached, hits, misses, evictions, nowait_fails, enters, removes)\nmodel: {:?}\n{ss}",
+            "{self:?}: sf_buf (used, cached, hits, misses, evictions, nowait_fails)\nmodel: {:?}\n{ss}",
             m.sf
         );
+        let (lw_want, lw_frames) = (m.lw.mmu, m.lw_frames());
+        let (sf_want, sf_frames) = (m.sf.window.mmu, m.sf_frames());
+        self.check_mmu(true, &st.mmu, &lw_want, lw_frames);
+        self.check_mmu(false, &ss.mmu, &sf_want, sf_frames);
     }
 }
 
-/// Run `ops` on a fresh system over `backend`, checking every step against
-/// the model; then release everything and check that nothing is left.
-/// Panics at the first difference.
-pub fn run(ops: &[Op], backend: Backend) {
-    let sys = system(backend);
+/// Run `ops` on a fresh system over `backend` built as `cfg` says,
+/// checking every step against the model; then release everything, reclaim
+/// and check that nothing is left. Panics at the first difference. Returns
+/// both caches' statistics as the last operation left them.
+pub fn run(ops: &[Op], backend: Backend, cfg: Config) -> (LwbufStats, SfStats) {
+    let sys = system(backend, cfg);
     let fs = sys.mem.frame_size();
     let lw = &sys.lw;
-    std::thread::scope(|s| {
+    let stats = std::thread::scope(|s| {
         let mut run = Run {
             sys: &sys,
             fs,
             backend,
-            model: Model::new(2, 2),
+            cfg,
+            model: Model::new(2, 2, cfg),
             guard: None,
             handles: Vec::new(),
             sf: Vec::new(),
@@ -432,6 +535,7 @@ pub fn run(ops: &[Op], backend: Backend) {
             helper: None,
             step: 0,
             op: Op::Poll,
+            read_at: [None, None],
         };
         for (i, &op) in ops.iter().enumerate() {
             run.step = i;
@@ -439,8 +543,10 @@ pub fn run(ops: &[Op], backend: Backend) {
             run.apply(op);
             run.compare();
         }
+        let stats = (lw.stats(), sys.pool.stats());
         // Release everything: handles on the driver's CPU (or none), the
-        // helper's binding, the driver's; then nothing may be left.
+        // helper's binding, the driver's; then nothing may be left but
+        // cached entries and stale mappings, which reclaim removes.
         run.step = ops.len();
         while !run.handles.is_empty() {
             run.drop_handle(0, false);
@@ -451,17 +557,22 @@ pub fn run(ops: &[Op], backend: Backend) {
             run.apply(Op::SfDrop(0));
         }
         run.compare();
+        for op in [Op::Reclaim, Op::SfReclaim] {
+            run.op = op;
+            run.apply(op);
+            run.compare();
+        }
         if let Some((cmd, _, t)) = run.helper.take() {
             drop(cmd); // the helper exits; joined so that its thread-locals are gone too
             t.join().expect("helper");
         }
+        stats
     });
     assert_eq!(lw.check_consistency(), Ok(0));
     let st = lw.stats();
     assert!(st.per_cpu.iter().all(|c| c.mailbox == 0), "stranded messages\n{st}");
     assert_eq!(st.total.decrefs_sent, st.total.decrefs_applied);
     assert_eq!(sys.pool.stats().used, 0);
-    lw.reclaim();
-    sys.pool.set_max_excess(0);
-    assert_eq!((lw.stats().mmu.mapped, sys.pool.stats().mmu.mapped), (0, 0));
+    assert_eq!((st.mmu.mapped, sys.pool.stats().mmu.mapped), (0, 0));
+    stats
 }

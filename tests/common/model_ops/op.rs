@@ -1,6 +1,35 @@
-//! The operations: what a sequence is made of, and the fuzz input codec.
+//! The operations and configurations: what a case is made of, and the fuzz
+//! input codec.
+
+use lwbuf::Reclaim;
 
 use super::*;
+
+/// How a case builds both caches: the mapping granule (frames) and what an
+/// eviction does with its mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub granule: usize,
+    pub reclaim: Reclaim,
+}
+
+impl Config {
+    /// Every configuration a case runs under. The first (one frame, strict
+    /// reclaim: every eviction one remove) is where shrinking ends.
+    pub const ALL: [Config; 6] = [
+        Config { granule: 1, reclaim: Reclaim::Strict },
+        Config { granule: 1, reclaim: Reclaim::Lazy },
+        Config { granule: 2, reclaim: Reclaim::Strict },
+        Config { granule: 2, reclaim: Reclaim::Lazy },
+        Config { granule: 4, reclaim: Reclaim::Strict },
+        Config { granule: 4, reclaim: Reclaim::Lazy },
+    ];
+
+    /// The configuration a fuzz input's first byte picks.
+    pub fn from_byte(b: u8) -> Config {
+        Config::ALL[b as usize % Config::ALL.len()]
+    }
+}
 
 /// One operation. Indices into handle lists are taken modulo their length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,12 +73,20 @@ pub enum Op {
     SfDrop(u8),
     /// `SfPool::set_max_excess(n)`.
     SfSetMaxExcess(u8),
+    /// `SfPool::alloc_run(frames start..start + len, NoWait)`, `len` cut to
+    /// the granule, so that the run takes one granule of slots: where a
+    /// longer one finds adjacent free slots depends on where the allocator
+    /// put the others, which the model leaves out. Inside a granule it
+    /// shares the granule's entry; across two it is an entry of its own.
+    SfAllocRun(u8, u8),
+    /// `SfPool::reclaim`.
+    SfReclaim,
 }
 
 /// Which operation each opcode is: the common ones (alloc, drop, bind)
 /// appear more often, so that sequences build up cached entries, hits,
 /// evictions and messages rather than errors.
-pub(super) const TABLE: [u8; 35] = [
+pub(super) const TABLE: [u8; 38] = [
     0, 0, 0, // Bind
     1, // Unbind
     2, 2, // HelperBind
@@ -68,6 +105,8 @@ pub(super) const TABLE: [u8; 35] = [
     15, 15, 15, // SfAlloc
     16, 16, // SfDrop
     17, // SfSetMaxExcess
+    18, 18, // SfAllocRun
+    19, // SfReclaim
 ];
 
 /// Distinct opcodes of [`Op::from_parts`].
@@ -105,13 +144,25 @@ impl Op {
                 Op::SfAlloc(if f == 8 { FRAMES as u8 } else { f })
             }
             16 => Op::SfDrop(a),
-            _ => Op::SfSetMaxExcess(a % 5),
+            17 => Op::SfSetMaxExcess(a % 5),
+            // Runs from the first eight frames, up to a granule of 4.
+            18 => Op::SfAllocRun(a % 8, b % 4 + 1),
+            _ => Op::SfReclaim,
         }
     }
 }
 
-/// Decode fuzz input: three bytes per operation (a short tail is ignored),
-/// at most [`MAX_OPS`].
+/// Decode operations: three bytes each (a short tail is ignored), at most
+/// [`MAX_OPS`].
 pub fn decode(data: &[u8]) -> Vec<Op> {
     data.chunks_exact(3).take(MAX_OPS).map(|c| Op::from_parts(c[0], c[1], c[2])).collect()
+}
+
+/// Decode a fuzz input: the configuration from the first byte
+/// ([`Config::from_byte`]), then the operations ([`decode`]).
+pub fn decode_case(data: &[u8]) -> (Config, Vec<Op>) {
+    match data.split_first() {
+        Some((&b, ops)) => (Config::from_byte(b), decode(ops)),
+        None => (Config::ALL[0], Vec::new()),
+    }
 }
