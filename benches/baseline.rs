@@ -16,8 +16,22 @@
 //!   the same two spinner variants.
 //! - `(c) direct map read/8 B` and `/whole page`: a frame chosen at random
 //!   from 1024, read through the direct map (no system call).
+//! - `map_cycle_raw`: the C-equivalent mapping cycle with raw system calls
+//!   (`common/raw.rs`): a granule of G frames of a populated memfd mapped
+//!   with one `mmap(MAP_SHARED | MAP_FIXED)` into a reserved `PROT_NONE`
+//!   window, one word of each 4 KiB page read, and the mapping taken out
+//!   again, per 4 KiB page: `strict_gG` remaps it `PROT_NONE` (then the next
+//!   granule maps into the reservation), `in_place_gG` maps the next granule
+//!   straight over it. G in {1, 16, 64, 512}, and `_g512_huge` on a hugetlb
+//!   memfd (one 2 MiB page per granule) when 16 huge pages are free. The
+//!   granules are taken in turn round 64 MiB (32 MiB of huge pages): the
+//!   pages stay in the page cache, every mapping is new. The library's
+//!   cost on the same cycle is `benches/granule.rs`, which checks it
+//!   against this one side by side. `LWBUF_BENCH_CLOCK=cpu` times this
+//!   group by the thread's CPU time (group `map_cycle_raw_cpu`).
 //!
-//! `cargo bench --bench baseline`
+//! `cargo bench --bench baseline` (`-- map_cycle_raw` for the raw cycle
+//! only)
 
 use std::hint::black_box;
 use std::process::{Child, Command};
@@ -34,6 +48,9 @@ use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::{getppid, Pid};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+
+#[path = "common/raw.rs"]
+mod raw;
 
 const FRAMES: usize = 1024;
 const RUN: usize = 64;
@@ -288,7 +305,29 @@ fn map_per_page(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, map_per_page);
+/// The raw cycle of `common/raw.rs`, per 4 KiB page, for every granule.
+fn map_cycle_raw(c: &mut Criterion) {
+    let mut g = c.benchmark_group(raw::group("map_cycle_raw"));
+    g.sample_size(30).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    for cfg in raw::configs(raw::HUGE_PAGES, "map_cycle_raw") {
+        let mut m = raw::RawMap::for_config(cfg).expect("raw memfd and window");
+        for how in [raw::Cycle::Strict, raw::Cycle::InPlace] {
+            // iter_custom divided by G: the reported time is per page.
+            g.bench_function(format!("{}_{}", how.name(), cfg.id()), |b| {
+                b.iter_custom(|iters| {
+                    let t = raw::now();
+                    for _ in 0..iters {
+                        black_box(m.cycle(how));
+                    }
+                    (raw::now() - t) / cfg.granule as u32
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, map_per_page, map_cycle_raw);
 
 // criterion_main!, plus the control spinner's entry point.
 fn main() {

@@ -235,6 +235,12 @@ impl KvaSpace {
     /// frames themselves.
     #[inline]
     pub(crate) fn key_of(&self, first: usize, n: usize) -> MapKey {
+        debug_assert!(n >= 1 && first + n <= self.frames, "frames {first}+{n} of {}", self.frames);
+        if self.shift == 0 {
+            // The hit path's case: no rounding, and the frames lie inside
+            // the memory (pages of it), so nothing to cut.
+            return MapKey { pfn: first, pages: n };
+        }
         let g = self.granule();
         let base = first & !(g - 1);
         let end = if first + n <= base + g { base + g } else { (first + n).div_ceil(g) * g };
@@ -245,6 +251,9 @@ impl KvaSpace {
     /// and its granule number.
     #[inline]
     pub(crate) fn granule_index(&self, key: MapKey) -> Option<usize> {
+        if self.shift == 0 {
+            return (key.pages <= 1).then_some(key.pfn);
+        }
         let g = self.granule();
         (key.pfn & (g - 1) == 0 && key.pages <= g).then_some(key.pfn >> self.shift)
     }
@@ -259,6 +268,11 @@ impl KvaSpace {
     #[inline]
     pub(crate) fn addr_in(&self, key: MapKey, addr: NonNull<u8>, pfn: usize) -> NonNull<u8> {
         debug_assert!(pfn >= key.pfn && pfn < key.pfn + key.pages);
+        if pfn == key.pfn {
+            // A granule of one frame, or a granule's first page: no offset
+            // (and no multiply on the hit path).
+            return addr;
+        }
         // SAFETY: `pfn` is one of the key's frames, so the offset stays
         // inside the mapping that starts at `addr`.
         unsafe { addr.add((pfn - key.pfn) * self.slot_size) }

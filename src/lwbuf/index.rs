@@ -114,6 +114,9 @@ impl Entries {
     /// The table index of a granule key (see `KvaSpace::granule_index`).
     #[inline]
     fn table_index(&self, key: Key) -> Option<usize> {
+        if self.shift == 0 {
+            return (key.pages <= 1).then_some(key.pfn);
+        }
         let g = 1usize << self.shift;
         (key.pfn & (g - 1) == 0 && key.pages <= g).then_some(key.pfn >> self.shift)
     }

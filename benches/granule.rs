@@ -1,0 +1,292 @@
+//! What a granule miss and its eviction cost the caches per 4 KiB page,
+//! beside the raw mapping cycle they stand in for (`common/raw.rs`, the
+//! `map_cycle_raw` group of `benches/baseline.rs`).
+//!
+//! - `granule_miss`: an lwbuf system (one CPU) and an sf_buf pool, each
+//!   with a mapping granule of G frames over a window of two granules and
+//!   `max_excess(1)`, going round the granules of 64 MiB of populated
+//!   memory (32 MiB of huge pages for `_g512_huge`). Per granule: `alloc`
+//!   each of its G pages in turn (the first a miss that maps the granule
+//!   and evicts the granule before last, the other G-1 hits), read one word
+//!   of each through the handle, drop it. Time per page. `lwbuf_strict_gG`
+//!   and `sfbuf_strict_gG` with `Reclaim::Strict` (the eviction remaps the
+//!   old granule `PROT_NONE`: the raw `strict` cycle); `..._lazy_gG` with
+//!   `Reclaim::Lazy` (the miss maps over the evicted granule in place: the
+//!   raw `in_place` cycle). G in {1, 16, 64, 512}, and a huge page (512
+//!   frames) when 32 huge pages are free.
+//!
+//! After the groups, the summary measures each library cycle and its raw
+//! cycle side by side (alternating rounds, median per-round ratio) and
+//! checks the target: the strict cycle at most 1.2x the raw strict cycle
+//! per page. The lazy cycle beside the raw in-place cycle is reported, with
+//! the system calls each cycle made per granule.
+//!
+//! `cargo bench --bench granule`; `LWBUF_BENCH_CLOCK=cpu` times by the
+//! thread's CPU time (groups end in `_cpu`). Huge pages: as root,
+//! `echo 32 > /proc/sys/vm/nr_hugepages` (and put the old value back after).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::Criterion;
+use lwbuf::{Backing, Lwbufs, MmuStats, Page, PhysMem, Reclaim, SfPool, Wait, Window};
+
+mod common;
+#[path = "common/raw.rs"]
+mod raw;
+
+use common::median_ns;
+use raw::{Config, Cycle, RawMap};
+
+const GROUP: &str = "granule_miss";
+const RAW_GROUP: &str = "map_cycle_raw";
+/// Huge pages needed: the library's memory and the raw cycle's side by side.
+const HUGE_NEEDED: usize = 2 * raw::HUGE_PAGES;
+
+/// The library's memory for one configuration: every frame allocated (in
+/// order) and written once, as the raw cycle's memfd is.
+struct Memory {
+    mem: PhysMem,
+    pages: Vec<Page>,
+    granule: usize,
+}
+
+impl Memory {
+    fn new(cfg: Config) -> Memory {
+        let frames = cfg.bytes() / raw::PAGE;
+        let backing = if cfg.huge { Backing::HugeTlb } else { Backing::Memfd };
+        let mem = PhysMem::builder().frames(frames).backing(backing).name("lwbuf-granule").build().expect("PhysMem");
+        let pages = mem.alloc_run(frames).expect("frames");
+        for p in &pages {
+            p.direct().expect("direct map").write_u64(0, p.pfn().0 as u64).expect("write");
+        }
+        Memory { mem, pages, granule: cfg.granule }
+    }
+
+    fn window(&self) -> Arc<Window> {
+        Arc::new(Window::builder(&self.mem).slots(2 * self.granule).build().expect("Window"))
+    }
+
+    fn lwbufs(&self, reclaim: Reclaim) -> Lwbufs {
+        Lwbufs::builder(self.window())
+            .cpus(1)
+            .granule(self.granule)
+            .max_excess(1)
+            .reclaim(reclaim)
+            .build()
+            .expect("Lwbufs")
+    }
+
+    fn pool(&self, reclaim: Reclaim) -> SfPool {
+        SfPool::builder(self.window()).granule(self.granule).max_excess(1).reclaim(reclaim).build().expect("SfPool")
+    }
+
+    /// The pages of granule `k` (round the memory).
+    #[inline(always)]
+    fn granule_pages(&self, k: usize) -> &[Page] {
+        let first = (k % (self.pages.len() / self.granule)) * self.granule;
+        &self.pages[first..first + self.granule]
+    }
+
+    /// Granule `k` through the calling thread's CPU of `lw`: every page
+    /// allocated, one word read, released.
+    #[inline(always)]
+    fn lw_cycle(&self, lw: &Lwbufs, k: usize) -> u64 {
+        let mut sum = 0u64;
+        for p in self.granule_pages(k) {
+            let h = lw.alloc(p).expect("alloc");
+            sum = sum.wrapping_add(h.kva().expect("kva").read_u64(0).expect("read"));
+        }
+        sum
+    }
+
+    /// Granule `k` through `pool`, as [`lw_cycle`](Self::lw_cycle).
+    #[inline(always)]
+    fn sf_cycle(&self, pool: &SfPool, k: usize) -> u64 {
+        let mut sum = 0u64;
+        for p in self.granule_pages(k) {
+            let h = pool.alloc(p, Wait::NoWait).expect("alloc");
+            sum = sum.wrapping_add(h.kva().read_u64(0).expect("read"));
+        }
+        sum
+    }
+}
+
+/// Which cache, for the benchmark ids and the summary.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cache {
+    Lwbuf,
+    SfBuf,
+}
+
+impl Cache {
+    fn name(self) -> &'static str {
+        match self {
+            Cache::Lwbuf => "lwbuf",
+            Cache::SfBuf => "sfbuf",
+        }
+    }
+}
+
+fn reclaim_name(r: Reclaim) -> &'static str {
+    match r {
+        Reclaim::Strict => "strict",
+        Reclaim::Lazy => "lazy",
+    }
+}
+
+/// The raw cycle a library cycle stands in for.
+fn raw_cycle(r: Reclaim) -> Cycle {
+    match r {
+        Reclaim::Strict => Cycle::Strict,
+        Reclaim::Lazy => Cycle::InPlace,
+    }
+}
+
+/// `G=16`, `G=512 hugetlb`: a configuration in the summary.
+fn label(cfg: Config) -> String {
+    format!("G={}{}", cfg.granule, if cfg.huge { " hugetlb" } else { "" })
+}
+
+fn id(cache: Cache, r: Reclaim, cfg: Config) -> String {
+    format!("{}_{}_{}", cache.name(), reclaim_name(r), cfg.id())
+}
+
+const RECLAIMS: [Reclaim; 2] = [Reclaim::Strict, Reclaim::Lazy];
+const CACHES: [Cache; 2] = [Cache::Lwbuf, Cache::SfBuf];
+
+/// A cache under test (boxed: the two differ much in size).
+enum Lib {
+    Lw(Box<Lwbufs>),
+    Sf(Box<SfPool>),
+}
+
+impl Lib {
+    fn new(m: &Memory, cache: Cache, r: Reclaim) -> Lib {
+        match cache {
+            Cache::Lwbuf => Lib::Lw(Box::new(m.lwbufs(r))),
+            Cache::SfBuf => Lib::Sf(Box::new(m.pool(r))),
+        }
+    }
+
+    /// Granule `k` of `m`; for lwbuf, on the calling thread's CPU.
+    #[inline(always)]
+    fn cycle(&self, m: &Memory, k: usize) -> u64 {
+        match self {
+            Lib::Lw(lw) => m.lw_cycle(lw, k),
+            Lib::Sf(pool) => m.sf_cycle(pool, k),
+        }
+    }
+
+    fn mmu_stats(&self) -> MmuStats {
+        match self {
+            Lib::Lw(lw) => lw.mmu().stats(),
+            Lib::Sf(pool) => pool.mmu().stats(),
+        }
+    }
+}
+
+fn granule_miss(c: &mut Criterion) {
+    let mut g = c.benchmark_group(raw::group(GROUP));
+    g.sample_size(30).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    for cfg in raw::configs(HUGE_NEEDED, GROUP) {
+        let m = Memory::new(cfg);
+        for cache in CACHES {
+            for r in RECLAIMS {
+                let lib = Lib::new(&m, cache, r);
+                let _cpu0 = if let Lib::Lw(lw) = &lib { Some(lw.bind(0).expect("bind")) } else { None };
+                let mut k = 0;
+                // iter_custom divided by G: the reported time is per page.
+                g.bench_function(id(cache, r, cfg), |b| {
+                    b.iter_custom(|iters| {
+                        let t = raw::now();
+                        for _ in 0..iters {
+                            k += 1;
+                            black_box(lib.cycle(&m, k));
+                        }
+                        (raw::now() - t) / cfg.granule as u32
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+// === the summary ===
+
+/// The MMU calls per granule of a library cycle, from its statistics.
+fn calls_per_granule(d: &MmuStats, granules: usize) -> String {
+    let per = |n: u64| n as f64 / granules as f64;
+    format!("{:.2} maps ({:.2} in place), {:.2} removes per granule", per(d.enters), per(d.replaces), per(d.removes))
+}
+
+fn summary() {
+    let show = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1} ns"));
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    let (gl, gr) = (raw::group(GROUP), raw::group(RAW_GROUP));
+    let clock = if raw::cpu_clock() { "the thread's CPU time" } else { "wall time" };
+    println!("\n== granule bench summary ({clock}; per 4 KiB page)");
+    let cfgs = raw::configs(HUGE_NEEDED, "granule summary");
+    println!("criterion medians (the raw cycle from `cargo bench --bench baseline -- map_cycle_raw`, if run):");
+    for &cfg in &cfgs {
+        let mut line = format!("  {}:", label(cfg));
+        for cache in CACHES {
+            for r in RECLAIMS {
+                line += &format!(" {} {} {},", cache.name(), reclaim_name(r), show(median_ns(&gl, &id(cache, r, cfg))));
+            }
+        }
+        for how in [Cycle::Strict, Cycle::InPlace] {
+            line += &format!(" raw {} {},", how.name(), show(median_ns(&gr, &format!("{}_{}", how.name(), cfg.id()))));
+        }
+        println!("{}", line.trim_end_matches(','));
+    }
+
+    const ROUNDS: usize = 21;
+    println!("side by side ({ROUNDS} alternating rounds; medians, and the median per-round ratio):");
+    let ns = || raw::now().as_nanos() as f64;
+    for &cfg in &cfgs {
+        let m = Memory::new(cfg);
+        let mut rawm = RawMap::for_config(cfg).expect("raw memfd and window");
+        // Pages per round and side: ~10 ms of small-page cycles.
+        let pages = if cfg.huge { 1 << 17 } else { 1 << 13 };
+        let iters = (pages / cfg.granule).max(1);
+        println!("  {}:", label(cfg));
+        for r in RECLAIMS {
+            let how = raw_cycle(r);
+            for cache in CACHES {
+                let lib = Lib::new(&m, cache, r);
+                let _cpu0 = if let Lib::Lw(lw) = &lib { Some(lw.bind(0).expect("bind")) } else { None };
+                let before = lib.mmu_stats();
+                let p = common::paired(ROUNDS, iters, ns, |k| lib.cycle(&m, k), |_| rawm.cycle(how));
+                let d = lib.mmu_stats().since(&before);
+                let g = cfg.granule as f64;
+                let (a, b) = (p.a_ns / g, p.b_ns / g);
+                let target = match r {
+                    Reclaim::Strict => format!(" (target <= 1.2x: {})", verdict(p.ratio <= 1.2)),
+                    Reclaim::Lazy => " (reported)".to_owned(),
+                };
+                println!(
+                    "    {} {}: {a:.1} ns / raw {} {b:.1} ns = {:.2}x{target}; {}",
+                    cache.name(),
+                    reclaim_name(r),
+                    how.name(),
+                    p.ratio,
+                    calls_per_granule(&d, ROUNDS * iters)
+                );
+            }
+        }
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    granule_miss(&mut c);
+    c.final_summary();
+    // Only a real measurement run has estimates to summarize (`cargo test`
+    // runs each benchmark once in test mode).
+    if std::env::args().any(|a| a == "--bench") {
+        summary();
+    }
+}
