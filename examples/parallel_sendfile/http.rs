@@ -747,11 +747,14 @@ mod tests {
             f(&mut c);
             c
         };
-        let leak = |s: String| -> &'static [u8] { Box::leak(s.into_bytes().into_boxed_slice()) };
-        let etag = leak(m.etag.clone());
-        let lm_b = leak(lm.clone());
-        let older = leak(httpdate::fmt_http_date(m.modified - Duration::from_secs(1)));
-        let weak = leak(format!("W/{}", m.etag));
+        // The header values, owned here for the whole test.
+        let owned = [
+            m.etag.clone(),
+            lm.clone(),
+            httpdate::fmt_http_date(m.modified - Duration::from_secs(1)),
+            format!("W/{}", m.etag),
+        ];
+        let [etag, lm_b, older, weak] = [0, 1, 2, 3].map(|i| owned[i].as_bytes());
 
         assert_eq!(reply(true, &Conditions::default(), &m), Reply::Ok);
         let r = Conditions { range: Some(b"bytes=10-19"), ..c(|_| {}) };
