@@ -13,7 +13,11 @@
 //!   old granule `PROT_NONE`: the raw `strict` cycle); `..._lazy_gG` with
 //!   `Reclaim::Lazy` (the miss maps over the evicted granule in place: the
 //!   raw `in_place` cycle). G in {1, 16, 64, 512}, and a huge page (512
-//!   frames) when 32 huge pages are free.
+//!   frames) when 32 huge pages are free. `lwbuf_run_...` and
+//!   `sfbuf_run_...`: the same granules taken as one run each
+//!   (`alloc_run` of the granule's G pages: one handle, one word read of
+//!   each page), where the miss is spread over the pages without a hit
+//!   per page.
 //!
 //! After the groups, the summary measures each library cycle and its raw
 //! cycle side by side (alternating rounds, median per-round ratio) and
@@ -101,6 +105,23 @@ impl Memory {
         sum
     }
 
+    /// Granule `k` through `lw` as one run: one handle for its G pages
+    /// (`alloc_run`), one word read of each.
+    #[inline(always)]
+    fn lw_run_cycle(&self, lw: &Lwbufs, k: usize) -> u64 {
+        let h = lw.alloc_run(self.granule_pages(k)).expect("alloc_run");
+        let kva = h.kva().expect("kva");
+        (0..self.granule).fold(0u64, |sum, i| sum.wrapping_add(kva.read_u64(i * raw::PAGE).expect("read")))
+    }
+
+    /// Granule `k` through `pool` as one run, as [`lw_run_cycle`](Self::lw_run_cycle).
+    #[inline(always)]
+    fn sf_run_cycle(&self, pool: &SfPool, k: usize) -> u64 {
+        let h = pool.alloc_run(self.granule_pages(k), Wait::NoWait).expect("alloc_run");
+        let kva = h.kva();
+        (0..self.granule).fold(0u64, |sum, i| sum.wrapping_add(kva.read_u64(i * raw::PAGE).expect("read")))
+    }
+
     /// Granule `k` through `pool`, as [`lw_cycle`](Self::lw_cycle).
     #[inline(always)]
     fn sf_cycle(&self, pool: &SfPool, k: usize) -> u64 {
@@ -113,11 +134,14 @@ impl Memory {
     }
 }
 
-/// Which cache, for the benchmark ids and the summary.
+/// Which cache and API, for the benchmark ids and the summary: a handle
+/// per page (`alloc`), or one per granule (`alloc_run`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Cache {
     Lwbuf,
     SfBuf,
+    LwbufRun,
+    SfBufRun,
 }
 
 impl Cache {
@@ -125,7 +149,13 @@ impl Cache {
         match self {
             Cache::Lwbuf => "lwbuf",
             Cache::SfBuf => "sfbuf",
+            Cache::LwbufRun => "lwbuf_run",
+            Cache::SfBufRun => "sfbuf_run",
         }
+    }
+
+    fn run(self) -> bool {
+        matches!(self, Cache::LwbufRun | Cache::SfBufRun)
     }
 }
 
@@ -154,19 +184,19 @@ fn id(cache: Cache, r: Reclaim, cfg: Config) -> String {
 }
 
 const RECLAIMS: [Reclaim; 2] = [Reclaim::Strict, Reclaim::Lazy];
-const CACHES: [Cache; 2] = [Cache::Lwbuf, Cache::SfBuf];
+const CACHES: [Cache; 4] = [Cache::Lwbuf, Cache::SfBuf, Cache::LwbufRun, Cache::SfBufRun];
 
 /// A cache under test (boxed: the two differ much in size).
 enum Lib {
-    Lw(Box<Lwbufs>),
-    Sf(Box<SfPool>),
+    Lw(Box<Lwbufs>, bool),
+    Sf(Box<SfPool>, bool),
 }
 
 impl Lib {
     fn new(m: &Memory, cache: Cache, r: Reclaim) -> Lib {
         match cache {
-            Cache::Lwbuf => Lib::Lw(Box::new(m.lwbufs(r))),
-            Cache::SfBuf => Lib::Sf(Box::new(m.pool(r))),
+            Cache::Lwbuf | Cache::LwbufRun => Lib::Lw(Box::new(m.lwbufs(r)), cache.run()),
+            Cache::SfBuf | Cache::SfBufRun => Lib::Sf(Box::new(m.pool(r)), cache.run()),
         }
     }
 
@@ -174,15 +204,17 @@ impl Lib {
     #[inline(always)]
     fn cycle(&self, m: &Memory, k: usize) -> u64 {
         match self {
-            Lib::Lw(lw) => m.lw_cycle(lw, k),
-            Lib::Sf(pool) => m.sf_cycle(pool, k),
+            Lib::Lw(lw, false) => m.lw_cycle(lw, k),
+            Lib::Lw(lw, true) => m.lw_run_cycle(lw, k),
+            Lib::Sf(pool, false) => m.sf_cycle(pool, k),
+            Lib::Sf(pool, true) => m.sf_run_cycle(pool, k),
         }
     }
 
     fn mmu_stats(&self) -> MmuStats {
         match self {
-            Lib::Lw(lw) => lw.mmu().stats(),
-            Lib::Sf(pool) => pool.mmu().stats(),
+            Lib::Lw(lw, _) => lw.mmu().stats(),
+            Lib::Sf(pool, _) => pool.mmu().stats(),
         }
     }
 }
@@ -195,7 +227,7 @@ fn granule_miss(c: &mut Criterion) {
         for cache in CACHES {
             for r in RECLAIMS {
                 let lib = Lib::new(&m, cache, r);
-                let _cpu0 = if let Lib::Lw(lw) = &lib { Some(lw.bind(0).expect("bind")) } else { None };
+                let _cpu0 = if let Lib::Lw(lw, _) = &lib { Some(lw.bind(0).expect("bind")) } else { None };
                 let mut k = 0;
                 // iter_custom divided by G: the reported time is per page.
                 g.bench_function(id(cache, r, cfg), |b| {
@@ -257,7 +289,7 @@ fn summary() {
             let how = raw_cycle(r);
             for cache in CACHES {
                 let lib = Lib::new(&m, cache, r);
-                let _cpu0 = if let Lib::Lw(lw) = &lib { Some(lw.bind(0).expect("bind")) } else { None };
+                let _cpu0 = if let Lib::Lw(lw, _) = &lib { Some(lw.bind(0).expect("bind")) } else { None };
                 let before = lib.mmu_stats();
                 let p = common::paired(ROUNDS, iters, ns, |k| lib.cycle(&m, k), |_| rawm.cycle(how));
                 let d = lib.mmu_stats().since(&before);

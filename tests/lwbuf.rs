@@ -1219,3 +1219,25 @@ fn no_spurious_window_full(b: Backend, threads: usize, slots: usize) {
     assert_eq!(s.total.allocs, (threads * rounds) as u64);
     assert_eq!(lw.check_consistency(), Ok(0));
 }
+
+/// The pages of one granule read in turn are one use of its entry: with
+/// one unused entry kept (`max_excess(1)`) and a window of two granules, a
+/// scan page by page maps every granule once. (The clock once marked the
+/// granule at each of its releases, then spared it and evicted the granule
+/// mapped after it, which mapped again at its next page: two maps each.)
+#[test]
+fn a_granule_read_page_by_page_is_mapped_once() {
+    let mem = PhysMem::builder().frames(64).backing(lwbuf::Backing::Heap).build().unwrap();
+    let pages = mem.alloc_run(64).unwrap();
+    for reclaim in [Reclaim::Strict, Reclaim::Lazy] {
+        let mmu = std::sync::Arc::new(lwbuf::ModelMmu::new(&mem, 8).unwrap());
+        let lw = Lwbufs::builder(mmu).cpus(1).granule(4).max_excess(1).reclaim(reclaim).build().unwrap();
+        let _cpu = lw.bind(0).unwrap();
+        for p in &pages {
+            drop(lw.alloc(p).unwrap());
+        }
+        let s = lw.stats();
+        assert_eq!((s.total.misses, s.total.hits, s.mmu.enters), (16, 48, 16), "{reclaim:?}");
+        assert_eq!(lw.check_consistency(), Ok(0));
+    }
+}

@@ -24,12 +24,22 @@ use crate::sync::{env, AtomicU64};
 
 // Replacement is a clock over release order (second chance): an entry joins
 // the back of the queue when its count first drops to zero; a hit does not
-// move it (so a hit and its release touch nothing but the entry), and a
-// release of an entry still queued only marks it referenced. The eviction
-// hand pops the front, drops used entries from the queue, sends a marked one
-// to the back with its mark cleared, and evicts the first unmarked unused
-// one. Without re-use this is exactly LRU; with it, an entry used since it
-// was queued gets one more trip round.
+// move it (so a hit and its release touch nothing but the entry and the
+// cache's own fields), and a release of an entry still queued only marks it
+// referenced. The eviction hand pops the front, drops used entries
+// from the queue, sends a marked one to the back with its mark cleared, and
+// evicts the first unmarked unused one. Without re-use this is exactly LRU;
+// with it, an entry used since it was queued gets one more trip round.
+// A release of the entry at the back of the queue (nothing released since
+// it was queued) marks nothing: it has the most recent place already.
+// Otherwise the pages of a granule read in turn (G releases of its entry)
+// would mark it, and with few entries cached the hand would spare it and
+// evict the granule mapped after it, which then maps again at its next
+// page (`benches/granule.rs` showed two maps per granule at
+// `max_excess(1)`).
+
+/// No key: what `Local::newest` holds before anything is queued.
+const NO_KEY: Key = Key { pfn: usize::MAX, pages: 0 };
 
 /// Counters kept by the owner (under the cache lock).
 #[derive(Clone, Copy, Debug, Default)]
@@ -62,6 +72,10 @@ pub(crate) struct Local {
     map: Entries,
     /// The clock queue, oldest release first.
     clock: VecDeque<Key>,
+    /// The key last put at the back of `clock` (`NO_KEY` before any): a
+    /// queued entry with this key is the newest on the queue, known
+    /// without reading the queue on the release path.
+    newest: Key,
     /// Entries with a count of zero.
     unused: usize,
     /// Unmapped single granules this CPU holds for its next misses.
@@ -97,6 +111,7 @@ impl Local {
             cpu,
             map: Entries::new(shift),
             clock: VecDeque::new(),
+            newest: NO_KEY,
             unused: 0,
             free_slots: Vec::new(),
             spare: Vec::new(),
@@ -259,13 +274,22 @@ impl Local {
         };
         e.refs -= 1;
         if e.refs == 0 {
-            let queued = e.queued();
-            e.set(if queued { REFERENCED } else { QUEUED }, true);
-            self.unused += 1;
-            if !queued {
-                self.clock.push_back(key);
+            if !e.queued() {
+                e.set(QUEUED, true);
+                self.queue(key);
+            } else if key != self.newest {
+                // Used again since others were released: spare it once.
+                e.set(REFERENCED, true);
             }
+            self.unused += 1;
         }
+    }
+
+    /// Put `key` at the back of the clock queue.
+    #[inline]
+    fn queue(&mut self, key: Key) {
+        self.clock.push_back(key);
+        self.newest = key;
     }
 
     #[cold]
@@ -296,7 +320,7 @@ impl Local {
                 e.set(QUEUED, false);
             } else if e.referenced() {
                 e.set(REFERENCED, false);
-                self.clock.push_back(key);
+                self.queue(key);
             } else {
                 break key;
             }
@@ -318,7 +342,7 @@ impl Local {
                 // eviction tries another one first.
                 self.map.insert(key, mapping, 0, QUEUED);
                 self.unused += 1;
-                self.clock.push_back(key);
+                self.queue(key);
                 self.counters.unmap_errors += 1;
                 self.unmap_error = Some(err);
                 false
@@ -356,6 +380,7 @@ impl Local {
             // dropped.
         }
         self.clock.clear();
+        self.newest = NO_KEY;
         self.unused = 0;
         kva.give_batch(self.free_slots.drain(..));
     }

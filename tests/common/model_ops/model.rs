@@ -382,7 +382,10 @@ impl Model {
         *r -= 1;
         if *r == 0 {
             if c.queued.contains(&key) {
-                c.referenced.insert(key);
+                // The newest on the queue: no mark (see `src/lwbuf/pcpu.rs`).
+                if c.clock.back() != Some(&key) {
+                    c.referenced.insert(key);
+                }
             } else {
                 c.queued.insert(key);
                 c.clock.push_back(key);
