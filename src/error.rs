@@ -153,6 +153,17 @@ pub enum Error {
         /// The huge page size in bytes.
         size: usize,
     },
+    /// A file cached by a [`PageCache`](crate::pagecache::PageCache)
+    /// changed on disk behind it: a fill found it shorter than the cache
+    /// knew it. Nothing of the page was cached, and the file was
+    /// revalidated (its new size taken, its clean pages dropped), so the
+    /// next call sees the file as it is now.
+    FileChanged {
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// What was found.
+        why: String,
+    },
     /// A system call the kernel (or [`FaultyMmu`](crate::FaultyMmu))
     /// refused, naming the call and its errno. A refused unmap leaves the
     /// cached entry mapped and counted, and is retried later.
@@ -237,6 +248,9 @@ impl fmt::Display for Error {
                 size >> 10,
                 needed.saturating_sub(*free) + crate::phys::huge_pages_total().unwrap_or(0)
             ),
+            Error::FileChanged { path, why } => {
+                write!(f, "{} changed on disk behind the page cache: {why}", path.display())
+            }
             Error::Sys { op, source } => write!(f, "{op} failed: {source}"),
         }
     }
@@ -263,6 +277,7 @@ impl From<Error> for io::Error {
             Error::Config { .. } | Error::OutOfBounds { .. } | Error::NoSuchCpu { .. } | Error::SlotOccupied { .. } => {
                 io::Error::new(io::ErrorKind::InvalidInput, e)
             }
+            Error::FileChanged { .. } => io::Error::new(io::ErrorKind::UnexpectedEof, e),
             other => io::Error::other(other),
         }
     }

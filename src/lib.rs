@@ -79,6 +79,7 @@ pub mod kva;
 pub mod lwbuf;
 pub mod mmu;
 mod owned;
+pub mod pagecache;
 pub mod phys;
 pub mod sendfile;
 pub mod sfbuf;

@@ -73,6 +73,19 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// Wait on a condition variable, ignoring poisoning as [`lock`] does.
+#[inline]
+pub(crate) fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    #[cfg(not(loom))]
+    {
+        cv.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+    #[cfg(loom)]
+    {
+        cv.wait(g).unwrap()
+    }
+}
+
 /// Try to lock a mutex without blocking; `None` if another thread holds it.
 #[inline]
 pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
@@ -348,6 +361,12 @@ pub mod mutants {
         /// Asking for an lwbuf handle's address on another CPU makes (or
         /// finds) that CPU's entry for the page instead of its granule.
         ForeignPageKey,
+        /// A page-cache miss inserts its filling entry without looking
+        /// again under the shard lock, so two first uses both read.
+        FillNoRecheck,
+        /// The page-cache evictor checks "clean and unheld" under the
+        /// entry's lock, lets go, and evicts later without checking again.
+        EvictStaleCheck,
     }
 
     std::thread_local! {

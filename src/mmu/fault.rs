@@ -61,14 +61,19 @@ impl Fault {
 /// One kind of call: how many were made since the fault was armed, and the
 /// fault.
 #[derive(Debug, Default)]
-struct Plan {
+pub(crate) struct Plan {
     since_armed: u64,
     fault: Option<Fault>,
 }
 
 impl Plan {
+    /// A plan with `fault` armed and no call counted yet.
+    pub(crate) fn armed(fault: Option<Fault>) -> Plan {
+        Plan { since_armed: 0, fault }
+    }
+
     /// Count a call; the errno to fail it with, if it must fail.
-    fn next(&mut self) -> Option<i32> {
+    pub(crate) fn next(&mut self) -> Option<i32> {
         self.since_armed += 1;
         let call = self.since_armed;
         self.fault.as_ref().filter(|f| f.hits(call)).map(|f| f.errno)

@@ -11,6 +11,7 @@ mod model;
 mod table;
 mod window;
 
+pub(crate) use fault::Plan;
 pub use fault::{Fault, FaultStats, FaultyMmu};
 pub use model::ModelMmu;
 pub use window::{Window, WindowBuilder};
