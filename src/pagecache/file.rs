@@ -22,6 +22,9 @@ const SHARDS: usize = 16;
 #[cfg(loom)]
 const SHARDS: usize = 2;
 
+/// One shard of a file's page map: page index to entry.
+type Shard = Mutex<HashMap<u64, Arc<Entry>>>;
+
 /// Sequential misses read ahead at least this many pages.
 const MIN_READAHEAD: usize = 4;
 
@@ -49,7 +52,7 @@ pub(crate) struct FileInner {
     /// Bytes of the file on disk that a fill may read; beyond, pages are
     /// zeros (grown by write-back).
     disk_len: AtomicU64,
-    shards: Box<[Mutex<HashMap<u64, Arc<Entry>>>]>,
+    shards: Box<[Shard]>,
     /// Where a sequential miss would be, and the last readahead.
     next_seq: AtomicU64,
     ra_window: AtomicUsize,
@@ -97,7 +100,7 @@ impl FileInner {
         }))
     }
 
-    fn shard(&self, index: u64) -> &Mutex<HashMap<u64, Arc<Entry>>> {
+    fn shard(&self, index: u64) -> &Shard {
         &self.shards[(index as usize) % SHARDS]
     }
 
