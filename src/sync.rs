@@ -367,6 +367,11 @@ pub mod mutants {
         /// The page-cache evictor checks "clean and unheld" under the
         /// entry's lock, lets go, and evicts later without checking again.
         EvictStaleCheck,
+        /// A page-cache entry leaving its map keeps its frame number
+        /// published, and lets its frame go before it leaves the map, so a
+        /// reader under the shard's lock can copy from a frame another
+        /// page has taken.
+        RetireKeepsPfn,
     }
 
     std::thread_local! {

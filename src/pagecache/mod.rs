@@ -531,12 +531,15 @@ impl Inner {
                 return Look::Gone;
             }
         }
-        st.fill = Fill::Gone;
-        let page = st.page.take();
-        st.readahead = false;
+        let page = e.retire(&mut st);
         drop(st);
-        file.unmap_entry(e);
-        drop(page);
+        if crate::sync::mutant!(RetireKeepsPfn) {
+            drop(page);
+            file.unmap_entry(e);
+        } else {
+            file.unmap_entry(e);
+            drop(page);
+        }
         self.release_frames(1);
         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         Look::Evicted
