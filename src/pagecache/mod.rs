@@ -534,8 +534,10 @@ impl Inner {
         st.fill = Fill::Gone;
         let page = st.page.take();
         st.readahead = false;
-        drop(st);
+        // Out of the map before the lock goes: a thread that finds the
+        // entry gone looks again and must not find it there (it would spin).
         file.unmap_entry(e);
+        drop(st);
         drop(page);
         self.release_frames(1);
         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
