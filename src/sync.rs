@@ -367,6 +367,10 @@ pub mod mutants {
         /// The page-cache evictor checks "clean and unheld" under the
         /// entry's lock, lets go, and evicts later without checking again.
         EvictStaleCheck,
+        /// A failed page-cache fill marks its entries gone and wakes the
+        /// waiters without taking the entries out of the map, so every
+        /// later lookup of the page finds a gone entry and looks again.
+        FailedFillMapped,
     }
 
     std::thread_local! {

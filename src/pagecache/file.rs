@@ -631,7 +631,9 @@ impl CachedFile {
             Err(err) => {
                 stats.fill_errors.fetch_add(1, Ordering::Relaxed);
                 for e in &entries {
-                    self.file.unmap_entry(e);
+                    if !crate::sync::mutant!(FailedFillMapped) {
+                        self.file.unmap_entry(e);
+                    }
                     lock(&e.st).fill = Fill::Gone;
                     e.filled.notify_all();
                 }

@@ -40,7 +40,8 @@
 //!   on it. One read per page, however many threads ask at once (loom model
 //!   `pagecache_fill_once`, mutant `FillNoRecheck`). A failed fill takes the
 //!   entry out of the map before waking the waiters, who then try for
-//!   themselves; nothing half-filled is ever marked valid.
+//!   themselves; nothing half-filled is ever marked valid (loom model
+//!   `pagecache_fill_error`, mutant `FailedFillMapped`).
 //! - **Nothing lost to eviction.** The evictor decides under the entry's
 //!   lock, in one critical section, that a page is clean, not being written
 //!   back and held by no one but the cache ([`Page::hold_count`] of 1: a
