@@ -372,6 +372,10 @@ pub mod mutants {
         /// reader under the shard's lock can copy from a frame another
         /// page has taken.
         RetireKeepsPfn,
+        /// A failed page-cache fill marks its entries gone and wakes the
+        /// waiters without taking the entries out of the map, so every
+        /// later lookup of the page finds a gone entry and looks again.
+        FailedFillMapped,
     }
 
     std::thread_local! {

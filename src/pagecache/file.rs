@@ -108,7 +108,9 @@ impl FileInner {
         lock(&self.io).clone()
     }
 
-    /// Take `e` out of the map if it is still the entry there.
+    /// Take `e` out of the map if it is still the entry there. Called with
+    /// `e`'s lock held: a shard's lock nests inside an entry's, and no
+    /// entry's lock is taken under a shard's.
     pub(crate) fn unmap_entry(&self, e: &Arc<Entry>) {
         let mut map = lock(self.shard(e.index));
         if map.get(&e.index).is_some_and(|cur| Arc::ptr_eq(cur, e)) {
@@ -534,8 +536,9 @@ impl CachedFile {
             }
             take_dirty(&self.cache, &self.file, &mut st);
             let page = e.retire(&mut st);
-            drop(st);
+            // Out of the map before the lock goes, as the evictor does.
             self.file.unmap_entry(&e);
+            drop(st);
             drop(page);
             self.cache.release_frames(1);
             self.cache.stats.stale_drops.fetch_add(u64::from(!all), Ordering::Relaxed);
@@ -580,8 +583,9 @@ impl CachedFile {
         loop {
             let found = lock(self.file.shard(index)).get(&index).cloned();
             let Some(e) = found else {
-                self.fill(index, want)?;
-                missed = true;
+                // Finding another thread's fill under the shard's lock is a
+                // wait for it, counted as a hit below like the one here.
+                missed |= self.fill(index, want)?;
                 continue;
             };
             let mut st = lock(&e.st);
@@ -597,14 +601,15 @@ impl CachedFile {
     }
 
     /// Fill page `index` (and pages read ahead of it), or find someone
-    /// already is. `Ok` means "look again".
-    fn fill(&self, index: u64, want: Want) -> Result<()> {
+    /// already is. `Ok` means "look again": `true` if this call read the
+    /// page, `false` if another thread's entry was there.
+    fn fill(&self, index: u64, want: Want) -> Result<bool> {
         let weak: Weak<FileInner> = Arc::downgrade(&self.file);
         let first = Arc::new(Entry::filling(weak.clone(), index, false));
         {
             let mut map = lock(self.file.shard(index));
             if !crate::sync::mutant!(FillNoRecheck) && map.contains_key(&index) {
-                return Ok(());
+                return Ok(false);
             }
             map.insert(index, first.clone());
         }
@@ -644,12 +649,14 @@ impl CachedFile {
                     e.filled.notify_all();
                     self.cache.enlist(e.clone());
                 }
-                Ok(())
+                Ok(true)
             }
             Err(err) => {
                 stats.fill_errors.fetch_add(1, Ordering::Relaxed);
                 for e in &entries {
-                    self.file.unmap_entry(e);
+                    if !crate::sync::mutant!(FailedFillMapped) {
+                        self.file.unmap_entry(e);
+                    }
                     lock(&e.st).fill = Fill::Gone;
                     e.filled.notify_all();
                 }

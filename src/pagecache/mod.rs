@@ -40,7 +40,8 @@
 //!   on it. One read per page, however many threads ask at once (loom model
 //!   `pagecache_fill_once`, mutant `FillNoRecheck`). A failed fill takes the
 //!   entry out of the map before waking the waiters, who then try for
-//!   themselves; nothing half-filled is ever marked valid.
+//!   themselves; nothing half-filled is ever marked valid (loom model
+//!   `pagecache_fill_error`, mutant `FailedFillMapped`).
 //! - **Nothing lost to eviction.** The evictor decides under the entry's
 //!   lock, in one critical section, that a page is clean, not being written
 //!   back and held by no one but the cache ([`Page::hold_count`] of 1: a
@@ -532,12 +533,16 @@ impl Inner {
             }
         }
         let page = e.retire(&mut st);
-        drop(st);
         if crate::sync::mutant!(RetireKeepsPfn) {
+            drop(st);
             drop(page);
             file.unmap_entry(e);
         } else {
+            // Out of the map before the lock goes: a thread that finds the
+            // entry gone looks again and must not find it there (it would
+            // spin). The frame goes last, after the removal.
             file.unmap_entry(e);
+            drop(st);
             drop(page);
         }
         self.release_frames(1);
