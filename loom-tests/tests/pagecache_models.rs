@@ -268,3 +268,38 @@ fn pagecache_fill_error() {
 fn pagecache_fill_error_mutant_failed_fill_mapped() {
     expect_failure("pagecache_fill_error(eio)", Mutant::FailedFillMapped, || fill_error(Failure::Eio));
 }
+
+// === 5. a hit under the shard's lock racing the eviction of its page ===
+
+/// Page 0 is cached in frame 0 of a two-frame memory, with a budget of 1.
+/// One thread reads page 0 (a hit copies under the shard's lock with no
+/// hold on the frame) while another reads page 1, whose fill evicts page 0
+/// and takes its frame back from the allocator (lowest free frame first)
+/// to read page 1 into. The hit must copy page 0's bytes: the frame is
+/// let go only once the entry has left the map, after the hit's lock.
+fn hit_vs_evict() {
+    let ps = lwbuf::system_page_size();
+    let fs = mem_file(2, ps);
+    let mem = PhysMem::builder().frames(2).backing(Backing::Heap).build().unwrap();
+    let cache = PageCache::builder(&mem).budget(1).readahead(1).io(fs).build().unwrap();
+    let file = cache.open("f").unwrap();
+    read_page(&file, 0);
+    let f = file.clone();
+    let reader = thread::spawn(move || read_page(&f, 0));
+    read_page(&file, 1);
+    reader.join().unwrap();
+    let s = cache.stats();
+    assert_eq!(s.resident as u64 + s.evictions, s.misses, "frames leaked or freed twice: {s:?}");
+}
+
+#[test]
+fn pagecache_hit_vs_evict() {
+    model("pagecache_hit_vs_evict", hit_vs_evict);
+}
+
+/// A hit that lets go of the shard's lock before it copies can copy page
+/// 1's bytes (or the zeros of a frame being filled) as page 0's.
+#[test]
+fn pagecache_hit_vs_evict_mutant_copies_unlocked() {
+    expect_failure("pagecache_hit_vs_evict", Mutant::HitCopiesUnlocked, hit_vs_evict);
+}

@@ -68,9 +68,7 @@ impl Entry {
     /// Mark the entry gone (under its lock, `st`) and hand back its frame,
     /// to be dropped only after the entry has left its map.
     pub(crate) fn retire(&self, st: &mut EntrySt) -> Option<Page> {
-        if !crate::sync::mutant!(RetireKeepsPfn) {
-            self.valid_pfn.store(0, Ordering::Relaxed);
-        }
+        self.valid_pfn.store(0, Ordering::Relaxed);
         st.fill = Fill::Gone;
         st.page.take()
     }

@@ -559,8 +559,12 @@ impl CachedFile {
         if v == 0 {
             return Ok(false);
         }
-        self.cache.phys.direct_view(crate::phys::Pfn(v - 1), 1)?.read_at(in_page, dst)?;
         self.touched(e, true);
+        if crate::sync::mutant!(HitCopiesUnlocked) {
+            drop(map);
+            crate::sync::thread::yield_now();
+        }
+        self.cache.phys.direct_view(crate::phys::Pfn(v - 1), 1)?.read_at(in_page, dst)?;
         Ok(true)
     }
 
