@@ -130,6 +130,21 @@ fn main() {
         |i| s.plain.read_at(&mut b1, offset(i)).expect("pread"),
     );
     drop(held);
+    // Below any cache: a plain memcpy of the same 4 KiB from a private
+    // copy of the file (no shared memory, no lookup).
+    let private = std::fs::read(s.dir.join("data")).expect("read the file");
+    let mut b4 = [0u8; READ];
+    let memcpy = common::paired(
+        31,
+        20_000,
+        clock,
+        |i| {
+            let o = offset(i) as usize;
+            b4.copy_from_slice(&private[o..o + READ]);
+            black_box(&b4);
+        },
+        |i| s.plain.read_at(&mut b1, offset(i)).expect("pread"),
+    );
     let st = s._cache.stats();
     println!("\n== {GROUP}: side by side, 31 alternating rounds of 20,000 reads");
     println!(
@@ -140,6 +155,11 @@ fn main() {
         "the floor, a word copy of the same 4 KiB straight from its frame: {:.0} ns (pread / copy = {:.2}x)",
         copy.a_ns,
         1.0 / copy.ratio
+    );
+    println!(
+        "below any cache, memcpy of the same 4 KiB from a private buffer: {:.0} ns (pread / memcpy = {:.2}x)",
+        memcpy.a_ns,
+        1.0 / memcpy.ratio
     );
     println!("cache: {} hits, {} misses, {} resident", st.hits, st.misses, st.resident);
     println!(

@@ -15,7 +15,8 @@
 //!   /proc/sys/vm/drop_caches`, so both read from the disk. The baseline is
 //!   `cat FILE > /dev/null`; the candidate reads the file front to back
 //!   through a [`PageCache`] (budget `--budget-mib`, default 64) in
-//!   `--chunk-kib` (default 128) pieces, with readahead. Without permission
+//!   `--chunk-kib` (default 128) pieces, with readahead; `--fill direct`
+//!   fills with `O_DIRECT` ([`DirectFileIo`]) instead of buffered `preadv`. Without permission
 //!   to drop the caches it says so and stops (nothing measured would be
 //!   cold).
 //! - `writeback`: a file of `--pages` 4 KiB pages, all cached; one byte
@@ -31,7 +32,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use lwbuf::pagecache::PageCache;
+use std::sync::Arc;
+
+use lwbuf::pagecache::{DirectFileIo, FileIo, PageCache, SysFileIo};
 use lwbuf::PhysMem;
 
 #[derive(Parser)]
@@ -60,6 +63,10 @@ enum Cmd {
         /// Bytes per read call, in KiB.
         #[arg(long, default_value_t = 128)]
         chunk_kib: usize,
+        /// How fills read: `buffered` (preadv through the kernel's page
+        /// cache, the default) or `direct` (O_DIRECT, cached once).
+        #[arg(long, default_value = "buffered")]
+        fill: String,
     },
     /// Dirty one byte in each page, then write back: 512-byte blocks beside whole pages.
     Writeback {
@@ -93,8 +100,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let dir = temp_dir(args.dir)?;
     match args.cmd {
-        Cmd::Cold { file_mib, budget_mib, chunk_kib } => {
-            cold(&dir.0, file_mib, budget_mib, chunk_kib, args.rounds.unwrap_or(3))
+        Cmd::Cold { file_mib, budget_mib, chunk_kib, fill } => {
+            let io: Arc<dyn FileIo> = match fill.as_str() {
+                "buffered" => Arc::new(SysFileIo),
+                "direct" => Arc::new(DirectFileIo),
+                other => return Err(format!("--fill {other}: expected buffered or direct").into()),
+            };
+            cold(&dir.0, file_mib, budget_mib, chunk_kib, io, args.rounds.unwrap_or(3))
         }
         Cmd::Writeback { pages } => writeback(&dir.0, pages, args.rounds.unwrap_or(5)),
     }
@@ -128,6 +140,7 @@ fn cold(
     file_mib: usize,
     budget_mib: usize,
     chunk_kib: usize,
+    io: Arc<dyn FileIo>,
     rounds: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let path = dir.join("cold");
@@ -156,7 +169,7 @@ fn cold(
         let mut run_ours = || -> Result<f64, Box<dyn std::error::Error>> {
             drop_caches()?;
             let mem = PhysMem::builder().frames((budget_mib.max(1) << 20) / 4096).build()?;
-            let cache = PageCache::builder(&mem).build()?;
+            let cache = PageCache::builder(&mem).io(io.clone()).build()?;
             let t = Instant::now();
             let file = cache.open(&path)?;
             let mut buf = vec![0u8; chunk];

@@ -101,7 +101,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use file::CachedFile;
-pub use io::{FaultyFileIo, FileFaultStats, FileIo, FileStat, FrameRange, IoFile, MemFileIo, SysFileIo};
+pub use io::{DirectFileIo, FaultyFileIo, FileFaultStats, FileIo, FileStat, FrameRange, IoFile, MemFileIo, SysFileIo};
 
 use self::entry::{Entry, Fill};
 use self::file::FileInner;
