@@ -108,10 +108,10 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     let mut inside = 0;
     let mut acc = 0;
     for e in &set.files {
-        if acc + e.file.len() > cache / 2 && inside > 0 {
+        if acc + e.len() > cache / 2 && inside > 0 {
             break;
         }
-        acc += e.file.len();
+        acc += e.len();
         inside += 1;
     }
     eprintln!(
@@ -146,7 +146,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             .iter()
             .map(|e| Target {
                 path: format!("/{}", e.name),
-                len: e.file.len(),
+                len: e.len(),
                 seed: if args.no_verify { None } else { e.seed },
             })
             .collect();

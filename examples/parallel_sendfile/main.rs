@@ -63,7 +63,11 @@ const SERVE_ABOUT: &str = "\
 Serve the files of a directory over HTTP/1.1 (keep-alive) on 127.0.0.1.
 
 The files are loaded into the page-cache stand-in at startup; later changes
-on disk are not seen. GET and HEAD (405 otherwise); a single Range (206, or
+on disk are not seen. With --mem-mib N they stay on disk and are read through
+a page cache of N MiB instead: a file changed on disk is served as it is at
+the request (new length, validators and bytes, never a mix), a file deleted
+gets 404, and a request whose pages cannot be had (every frame pinned by
+other requests) gets 503. GET and HEAD (405 otherwise); a single Range (206, or
 416 with Content-Range: bytes */LEN; several ranges get 200 and the whole
 file); Last-Modified with If-Modified-Since and a strong ETag with
 If-None-Match (304); If-Range; Content-Type by extension; index.html for a
@@ -193,9 +197,18 @@ pub struct ServeArgs {
     /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
     #[arg(long, value_parser = parse_secs)]
     pub duration: Option<Duration>,
-    /// Refuse to load more than this many MiB.
+    /// Refuse to load more than this many MiB (without --mem-mib).
     #[arg(long, default_value_t = 4096)]
     pub max_mib: u64,
+    /// Serve the files from disk through a page cache of this many MiB
+    /// (a memory of that size, all of it the cache's budget; pages pinned
+    /// only while a request sends them), whatever the directory's size:
+    /// only the names and stat of the files are read at start, each file
+    /// is opened on its first request, and a file changed on disk is seen
+    /// at its next request. Without it, every file is loaded into memory
+    /// at start.
+    #[arg(long)]
+    pub mem_mib: Option<u64>,
     /// Longest run of contiguous frames per file, in pages (0: unlimited).
     #[arg(long, default_value_t = 0)]
     pub max_run: usize,

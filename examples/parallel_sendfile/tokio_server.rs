@@ -425,10 +425,18 @@ async fn respond(
             }
         },
     };
-    let reply = http::reply(req.get, &req.cond, &entry.meta);
-    http::write_head(head, &reply, &entry.meta, date, keep);
-    let r = match reply.body(&entry.meta).filter(|_| req.get) {
-        Some(range) => send_file(out, head, &entry.file, range, &ctx.caches).await,
+    // A file on disk is read here, on the worker, as a page fault would be.
+    let a = match ctx.files.answer(entry, req.get, &req.cond) {
+        Ok(a) => a,
+        Err(status) => {
+            ctx.stats.bad_requests.fetch_add(1, Relaxed);
+            http::write_error(head, status, date, keep);
+            return send_head(out, head).await.map(|_| keep).map_err(drop);
+        }
+    };
+    http::write_head(head, &a.reply, &a.meta, date, keep);
+    let r = match &a.body {
+        Some((file, range)) => send_file(out, head, file, range.clone(), &ctx.caches).await,
         None => send_head(out, head).await,
     };
     match r {
