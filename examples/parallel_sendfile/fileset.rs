@@ -57,6 +57,7 @@ impl Entry {
     }
 
     /// The in-memory file, for a file in memory.
+    #[cfg(test)]
     pub fn mem_file(&self) -> Option<&PageFile> {
         match &self.data {
             Data::Mem { file, .. } => Some(file),

@@ -142,6 +142,16 @@ pub struct BenchArgs {
     /// Working sets to run, comma-separated (inside, beyond).
     #[arg(long, value_delimiter = ',', default_value = "inside,beyond")]
     pub sets: Vec<String>,
+    /// Also write the file set to a temporary directory and serve it from
+    /// there through a page cache (`--disk-mem-mib`), beside the in-memory
+    /// set: each working set is run again as `SET-disk`, every request
+    /// pinning its pages in the page cache for the send.
+    #[arg(long)]
+    pub on_disk: bool,
+    /// The page cache's memory for --on-disk, in MiB (default: twice
+    /// --cache-mib, which holds the inside set and half of the beyond one).
+    #[arg(long)]
+    pub disk_mem_mib: Option<u64>,
     /// Longest run of contiguous frames per file, in pages (page-cache
     /// fragmentation; each run is its own mapping or sendfile call).
     #[arg(long, default_value_t = 16)]
@@ -394,6 +404,11 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--max-connections", "0"]).is_err());
         Cli::try_parse_from(["x", "--modes", "sfbuf,lwbuf,lwbuf-run", "--verify-every", "4", "--spot-check"])
             .expect("bench");
+        let cli = Cli::try_parse_from(["x", "--on-disk", "--disk-mem-mib", "32"]).expect("bench on disk");
+        assert_eq!((cli.bench.on_disk, cli.bench.disk_mem_mib), (true, Some(32)));
+        let cli = Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--mem-mib", "256"]).expect("serve from disk");
+        let Some(Command::Serve(args)) = cli.command else { panic!("serve") };
+        assert_eq!(args.mem_mib, Some(256));
         assert!(Cli::try_parse_from(["x", "--modes", "teleport"]).is_err());
         let cli = Cli::try_parse_from(["x", "--modes", "lwbuf,tokio-lwbuf"]).expect("a tokio mode");
         assert_eq!(cli.bench.modes[1], ServerMode { runtime: Runtime::Tokio, mode: Mode::Lwbuf });
