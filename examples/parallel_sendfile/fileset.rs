@@ -43,9 +43,12 @@ pub enum Data {
 pub struct DiskFile {
     path: PathBuf,
     file: OnceLock<CachedFile>,
-    /// The metadata of the last stat seen, and that stat (with the length).
-    meta: Mutex<(Option<(FileStat, u64)>, Arc<FileMeta>)>,
+    meta: Mutex<SeenMeta>,
 }
+
+/// The reply metadata of the last stat (and length) a request saw (`None`:
+/// the stat listed at start, before the file was opened).
+type SeenMeta = (Option<(FileStat, u64)>, Arc<FileMeta>);
 
 impl Entry {
     /// The length now (for a file on disk: as last seen).
@@ -71,7 +74,7 @@ impl DiskFile {
         DiskFile { path, file: OnceLock::new(), meta: Mutex::new((None, Arc::new(meta))) }
     }
 
-    fn lock_meta(&self) -> std::sync::MutexGuard<'_, (Option<(FileStat, u64)>, Arc<FileMeta>)> {
+    fn lock_meta(&self) -> std::sync::MutexGuard<'_, SeenMeta> {
         self.meta.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 

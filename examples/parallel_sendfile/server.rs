@@ -576,7 +576,7 @@ pub fn serve_until(args: &ServeArgs, stop: &AtomicBool, ready: impl FnOnce(u16))
         bind_listeners(args.port, cores.len()).map_err(|e| format!("bind 127.0.0.1:{}: {e}", args.port))?;
     let how = match &files.cache {
         Some(c) => {
-            format!("on disk, through a page cache of {} MiB, listed", c.budget() * files.mem.frame_size() >> 20)
+            format!("on disk, through a page cache of {} MiB, listed", (c.budget() * files.mem.frame_size()) >> 20)
         }
         None => "loaded".to_string(),
     };
