@@ -200,7 +200,10 @@ impl FileSet {
         let cache = self.cache.as_ref().ok_or(Status::ServiceUnavailable)?;
         let f = d.open(cache).map_err(|err| disk_status(&e.name, &err))?;
         for _ in 0..CHANGED_TRIES {
-            let (st, len) = (f.stat(), f.len());
+            // The stat's own length: a revalidation elsewhere stores the
+            // stat before the length, and the two must be of one version.
+            let st = f.stat();
+            let len = st.len;
             let meta = d.meta_for(&e.name, st, len);
             let reply = http::reply(get, cond, &meta);
             let body = match reply.body(&meta).filter(|_| get) {
