@@ -4,7 +4,10 @@
 //! whole life (`Sender::bind_worker`). A request is answered in place: the
 //! worker sends the whole response (the library polls for `POLLOUT` when
 //! the socket is full) before it serves the next. What a request gets is
-//! decided by `http.rs`; this file does the I/O and enforces the limits.
+//! decided by `http.rs`, and what its body is sent from by
+//! `FileSet::answer` (a file in memory, or the pages of a file on disk
+//! pinned in the page cache, read there on a miss); this file does the I/O
+//! and enforces the limits.
 
 use std::io::{self, Read};
 use std::net::Shutdown;

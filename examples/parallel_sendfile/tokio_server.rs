@@ -15,6 +15,10 @@
 //!   task per connection; tokio's scheduler may move a task to another
 //!   worker between two polls, so a handle is often released on another
 //!   CPU than it was mapped on (a mailbox message to its home CPU).
+//! - **Files on disk** (`serve --mem-mib`): a request pins its pages in the
+//!   page cache on the worker that runs it, reading a miss from disk there
+//!   as a page fault would (the worker waits for the read), then sends
+//!   them as it sends a file in memory.
 //! - **Limits**, as `server.rs` enforces them: 431 from `http::parse`; an
 //!   idle connection closed (408 if part of a request arrived) by a timer
 //!   on each read; 503 beyond `max_connections`; every closing error
