@@ -12,7 +12,13 @@
 #   FILES="f16k.bin f1m.bin random"
 #                          what wrk requests: one file again and again, or "random": one of
 #                          512 files of 512 KiB (256 MiB, four times the default cache of
-#                          64 MiB) chosen at random per request (a wrk Lua script)
+#                          64 MiB) chosen at random per request (a wrk Lua script), or
+#                          "disk2g": one of 2,048 files of 1 MiB (2 GiB) at random, served
+#                          by parallel_sendfile from disk through a page cache of MEM_MIB
+#   MEM_MIB=256            with disk2g: `serve --mem-mib` (every case is then served from
+#                          disk through the page cache); the server's VmRSS, RssAnon,
+#                          RssShmem and the bytes its memory file holds are sampled during
+#                          each run and their peaks shown
 #   SERVE_ARGS=""          extra options of `parallel_sendfile serve` (e.g. "--granule 16")
 #   DURATION=5s            wrk duration per measurement
 #   RUNS=1                 rounds; each round measures nginx and every mode once, in turn,
@@ -31,6 +37,10 @@ set -euo pipefail
 MODES=${MODES:-sendfile sfbuf lwbuf lwbuf-run}
 FILES=${FILES:-f16k.bin f1m.bin random}
 SERVE_ARGS=${SERVE_ARGS:-}
+MEM_MIB=${MEM_MIB:-}
+if [[ " ${FILES:-} " == *" disk2g "* ]]; then
+    MEM_MIB=${MEM_MIB:-256}
+fi
 DURATION=${DURATION:-5s}
 RUNS=${RUNS:-1}
 THREADS=${THREADS:-2}
@@ -89,6 +99,20 @@ end
 LUA
 fi
 
+if [[ " $FILES " == *" disk2g "* ]]; then
+    mkdir -p "$WORK/www/d"
+    echo "writing 2,048 files of 1 MiB ..." >&2
+    for i in $(seq 0 2047); do
+        head -c 1048576 /dev/urandom > "$WORK/www/d/$(printf 'd%04d.bin' "$i")"
+    done
+    cat > "$WORK/disk2g.lua" <<'LUA'
+math.randomseed(os.time())
+request = function()
+    return wrk.format("GET", string.format("/d/d%04d.bin", math.random(0, 2047)))
+end
+LUA
+fi
+
 wait_port() { # port: wait until a server answers on 127.0.0.1:port
     local _i
     for _i in $(seq 1 100); do
@@ -101,7 +125,7 @@ wait_port() { # port: wait until a server answers on 127.0.0.1:port
 
 check_files() { # port name
     local f
-    for f in f16k.bin f1m.bin r/r000.bin r/r511.bin r/r257.bin; do
+    for f in f16k.bin f1m.bin r/r000.bin r/r511.bin r/r257.bin d/d0000.bin d/d2047.bin d/d1025.bin; do
         [ -e "$WORK/www/$f" ] || continue
         if ! curl -sf "http://127.0.0.1:$1/$f" | cmp -s - "$WORK/www/$f"; then
             echo "$2 did not return $f byte for byte" >&2
@@ -151,8 +175,8 @@ BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/parallel_sendfile"
 
 run_wrk() { # port file -> "req/s transfer/s"
     local out
-    if [ "$2" = random ]; then
-        out=$(timeout 120 wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" -s "$WORK/random.lua" "http://127.0.0.1:$1/" 2>&1)
+    if [ "$2" = random ] || [ "$2" = disk2g ]; then
+        out=$(timeout 120 wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" -s "$WORK/$2.lua" "http://127.0.0.1:$1/" 2>&1)
     else
         out=$(timeout 120 wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" "http://127.0.0.1:$1/$2" 2>&1)
     fi
@@ -167,7 +191,10 @@ run_wrk() { # port file -> "req/s transfer/s"
 start_lwbuf() {
     # Bounded: the server stops by itself even if this script is killed.
     # shellcheck disable=SC2086
-    "$BIN" serve --dir "$WORK/www" --port "$LWBUF_PORT" --mode "$1" --duration 600 $SERVE_ARGS >"$WORK/lwbuf-$1.log" 2>&1 &
+    local mem=()
+    [ -n "$MEM_MIB" ] && mem=(--mem-mib "$MEM_MIB")
+    "$BIN" serve --dir "$WORK/www" --port "$LWBUF_PORT" --mode "$1" --duration 600 "${mem[@]}" $SERVE_ARGS \
+        >"$WORK/lwbuf-$1.log" 2>&1 &
     LWBUF_PID=$!
     wait_port "$LWBUF_PORT"
     check_files "$LWBUF_PORT" "parallel_sendfile ($1)"
@@ -178,12 +205,36 @@ stop_lwbuf() {
     LWBUF_PID=""
 }
 
+# Sample the server's memory every 0.2 s until killed; print the peaks (KiB):
+# VmRSS RssAnon RssShmem and the bytes its memory file holds (st_blocks).
+sample_mem() { # pid
+    local vm=0 an=0 sh=0 mf=0 v a h fd b memfd=""
+    trap 'echo "$vm $an $sh $mf"; exit 0' TERM
+    # The memory file: found once (the server opens it at start).
+    for fd in /proc/"$1"/fd/*; do
+        [[ $(readlink "$fd" 2>/dev/null) == /memfd:* ]] && memfd=$fd && break
+    done
+    while kill -0 "$1" 2>/dev/null; do
+        read -r v a h < <(awk '/^VmRSS:/ {v=$2} /^RssAnon:/ {a=$2} /^RssShmem:/ {h=$2} END {print v+0, a+0, h+0}' \
+            "/proc/$1/status" 2>/dev/null || echo "0 0 0")
+        ((v > vm)) && vm=$v
+        ((a > an)) && an=$a
+        ((h > sh)) && sh=$h
+        if [ -n "$memfd" ]; then
+            b=$(( $(stat -L -c %b "$memfd" 2>/dev/null || echo 0) / 2 ))
+            ((b > mf)) && mf=$b
+        fi
+        sleep 0.2
+    done
+    echo "$vm $an $sh $mf"
+}
+
 median() { # numbers... -> the median (the lower middle one for an even count)
     printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print 0 }'
 }
 
 # Per file and server: requests/s of each round; transfer/s of the last one; any errors.
-declare -A RPS TPS ERRS
+declare -A RPS TPS ERRS MEM
 SERVERS=(nginx $MODES)
 for round in $(seq 1 "$RUNS"); do
     [ "$RUNS" -gt 1 ] && echo "round $round of $RUNS ..." >&2
@@ -195,7 +246,18 @@ for round in $(seq 1 "$RUNS"); do
             port=$LWBUF_PORT
         fi
         for f in $FILES; do
+            sampler=""
+            if [ "$srv" != nginx ] && [ -n "$MEM_MIB" ]; then
+                sample_mem "$LWBUF_PID" >"$WORK/mem-$f-$srv-$round" &
+                sampler=$!
+            fi
             read -r rps tps err < <(run_wrk "$port" "$f")
+            if [ -n "$sampler" ]; then
+                kill -TERM "$sampler" 2>/dev/null || true
+                wait "$sampler" 2>/dev/null || true
+                read -r vm an sh mf <"$WORK/mem-$f-$srv-$round" || true
+                MEM[$f/$srv]="${MEM[$f/$srv]:-}  VmRSS $((vm / 1024)) RssAnon $((an / 1024)) RssShmem $((sh / 1024)) memfd $((mf / 1024)) MiB;"
+            fi
             RPS[$f/$srv]="${RPS[$f/$srv]:-} $rps"
             TPS[$f/$srv]=$tps
             ERRS[$f/$srv]="${ERRS[$f/$srv]:-}${err}"
@@ -219,7 +281,22 @@ for f in $FILES; do
             "(${RPS[$f/$srv]# })" "${ERRS[$f/$srv]}"
     done
 done
+if [ -n "$MEM_MIB" ]; then
+    echo
+    echo "parallel_sendfile memory, peaks sampled every 0.2 s during each run (per round):"
+    for f in $FILES; do
+        for srv in $MODES; do
+            echo "  $f $srv:${MEM[$f/$srv]:-}"
+        done
+    done
+    echo "(RssShmem counts a page once per mapping of it: the direct map and each window;"
+    echo " memfd is the memory the server's frames take, which --mem-mib bounds.)"
+fi
 echo
 echo "medians of $RUNS round(s); transfer/s of the last round."
 echo "wrk -t$THREADS -c$CONNS -d$DURATION on 127.0.0.1; nginx: $("$NGINX" -v 2>&1 | sed 's/.*: //'), $(nproc) workers, open_file_cache on;"
-echo "parallel_sendfile: files preloaded into its page-cache stand-in, one pinned worker per CPU. Both share $(nproc) cores with wrk."
+if [ -n "$MEM_MIB" ]; then
+    echo "parallel_sendfile: files on disk, read through its page cache of $MEM_MIB MiB (serve --mem-mib), one pinned worker per CPU. Both share $(nproc) cores with wrk."
+else
+    echo "parallel_sendfile: files preloaded into its page-cache stand-in, one pinned worker per CPU. Both share $(nproc) cores with wrk."
+fi

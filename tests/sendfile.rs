@@ -188,6 +188,9 @@ fn pattern_detects_moved_bytes() {
 /// Send `ranges` of `file` over one keep-alive loopback connection in
 /// `mode`, checking every byte on the other side.
 fn check_mode(mode: Mode, mem: &PhysMem, file: &PageFile, seed: u64, ranges: &[std::ops::Range<u64>]) {
+    // A view's pages are held by their cache too: compare with before.
+    let holds = |f: &PageFile| f.pages().iter().map(Page::hold_count).collect::<Vec<_>>();
+    let before = holds(file);
     let sender = Sender::new(mode, mem, opts()).expect("sender");
     let (server, client) = tcp_pair();
     let total: usize = ranges.iter().map(|r| 6 + (r.end - r.start) as usize).sum();
@@ -210,7 +213,7 @@ fn check_mode(mode: Mode, mem: &PhysMem, file: &PageFile, seed: u64, ranges: &[s
         conn.flush(Duration::from_secs(5)).expect("flush");
         assert_eq!(conn.held_pages(), 0);
     });
-    assert!(all_released(file), "{mode}: holds released");
+    assert_eq!(holds(file), before, "{mode}: holds released");
     nothing_in_use(&sender);
 }
 
@@ -236,6 +239,51 @@ fn every_mode_large_contiguous_range() {
     for &mode in Mode::ALL {
         check_mode(mode, &mem, &file, 12, std::slice::from_ref(&(3..len - 3)));
     }
+}
+
+/// Views of held pages (`PageFile::from_pages`): the pages a page cache
+/// pins for one request, frames in any order, sent in every mode from the
+/// file's own offsets; nothing held once the sends are done.
+#[test]
+fn every_mode_sends_views_of_page_cache_pages() {
+    let dir = std::env::temp_dir().join(format!("lwbuf-sendfile-view-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("f");
+    let len = 40 * FS + 77;
+    let mut data = vec![0u8; len as usize];
+    Pattern::new(21).fill(0, &mut data);
+    std::fs::write(&path, &data).expect("write");
+    let (mem, _hog) = fragmented(512);
+    let cache = lwbuf::pagecache::PageCache::builder(&mem).budget(64).readahead(4).build().expect("cache");
+    let file = cache.open(&path).expect("open");
+    // Scatter the frames: fill pages in an order that is not the file's.
+    for i in (0..41).rev().step_by(3) {
+        file.page(i).expect("page");
+    }
+    for range in [0..len, 5 * FS + 9..30 * FS + 1, len - 3..len, FS..2 * FS] {
+        let first = (range.start / FS) as usize;
+        let pages = file.pages(range.clone()).expect("pin");
+        let view = PageFile::from_pages(&mem, pages, first, file.len()).expect("view");
+        assert_eq!(view.first_page(), first);
+        assert!(view.page(first.wrapping_sub(1)).is_none());
+        if first > 0 {
+            assert!(matches!(view.runs(first as u64 * FS - 1..range.end), Err(Error::OutOfBounds { .. })));
+        }
+        let past = (first + view.page_count()) as u64 * FS;
+        if past < len {
+            assert!(matches!(view.runs(range.start..past + 1), Err(Error::OutOfBounds { .. })));
+        }
+        for &mode in Mode::ALL {
+            check_mode(mode, &mem, &view, 21, &[range.clone(), range.start..range.start + 1]);
+        }
+        drop(view);
+    }
+    assert!(cache.set_budget(1).expect("shrink") <= 1, "no page left pinned by the sends");
+    let pages = file.pages(0..2 * FS).expect("pin");
+    assert!(matches!(PageFile::from_pages(&mem, pages.clone(), 40, len), Err(Error::OutOfBounds { .. })));
+    let other = PhysMem::builder().frames(4).build().expect("phys");
+    assert!(matches!(PageFile::from_pages(&other, pages, 0, len), Err(Error::ForeignPage)));
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -108,10 +108,10 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     let mut inside = 0;
     let mut acc = 0;
     for e in &set.files {
-        if acc + e.file.len() > cache / 2 && inside > 0 {
+        if acc + e.len() > cache / 2 && inside > 0 {
             break;
         }
-        acc += e.file.len();
+        acc += e.len();
         inside += 1;
     }
     eprintln!(
@@ -125,6 +125,32 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         set.files.len(),
         mib(set.total_bytes())
     );
+    // The same files on disk, behind a page cache, run as `SET-disk`.
+    let disk_dir = std::env::temp_dir().join(format!("parallel_sendfile-disk-{}", std::process::id()));
+    let _remove = RemoveOnDrop(args.on_disk.then(|| disk_dir.clone()));
+    let disk = if args.on_disk {
+        let t = Instant::now();
+        let mem_mib = args.disk_mem_mib.unwrap_or(2 * args.cache_mib);
+        let d = set.on_disk(&disk_dir, mem_mib)?;
+        eprintln!(
+            "on disk: {} files in {} behind a page cache of {mem_mib} MiB, written in {:.2} s",
+            d.files.len(),
+            disk_dir.display(),
+            t.elapsed().as_secs_f64()
+        );
+        Some(d)
+    } else {
+        None
+    };
+    let mut runs: Vec<(String, &FileSet)> = Vec::new();
+    for name in &args.sets {
+        runs.push((name.clone(), &set));
+    }
+    if let Some(d) = &disk {
+        for name in &args.sets {
+            runs.push((format!("{name}-disk"), d));
+        }
+    }
     let slice = args.duration / args.rounds;
     eprintln!(
         "{} server workers (pinned), {} client threads, {} connections; {:.1} s per mode and set in {} slices of \
@@ -136,22 +162,31 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         args.rounds,
         slice.as_secs_f64(),
         args.warmup.as_secs_f64(),
-        args.sets.len() * args.modes.len() * args.rounds as usize
+        runs.len() * args.modes.len() * args.rounds as usize
     );
 
     let mut rows = Vec::new();
-    for set_name in &args.sets {
-        let files = if set_name == "inside" { &set.files[..inside] } else { &set.files[..] };
+    for (set_name, run_set) in &runs {
+        let inside_set = set_name.starts_with("inside");
+        let files = if inside_set { &run_set.files[..inside] } else { &run_set.files[..] };
+        // With --huge, sendfile of the in-memory set sends from small pages.
+        let set_for = |mode: Mode| -> &FileSet {
+            if run_set.cache.is_some() {
+                run_set
+            } else {
+                set_for(mode)
+            }
+        };
         let targets: Vec<Target> = files
             .iter()
             .map(|e| Target {
                 path: format!("/{}", e.name),
-                len: e.file.len(),
+                len: e.len(),
                 seed: if args.no_verify { None } else { e.seed },
             })
             .collect();
         let mut sums: Vec<Sum> = args.modes.iter().map(|_| Sum::default()).collect();
-        let keep = set_name == "inside";
+        let keep = inside_set;
         let mut senders: Vec<Option<Sender>> = args.modes.iter().map(|_| None).collect();
         for round in 0..args.rounds {
             for (k, &mode) in args.modes.iter().enumerate() {
@@ -215,6 +250,11 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             ("spot_check", args.spot_check.to_string()),
             ("files", set.files.len().to_string()),
             ("inside_files", inside.to_string()),
+            ("on_disk", args.on_disk.to_string()),
+            (
+                "disk_mem_mib",
+                if args.on_disk { args.disk_mem_mib.unwrap_or(2 * args.cache_mib).to_string() } else { "none".into() },
+            ),
         ];
         report::write(p, &report::json(&config, &rows)?)?;
         println!("wrote {}", p.display());
@@ -234,6 +274,18 @@ struct Snapshot {
     mmu: Option<MmuStats>,
     cache: Option<CacheStats>,
     cpu: Option<CpuShare>,
+    page_cache: Option<(u64, u64)>,
+}
+
+/// Removes a directory (the file set written for `--on-disk`) when dropped.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(d) = &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 fn new_sender(args: &BenchArgs, set: &FileSet, mode: Mode, workers: usize) -> Result<Sender, String> {
@@ -288,6 +340,7 @@ fn run_slice(
         mmu: sender.mmu_stats(),
         cache: sender.cache_stats(),
         cpu: CpuShare::now(),
+        page_cache: set.cache_stats().map(|c| (c.hits, c.misses)),
     };
     let mut snaps: [Option<Snapshot>; 2] = [None, None];
 
@@ -422,6 +475,10 @@ fn run_slice(
             (Some(a), Some(b)) => Some(b.since(&a)),
             _ => None,
         },
+        page_cache: match (s0.page_cache, s1.page_cache) {
+            (Some(a), Some(b)) => Some((b.0 - a.0, b.1 - a.1)),
+            _ => None,
+        },
         zc_completed: stats.zc_completed.load(Relaxed),
         zc_copied: stats.zc_copied.load(Relaxed),
         cpu: match (s0.cpu, s1.cpu) {
@@ -434,11 +491,15 @@ fn run_slice(
     let requests: u64 = slice.outcomes.iter().map(|o| o.requests).sum();
     let errors: u64 = slice.outcomes.iter().map(|o| o.errors).sum();
     eprintln!(
-        "\r  {label:<22} done: {:.2} GB/s, {:.0} req/s, {:.1} EAGAIN waits/req, {}{} errors{}{}",
+        "\r  {label:<22} done: {:.2} GB/s, {:.0} req/s, {:.1} EAGAIN waits/req, {}{}{} errors{}{}",
         bytes as f64 / slice.secs / 1e9,
         requests as f64 / slice.secs,
         slice.waits as f64 / slice.served.max(1) as f64,
         slice.cache.map(|c| format!("{:.1}% hits, ", 100.0 * c.hit_rate())).unwrap_or_default(),
+        slice
+            .page_cache
+            .map(|(h, m)| format!("page cache {:.1}% hits, ", 100.0 * h as f64 / (h + m).max(1) as f64))
+            .unwrap_or_default(),
         errors,
         slice
             .outcomes
@@ -545,6 +606,52 @@ mod tests {
             }
             std::fs::remove_dir_all(&dir).ok();
         }
+    }
+
+    #[test]
+    fn on_disk_sets_are_served_through_the_page_cache_and_verified() {
+        let dir = std::env::temp_dir().join(format!("parallel_sendfile-ondisk-{}", std::process::id()));
+        let csv = dir.join("out.csv");
+        let cli = crate::Cli::try_parse_from([
+            "x",
+            "--modes",
+            "sendfile,sfbuf,lwbuf-run,direct,tokio-lwbuf",
+            "--on-disk",
+            // 4 MiB of files through 2 MiB of page cache: the beyond set
+            // misses, the inside one (0.5 MiB) fits.
+            "--disk-mem-mib",
+            "2",
+            "--duration",
+            "0.2",
+            "--warmup",
+            "0.05",
+            "--cache-mib",
+            "1",
+            "--sizes",
+            "4k-64k",
+            "--connections",
+            "6",
+            "--verify-every",
+            "1",
+            "--csv",
+            csv.to_str().expect("utf-8"),
+        ])
+        .expect("args");
+        run(&cli.bench).expect("benchmark run");
+        let text = std::fs::read_to_string(&csv).expect("csv");
+        assert_eq!(text.lines().count(), 1 + 4 * 5, "2 sets in memory and 2 on disk, 5 modes: {text}");
+        for line in text.lines().skip(1) {
+            let col = |name| column(&text, line, name);
+            assert!(col("requests").parse::<u64>().expect("requests") > 0, "{line}");
+            assert_eq!(col("verify_failures"), "0", "no verify failures: {line}");
+            assert_eq!(col("errors"), "0", "{line}");
+            let disk = col("set").ends_with("-disk");
+            assert_eq!(col("page_cache_hit_rate").is_empty(), !disk, "{line}");
+        }
+        let beyond = text.lines().find(|l| l.starts_with("beyond-disk,")).expect("a beyond-disk row");
+        let rate: f64 = column(&text, beyond, "page_cache_hit_rate").parse().expect("a rate");
+        assert!(rate < 1.0, "the beyond set does not fit the page cache: {beyond}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -276,7 +276,8 @@ pub fn route<T>(t: &Target<'_>, lookup: impl Fn(&str) -> Option<T>) -> Route<T> 
 
 // === files ===
 
-/// What the replies need to know of a file, computed once when it is loaded.
+/// What the replies need to know of a file, computed when it is loaded (or,
+/// from disk, when its stat changes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileMeta {
     pub len: u64,
@@ -285,8 +286,10 @@ pub struct FileMeta {
     /// `modified` as an HTTP date.
     pub last_modified: String,
     /// A strong entity tag (quoted): the modification time to the
-    /// nanosecond and the length. The bytes served never change while the
-    /// server runs (files are loaded at startup), so the tag is strong.
+    /// nanosecond and the length. The bytes served under one tag never
+    /// change: files loaded at startup keep theirs, and a file served from
+    /// disk gets a new tag with every change of its stat, its pinned bytes
+    /// checked to be of that version.
     pub etag: String,
     /// By the name's extension (`application/octet-stream` if unknown).
     pub content_type: String,

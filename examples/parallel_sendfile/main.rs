@@ -63,7 +63,11 @@ const SERVE_ABOUT: &str = "\
 Serve the files of a directory over HTTP/1.1 (keep-alive) on 127.0.0.1.
 
 The files are loaded into the page-cache stand-in at startup; later changes
-on disk are not seen. GET and HEAD (405 otherwise); a single Range (206, or
+on disk are not seen. With --mem-mib N they stay on disk and are read through
+a page cache of N MiB instead: a file changed on disk is served as it is at
+the request (new length, validators and bytes, never a mix), a file deleted
+gets 404, and a request whose pages cannot be had (every frame pinned by
+other requests) gets 503. GET and HEAD (405 otherwise); a single Range (206, or
 416 with Content-Range: bytes */LEN; several ranges get 200 and the whole
 file); Last-Modified with If-Modified-Since and a strong ETag with
 If-None-Match (304); If-Range; Content-Type by extension; index.html for a
@@ -138,6 +142,16 @@ pub struct BenchArgs {
     /// Working sets to run, comma-separated (inside, beyond).
     #[arg(long, value_delimiter = ',', default_value = "inside,beyond")]
     pub sets: Vec<String>,
+    /// Also write the file set to a temporary directory and serve it from
+    /// there through a page cache (`--disk-mem-mib`), beside the in-memory
+    /// set: each working set is run again as `SET-disk`, every request
+    /// pinning its pages in the page cache for the send.
+    #[arg(long)]
+    pub on_disk: bool,
+    /// The page cache's memory for --on-disk, in MiB (default: twice
+    /// --cache-mib, which holds the inside set and half of the beyond one).
+    #[arg(long)]
+    pub disk_mem_mib: Option<u64>,
     /// Longest run of contiguous frames per file, in pages (page-cache
     /// fragmentation; each run is its own mapping or sendfile call).
     #[arg(long, default_value_t = 16)]
@@ -193,9 +207,18 @@ pub struct ServeArgs {
     /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
     #[arg(long, value_parser = parse_secs)]
     pub duration: Option<Duration>,
-    /// Refuse to load more than this many MiB.
+    /// Refuse to load more than this many MiB (without --mem-mib).
     #[arg(long, default_value_t = 4096)]
     pub max_mib: u64,
+    /// Serve the files from disk through a page cache of this many MiB
+    /// (a memory of that size, all of it the cache's budget; pages pinned
+    /// only while a request sends them), whatever the directory's size:
+    /// only the names and stat of the files are read at start, each file
+    /// is opened on its first request, and a file changed on disk is seen
+    /// at its next request. Without it, every file is loaded into memory
+    /// at start.
+    #[arg(long)]
+    pub mem_mib: Option<u64>,
     /// Longest run of contiguous frames per file, in pages (0: unlimited).
     #[arg(long, default_value_t = 0)]
     pub max_run: usize,
@@ -381,6 +404,11 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--max-connections", "0"]).is_err());
         Cli::try_parse_from(["x", "--modes", "sfbuf,lwbuf,lwbuf-run", "--verify-every", "4", "--spot-check"])
             .expect("bench");
+        let cli = Cli::try_parse_from(["x", "--on-disk", "--disk-mem-mib", "32"]).expect("bench on disk");
+        assert_eq!((cli.bench.on_disk, cli.bench.disk_mem_mib), (true, Some(32)));
+        let cli = Cli::try_parse_from(["x", "serve", "--dir", "/tmp", "--mem-mib", "256"]).expect("serve from disk");
+        let Some(Command::Serve(args)) = cli.command else { panic!("serve") };
+        assert_eq!(args.mem_mib, Some(256));
         assert!(Cli::try_parse_from(["x", "--modes", "teleport"]).is_err());
         let cli = Cli::try_parse_from(["x", "--modes", "lwbuf,tokio-lwbuf"]).expect("a tokio mode");
         assert_eq!(cli.bench.modes[1], ServerMode { runtime: Runtime::Tokio, mode: Mode::Lwbuf });

@@ -64,6 +64,9 @@ pub struct Row {
     /// Share of all CPU time other processes used during the measured seconds.
     #[serde(serialize_with = "round4_opt")]
     pub other_cpu: Option<f64>,
+    /// Page lookups the page cache found resident, for a set on disk.
+    #[serde(serialize_with = "round4_opt")]
+    pub page_cache_hit_rate: Option<f64>,
 }
 
 fn round<S: Serializer>(v: f64, scale: f64, s: S) -> Result<S::Ok, S::Error> {
@@ -107,6 +110,8 @@ pub struct Slice {
     pub zc_completed: u64,
     pub zc_copied: u64,
     pub cpu: Option<CpuShare>,
+    /// Page-cache hits and misses, for a set on disk.
+    pub page_cache: Option<(u64, u64)>,
 }
 
 /// A mode's slices added up.
@@ -141,6 +146,10 @@ impl Sum {
         s.zc_copied += o.zc_copied;
         s.cpu = match (s.cpu, o.cpu) {
             (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        s.page_cache = match (s.page_cache, o.page_cache) {
+            (Some(a), Some(b)) => Some((a.0 + b.0, a.1 + b.1)),
             (a, b) => a.or(b),
         };
     }
@@ -187,6 +196,7 @@ impl Sum {
             fully_verified: s.outcomes.iter().map(|o| o.fully_verified).sum(),
             responses: s.responses,
             other_cpu: s.cpu.map(|c| c.other()),
+            page_cache_hit_rate: s.page_cache.map(|(h, m)| h as f64 / (h + m).max(1) as f64),
         }
     }
 }
@@ -287,6 +297,18 @@ pub fn print_footer(args: &BenchArgs, rows: &[Row], workers: usize) {
          map sc/req = window mmap/remap system calls per request; cache hit = mapping-cache hits (sfbuf, lwbuf); \
          all over the measured seconds only (not the warm-ups)."
     );
+    let disk: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.page_cache_hit_rate.map(|h| format!("{}/{} {:.1}%", r.set, r.mode, h * 100.0)))
+        .collect();
+    if !disk.is_empty() {
+        println!(
+            "SET-disk: the same files written to a temporary directory and served from it through a page cache \
+             of {} MiB (every request pins its pages for the send); page-cache hits: {}",
+            args.disk_mem_mib.unwrap_or(2 * args.cache_mib),
+            disk.join(", ")
+        );
+    }
     println!(
         "Caches: mmap and sfbuf windows of {} MiB; lwbuf windows of {} MiB per CPU ({} CPUs, each caching what it \
          sends); mappings of up to {} pages (sfbuf, lwbuf-run). Inside: a mode keeps its caches across its {} \
@@ -384,10 +406,10 @@ mod tests {
             Some(
                 "set,mode,seconds,bytes,requests,gb_per_s,requests_per_s,p50_ms,p99_ms,map_syscalls_per_req,\
                  send_calls_per_req,granule,flush_calls_per_req,remaps_per_evicted_page,cache_hit_rate,vs_sendfile,zerocopy_copied,errors,verify_failures,\
-                 fully_verified,responses,other_cpu"
+                 fully_verified,responses,other_cpu,page_cache_hit_rate"
             )
         );
-        assert_eq!(c.lines().nth(1), Some("inside,sendfile,0.0,0,0,1.5,0.0,0.0,0.0,0.0,0.0,,,,,1.0,,0,0,0,0,"));
+        assert_eq!(c.lines().nth(1), Some("inside,sendfile,0.0,0,0,1.5,0.0,0.0,0.0,0.0,0.0,,,,,1.0,,0,0,0,0,,"));
         assert!(c.contains("\"zero\"\"copy\""), "quoted: {c}");
         let j = json(&[("modes", "a,b".into())], &rows).expect("json");
         assert!(j.contains("\"zero\\\"copy\"") && j.contains("\"cache_hit_rate\": null"), "{j}");

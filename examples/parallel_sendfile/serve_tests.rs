@@ -588,6 +588,219 @@ fn every_mode_serves_whole_files_and_ranges() {
     }
 }
 
+// === from disk through the page cache (--mem-mib) ===
+
+/// A site with `n` more files of `size` bytes (`big/NNN.bin`, each its own
+/// bytes), beside the usual ones: with `--mem-mib 1` (256 frames) the
+/// directory is several times larger than the memory.
+fn big_site(tag: &str, n: usize, size: usize) -> (Site, Vec<Vec<u8>>) {
+    let site = Site::new(tag);
+    std::fs::create_dir_all(site.www.join("big")).expect("mkdir");
+    let bigs: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let mut v = vec![0u8; size];
+            lwbuf::sendfile::Pattern::new(1000 + i as u64).fill(0, &mut v);
+            v
+        })
+        .collect();
+    for (i, b) in bigs.iter().enumerate() {
+        std::fs::write(site.www.join(format!("big/{i:03}.bin")), b).expect("write");
+    }
+    (site, bigs)
+}
+
+#[test]
+fn every_mode_serves_a_directory_larger_than_its_memory_from_disk() {
+    // 12 x 200 KB + the site: about 2.7 MB through 1 MiB of memory.
+    let (site, bigs) = big_site("disk-modes", 12, 200_000);
+    let threads = Mode::ALL.iter().map(|&mode| ServerMode { runtime: Runtime::Threads, mode });
+    let tokio = TOKIO_CAPABLE.iter().map(|&mode| ServerMode { runtime: Runtime::Tokio, mode });
+    for mode in threads.chain(tokio) {
+        let srv = site.serve_on(mode, &["--mem-mib", "1"]);
+        let mut c = srv.connect();
+        // Twice over, so the second round finds the first one's pages
+        // evicted and reads them again.
+        for round in 0..2 {
+            for (i, b) in bigs.iter().enumerate() {
+                c.send(&get_req(&format!("/big/{i:03}.bin"), ""));
+                let r = c.response(false);
+                assert_eq!(r.code, 200, "{mode} round {round} file {i}");
+                assert!(r.body == *b, "{mode} round {round} file {i}: bytes");
+            }
+        }
+        c.send(&get_req("/data.bin", ""));
+        let r = c.response(false);
+        assert_eq!((r.code, r.body == site.data), (200, true), "{mode}");
+        c.send(&get_req("/data.bin", "Range: bytes=4095-70000\r\n"));
+        let r = c.response(false);
+        assert_eq!((r.code, r.body.as_slice()), (206, &site.data[4095..70001]), "{mode}");
+        assert_eq!(r.header("content-range"), Some("bytes 4095-70000/300000"), "{mode}");
+        c.send(&get_req("/data.bin", "Range: bytes=-5000\r\n"));
+        assert_eq!(c.response(false).body, &site.data[295_000..], "{mode}");
+        c.send(&get_req("/big/007.bin", "Range: bytes=199999-\r\n"));
+        assert_eq!(c.response(false).body, &bigs[7][199_999..], "{mode}: the last byte alone");
+        c.send(&get_req("/data.bin", "Range: bytes=300000-\r\n"));
+        assert_eq!(c.response(false).code, 416, "{mode}");
+        c.send(&get_req("/empty.bin", ""));
+        let r = c.response(false);
+        assert_eq!((r.code, r.body.len(), r.header("content-length")), (200, 0, Some("0")), "{mode}");
+        c.send("HEAD /data.bin HTTP/1.1\r\nHost: t\r\n\r\n");
+        let h = c.response(true);
+        assert_eq!(h.header("content-length"), Some("300000"), "{mode}");
+        let etag = h.header("etag").expect("an ETag").to_string();
+        c.send(&get_req("/data.bin", &format!("If-None-Match: {etag}\r\n")));
+        assert_eq!(c.response(false).code, 304, "{mode}");
+        c.send(&get_req("/sub/", ""));
+        assert_eq!(c.response(false).body, b"<!doctype html><title>sub</title>\n", "{mode}");
+        c.send(&get_req("/nope", ""));
+        assert_eq!(c.response(false).code, 404, "{mode}");
+        c.send(&get_req("/a.txt", "Connection: close\r\n"));
+        assert_eq!(c.response(false).body, b"hello, world\n", "{mode}: framing held");
+        assert!(c.closed(), "{mode}");
+    }
+}
+
+/// Replace `path` with `bytes` as a new inode (written beside it, renamed
+/// over it), the way a site is updated under a running server.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, bytes).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// Change `path` in place (same inode) to `bytes`, and give it a
+/// modification time of its own (`secs` after the epoch), so that the
+/// change shows in its stat whatever the file system's clock granularity.
+fn rewrite_in_place(path: &Path, bytes: &[u8], secs: u64) {
+    let f = std::fs::OpenOptions::new().write(true).truncate(true).open(path).expect("open");
+    (&f).write_all(bytes).expect("write");
+    f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs)).expect("set mtime");
+}
+
+fn files_changed_on_disk_are_served_as_they_are_now(rt: Runtime) {
+    let site = Site::new("disk-change");
+    let mode = if rt == Runtime::Tokio { Mode::LwbufRun } else { Mode::Sendfile };
+    let srv = site.serve_on(ServerMode { runtime: rt, mode }, &["--mem-mib", "1"]);
+    let path = site.www.join("data.bin");
+    let mut c = srv.connect();
+    c.send(&get_req("/data.bin", ""));
+    let first = c.response(false);
+    assert!(first.body == site.data);
+    let old_tag = first.header("etag").expect("ETag").to_string();
+
+    // Longer, in place: new bytes and the new length.
+    let longer: Vec<u8> = site.data.iter().chain(site.data[..50_000].iter()).map(|b| b ^ 0x5a).collect();
+    rewrite_in_place(&path, &longer, 1_000_000_000);
+    c.send(&get_req("/data.bin", ""));
+    let r = c.response(false);
+    assert_eq!((r.code, r.body.len()), (200, longer.len()));
+    assert!(r.body == longer, "the new bytes, not the cached old ones");
+    assert_ne!(r.header("etag"), Some(old_tag.as_str()), "a new entity tag");
+    assert_eq!(r.header("last-modified"), Some("Sun, 09 Sep 2001 01:46:40 GMT"));
+    // A range of the old length is now inside the file.
+    c.send(&get_req("/data.bin", "Range: bytes=300000-300009\r\n"));
+    assert_eq!(c.response(false).body, &longer[300_000..300_010]);
+
+    // Shorter, in place: the new length, never the old tail.
+    let shorter: Vec<u8> = site.data[..10_000].iter().map(|b| b ^ 0xa5).collect();
+    rewrite_in_place(&path, &shorter, 1_000_000_100);
+    c.send("HEAD /data.bin HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.response(true).header("content-length"), Some("10000"));
+    c.send(&get_req("/data.bin", ""));
+    let r = c.response(false);
+    assert!(r.code == 200 && r.body == shorter, "{} bytes", r.body.len());
+    c.send(&get_req("/data.bin", "Range: bytes=20000-\r\n"));
+    assert_eq!(c.response(false).code, 416, "past the new end");
+    // The old validator no longer matches.
+    c.send(&get_req("/data.bin", &format!("If-None-Match: {old_tag}\r\n")));
+    assert_eq!(c.response(false).code, 200);
+
+    // Replaced by another inode.
+    replace(&path, &site.data);
+    c.send(&get_req("/data.bin", ""));
+    assert!(c.response(false).body == site.data);
+
+    // Gone.
+    std::fs::remove_file(&path).expect("remove");
+    c.send(&get_req("/data.bin", ""));
+    assert_eq!(c.response(false).code, 404);
+    c.send(&get_req("/a.txt", ""));
+    assert_eq!(c.response(false).body, b"hello, world\n", "the connection goes on");
+}
+
+/// A file replaced again and again while it is requested: every response
+/// is one whole version, its length, entity tag and bytes together.
+fn a_file_replaced_while_served_is_never_a_mix(rt: Runtime) {
+    let site = Site::new("disk-race");
+    let mode = if rt == Runtime::Tokio { Mode::Lwbuf } else { Mode::LwbufRun };
+    let srv = site.serve_on(ServerMode { runtime: rt, mode }, &["--mem-mib", "1"]);
+    let path = site.www.join("data.bin");
+    let a = site.data.clone();
+    let b: Vec<u8> = site.data[..123_456].iter().map(|x| !x).collect();
+    // The file is replaced once per response, while the next request is
+    // on its way and being answered.
+    let (tick, ticks) = mpsc::channel::<()>();
+    thread::scope(|s| {
+        let (a, b, path) = (&a, &b, &path);
+        s.spawn(move || {
+            let mut n = 0u32;
+            while ticks.recv().is_ok() {
+                replace(path, if n % 2 == 0 { b } else { a });
+                n += 1;
+            }
+        });
+        let mut c = srv.connect();
+        let mut tags: Vec<(String, usize)> = Vec::new();
+        let mut seen = [0u32; 2];
+        for i in 0..300 {
+            c.send(&get_req("/data.bin", ""));
+            tick.send(()).expect("the writer runs");
+            let r = c.response(false);
+            if r.code == 503 {
+                continue; // changed on every look: allowed, and never a mix
+            }
+            assert_eq!(r.code, 200, "request {i}");
+            let which = if r.body == *a {
+                0
+            } else if r.body == *b {
+                1
+            } else {
+                panic!("request {i}: {} bytes that are neither version", r.body.len())
+            };
+            seen[which] += 1;
+            let tag = r.header("etag").expect("ETag").to_string();
+            if let Some((_, w)) = tags.iter().find(|(t, _)| *t == tag) {
+                assert_eq!(*w, which, "request {i}: one entity tag, two contents");
+            } else {
+                tags.push((tag, which));
+            }
+        }
+        drop(tick);
+        assert!(seen[0] > 0 && seen[1] > 0, "both versions served whole: {seen:?}");
+    });
+}
+
+#[test]
+fn a_request_that_cannot_get_frames_gets_503_then_serves() {
+    // 256 frames of memory; files of 75 pages each: three pinned at once
+    // hold 225 frames, a fourth cannot get its 75.
+    let (site, bigs) = big_site("disk-full", 4, 75 * 4096);
+    let set = crate::fileset::FileSet::open_dir(&site.www, 1).expect("set");
+    let get = |i: usize| set.get(&format!("big/{i:03}.bin")).expect("entry");
+    let cond = crate::http::Conditions::default();
+    let held: Vec<_> = (0..3).map(|i| set.answer(get(i), true, &cond).expect("pinned")).collect();
+    assert!(matches!(set.answer(get(3), true, &cond), Err(crate::http::Status::ServiceUnavailable)));
+    assert!(set.answer(get(3), false, &cond).is_ok(), "a HEAD pins nothing");
+    drop(held);
+    let a = set.answer(get(3), true, &cond).expect("room again");
+    let (body, range) = a.body.as_ref().expect("a body");
+    let mut got = vec![0u8; (range.end - range.start) as usize];
+    body.read_at(range.start, &mut got).expect("read the pinned pages");
+    assert!(got == bigs[3]);
+    let st = set.cache_stats().expect("a page cache");
+    assert!(st.resident <= st.budget, "{st:?}");
+}
+
 // === curl ===
 
 /// curl, or why a test skips.
@@ -681,4 +894,6 @@ on_both_servers!(
     connections_over_the_limit_get_503,
     idle_connections_are_closed_with_408,
     curl_downloads_ranges_and_resumes,
+    files_changed_on_disk_are_served_as_they_are_now,
+    a_file_replaced_while_served_is_never_a_mix,
 );

@@ -4,7 +4,10 @@
 //! whole life (`Sender::bind_worker`). A request is answered in place: the
 //! worker sends the whole response (the library polls for `POLLOUT` when
 //! the socket is full) before it serves the next. What a request gets is
-//! decided by `http.rs`; this file does the I/O and enforces the limits.
+//! decided by `http.rs`, and what its body is sent from by
+//! `FileSet::answer` (a file in memory, or the pages of a file on disk
+//! pinned in the page cache, read there on a miss); this file does the I/O
+//! and enforces the limits.
 
 use std::io::{self, Read};
 use std::net::Shutdown;
@@ -503,10 +506,19 @@ fn respond(
             }
         },
     };
-    let reply = http::reply(req.get, &req.cond, &entry.meta);
-    http::write_head(&mut s.head, &reply, &entry.meta, date, keep);
-    let r = match reply.body(&entry.meta).filter(|_| req.get) {
-        Some(range) => conn.send(&entry.file, range, &s.head),
+    let a = match sh.files.answer(entry, req.get, &req.cond) {
+        Ok(a) => a,
+        // The file is gone (404), or its pages cannot be had now (503, the
+        // connection kept: the request was well framed).
+        Err(status) => {
+            sh.stats.bad_requests.fetch_add(1, Relaxed);
+            http::write_error(&mut s.head, status, date, keep);
+            return conn.send_bytes(&s.head).map(|_| keep).map_err(drop);
+        }
+    };
+    http::write_head(&mut s.head, &a.reply, &a.meta, date, keep);
+    let r = match &a.body {
+        Some((file, range)) => conn.send(file, range.clone(), &s.head),
         None => conn.send_bytes(&s.head),
     };
     match r {
@@ -548,7 +560,10 @@ pub fn serve_until(args: &ServeArgs, stop: &AtomicBool, ready: impl FnOnce(u16))
         crate::modes::tokio_runs(args.mode)?;
     }
     let t = Instant::now();
-    let files = FileSet::load_dir(&args.dir, args.max_mib << 20, args.max_run)?;
+    let files = match args.mem_mib {
+        Some(mib) => FileSet::open_dir(&args.dir, mib)?,
+        None => FileSet::load_dir(&args.dir, args.max_mib << 20, args.max_run)?,
+    };
     let cores = crate::cores(args.cpus);
     let opts = SendOptions::default()
         .stall_timeout(Some(Duration::from_secs(10)))
@@ -562,8 +577,14 @@ pub fn serve_until(args: &ServeArgs, stop: &AtomicBool, ready: impl FnOnce(u16))
     let limits = args.limits()?;
     let (port, listeners) =
         bind_listeners(args.port, cores.len()).map_err(|e| format!("bind 127.0.0.1:{}: {e}", args.port))?;
+    let how = match &files.cache {
+        Some(c) => {
+            format!("on disk, through a page cache of {} MiB, listed", (c.budget() * files.mem.frame_size()) >> 20)
+        }
+        None => "loaded".to_string(),
+    };
     println!(
-        "serving {} files ({:.1} MiB, loaded in {:.2} s) from {} on http://127.0.0.1:{port}/ with mode {}, {} workers; \
+        "serving {} files ({:.1} MiB, {how} in {:.2} s) from {} on http://127.0.0.1:{port}/ with mode {}, {} workers; \
          limits: {} header bytes, {} header fields, {:.1} s idle, {} connections",
         files.files.len(),
         files.total_bytes() as f64 / (1 << 20) as f64,
@@ -618,6 +639,21 @@ pub fn serve_until(args: &ServeArgs, stop: &AtomicBool, ready: impl FnOnce(u16))
     if let Some(c) = sender.cache_stats() {
         println!("mapping cache: {} lookups, {:.2}% hits", c.lookups, 100.0 * c.hit_rate());
     }
+    if let Some(c) = files.cache_stats() {
+        println!(
+            "page cache: {} of {} frames resident, {} hits, {} misses ({} reads, {:.1} MB), {} evictions, \
+             {} over budget, {} stale pages dropped",
+            c.resident,
+            c.budget,
+            c.hits,
+            c.misses,
+            c.reads,
+            c.read_bytes as f64 / 1e6,
+            c.evictions,
+            c.over_budget,
+            c.stale_drops
+        );
+    }
     result
 }
 
@@ -664,7 +700,7 @@ mod tests {
                         other => panic!("{mode}: bad response {other:?}"),
                     };
                     assert_eq!(resp.code, Some(200), "{mode}");
-                    let len = e.file.len() as usize;
+                    let len = e.len() as usize;
                     let body_len = if get { len } else { 0 };
                     let body = &rest[n..n + body_len];
                     assert_eq!(lwbuf::sendfile::Pattern::new(e.seed.expect("seed")).check(0, body), None, "{mode}");
@@ -699,7 +735,10 @@ mod tests {
             if let Some(p) = sender.sfbuf() {
                 assert_eq!(p.pool().stats().used, 0, "{mode}");
             }
-            assert!(set.files.iter().all(|e| e.file.pages().iter().all(|p| p.hold_count() == 1)), "{mode}: holds");
+            assert!(
+                set.files.iter().all(|e| e.mem_file().is_some_and(|f| f.pages().iter().all(|p| p.hold_count() == 1))),
+                "{mode}: holds"
+            );
         }
     }
 }

@@ -276,7 +276,6 @@ pub async fn send_file(
     let mut q = Queue { head, pieces: VecDeque::new(), bytes: 0 };
     let fs = file.page_size();
     let grid = Some(caches.max_run()).filter(|&g| g > 1);
-    let all = file.pages();
     for run in runs {
         // As `send_mapped`: with a grid, ask for the chunk of the file's run
         // that holds page `idx`, so that every request maps (and finds) the
@@ -296,7 +295,7 @@ pub async fn send_file(
                 }
                 None => (idx, end),
             };
-            let held = match caches.map(&all[from..to]) {
+            let held = match caches.map(file.pages_at(from..to)) {
                 Ok(h) => h,
                 // Nothing free: send and release what this request holds.
                 Err(e) if no_room(&e) && !q.pieces.is_empty() => {

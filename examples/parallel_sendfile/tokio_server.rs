@@ -15,6 +15,10 @@
 //!   task per connection; tokio's scheduler may move a task to another
 //!   worker between two polls, so a handle is often released on another
 //!   CPU than it was mapped on (a mailbox message to its home CPU).
+//! - **Files on disk** (`serve --mem-mib`): a request pins its pages in the
+//!   page cache on the worker that runs it, reading a miss from disk there
+//!   as a page fault would (the worker waits for the read), then sends
+//!   them as it sends a file in memory.
 //! - **Limits**, as `server.rs` enforces them: 431 from `http::parse`; an
 //!   idle connection closed (408 if part of a request arrived) by a timer
 //!   on each read; 503 beyond `max_connections`; every closing error
@@ -425,10 +429,18 @@ async fn respond(
             }
         },
     };
-    let reply = http::reply(req.get, &req.cond, &entry.meta);
-    http::write_head(head, &reply, &entry.meta, date, keep);
-    let r = match reply.body(&entry.meta).filter(|_| req.get) {
-        Some(range) => send_file(out, head, &entry.file, range, &ctx.caches).await,
+    // A file on disk is read here, on the worker, as a page fault would be.
+    let a = match ctx.files.answer(entry, req.get, &req.cond) {
+        Ok(a) => a,
+        Err(status) => {
+            ctx.stats.bad_requests.fetch_add(1, Relaxed);
+            http::write_error(head, status, date, keep);
+            return send_head(out, head).await.map(|_| keep).map_err(drop);
+        }
+    };
+    http::write_head(head, &a.reply, &a.meta, date, keep);
+    let r = match &a.body {
+        Some((file, range)) => send_file(out, head, file, range.clone(), &ctx.caches).await,
         None => send_head(out, head).await,
     };
     match r {

@@ -268,7 +268,6 @@ pub fn send_mapped<M: MapSource>(
     unsafe { q.push(header.as_ptr(), header.len(), None) };
     let fs = file.page_size();
     let grid = source.run_grid().filter(|&g| g > 1);
-    let all = file.pages();
     for run in runs {
         // The pages to ask for: from `idx` to the end of the piece, or with
         // a grid, the chunk of the allocation run that holds page `idx`.
@@ -286,7 +285,7 @@ pub fn send_mapped<M: MapSource>(
                 }
                 None => (idx, end),
             };
-            let ask = &all[from..to];
+            let ask = file.pages_at(from..to);
             let m = match source.map(ask) {
                 Ok(m) => m,
                 // Nothing free: send and release what this request holds,

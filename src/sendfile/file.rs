@@ -1,5 +1,7 @@
 //! [`PageFile`]: the page-cache stand-in, a file whose pages are frames of a
-//! [`PhysMem`], laid out in runs of contiguous frames.
+//! [`PhysMem`], laid out in runs of contiguous frames; or a view of some
+//! pages of a file held elsewhere ([`PageFile::from_pages`]: the pages a
+//! [`PageCache`](crate::pagecache::PageCache) pinned for one request).
 
 use std::fmt;
 use std::io::Read;
@@ -119,7 +121,7 @@ impl PageFileBuilder {
                 Err(e) => return Err(e),
             }
         }
-        Ok(PageFile { phys: self.phys, len, pages, extents })
+        Ok(PageFile { phys: self.phys, len, pages, extents, first: 0 })
     }
 }
 
@@ -130,6 +132,12 @@ impl PageFileBuilder {
 /// The file holds its pages for as long as it lives; senders that must keep
 /// a page beyond a call (sendfile, `MSG_ZEROCOPY`) clone its [`Page`].
 /// Cloning a `PageFile` clones every hold.
+///
+/// A *view* ([`from_pages`](Self::from_pages)) holds only pages
+/// `first_page..first_page + page_count` of a file of [`len`](Self::len)
+/// bytes: byte ranges and page indices stay the file's own, and a range
+/// outside the held pages is [`Error::OutOfBounds`]. Every send path takes
+/// a view as it takes a whole file.
 ///
 /// ```
 /// use lwbuf::PhysMem;
@@ -147,7 +155,10 @@ pub struct PageFile {
     phys: PhysMem,
     len: u64,
     pages: Vec<Page>,
+    /// Runs of contiguous frames, as indices into `pages`.
     extents: Vec<Extent>,
+    /// The file's page index of `pages[0]` (0 for a whole file).
+    first: usize,
 }
 
 impl PageFile {
@@ -171,6 +182,61 @@ impl PageFile {
         Self::builder(phys).bytes(bytes)
     }
 
+    /// A view of pages `first_page..first_page + pages.len()` of a file of
+    /// `len` bytes, whose frames are `pages` (holds, e.g. from
+    /// [`CachedFile::pages`](crate::pagecache::CachedFile::pages)): the view
+    /// keeps them for as long as it lives, and the send paths clone the
+    /// holds they must keep past a call, as for a whole file. Runs of
+    /// contiguous frames are found by their frame numbers (one pass, no
+    /// system call). Errors: [`Error::ForeignPage`] for a page of another
+    /// memory than `phys`; [`Error::OutOfBounds`] for pages beyond the end
+    /// of the file.
+    ///
+    /// ```
+    /// use lwbuf::PhysMem;
+    /// use lwbuf::sendfile::{PageFile, Pattern};
+    /// let mem = PhysMem::builder().frames(64).build()?;
+    /// let whole = PageFile::pattern(&mem, 40_000, 3)?; // 10 pages
+    /// // Pages 4..7 of it, as a page cache would hand them out.
+    /// let view = PageFile::from_pages(&mem, whole.pages()[4..7].to_vec(), 4, whole.len())?;
+    /// let mut buf = vec![0u8; 10_000];
+    /// view.read_at(17_000, &mut buf)?;       // file offsets, as in the whole file
+    /// assert_eq!(Pattern::new(3).check(17_000, &buf), None);
+    /// assert!(view.read_at(100, &mut buf[..10]).is_err()); // page 0 is not held
+    /// # Ok::<(), lwbuf::Error>(())
+    /// ```
+    pub fn from_pages(phys: &PhysMem, pages: Vec<Page>, first_page: usize, len: u64) -> Result<PageFile> {
+        let fs = phys.frame_size() as u64;
+        let end = first_page
+            .checked_add(pages.len())
+            .filter(|&e| pages.is_empty() || (e as u64 - 1).saturating_mul(fs) < len);
+        if end.is_none() {
+            let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+            return Err(Error::OutOfBounds {
+                offset: clamp((first_page as u64).saturating_mul(fs)),
+                len: clamp((pages.len() as u64).saturating_mul(fs)),
+                size: clamp(len),
+            });
+        }
+        let mut extents: Vec<Extent> = Vec::new();
+        for (i, p) in pages.iter().enumerate() {
+            if !p.phys().same_as(phys) {
+                return Err(Error::ForeignPage);
+            }
+            match extents.last_mut() {
+                Some(e) if pages[i - 1].pfn().0 + 1 == p.pfn().0 => e.len += 1,
+                _ => extents.push(Extent { first: i, len: 1 }),
+            }
+        }
+        Ok(PageFile { phys: phys.clone(), len, pages, extents, first: first_page })
+    }
+
+    /// The file's page index of the first page held: 0 for a whole file,
+    /// `first_page` for a view ([`from_pages`](Self::from_pages)).
+    pub fn first_page(&self) -> usize {
+        self.first
+    }
+
     /// The memory the pages live in.
     pub fn phys(&self) -> &PhysMem {
         &self.phys
@@ -191,19 +257,27 @@ impl PageFile {
         self.phys.frame_size()
     }
 
-    /// Pages in the file: `len / page_size` rounded up.
+    /// Pages held: for a whole file, `len / page_size` rounded up.
     pub fn page_count(&self) -> usize {
         self.pages.len()
     }
 
-    /// The page holding bytes `index * page_size ..`, if the file has it.
+    /// The page holding bytes `index * page_size ..`, if the file holds it.
     pub fn page(&self, index: usize) -> Option<&Page> {
-        self.pages.get(index)
+        self.pages.get(index.checked_sub(self.first)?)
     }
 
-    /// All pages, in file order.
+    /// Every page held, in file order, from page
+    /// [`first_page`](Self::first_page).
     pub fn pages(&self) -> &[Page] {
         &self.pages
+    }
+
+    /// The held pages of file page indices `indices` (each held: they come
+    /// from [`runs`](Self::runs) or [`run_of`](Self::run_of)). Panics on a
+    /// page not held.
+    pub fn pages_at(&self, indices: Range<usize>) -> &[Page] {
+        &self.pages[indices.start - self.first..indices.end - self.first]
     }
 
     /// Runs of contiguous frames the file is made of.
@@ -212,7 +286,12 @@ impl PageFile {
     }
 
     fn check(&self, range: &Range<u64>) -> Result<()> {
-        if range.start > range.end || range.end > self.len {
+        let fs = self.page_size() as u64;
+        let held = self.first as u64 * fs..(self.first + self.pages.len()) as u64 * fs;
+        if range.start > range.end
+            || range.end > self.len
+            || (!range.is_empty() && (range.start < held.start || range.end > held.end))
+        {
             let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
             return Err(Error::OutOfBounds {
                 offset: clamp(range.start),
@@ -230,15 +309,17 @@ impl PageFile {
         self.check(&range)?;
         let fs = self.page_size() as u64;
         let page = (range.start / fs) as usize;
-        let extent = self.extents.partition_point(|e| e.first + e.len <= page);
+        let slot = page.saturating_sub(self.first);
+        let extent = self.extents.partition_point(|e| e.first + e.len <= slot);
         Ok(Runs { file: self, pos: range.start, end: range.end, extent })
     }
 
     /// The page indices of the run of contiguous frames (allocation unit)
-    /// that holds page `index`, or `None` past the end.
+    /// that holds page `index`, or `None` for a page not held.
     pub fn run_of(&self, index: usize) -> Option<Range<usize>> {
-        let i = self.extents.partition_point(|e| e.first + e.len <= index);
-        self.extents.get(i).filter(|e| e.first <= index).map(|e| e.first..e.first + e.len)
+        let slot = index.checked_sub(self.first)?;
+        let i = self.extents.partition_point(|e| e.first + e.len <= slot);
+        self.extents.get(i).filter(|e| e.first <= slot).map(|e| self.first + e.first..self.first + e.first + e.len)
     }
 
     /// Copy bytes from `offset` into `buf` through the direct map (no system
@@ -281,6 +362,7 @@ impl fmt::Debug for PageFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PageFile")
             .field("len", &self.len)
+            .field("first_page", &self.first)
             .field("pages", &self.pages.len())
             .field("runs", &self.extents.len())
             .finish()
@@ -335,14 +417,15 @@ impl<'a> Iterator for Runs<'a> {
             return None;
         }
         let fs = self.file.page_size() as u64;
+        let base = self.file.first;
         let ext = *self.file.extents.get(self.extent)?;
         let page = (self.pos / fs) as usize;
-        let ext_end = (ext.first + ext.len) as u64 * fs;
+        let ext_end = (base + ext.first + ext.len) as u64 * fs;
         let stop = self.end.min(ext_end);
         let last = ((stop - 1) / fs) as usize;
         let run = FileRun {
             index: page,
-            pages: &self.file.pages[page..=last],
+            pages: &self.file.pages[page - base..=last - base],
             offset: (self.pos % fs) as usize,
             len: (stop - self.pos) as usize,
         };

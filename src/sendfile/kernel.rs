@@ -113,7 +113,7 @@ impl SendfileHolds {
             let fs = file.page_size() as u64;
             let first = (range.start / fs) as usize;
             let last = ((range.end - 1) / fs) as usize;
-            let pages = file.pages()[first..=last].to_vec();
+            let pages = file.pages_at(first..last + 1).to_vec();
             self.pages += pages.len();
             // Held before the first call, so an error part-way still holds them.
             self.held.push_back(Held { pages, mark: None });

@@ -40,7 +40,7 @@
 //! | `cache.rs` | the cache-backed sources ([`SfBufSource`], [`LwbufSource`]), [`CachedMapping`], [`CacheStats`] |
 //! | `kernel.rs` | `sendfile(2)` and [`SendfileHolds`] |
 //! | `zerocopy.rs` | `MSG_ZEROCOPY` and its completions ([`ZeroCopy`]) |
-//! | `file.rs` | the page-cache stand-in ([`PageFile`]) and its runs |
+//! | `file.rs` | the page-cache stand-in ([`PageFile`]), views of pages held elsewhere ([`PageFile::from_pages`]), and their runs |
 //! | `pattern.rs` | [`Pattern`], the verifiable content of generated files (a test and benchmark aid) |
 //! | `sys.rs` | the socket system calls, each behind a safe wrapper |
 //!
