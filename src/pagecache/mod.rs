@@ -441,6 +441,14 @@ impl Inner {
                 self.stats.over_budget.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // A fill's frames in one run where the allocator has one: the pages
+        // then lie contiguous in the memfd, and a send of them is one run
+        // (one sendfile(2) call, one run mapping) instead of one per page.
+        if n > 1 {
+            if let Ok(run) = self.phys.alloc_run(n) {
+                return Ok(run);
+            }
+        }
         let mut pages = Vec::with_capacity(n);
         while pages.len() < n {
             match self.phys.alloc_page() {
