@@ -196,7 +196,7 @@ impl IoFile for SysFile {
 
 /// Files in memory: a path names a byte vector. For loom models, Miri and
 /// fast tests; it makes no system call. Writes and reads are applied under
-/// a lock per file; `sync` only counts.
+/// a lock per file; `sync` only counts. Files end at 1 TiB (`EFBIG`).
 ///
 /// ```
 /// use lwbuf::pagecache::{FileIo, MemFileIo};
@@ -211,6 +211,11 @@ pub struct MemFileIo {
     files: Mutex<HashMap<PathBuf, Arc<MemNode>>>,
     inos: AtomicU64,
 }
+
+/// The largest file [`MemFileIo`] holds (1 TiB): a write that would end
+/// past it is `EFBIG`, as a file system's own limit is, rather than an
+/// allocation the process cannot survive.
+const MEM_FILE_MAX: usize = 1 << 40;
 
 #[derive(Debug)]
 struct MemNode {
@@ -303,6 +308,14 @@ impl IoFile for MemFile {
     fn write_at(&self, offset: u64, bufs: &[FrameRange<'_>]) -> io::Result<usize> {
         let mut d = lock(&self.0.data);
         let mut at = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let total: usize = bufs.iter().take(IOV_MAX).map(FrameRange::len).sum();
+        let end = at
+            .checked_add(total)
+            .filter(|&e| e <= MEM_FILE_MAX)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if let Some(more) = end.checked_sub(d.0.len()) {
+            d.0.try_reserve(more).map_err(|_| io::Error::from_raw_os_error(libc::ENOSPC))?;
+        }
         let mut done = 0;
         for b in bufs.iter().take(IOV_MAX) {
             let mut bytes = vec![0u8; b.len()];
