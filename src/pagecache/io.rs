@@ -363,7 +363,7 @@ pub struct FileFaultStats {
 ///   (nothing is read);
 /// - [`short_reads`](Self::short_reads): the chosen reads return half of
 ///   the bytes asked for and the read after each returns 0, as if the file
-///   had been cut short there;
+///   had been cut short there (a read of 1 byte returns 0 at once);
 /// - [`fail_writes`](Self::fail_writes), [`fail_syncs`](Self::fail_syncs):
 ///   the errno (e.g. `EIO`, `ENOSPC`), nothing written.
 ///
@@ -437,8 +437,10 @@ impl FaultyFileIo {
     }
 
     /// Arm (or clear) shortened reads (the fault's errno is not used).
+    /// A cut still pending from an earlier shortened read is forgotten.
     pub fn short_reads(&self, fault: Option<Fault>) {
         *lock(&self.plans.short) = Plan::armed(fault);
+        self.plans.cut.store(false, Ordering::Relaxed);
     }
 
     /// Arm (or clear) failing writes.
@@ -514,9 +516,12 @@ impl IoFile for FaultyFile {
                 short.push(b.prefix(left));
                 left -= short.last().map_or(0, FrameRange::len);
             }
-            p.cut.store(true, Ordering::Relaxed);
             p.injected.fetch_add(1, Ordering::Relaxed);
-            return self.inner.read_at(offset, &short);
+            let n = self.inner.read_at(offset, &short)?;
+            // A read that got nothing is already the cut; only one that got
+            // something is followed by the 0.
+            p.cut.store(n > 0, Ordering::Relaxed);
+            return Ok(n);
         }
         self.inner.read_at(offset, bufs)
     }
