@@ -509,7 +509,10 @@ impl CachedFile {
         }
         *lock(&self.file.stat) = now;
         self.file.disk_len.store(now.len, Ordering::Relaxed);
-        let kept_end = self.drop_pages(false);
+        // Dirty pages kept: the length still covers what was written to
+        // them, which ends within their last dirty block but not
+        // necessarily at its end.
+        let kept_end = self.drop_pages(false).min(self.len());
         self.file.len.store(now.len.max(kept_end), Ordering::Relaxed);
         self.file.next_seq.store(0, Ordering::Relaxed);
         Ok(true)
