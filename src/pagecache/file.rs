@@ -62,6 +62,17 @@ pub(crate) struct FileInner {
     error: Mutex<Option<Error>>,
 }
 
+/// What became of a call to [`CachedFile::fill`].
+enum Filled {
+    /// Another thread had put the page in the map first: look again.
+    Raced,
+    /// Filled from the file and valid: look again.
+    Valid,
+    /// A page to be overwritten whole: its frame is zeros and the entry
+    /// still `Filling`; the caller writes it, then makes it valid.
+    Zeroed(Arc<Entry>),
+}
+
 /// How a page is wanted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Want {
@@ -552,8 +563,21 @@ impl CachedFile {
         loop {
             let found = lock(self.file.shard(index)).get(&index).cloned();
             let Some(e) = found else {
-                self.fill(index, want)?;
-                missed = true;
+                match self.fill(index, want)? {
+                    Filled::Raced => {}
+                    Filled::Valid => missed = true,
+                    Filled::Zeroed(e) => {
+                        // Ours alone until `f` has overwritten the zeros:
+                        // others wait on the fill, so none sees them.
+                        let mut st = lock(&e.st);
+                        let r = f(&mut st);
+                        st.fill = Fill::Valid;
+                        drop(st);
+                        e.filled.notify_all();
+                        self.cache.enlist(e);
+                        return Ok(r);
+                    }
+                }
                 continue;
             };
             let mut st = lock(&e.st);
@@ -576,14 +600,14 @@ impl CachedFile {
     }
 
     /// Fill page `index` (and pages read ahead of it), or find someone
-    /// already is. `Ok` means "look again".
-    fn fill(&self, index: u64, want: Want) -> Result<()> {
+    /// already is.
+    fn fill(&self, index: u64, want: Want) -> Result<Filled> {
         let weak: Weak<FileInner> = Arc::downgrade(&self.file);
         let first = Arc::new(Entry::filling(weak.clone(), index, false));
         {
             let mut map = lock(self.file.shard(index));
             if !crate::sync::mutant!(FillNoRecheck) && map.contains_key(&index) {
-                return Ok(());
+                return Ok(Filled::Raced);
             }
             map.insert(index, first.clone());
         }
@@ -616,6 +640,14 @@ impl CachedFile {
             Ok(pages) => {
                 stats.misses.fetch_add(1, Ordering::Relaxed);
                 stats.readahead_pages.fetch_add(entries.len() as u64 - 1, Ordering::Relaxed);
+                if want == Want::Overwrite {
+                    // No readahead: `entries` is the page alone. Its frame is
+                    // zeros, not the file's bytes: it stays `Filling` until
+                    // the caller has written over it.
+                    let e = entries.swap_remove(0);
+                    lock(&e.st).page = pages.into_iter().next();
+                    return Ok(Filled::Zeroed(e));
+                }
                 for (e, p) in entries.iter().zip(pages) {
                     let mut st = lock(&e.st);
                     st.page = Some(p);
@@ -624,7 +656,7 @@ impl CachedFile {
                     e.filled.notify_all();
                     self.cache.enlist(e.clone());
                 }
-                Ok(())
+                Ok(Filled::Valid)
             }
             Err(err) => {
                 stats.fill_errors.fetch_add(1, Ordering::Relaxed);
