@@ -270,18 +270,27 @@ pub(crate) fn take_dirty(cache: &Inner, file: &FileInner, st: &mut EntrySt) -> B
 
 fn flush_file(cache: &Inner, file: &FileInner) -> Result<()> {
     let mut items: Vec<(Arc<Entry>, Page, Blocks)> = Vec::new();
-    if file.dirty.load(Ordering::Relaxed) > 0 {
-        for e in file.all_entries() {
-            let mut st = lock(&e.st);
-            if st.fill != Fill::Valid || st.dirty.is_empty() || st.writeback {
-                continue;
-            }
-            let blocks = take_dirty(cache, file, &mut st);
-            st.writeback = true;
-            let page = st.page.clone().expect("a valid entry has its frame");
-            drop(st);
-            items.push((e, page, blocks));
+    // Every page is looked at, even with no page dirty: a page another
+    // flush is writing back is clean until that write-back ends.
+    for e in file.all_entries() {
+        let mut st = lock(&e.st);
+        // Another flush is writing this page: its blocks were written
+        // before this call, so wait for that write-back to end (a
+        // failed one leaves them dirty again, for this one to write).
+        // Flushes take pages in index order and wait only on a page
+        // another has taken, so they never wait on each other in a
+        // cycle.
+        while st.writeback {
+            st = wait(&e.filled, st);
         }
+        if st.fill != Fill::Valid || st.dirty.is_empty() {
+            continue;
+        }
+        let blocks = take_dirty(cache, file, &mut st);
+        st.writeback = true;
+        let page = st.page.clone().expect("a valid entry has its frame");
+        drop(st);
+        items.push((e, page, blocks));
     }
     let refs: Vec<(u64, &Page, &Blocks)> = items.iter().map(|(e, p, b)| (e.index, p, b)).collect();
     let (ok, err) = file.write_items(cache, &refs);
@@ -291,6 +300,8 @@ fn flush_file(cache: &Inner, file: &FileInner) -> Result<()> {
         if !ok {
             mark(cache, file, &mut st, blocks);
         }
+        drop(st);
+        e.filled.notify_all();
     }
     let pending = lock(&file.error).take();
     match (err, pending) {
