@@ -42,6 +42,9 @@ pub struct CachedFile {
 
 /// One open file's state, shared by its handles and (weakly) its entries.
 pub(crate) struct FileInner {
+    /// The cache, to write back and give frames back when the file is
+    /// dropped while the cache lives (it was closed with handles open).
+    cache: Weak<Inner>,
     path: PathBuf,
     io: Mutex<Arc<dyn IoFile>>,
     writable: bool,
@@ -87,7 +90,7 @@ fn sys(op: &'static str, e: io::Error) -> Error {
 }
 
 impl FileInner {
-    pub(crate) fn open(cache: &Inner, path: &Path) -> Result<Arc<FileInner>> {
+    pub(crate) fn open(cache: &Arc<Inner>, path: &Path) -> Result<Arc<FileInner>> {
         let (io, writable) = match cache.fs.open(path, true) {
             Ok(f) => (f, true),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS | libc::EPERM)) => {
@@ -97,6 +100,7 @@ impl FileInner {
         };
         let stat = io.stat().map_err(|e| sys("fstat", e))?;
         Ok(Arc::new(FileInner {
+            cache: Arc::downgrade(cache),
             path: path.to_path_buf(),
             io: Mutex::new(Arc::from(io)),
             writable,
@@ -228,6 +232,30 @@ impl FileInner {
     /// Write back every dirty page (the cache's drop).
     pub(crate) fn write_back_all(&self, cache: &Inner) -> Result<()> {
         flush_file(cache, self)
+    }
+}
+
+impl Drop for FileInner {
+    fn drop(&mut self) {
+        // The cache lists every file it has open, and drops them only as
+        // it goes itself (having written them back): a file dropped while
+        // the cache lives was closed while handles to it were open, and
+        // the last of them is gone. Write back what they left dirty (no
+        // one is left to tell of an error) and give its frames back.
+        let Some(cache) = self.cache.upgrade() else { return };
+        let _ = flush_file(&cache, self);
+        for e in self.all_entries() {
+            let mut st = lock(&e.st);
+            if st.fill != Fill::Valid {
+                continue;
+            }
+            take_dirty(&cache, self, &mut st);
+            st.fill = Fill::Gone;
+            let page = st.page.take();
+            drop(st);
+            drop(page);
+            cache.release_frames(1);
+        }
     }
 }
 

@@ -305,6 +305,10 @@ impl PageCache {
     /// dropped (frames held elsewhere stay with their holders) and its
     /// descriptor closed. A later `open` starts afresh. Errors as
     /// [`CachedFile::flush`]; on error the file stays open and cached.
+    /// Handles to it still open keep the descriptor and go on working on
+    /// the file apart from the cache's list (a later `open` does not see
+    /// their pages); what they leave dirty is written back, errors
+    /// ignored, when the last of them is dropped.
     pub fn close(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let Some(f) = lock(&self.inner.files).get(path).cloned() else { return Ok(()) };
