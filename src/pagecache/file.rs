@@ -524,7 +524,10 @@ impl CachedFile {
     /// pages) in one `pwritev` each. Returns the first error of this
     /// write-back (its blocks stay dirty for the next one), else an error
     /// an earlier eviction's write-back met that no `flush` has reported
-    /// yet (once), else `Ok`. Does not `fsync`.
+    /// yet (once), else `Ok`. A page another flush is writing back is
+    /// waited for (and written again if that write-back failed), so `Ok`
+    /// means every block dirtied before the call is in the file. Does not
+    /// `fsync`.
     pub fn flush(&self) -> Result<()> {
         flush_file(&self.cache, &self.file)
     }
