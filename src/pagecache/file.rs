@@ -551,6 +551,9 @@ impl CachedFile {
     /// Returns whether the file had changed. [`Error::Sys`] (`"stat"`,
     /// `"open"`) if the path cannot be looked at.
     pub fn revalidate(&self) -> Result<bool> {
+        // Taken before the stat: writes and write-backs going on meanwhile
+        // only grow these, and a growth after this load must survive.
+        let (old_len, old_disk_len) = (self.len(), self.file.disk_len.load(Ordering::Relaxed));
         let now = self.cache.fs.stat(&self.file.path).map_err(|e| sys("stat", e))?;
         let old = *lock(&self.file.stat);
         if now == old {
@@ -561,12 +564,16 @@ impl CachedFile {
             *lock(&self.file.io) = Arc::from(io);
         }
         *lock(&self.file.stat) = now;
-        self.file.disk_len.store(now.len, Ordering::Relaxed);
+        set_unless_grown(&self.file.disk_len, old_disk_len, now.len);
         // Dirty pages kept: the length still covers what was written to
         // them, which ends within their last dirty block but not
-        // necessarily at its end.
-        let kept_end = self.drop_pages(false).min(self.len());
-        self.file.len.store(now.len.max(kept_end), Ordering::Relaxed);
+        // necessarily at its end. And `now` may predate a write-back that
+        // grew the file since (its page, clean now, was just dropped): the
+        // length covers what is on disk by our own write-backs too. (If
+        // the file was cut short meanwhile, a fill finds out.)
+        let kept_end = self.drop_pages(false).min(old_len);
+        let on_disk = self.file.disk_len.load(Ordering::Relaxed).min(old_len.max(now.len));
+        set_unless_grown(&self.file.len, old_len, now.len.max(kept_end).max(on_disk));
         self.file.next_seq.store(0, Ordering::Relaxed);
         Ok(true)
     }
@@ -789,6 +796,14 @@ impl CachedFile {
             }
         }
         Ok(())
+    }
+}
+
+/// Set `a` (last seen holding `seen`) to `new`, unless it changed since:
+/// then someone grew it (a write, a write-back), and it may only grow.
+fn set_unless_grown(a: &AtomicU64, seen: u64, new: u64) {
+    if a.compare_exchange(seen, new, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        a.fetch_max(new, Ordering::Relaxed);
     }
 }
 
