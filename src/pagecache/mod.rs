@@ -238,7 +238,8 @@ pub struct PageCacheStats {
     pub dirty: usize,
     /// Page lookups that found the page valid (no system call).
     pub hits: u64,
-    /// Page lookups that read the page from the file.
+    /// Page lookups that filled the page: read it from the file (with its
+    /// readahead), or zeroed it for a write that covers it whole.
     pub misses: u64,
     /// Read calls made to the file system (one per miss with its readahead).
     pub reads: u64,
