@@ -142,10 +142,8 @@ impl FileIo for SysFileIo {
     fn open(&self, path: &Path, writable: bool) -> io::Result<Box<dyn IoFile>> {
         let f = OpenOptions::new().read(true).write(writable).open(path)?;
         if !f.metadata()?.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not a regular file", path.display()),
-            ));
+            // As the kernel says it (an errno the caller can match on).
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         Ok(Box::new(SysFile(f)))
     }

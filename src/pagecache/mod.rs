@@ -282,8 +282,9 @@ impl PageCache {
     /// Open `path` through the cache (read-write where permitted, else
     /// read-only). A path already open gives the same file, revalidated:
     /// if it changed on disk its clean pages are dropped first.
-    /// Errors: [`Error::Sys`] with op `"open"` (`ENOENT`, `EACCES`, not a
-    /// regular file as `EINVAL`...).
+    /// Errors: [`Error::Sys`] with op `"open"` (`ENOENT`, `EACCES`,
+    /// `EISDIR` for a directory, another file that is not a regular file
+    /// as `EINVAL`...).
     pub fn open(&self, path: impl AsRef<Path>) -> Result<CachedFile> {
         let path = path.as_ref();
         let found = lock(&self.inner.files).get(path).cloned();
