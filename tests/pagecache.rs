@@ -419,6 +419,25 @@ fn invalid_block_sizes_and_budget_are_config_errors() {
     assert_eq!(env.builder().build().expect("default").budget(), 4);
 }
 
+/// What `open` refuses, with the errno its documentation gives: a missing
+/// file, a directory, and a file that is not a regular file.
+#[test]
+#[cfg_attr(miri, ignore = "real files need open(2)")]
+fn open_refuses_what_is_not_a_regular_file() {
+    let env = Env::new(Fs::Sys, 4);
+    let cache = env.builder().build().expect("cache");
+    let errno = |p: &Path| match cache.open(p) {
+        Err(e @ Error::Sys { op: "open", .. }) => e.errno(),
+        other => panic!("{}: {other:?}", p.display()),
+    };
+    assert_eq!(errno(&env.path("missing")), Some(libc::ENOENT));
+    assert_eq!(errno(env.dir.as_deref().expect("a directory")), Some(libc::EISDIR));
+    if Path::new("/dev/null").exists() {
+        assert_eq!(errno(Path::new("/dev/null")), Some(libc::EINVAL));
+    }
+    assert!(cache.files().is_empty());
+}
+
 // === files that grow, offsets at the top ===
 
 /// Writes past the end grow the file; the gap reads as zeros, before and
