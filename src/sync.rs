@@ -367,6 +367,14 @@ pub mod mutants {
         /// The page-cache evictor checks "clean and unheld" under the
         /// entry's lock, lets go, and evicts later without checking again.
         EvictStaleCheck,
+        /// A page-cache hit lets go of the shard's lock before it copies,
+        /// so the page can be evicted and its frame refilled with another
+        /// page under the copy.
+        HitCopiesUnlocked,
+        /// A failed page-cache fill marks its entries gone and wakes the
+        /// waiters without taking the entries out of the map, so every
+        /// later lookup of the page finds a gone entry and looks again.
+        FailedFillMapped,
     }
 
     std::thread_local! {

@@ -5,7 +5,7 @@ use std::sync::Weak;
 
 use super::file::FileInner;
 use crate::phys::Page;
-use crate::sync::{AtomicBool, Condvar, Mutex};
+use crate::sync::{AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// Where an entry is in its life. Only ever moves forward:
 /// `Filling -> Valid -> Gone` or `Filling -> Gone`.
@@ -33,8 +33,6 @@ pub(crate) struct EntrySt {
     /// A write-back of this page is in flight (its dirty bits were taken):
     /// the page must not be evicted or dropped until it ends.
     pub(crate) writeback: bool,
-    /// Filled by readahead and not looked at since.
-    pub(crate) readahead: bool,
 }
 
 /// A cached page.
@@ -49,22 +47,42 @@ pub(crate) struct Entry {
     pub(crate) filled: Condvar,
     /// The clock's reference bit: set by every hit, cleared by the evictor.
     pub(crate) referenced: AtomicBool,
+    /// Filled by readahead and not looked at since.
+    pub(crate) readahead: AtomicBool,
+    /// The frame number plus one while `Valid`, else 0: what a read under
+    /// the shard's lock copies from without taking the entry's lock.
+    /// Stored under the entry's lock (Release when set); cleared there
+    /// before the entry leaves its map, and the frame is let go only after
+    /// that removal, under the shard's lock, so a reader holding that lock
+    /// who saw it set copies from a frame that is still the page's.
+    pub(crate) valid_pfn: AtomicUsize,
 }
 
 impl Entry {
+    /// Make the entry valid with `page` (under its lock, `st`).
+    pub(crate) fn publish(&self, st: &mut EntrySt, page: Page) {
+        self.valid_pfn.store(page.pfn().0 + 1, Ordering::Release);
+        st.page = Some(page);
+        st.fill = Fill::Valid;
+    }
+
+    /// Mark the entry gone (under its lock, `st`) and hand back its frame,
+    /// to be dropped only after the entry has left its map.
+    pub(crate) fn retire(&self, st: &mut EntrySt) -> Option<Page> {
+        self.valid_pfn.store(0, Ordering::Relaxed);
+        st.fill = Fill::Gone;
+        st.page.take()
+    }
+
     pub(crate) fn filling(file: Weak<FileInner>, index: u64, readahead: bool) -> Entry {
         Entry {
             index,
             file,
-            st: Mutex::new(EntrySt {
-                fill: Fill::Filling,
-                page: None,
-                dirty: Blocks::default(),
-                writeback: false,
-                readahead,
-            }),
+            st: Mutex::new(EntrySt { fill: Fill::Filling, page: None, dirty: Blocks::default(), writeback: false }),
             filled: Condvar::new(),
             referenced: AtomicBool::new(false),
+            readahead: AtomicBool::new(readahead),
+            valid_pfn: AtomicUsize::new(0),
         }
     }
 }

@@ -1,7 +1,6 @@
 //! [`CachedFile`]: one file's pages, how they are filled, read, written
 //! and written back.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::ops::Range;
@@ -12,18 +11,19 @@ use super::entry::{Blocks, Entry, EntrySt, Fill};
 use super::io::{FileStat, FrameRange, IoFile};
 use super::Inner;
 use crate::error::{Error, Result};
+use crate::hash::WordMap;
 use crate::kaddr::IOV_MAX;
 use crate::phys::Page;
 use crate::sync::{lock, wait, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// Shards of a file's page map (a lock each).
 #[cfg(not(loom))]
-const SHARDS: usize = 16;
+const SHARDS: usize = 64;
 #[cfg(loom)]
 const SHARDS: usize = 2;
 
 /// One shard of a file's page map: page index to entry.
-type Shard = Mutex<HashMap<u64, Arc<Entry>>>;
+type Shard = Mutex<WordMap<u64, Arc<Entry>>>;
 
 /// Sequential misses read ahead at least this many pages.
 const MIN_READAHEAD: usize = 4;
@@ -107,7 +107,7 @@ impl FileInner {
             stat: Mutex::new(stat),
             len: AtomicU64::new(stat.len),
             disk_len: AtomicU64::new(stat.len),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(WordMap::default())).collect(),
             next_seq: AtomicU64::new(0),
             ra_window: AtomicUsize::new(0),
             dirty: AtomicUsize::new(0),
@@ -123,7 +123,9 @@ impl FileInner {
         lock(&self.io).clone()
     }
 
-    /// Take `e` out of the map if it is still the entry there.
+    /// Take `e` out of the map if it is still the entry there. Called with
+    /// `e`'s lock held: a shard's lock nests inside an entry's, and no
+    /// entry's lock is taken under a shard's.
     pub(crate) fn unmap_entry(&self, e: &Arc<Entry>) {
         let mut map = lock(self.shard(e.index));
         if map.get(&e.index).is_some_and(|cur| Arc::ptr_eq(cur, e)) {
@@ -250,8 +252,8 @@ impl Drop for FileInner {
                 continue;
             }
             take_dirty(&cache, self, &mut st);
-            st.fill = Fill::Gone;
-            let page = st.page.take();
+            let page = e.retire(&mut st);
+            self.unmap_entry(&e);
             drop(st);
             drop(page);
             cache.release_frames(1);
@@ -400,9 +402,11 @@ impl CachedFile {
             let (index, in_page) = (at / fs, (at % fs) as usize);
             let take = (fs as usize - in_page).min(n - done);
             let dst = &mut buf[done..done + take];
-            self.with_valid(index, Want::Read, |st| {
-                st.page.as_ref().expect("a valid entry has its frame").direct()?.read_at(in_page, dst)
-            })??;
+            if !self.read_cached(index, in_page, dst)? {
+                self.with_valid(index, Want::Read, |st| {
+                    st.page.as_ref().expect("a valid entry has its frame").direct()?.read_at(in_page, dst)
+                })??;
+            }
             done += take;
         }
         Ok(n)
@@ -594,15 +598,49 @@ impl CachedFile {
                 continue;
             }
             take_dirty(&self.cache, &self.file, &mut st);
-            st.fill = Fill::Gone;
-            let page = st.page.take();
-            drop(st);
+            let page = e.retire(&mut st);
+            // Out of the map before the lock goes, as the evictor does.
             self.file.unmap_entry(&e);
+            drop(st);
             drop(page);
             self.cache.release_frames(1);
             self.cache.stats.stale_drops.fetch_add(u64::from(!all), Ordering::Relaxed);
         }
         kept_end
+    }
+
+    /// The hit path of a read: copy from page `index` if it is valid, under
+    /// its shard's lock alone (no entry lock, no hold). `Ok(false)` if the
+    /// page is not valid now. The frame cannot be let go meanwhile: an
+    /// entry's frame is dropped only after the entry has left the map,
+    /// which takes this lock (`Entry::valid_pfn`).
+    #[inline]
+    fn read_cached(&self, index: u64, in_page: usize, dst: &mut [u8]) -> Result<bool> {
+        let map = lock(self.file.shard(index));
+        let Some(e) = map.get(&index) else { return Ok(false) };
+        let v = e.valid_pfn.load(Ordering::Acquire);
+        if v == 0 {
+            return Ok(false);
+        }
+        self.touched(e, true);
+        if crate::sync::mutant!(HitCopiesUnlocked) {
+            drop(map);
+            crate::sync::thread::yield_now();
+        }
+        self.cache.phys.direct_view(crate::phys::Pfn(v - 1), 1)?.read_at(in_page, dst)?;
+        Ok(true)
+    }
+
+    /// Count a use of a valid entry: its clock bit, a hit, a readahead hit.
+    #[inline]
+    fn touched(&self, e: &Entry, hit: bool) {
+        e.referenced.store(true, Ordering::Relaxed);
+        if hit {
+            self.cache.stats.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        if e.readahead.load(Ordering::Relaxed) && e.readahead.swap(false, Ordering::Relaxed) {
+            self.cache.stats.readahead_hits.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Run `f` on page `index`'s state while it is valid, under its lock,
@@ -613,14 +651,19 @@ impl CachedFile {
             let found = lock(self.file.shard(index)).get(&index).cloned();
             let Some(e) = found else {
                 match self.fill(index, want)? {
+                    // Finding another thread's fill under the shard's lock
+                    // is a wait for it, counted as a hit below like the one
+                    // here.
                     Filled::Raced => {}
                     Filled::Valid => missed = true,
                     Filled::Zeroed(e) => {
                         // Ours alone until `f` has overwritten the zeros:
-                        // others wait on the fill, so none sees them.
+                        // others wait on the fill (and the hit path sees no
+                        // frame published), so none sees them.
                         let mut st = lock(&e.st);
                         let r = f(&mut st);
-                        st.fill = Fill::Valid;
+                        let page = st.page.take().expect("a zeroed entry has its frame");
+                        e.publish(&mut st, page);
                         drop(st);
                         e.filled.notify_all();
                         self.cache.enlist(e);
@@ -636,14 +679,7 @@ impl CachedFile {
             if st.fill == Fill::Gone {
                 continue;
             }
-            e.referenced.store(true, Ordering::Relaxed);
-            if !missed {
-                self.cache.stats.hits.fetch_add(1, Ordering::Relaxed);
-            }
-            if st.readahead {
-                st.readahead = false;
-                self.cache.stats.readahead_hits.fetch_add(1, Ordering::Relaxed);
-            }
+            self.touched(&e, !missed);
             return Ok(f(&mut st));
         }
     }
@@ -699,8 +735,7 @@ impl CachedFile {
                 }
                 for (e, p) in entries.iter().zip(pages) {
                     let mut st = lock(&e.st);
-                    st.page = Some(p);
-                    st.fill = Fill::Valid;
+                    e.publish(&mut st, p);
                     drop(st);
                     e.filled.notify_all();
                     self.cache.enlist(e.clone());
@@ -710,7 +745,9 @@ impl CachedFile {
             Err(err) => {
                 stats.fill_errors.fetch_add(1, Ordering::Relaxed);
                 for e in &entries {
-                    self.file.unmap_entry(e);
+                    if !crate::sync::mutant!(FailedFillMapped) {
+                        self.file.unmap_entry(e);
+                    }
                     lock(&e.st).fill = Fill::Gone;
                     e.filled.notify_all();
                 }

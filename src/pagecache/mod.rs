@@ -40,16 +40,25 @@
 //!   on it. One read per page, however many threads ask at once (loom model
 //!   `pagecache_fill_once`, mutant `FillNoRecheck`). A failed fill takes the
 //!   entry out of the map before waking the waiters, who then try for
-//!   themselves; nothing half-filled is ever marked valid.
+//!   themselves; nothing half-filled is ever marked valid (loom model
+//!   `pagecache_fill_error`, mutant `FailedFillMapped`).
 //! - **Nothing lost to eviction.** The evictor decides under the entry's
 //!   lock, in one critical section, that a page is clean, not being written
 //!   back and held by no one but the cache ([`Page::hold_count`] of 1: a
-//!   reader or sender holds a clone, which it can only take under that same
+//!   sender or writer holds a clone, which it can only take under that same
 //!   lock), and marks it gone in the same section; a writer, which dirties
 //!   under the lock, therefore either comes first (and the page is written
 //!   back, not dropped) or finds it gone and looks the page up again
 //!   (loom model `pagecache_evict_vs_write`, mutant `EvictStaleCheck`).
 //!   Dirty pages are written back before their frames are let go.
+//! - **A hit takes one lock and no hold.** [`CachedFile::read_at`] copies
+//!   from a valid page under its shard's lock alone, from the frame number
+//!   the entry publishes while valid. Whoever retires an entry (evictor,
+//!   revalidation, close) clears that number and takes the entry out of
+//!   the map, which needs the shard's lock, before it lets the frame go;
+//!   so a copy under the lock reads a frame that is still the page's
+//!   (loom model `pagecache_hit_vs_evict`, mutant `HitCopiesUnlocked`).
+//!   The only lock order is entry, then shard.
 //! - **Bounded memory.** At most `budget` frames are resident (filling,
 //!   valid, dirty) except while more pages than that are held at once by
 //!   readers, senders or write-backs, when a fill goes over the budget
@@ -92,7 +101,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use file::CachedFile;
-pub use io::{FaultyFileIo, FileFaultStats, FileIo, FileStat, FrameRange, IoFile, MemFileIo, SysFileIo};
+pub use io::{DirectFileIo, FaultyFileIo, FileFaultStats, FileIo, FileStat, FrameRange, IoFile, MemFileIo, SysFileIo};
 
 use self::entry::{Entry, Fill};
 use self::file::FileInner;
@@ -537,11 +546,12 @@ impl Inner {
                 return Look::Gone;
             }
         }
-        st.fill = Fill::Gone;
-        let page = st.page.take();
-        st.readahead = false;
-        drop(st);
+        let page = e.retire(&mut st);
+        // Out of the map before the lock goes: a thread that finds the
+        // entry gone looks again and must not find it there (it would
+        // spin). The frame goes last, after the removal (`read_cached`).
         file.unmap_entry(e);
+        drop(st);
         drop(page);
         self.release_frames(1);
         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
