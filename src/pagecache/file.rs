@@ -594,7 +594,11 @@ impl CachedFile {
                 continue;
             }
             if !all && (!st.dirty.is_empty() || st.writeback) {
-                kept_end = kept_end.max(e.index * fs + st.dirty.end() as u64 * bs);
+                // A write-back in flight took its blocks' dirty bits: which
+                // they are is not known here, so the whole page is kept in
+                // the length (the caller caps it by the length it had).
+                let end = if st.writeback { fs } else { st.dirty.end() as u64 * bs };
+                kept_end = kept_end.max(e.index * fs + end);
                 continue;
             }
             take_dirty(&self.cache, &self.file, &mut st);
