@@ -1088,6 +1088,36 @@ fn revalidate_racing_a_write_back(fs: Fs) {
     same(&env.disk("f"), &want, "the file after the last write-back");
 }
 
+/// A revalidation while a flush's write-back of the last page is in
+/// flight (its dirty bits taken): the length still covers the bytes being
+/// written, which a failed write-back leaves dirty for the next one.
+fn revalidate_during_a_write_back_in_flight(fs: Fs) {
+    let env = Env::new(fs, 16);
+    let mut want = pattern(100, 40);
+    let path = env.put("f", &want);
+    let gate = Arc::new(Gate::default());
+    let cache = PageCache::builder(&env.phys).io(Arc::new(GatedFs(env.io(), gate.clone()))).build().expect("cache");
+    let file = cache.open(&path).expect("open");
+    file.write_at(100, b"0123456789").expect("append");
+    want.extend_from_slice(b"0123456789");
+    gate.st.lock().unwrap().armed = true;
+    std::thread::scope(|s| {
+        let flusher = s.spawn(|| file.flush());
+        gate.wait_held();
+        env.modify("f", |_| {});
+        let changed = file.revalidate();
+        let len = file.len();
+        // Let the write-back go before anything here can fail.
+        gate.open();
+        assert!(flusher.join().unwrap().is_err(), "the held write-back failed");
+        assert!(changed.expect("revalidate"), "the file had changed");
+        assert_eq!(len, 110, "the bytes being written back are still in the file");
+    });
+    assert_eq!(file.len(), 110);
+    file.fsync().expect("fsync");
+    same(&env.disk("f"), &want, "the file after the next write-back");
+}
+
 /// A whole-page write to a page not cached, racing a reader of that page:
 /// the reader sees the old bytes or the new, never a page of zeros. (Here
 /// both are the same bytes, so anything else is wrong.)
@@ -1410,6 +1440,7 @@ on_both_file_systems!(
     threads_own_interleaved_chunks,
     fsync_waits_for_a_write_back_in_flight,
     revalidate_racing_a_write_back,
+    revalidate_during_a_write_back_in_flight,
     whole_page_overwrite_never_shows_zeros,
     pages_map_through_sfpool_and_lwbufs,
     #[cfg_attr(miri, ignore = "cache policy, checked natively; Miri runs the unsafe paths and the races")]
