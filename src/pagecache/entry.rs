@@ -42,7 +42,8 @@ pub(crate) struct Entry {
     pub(crate) index: u64,
     pub(crate) file: Weak<FileInner>,
     pub(crate) st: Mutex<EntrySt>,
-    /// Signalled when a fill ends (`Filling` -> `Valid` or `Gone`).
+    /// Signalled when a fill ends (`Filling` -> `Valid` or `Gone`) and
+    /// when a flush's write-back of the page ends (`writeback` cleared).
     pub(crate) filled: Condvar,
     /// The clock's reference bit: set by every hit, cleared by the evictor.
     pub(crate) referenced: AtomicBool,

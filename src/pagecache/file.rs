@@ -42,6 +42,9 @@ pub struct CachedFile {
 
 /// One open file's state, shared by its handles and (weakly) its entries.
 pub(crate) struct FileInner {
+    /// The cache, to write back and give frames back when the file is
+    /// dropped while the cache lives (it was closed with handles open).
+    cache: Weak<Inner>,
     path: PathBuf,
     io: Mutex<Arc<dyn IoFile>>,
     writable: bool,
@@ -62,6 +65,17 @@ pub(crate) struct FileInner {
     error: Mutex<Option<Error>>,
 }
 
+/// What became of a call to [`CachedFile::fill`].
+enum Filled {
+    /// Another thread had put the page in the map first: look again.
+    Raced,
+    /// Filled from the file and valid: look again.
+    Valid,
+    /// A page to be overwritten whole: its frame is zeros and the entry
+    /// still `Filling`; the caller writes it, then makes it valid.
+    Zeroed(Arc<Entry>),
+}
+
 /// How a page is wanted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Want {
@@ -76,7 +90,7 @@ fn sys(op: &'static str, e: io::Error) -> Error {
 }
 
 impl FileInner {
-    pub(crate) fn open(cache: &Inner, path: &Path) -> Result<Arc<FileInner>> {
+    pub(crate) fn open(cache: &Arc<Inner>, path: &Path) -> Result<Arc<FileInner>> {
         let (io, writable) = match cache.fs.open(path, true) {
             Ok(f) => (f, true),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS | libc::EPERM)) => {
@@ -86,6 +100,7 @@ impl FileInner {
         };
         let stat = io.stat().map_err(|e| sys("fstat", e))?;
         Ok(Arc::new(FileInner {
+            cache: Arc::downgrade(cache),
             path: path.to_path_buf(),
             io: Mutex::new(Arc::from(io)),
             writable,
@@ -222,6 +237,30 @@ impl FileInner {
     }
 }
 
+impl Drop for FileInner {
+    fn drop(&mut self) {
+        // The cache lists every file it has open, and drops them only as
+        // it goes itself (having written them back): a file dropped while
+        // the cache lives was closed while handles to it were open, and
+        // the last of them is gone. Write back what they left dirty (no
+        // one is left to tell of an error) and give its frames back.
+        let Some(cache) = self.cache.upgrade() else { return };
+        let _ = flush_file(&cache, self);
+        for e in self.all_entries() {
+            let mut st = lock(&e.st);
+            if st.fill != Fill::Valid {
+                continue;
+            }
+            take_dirty(&cache, self, &mut st);
+            let page = e.retire(&mut st);
+            self.unmap_entry(&e);
+            drop(st);
+            drop(page);
+            cache.release_frames(1);
+        }
+    }
+}
+
 /// `pieces` without their first `n` bytes.
 fn skip<'a>(pieces: &[FrameRange<'a>], mut n: u64) -> Vec<FrameRange<'a>> {
     let mut out = Vec::with_capacity(pieces.len());
@@ -261,18 +300,27 @@ pub(crate) fn take_dirty(cache: &Inner, file: &FileInner, st: &mut EntrySt) -> B
 
 fn flush_file(cache: &Inner, file: &FileInner) -> Result<()> {
     let mut items: Vec<(Arc<Entry>, Page, Blocks)> = Vec::new();
-    if file.dirty.load(Ordering::Relaxed) > 0 {
-        for e in file.all_entries() {
-            let mut st = lock(&e.st);
-            if st.fill != Fill::Valid || st.dirty.is_empty() || st.writeback {
-                continue;
-            }
-            let blocks = take_dirty(cache, file, &mut st);
-            st.writeback = true;
-            let page = st.page.clone().expect("a valid entry has its frame");
-            drop(st);
-            items.push((e, page, blocks));
+    // Every page is looked at, even with no page dirty: a page another
+    // flush is writing back is clean until that write-back ends.
+    for e in file.all_entries() {
+        let mut st = lock(&e.st);
+        // Another flush is writing this page: its blocks were written
+        // before this call, so wait for that write-back to end (a
+        // failed one leaves them dirty again, for this one to write).
+        // Flushes take pages in index order and wait only on a page
+        // another has taken, so they never wait on each other in a
+        // cycle.
+        while st.writeback {
+            st = wait(&e.filled, st);
         }
+        if st.fill != Fill::Valid || st.dirty.is_empty() {
+            continue;
+        }
+        let blocks = take_dirty(cache, file, &mut st);
+        st.writeback = true;
+        let page = st.page.clone().expect("a valid entry has its frame");
+        drop(st);
+        items.push((e, page, blocks));
     }
     let refs: Vec<(u64, &Page, &Blocks)> = items.iter().map(|(e, p, b)| (e.index, p, b)).collect();
     let (ok, err) = file.write_items(cache, &refs);
@@ -282,6 +330,8 @@ fn flush_file(cache: &Inner, file: &FileInner) -> Result<()> {
         if !ok {
             mark(cache, file, &mut st, blocks);
         }
+        drop(st);
+        e.filled.notify_all();
     }
     let pending = lock(&file.error).take();
     match (err, pending) {
@@ -478,7 +528,10 @@ impl CachedFile {
     /// pages) in one `pwritev` each. Returns the first error of this
     /// write-back (its blocks stay dirty for the next one), else an error
     /// an earlier eviction's write-back met that no `flush` has reported
-    /// yet (once), else `Ok`. Does not `fsync`.
+    /// yet (once), else `Ok`. A page another flush is writing back is
+    /// waited for (and written again if that write-back failed), so `Ok`
+    /// means every block dirtied before the call is in the file. Does not
+    /// `fsync`.
     pub fn flush(&self) -> Result<()> {
         flush_file(&self.cache, &self.file)
     }
@@ -502,6 +555,9 @@ impl CachedFile {
     /// Returns whether the file had changed. [`Error::Sys`] (`"stat"`,
     /// `"open"`) if the path cannot be looked at.
     pub fn revalidate(&self) -> Result<bool> {
+        // Taken before the stat: writes and write-backs going on meanwhile
+        // only grow these, and a growth after this load must survive.
+        let (old_len, old_disk_len) = (self.len(), self.file.disk_len.load(Ordering::Relaxed));
         let now = self.cache.fs.stat(&self.file.path).map_err(|e| sys("stat", e))?;
         let old = *lock(&self.file.stat);
         if now == old {
@@ -512,9 +568,16 @@ impl CachedFile {
             *lock(&self.file.io) = Arc::from(io);
         }
         *lock(&self.file.stat) = now;
-        self.file.disk_len.store(now.len, Ordering::Relaxed);
-        let kept_end = self.drop_pages(false);
-        self.file.len.store(now.len.max(kept_end), Ordering::Relaxed);
+        set_unless_grown(&self.file.disk_len, old_disk_len, now.len);
+        // Dirty pages kept: the length still covers what was written to
+        // them, which ends within their last dirty block but not
+        // necessarily at its end. And `now` may predate a write-back that
+        // grew the file since (its page, clean now, was just dropped): the
+        // length covers what is on disk by our own write-backs too. (If
+        // the file was cut short meanwhile, a fill finds out.)
+        let kept_end = self.drop_pages(false).min(old_len);
+        let on_disk = self.file.disk_len.load(Ordering::Relaxed).min(old_len.max(now.len));
+        set_unless_grown(&self.file.len, old_len, now.len.max(kept_end).max(on_disk));
         self.file.next_seq.store(0, Ordering::Relaxed);
         Ok(true)
     }
@@ -531,7 +594,11 @@ impl CachedFile {
                 continue;
             }
             if !all && (!st.dirty.is_empty() || st.writeback) {
-                kept_end = kept_end.max(e.index * fs + st.dirty.end() as u64 * bs);
+                // A write-back in flight took its blocks' dirty bits: which
+                // they are is not known here, so the whole page is kept in
+                // the length (the caller caps it by the length it had).
+                let end = if st.writeback { fs } else { st.dirty.end() as u64 * bs };
+                kept_end = kept_end.max(e.index * fs + end);
                 continue;
             }
             take_dirty(&self.cache, &self.file, &mut st);
@@ -587,9 +654,26 @@ impl CachedFile {
         loop {
             let found = lock(self.file.shard(index)).get(&index).cloned();
             let Some(e) = found else {
-                // Finding another thread's fill under the shard's lock is a
-                // wait for it, counted as a hit below like the one here.
-                missed |= self.fill(index, want)?;
+                match self.fill(index, want)? {
+                    // Finding another thread's fill under the shard's lock
+                    // is a wait for it, counted as a hit below like the one
+                    // here.
+                    Filled::Raced => {}
+                    Filled::Valid => missed = true,
+                    Filled::Zeroed(e) => {
+                        // Ours alone until `f` has overwritten the zeros:
+                        // others wait on the fill (and the hit path sees no
+                        // frame published), so none sees them.
+                        let mut st = lock(&e.st);
+                        let r = f(&mut st);
+                        let page = st.page.take().expect("a zeroed entry has its frame");
+                        e.publish(&mut st, page);
+                        drop(st);
+                        e.filled.notify_all();
+                        self.cache.enlist(e);
+                        return Ok(r);
+                    }
+                }
                 continue;
             };
             let mut st = lock(&e.st);
@@ -605,15 +689,14 @@ impl CachedFile {
     }
 
     /// Fill page `index` (and pages read ahead of it), or find someone
-    /// already is. `Ok` means "look again": `true` if this call read the
-    /// page, `false` if another thread's entry was there.
-    fn fill(&self, index: u64, want: Want) -> Result<bool> {
+    /// already is.
+    fn fill(&self, index: u64, want: Want) -> Result<Filled> {
         let weak: Weak<FileInner> = Arc::downgrade(&self.file);
         let first = Arc::new(Entry::filling(weak.clone(), index, false));
         {
             let mut map = lock(self.file.shard(index));
             if !crate::sync::mutant!(FillNoRecheck) && map.contains_key(&index) {
-                return Ok(false);
+                return Ok(Filled::Raced);
             }
             map.insert(index, first.clone());
         }
@@ -646,6 +729,14 @@ impl CachedFile {
             Ok(pages) => {
                 stats.misses.fetch_add(1, Ordering::Relaxed);
                 stats.readahead_pages.fetch_add(entries.len() as u64 - 1, Ordering::Relaxed);
+                if want == Want::Overwrite {
+                    // No readahead: `entries` is the page alone. Its frame is
+                    // zeros, not the file's bytes: it stays `Filling` until
+                    // the caller has written over it.
+                    let e = entries.swap_remove(0);
+                    lock(&e.st).page = pages.into_iter().next();
+                    return Ok(Filled::Zeroed(e));
+                }
                 for (e, p) in entries.iter().zip(pages) {
                     let mut st = lock(&e.st);
                     e.publish(&mut st, p);
@@ -653,7 +744,7 @@ impl CachedFile {
                     e.filled.notify_all();
                     self.cache.enlist(e.clone());
                 }
-                Ok(true)
+                Ok(Filled::Valid)
             }
             Err(err) => {
                 stats.fill_errors.fetch_add(1, Ordering::Relaxed);
@@ -746,6 +837,14 @@ impl CachedFile {
             }
         }
         Ok(())
+    }
+}
+
+/// Set `a` (last seen holding `seen`) to `new`, unless it changed since:
+/// then someone grew it (a write, a write-back), and it may only grow.
+fn set_unless_grown(a: &AtomicU64, seen: u64, new: u64) {
+    if a.compare_exchange(seen, new, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        a.fetch_max(new, Ordering::Relaxed);
     }
 }
 

@@ -159,7 +159,8 @@ const DIRECT_ALIGN: usize = 4096;
 fn open_regular(path: &Path, writable: bool) -> io::Result<File> {
     let f = OpenOptions::new().read(true).write(writable).open(path)?;
     if !f.metadata()?.is_file() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a regular file", path.display())));
+        // As the kernel says it (an errno the caller can match on).
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     Ok(f)
 }
@@ -253,7 +254,7 @@ impl IoFile for SysFile {
 
 /// Files in memory: a path names a byte vector. For loom models, Miri and
 /// fast tests; it makes no system call. Writes and reads are applied under
-/// a lock per file; `sync` only counts.
+/// a lock per file; `sync` only counts. Files end at 1 TiB (`EFBIG`).
 ///
 /// ```
 /// use lwbuf::pagecache::{FileIo, MemFileIo};
@@ -268,6 +269,11 @@ pub struct MemFileIo {
     files: Mutex<HashMap<PathBuf, Arc<MemNode>>>,
     inos: AtomicU64,
 }
+
+/// The largest file [`MemFileIo`] holds (1 TiB): a write that would end
+/// past it is `EFBIG`, as a file system's own limit is, rather than an
+/// allocation the process cannot survive.
+const MEM_FILE_MAX: usize = 1 << 40;
 
 #[derive(Debug)]
 struct MemNode {
@@ -360,6 +366,14 @@ impl IoFile for MemFile {
     fn write_at(&self, offset: u64, bufs: &[FrameRange<'_>]) -> io::Result<usize> {
         let mut d = lock(&self.0.data);
         let mut at = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let total: usize = bufs.iter().take(IOV_MAX).map(FrameRange::len).sum();
+        let end = at
+            .checked_add(total)
+            .filter(|&e| e <= MEM_FILE_MAX)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if let Some(more) = end.checked_sub(d.0.len()) {
+            d.0.try_reserve(more).map_err(|_| io::Error::from_raw_os_error(libc::ENOSPC))?;
+        }
         let mut done = 0;
         for b in bufs.iter().take(IOV_MAX) {
             let mut bytes = vec![0u8; b.len()];
@@ -407,7 +421,7 @@ pub struct FileFaultStats {
 ///   (nothing is read);
 /// - [`short_reads`](Self::short_reads): the chosen reads return half of
 ///   the bytes asked for and the read after each returns 0, as if the file
-///   had been cut short there;
+///   had been cut short there (a read of 1 byte returns 0 at once);
 /// - [`fail_writes`](Self::fail_writes), [`fail_syncs`](Self::fail_syncs):
 ///   the errno (e.g. `EIO`, `ENOSPC`), nothing written.
 ///
@@ -481,8 +495,10 @@ impl FaultyFileIo {
     }
 
     /// Arm (or clear) shortened reads (the fault's errno is not used).
+    /// A cut still pending from an earlier shortened read is forgotten.
     pub fn short_reads(&self, fault: Option<Fault>) {
         *lock(&self.plans.short) = Plan::armed(fault);
+        self.plans.cut.store(false, Ordering::Relaxed);
     }
 
     /// Arm (or clear) failing writes.
@@ -558,9 +574,12 @@ impl IoFile for FaultyFile {
                 short.push(b.prefix(left));
                 left -= short.last().map_or(0, FrameRange::len);
             }
-            p.cut.store(true, Ordering::Relaxed);
             p.injected.fetch_add(1, Ordering::Relaxed);
-            return self.inner.read_at(offset, &short);
+            let n = self.inner.read_at(offset, &short)?;
+            // A read that got nothing is already the cut; only one that got
+            // something is followed by the 0.
+            p.cut.store(n > 0, Ordering::Relaxed);
+            return Ok(n);
         }
         self.inner.read_at(offset, bufs)
     }

@@ -247,7 +247,8 @@ pub struct PageCacheStats {
     pub dirty: usize,
     /// Page lookups that found the page valid (no system call).
     pub hits: u64,
-    /// Page lookups that read the page from the file.
+    /// Page lookups that filled the page: read it from the file (with its
+    /// readahead), or zeroed it for a write that covers it whole.
     pub misses: u64,
     /// Read calls made to the file system (one per miss with its readahead).
     pub reads: u64,
@@ -290,8 +291,9 @@ impl PageCache {
     /// Open `path` through the cache (read-write where permitted, else
     /// read-only). A path already open gives the same file, revalidated:
     /// if it changed on disk its clean pages are dropped first.
-    /// Errors: [`Error::Sys`] with op `"open"` (`ENOENT`, `EACCES`, not a
-    /// regular file as `EINVAL`...).
+    /// Errors: [`Error::Sys`] with op `"open"` (`ENOENT`, `EACCES`,
+    /// `EISDIR` for a directory, another file that is not a regular file
+    /// as `EINVAL`...).
     pub fn open(&self, path: impl AsRef<Path>) -> Result<CachedFile> {
         let path = path.as_ref();
         let found = lock(&self.inner.files).get(path).cloned();
@@ -314,6 +316,10 @@ impl PageCache {
     /// dropped (frames held elsewhere stay with their holders) and its
     /// descriptor closed. A later `open` starts afresh. Errors as
     /// [`CachedFile::flush`]; on error the file stays open and cached.
+    /// Handles to it still open keep the descriptor and go on working on
+    /// the file apart from the cache's list (a later `open` does not see
+    /// their pages); what they leave dirty is written back, errors
+    /// ignored, when the last of them is dropped.
     pub fn close(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let Some(f) = lock(&self.inner.files).get(path).cloned() else { return Ok(()) };
