@@ -371,6 +371,10 @@ pub mod mutants {
         /// so the page can be evicted and its frame refilled with another
         /// page under the copy.
         HitCopiesUnlocked,
+        /// A page-cache revalidation that finds the file changed drops its
+        /// pages without bumping the file's generation, so a fill that
+        /// read the old bytes before it publishes them after the drop.
+        StaleFillPublished,
         /// A failed page-cache fill marks its entries gone and wakes the
         /// waiters without taking the entries out of the map, so every
         /// later lookup of the page finds a gone entry and looks again.

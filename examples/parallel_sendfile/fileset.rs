@@ -183,7 +183,7 @@ impl FileSet {
     ///
     /// A file on disk is looked at once per request (`revalidate`: one
     /// `stat`) after its pages are pinned, and the answer is made again if
-    /// the file changed meanwhile; so the length, validators and pinned
+    /// the file changed meanwhile (its generation moved, or its stat); so the length, validators and pinned
     /// bytes of an answer are of one version of the file (pages cached
     /// since the last change, read from disk after it). Errors: 404 for a
     /// file gone from disk; 503 when no frame can be had (every page is
@@ -200,8 +200,10 @@ impl FileSet {
         let cache = self.cache.as_ref().ok_or(Status::ServiceUnavailable)?;
         let f = d.open(cache).map_err(|err| disk_status(&e.name, &err))?;
         for _ in 0..CHANGED_TRIES {
-            // The stat's own length: a revalidation elsewhere stores the
-            // stat before the length, and the two must be of one version.
+            // The generation first, then the stat (a revalidation elsewhere
+            // bumps the one, drops stale pages, then stores the other); the
+            // stat's own length, so the two are of one version.
+            let gen = f.generation();
             let st = f.stat();
             let len = st.len;
             let meta = d.meta_for(&e.name, st, len);
@@ -222,7 +224,7 @@ impl FileSet {
                 }
             };
             f.revalidate().map_err(|err| disk_status(&e.name, &err))?;
-            if f.stat() == st && f.len() == len {
+            if f.generation() == gen && f.stat() == st && f.len() == len {
                 return Ok(Answer { meta: Meta::Disk(meta), reply, body });
             }
         }

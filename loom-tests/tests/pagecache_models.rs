@@ -303,3 +303,40 @@ fn pagecache_hit_vs_evict() {
 fn pagecache_hit_vs_evict_mutant_copies_unlocked() {
     expect_failure("pagecache_hit_vs_evict", Mutant::HitCopiesUnlocked, hit_vs_evict);
 }
+
+// === 6. a fill racing a revalidation of a file changed on disk ===
+
+/// Page 0 of "f" is all `a` and not cached. One thread reads it (a fill)
+/// while the main thread changes the file on disk to all `z` and then
+/// revalidates. Once the revalidation has returned, a read must see `z`: a
+/// fill that read the old bytes before the change must not publish them
+/// after the revalidation dropped the stale pages.
+fn stale_fill() {
+    let ps = lwbuf::system_page_size();
+    let fs = mem_file(1, ps);
+    let (_cache, file) = cache(fs.clone(), 2);
+    let f = file.clone();
+    let reader = thread::spawn(move || {
+        let mut b = [0u8; 16];
+        assert_eq!(f.read_at(100, &mut b).unwrap(), 16);
+        assert!(b == [b'a'; 16] || b == [b'z'; 16], "a mix of two versions: {b:?}");
+    });
+    fs.modify("f", |d| d.fill(b'z')).unwrap();
+    assert!(file.revalidate().unwrap(), "the change was noticed");
+    reader.join().unwrap();
+    let mut b = [0u8; 16];
+    assert_eq!(file.read_at(100, &mut b).unwrap(), 16);
+    assert_eq!(b, [b'z'; 16], "stale bytes published after the revalidation");
+}
+
+#[test]
+fn pagecache_stale_fill() {
+    model("pagecache_stale_fill", stale_fill);
+}
+
+/// A revalidation that does not bump the generation lets the fill that
+/// read the old bytes publish them after the drop.
+#[test]
+fn pagecache_stale_fill_mutant_no_generation() {
+    expect_failure("pagecache_stale_fill", Mutant::StaleFillPublished, stale_fill);
+}

@@ -63,6 +63,13 @@ pub(crate) struct FileInner {
     dirty: AtomicUsize,
     /// A write-back error no `flush`/`fsync` has reported yet.
     error: Mutex<Option<Error>>,
+    /// Bumped (under `reval`) each time a change on disk is noticed,
+    /// before the stale pages are dropped: a fill that read before the
+    /// bump does not publish what it read ([`CachedFile::generation`]).
+    gen: AtomicU64,
+    /// Serializes revalidations and the recording of our own write-backs'
+    /// effect on the stat. Taken before any entry lock.
+    reval: Mutex<()>,
 }
 
 /// What became of a call to [`CachedFile::fill`].
@@ -112,6 +119,8 @@ impl FileInner {
             ra_window: AtomicUsize::new(0),
             dirty: AtomicUsize::new(0),
             error: Mutex::new(None),
+            gen: AtomicU64::new(0),
+            reval: Mutex::new(()),
         }))
     }
 
@@ -130,6 +139,23 @@ impl FileInner {
         let mut map = lock(self.shard(e.index));
         if map.get(&e.index).is_some_and(|cur| Arc::ptr_eq(cur, e)) {
             map.remove(&e.index);
+        }
+    }
+
+    /// After a write-back of ours: take the file's stat as it is now (its
+    /// size and mtime moved because of us), so the next revalidation does
+    /// not take our own write for a change behind the cache and drop every
+    /// clean page. A change another process makes in the same instant is
+    /// not told apart from ours. Skipped while a revalidation runs (it
+    /// may be waiting on a slow `stat`; it decides for itself, and at
+    /// worst drops clean pages that were current).
+    pub(crate) fn note_own_write(&self) {
+        let Some(_g) = crate::sync::try_lock(&self.reval) else { return };
+        if let Ok(now) = self.io().stat() {
+            let mut st = lock(&self.stat);
+            if (st.dev, st.ino) == (now.dev, now.ino) {
+                *st = now;
+            }
         }
     }
 
@@ -332,6 +358,9 @@ fn flush_file(cache: &Inner, file: &FileInner) -> Result<()> {
         }
         drop(st);
         e.filled.notify_all();
+    }
+    if !items.is_empty() {
+        file.note_own_write();
     }
     let pending = lock(&file.error).take();
     match (err, pending) {
@@ -547,6 +576,37 @@ impl CachedFile {
         Ok(())
     }
 
+    /// How many times a change of the file on disk has been noticed (by
+    /// [`revalidate`](Self::revalidate) or [`PageCache::open`](super::PageCache::open)).
+    /// Pages taken with [`page`](Self::page) or [`pages`](Self::pages) are
+    /// current if the generation read before taking them is still the
+    /// generation after a `revalidate` that follows, and [`stat`](Self::stat)
+    /// read after the generation is still the stat then: the pattern a
+    /// server uses to never send a mix of two versions of a file. (A
+    /// revalidation bumps the generation, drops the stale pages, then
+    /// stores the new stat.)
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use lwbuf::{Backing, PhysMem};
+    /// # use lwbuf::pagecache::{MemFileIo, PageCache};
+    /// let fs = Arc::new(MemFileIo::new());
+    /// fs.put("f", vec![1u8; 8192]);
+    /// let mem = PhysMem::builder().frames(8).backing(Backing::Heap).build()?;
+    /// let cache = PageCache::builder(&mem).io(fs.clone()).build()?;
+    /// let file = cache.open("f")?;
+    /// let g = file.generation();
+    /// let pages = file.pages(0..8192)?;
+    /// fs.modify("f", |d| d[0] = 2)?;          // changed behind the cache
+    /// assert!(file.revalidate()?);
+    /// assert_ne!(file.generation(), g);       // `pages` may be stale: take them again
+    /// # drop(pages);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn generation(&self) -> u64 {
+        self.file.gen.load(Ordering::Acquire)
+    }
+
     /// Compare the file on disk (by path: device, inode, size, mtime) with
     /// what the cache last saw. If it changed, drop its clean pages that
     /// no one holds (held ones are dropped from the cache and freed when
@@ -555,6 +615,7 @@ impl CachedFile {
     /// Returns whether the file had changed. [`Error::Sys`] (`"stat"`,
     /// `"open"`) if the path cannot be looked at.
     pub fn revalidate(&self) -> Result<bool> {
+        let _g = lock(&self.file.reval);
         // Taken before the stat: writes and write-backs going on meanwhile
         // only grow these, and a growth after this load must survive.
         let (old_len, old_disk_len) = (self.len(), self.file.disk_len.load(Ordering::Relaxed));
@@ -567,7 +628,12 @@ impl CachedFile {
             let io = self.cache.fs.open(&self.file.path, self.file.writable).map_err(|e| sys("open", e))?;
             *lock(&self.file.io) = Arc::from(io);
         }
-        *lock(&self.file.stat) = now;
+        // Before the pages are dropped: a fill in flight that read the old
+        // bytes then sees the bump when it publishes (under its entry's
+        // lock, which the drop below takes after this) and discards them.
+        if !crate::sync::mutant!(StaleFillPublished) {
+            self.file.gen.fetch_add(1, Ordering::Release);
+        }
         set_unless_grown(&self.file.disk_len, old_disk_len, now.len);
         // Dirty pages kept: the length still covers what was written to
         // them, which ends within their last dirty block but not
@@ -579,6 +645,8 @@ impl CachedFile {
         let on_disk = self.file.disk_len.load(Ordering::Relaxed).min(old_len.max(now.len));
         set_unless_grown(&self.file.len, old_len, now.len.max(kept_end).max(on_disk));
         self.file.next_seq.store(0, Ordering::Relaxed);
+        // Last: whoever reads the new stat finds the stale pages gone.
+        *lock(&self.file.stat) = now;
         Ok(true)
     }
 
@@ -691,6 +759,9 @@ impl CachedFile {
     /// Fill page `index` (and pages read ahead of it), or find someone
     /// already is.
     fn fill(&self, index: u64, want: Want) -> Result<Filled> {
+        // Before anything is read: a revalidation that bumps it meanwhile
+        // drops what this fill would publish.
+        let gen = self.file.gen.load(Ordering::Relaxed);
         let weak: Weak<FileInner> = Arc::downgrade(&self.file);
         let first = Arc::new(Entry::filling(weak.clone(), index, false));
         {
@@ -737,14 +808,28 @@ impl CachedFile {
                     lock(&e.st).page = pages.into_iter().next();
                     return Ok(Filled::Zeroed(e));
                 }
+                let mut stale = false;
                 for (e, p) in entries.iter().zip(pages) {
                     let mut st = lock(&e.st);
-                    e.publish(&mut st, p);
-                    drop(st);
+                    // The file changed on disk since this fill began (the
+                    // entry's lock orders this load after the bump of a
+                    // revalidation that has looked at the entry): what was
+                    // read may be the old bytes, so it is not published.
+                    stale |= self.file.gen.load(Ordering::Relaxed) != gen;
+                    if stale {
+                        st.fill = Fill::Gone;
+                        self.file.unmap_entry(e);
+                        drop(st);
+                        drop(p);
+                        self.cache.release_frames(1);
+                    } else {
+                        e.publish(&mut st, p);
+                        drop(st);
+                        self.cache.enlist(e.clone());
+                    }
                     e.filled.notify_all();
-                    self.cache.enlist(e.clone());
                 }
-                Ok(Filled::Valid)
+                Ok(if stale { Filled::Raced } else { Filled::Valid })
             }
             Err(err) => {
                 stats.fill_errors.fetch_add(1, Ordering::Relaxed);

@@ -70,6 +70,12 @@
 //!   [`PageCache::open`] and [`CachedFile::revalidate`], which drop its
 //!   clean pages; a fill that finds the file shorter than it was is
 //!   [`Error::FileChanged`] (nothing is cached), never zeros shown as data.
+//!   A revalidation bumps the file's [`generation`](CachedFile::generation)
+//!   before it drops the stale pages, and a fill publishes only if the
+//!   generation it began with is still current, checked under the entry's
+//!   lock that the drop also takes: a fill that read the old bytes never
+//!   publishes them after the drop (loom model `pagecache_stale_fill`,
+//!   mutant `StaleFillPublished`). The new stat is stored last.
 //!   Frames are memfd pages, so a shrunk file can never raise `SIGBUS`.
 //! - **Errors are kept, then told once.** A failed write-back (`EIO`,
 //!   `ENOSPC`) keeps the blocks dirty. The [`CachedFile::flush`] or
@@ -533,6 +539,7 @@ impl Inner {
         if held || st.writeback {
             return Look::Keep;
         }
+        let mut wrote = false;
         if !st.dirty.is_empty() {
             // Written back under the entry's lock: a writer waits, then
             // finds the page gone or clean-and-kept.
@@ -543,6 +550,7 @@ impl Inner {
                 file.remember_error(err);
                 return Look::Keep;
             }
+            wrote = true;
         }
         if crate::sync::mutant!(EvictStaleCheck) {
             // The mutant: decide, let go of the lock, then evict on the
@@ -563,6 +571,9 @@ impl Inner {
         drop(page);
         self.release_frames(1);
         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        if wrote {
+            file.note_own_write();
+        }
         Look::Evicted
     }
 }
