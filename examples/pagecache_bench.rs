@@ -63,6 +63,13 @@ enum Cmd {
         /// Bytes per read call, in KiB.
         #[arg(long, default_value_t = 128)]
         chunk_kib: usize,
+        /// The cache's largest readahead, in pages.
+        #[arg(long, default_value_t = lwbuf::pagecache::DEFAULT_READAHEAD)]
+        readahead: usize,
+        /// Write the cached pages to /dev/null straight from the frames (as
+        /// cat does with what it reads) instead of copying them into a buffer.
+        #[arg(long)]
+        to_null: bool,
         /// How fills read: `buffered` (preadv through the kernel's page
         /// cache, the default) or `direct` (O_DIRECT, cached once).
         #[arg(long, default_value = "buffered")]
@@ -100,13 +107,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let dir = temp_dir(args.dir)?;
     match args.cmd {
-        Cmd::Cold { file_mib, budget_mib, chunk_kib, fill } => {
+        Cmd::Cold { file_mib, budget_mib, chunk_kib, readahead, to_null, fill } => {
             let io: Arc<dyn FileIo> = match fill.as_str() {
                 "buffered" => Arc::new(SysFileIo),
                 "direct" => Arc::new(DirectFileIo),
                 other => return Err(format!("--fill {other}: expected buffered or direct").into()),
             };
-            cold(&dir.0, file_mib, budget_mib, chunk_kib, io, args.rounds.unwrap_or(3))
+            cold(&dir.0, file_mib, budget_mib, chunk_kib, readahead, to_null, io, args.rounds.unwrap_or(3))
         }
         Cmd::Writeback { pages } => writeback(&dir.0, pages, args.rounds.unwrap_or(5)),
     }
@@ -140,6 +147,8 @@ fn cold(
     file_mib: usize,
     budget_mib: usize,
     chunk_kib: usize,
+    readahead: usize,
+    to_null: bool,
     io: Arc<dyn FileIo>,
     rounds: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -169,19 +178,41 @@ fn cold(
         let mut run_ours = || -> Result<f64, Box<dyn std::error::Error>> {
             drop_caches()?;
             let mem = PhysMem::builder().frames((budget_mib.max(1) << 20) / 4096).build()?;
-            let cache = PageCache::builder(&mem).io(io.clone()).build()?;
+            let cache = PageCache::builder(&mem).readahead(readahead).io(io.clone()).build()?;
             let t = Instant::now();
             let file = cache.open(&path)?;
             let mut buf = vec![0u8; chunk];
             let mut off = 0u64;
             let mut sum = 0u64;
-            loop {
-                let n = file.read_at(off, &mut buf)?;
-                if n == 0 {
-                    break;
+            if to_null {
+                // What cat does with the bytes: write them to /dev/null,
+                // here straight from the cached frames (one writev a chunk).
+                let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+                let len = file.len();
+                while off < len {
+                    let end = (off + chunk as u64).min(len);
+                    let pages = file.pages(off..end)?;
+                    let views: Vec<_> = pages.iter().map(|p| p.direct()).collect::<Result<_, _>>()?;
+                    let mut at = off;
+                    let mut iov = Vec::with_capacity(views.len());
+                    for v in &views {
+                        let in_page = (at % 4096) as usize;
+                        let n = (4096 - in_page).min((end - at) as usize);
+                        iov.push(v.io_vec(in_page, n)?);
+                        at += n as u64;
+                    }
+                    lwbuf::IoVec::write_all_vectored(&null, &mut &mut iov[..])?;
+                    off = end;
                 }
-                sum = sum.wrapping_add(buf[n - 1] as u64);
-                off += n as u64;
+            } else {
+                loop {
+                    let n = file.read_at(off, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    sum = sum.wrapping_add(buf[n - 1] as u64);
+                    off += n as u64;
+                }
             }
             let secs = t.elapsed().as_secs_f64();
             if off != bytes as u64 {
