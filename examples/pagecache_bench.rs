@@ -113,7 +113,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "direct" => Arc::new(DirectFileIo),
                 other => return Err(format!("--fill {other}: expected buffered or direct").into()),
             };
-            cold(&dir.0, file_mib, budget_mib, chunk_kib, readahead, to_null, io, args.rounds.unwrap_or(3))
+            cold(&dir.0, ColdRun { file_mib, budget_mib, chunk_kib, readahead, to_null, io }, args.rounds.unwrap_or(3))
         }
         Cmd::Writeback { pages } => writeback(&dir.0, pages, args.rounds.unwrap_or(5)),
     }
@@ -142,16 +142,18 @@ fn write_file(path: &Path, bytes: usize) -> std::io::Result<()> {
     f.into_inner()?.sync_all()
 }
 
-fn cold(
-    dir: &Path,
+/// What a cold run reads, and how.
+struct ColdRun {
     file_mib: usize,
     budget_mib: usize,
     chunk_kib: usize,
     readahead: usize,
     to_null: bool,
     io: Arc<dyn FileIo>,
-    rounds: usize,
-) -> Result<(), Box<dyn std::error::Error>> {
+}
+
+fn cold(dir: &Path, run: ColdRun, rounds: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let ColdRun { file_mib, budget_mib, chunk_kib, readahead, to_null, io } = run;
     let path = dir.join("cold");
     let bytes = file_mib.max(1) << 20;
     println!("writing {file_mib} MiB to {}", path.display());
