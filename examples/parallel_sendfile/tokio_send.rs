@@ -275,26 +275,16 @@ pub async fn send_file(
     let mut st = SendStats::default();
     let mut q = Queue { head, pieces: VecDeque::new(), bytes: 0 };
     let fs = file.page_size();
-    let grid = Some(caches.max_run()).filter(|&g| g > 1);
+    let grid = Some(caches.max_run());
     for run in runs {
         // As `send_mapped`: with a grid, ask for the chunk of the file's run
         // that holds page `idx`, so that every request maps (and finds) the
         // same chunks.
-        let end = run.index + run.pages.len();
-        let extent = match grid {
-            Some(_) => file.run_of(run.index).unwrap_or(run.index..end),
-            None => run.index..end,
-        };
+        let chunks = run.chunks(file, grid);
         let (mut idx, mut off, mut left) = (run.index, run.offset, run.len);
         let mut room = RoomWait::new();
         while left > 0 {
-            let (from, to) = match grid {
-                Some(g) => {
-                    let from = extent.start + (idx - extent.start) / g * g;
-                    (from, (from + g).min(extent.end))
-                }
-                None => (idx, end),
-            };
+            let Range { start: from, end: to } = chunks.at(idx);
             let held = match caches.map(file.pages_at(from..to)) {
                 Ok(h) => h,
                 // Nothing free: send and release what this request holds.

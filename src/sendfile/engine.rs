@@ -267,24 +267,14 @@ pub fn send_mapped<M: MapSource>(
     // SAFETY: `header` outlives `q`, a local.
     unsafe { q.push(header.as_ptr(), header.len(), None) };
     let fs = file.page_size();
-    let grid = source.run_grid().filter(|&g| g > 1);
+    let grid = source.run_grid();
     for run in runs {
         // The pages to ask for: from `idx` to the end of the piece, or with
         // a grid, the chunk of the allocation run that holds page `idx`.
-        let end = run.index + run.pages.len();
-        let extent = match grid {
-            Some(_) => file.run_of(run.index).unwrap_or(run.index..end),
-            None => run.index..end,
-        };
+        let chunks = run.chunks(file, grid);
         let (mut idx, mut off, mut left) = (run.index, run.offset, run.len);
         while left > 0 {
-            let (from, to) = match grid {
-                Some(g) => {
-                    let from = extent.start + (idx - extent.start) / g * g;
-                    (from, (from + g).min(extent.end))
-                }
-                None => (idx, end),
-            };
+            let Range { start: from, end: to } = chunks.at(idx);
             let ask = file.pages_at(from..to);
             let m = match source.map(ask) {
                 Ok(m) => m,

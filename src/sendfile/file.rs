@@ -383,7 +383,45 @@ pub struct FileRun<'a> {
     pub len: usize,
 }
 
+/// Which pages to map for a piece of a [`FileRun`]: from a page to the end
+/// of the run, or, with a grid of `g` pages, the `g`-page chunk of the
+/// allocation run (see [`PageFile::run_of`]) that holds it, so that every
+/// request maps (and finds cached) the same chunks. Made once per run by
+/// [`FileRun::chunks`].
+#[derive(Clone, Debug)]
+pub struct ChunkGrid {
+    extent: Range<usize>,
+    end: usize,
+    grid: Option<usize>,
+}
+
+impl ChunkGrid {
+    /// The page indices to ask for to send page `idx` onwards.
+    #[inline]
+    pub fn at(&self, idx: usize) -> Range<usize> {
+        match self.grid {
+            Some(g) => {
+                let from = self.extent.start + (idx - self.extent.start) / g * g;
+                from..(from + g).min(self.extent.end)
+            }
+            None => idx..self.end,
+        }
+    }
+}
+
 impl FileRun<'_> {
+    /// The chunks to map this piece by, with a grid of `grid` pages
+    /// (`None`, or a grid of 1, maps from a page to the piece's end).
+    pub fn chunks(&self, file: &PageFile, grid: Option<usize>) -> ChunkGrid {
+        let end = self.index + self.pages.len();
+        let grid = grid.filter(|&g| g > 1);
+        let extent = match grid {
+            Some(_) => file.run_of(self.index).unwrap_or(self.index..end),
+            None => self.index..end,
+        };
+        ChunkGrid { extent, end, grid }
+    }
+
     /// The frame of the first page.
     pub fn pfn(&self) -> Pfn {
         self.pages[0].pfn()

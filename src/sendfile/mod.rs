@@ -80,7 +80,7 @@ use std::time::Duration;
 pub use cache::{CacheStats, CachedMapping, LwbufMapping, LwbufSource, SfBufSource, SfMapping};
 pub use conn::Connection;
 pub use engine::{send_copy, send_mapped};
-pub use file::{FileRun, PageFile, PageFileBuilder, Runs};
+pub use file::{ChunkGrid, FileRun, PageFile, PageFileBuilder, Runs};
 pub use kernel::SendfileHolds;
 pub use mode::Mode;
 pub use pattern::Pattern;
