@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::hash::WordMap;
 use crate::kaddr::IOV_MAX;
 use crate::phys::Page;
-use crate::sync::{lock, wait, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::sync::{lock, wait, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 
 /// Shards of a file's page map (a lock each).
 #[cfg(not(loom))]
@@ -159,6 +159,19 @@ impl FileInner {
         }
     }
 
+    /// Retire valid entry `e`, whose lock `st` is: gone, out of the map
+    /// before the lock goes (a thread that finds it gone looks again and
+    /// must not find it there, or it would spin), and its frame given back
+    /// last, after the removal (`CachedFile::read_cached` copies under the
+    /// shard's lock with no hold).
+    pub(crate) fn retire(&self, cache: &Inner, e: &Arc<Entry>, mut st: MutexGuard<'_, EntrySt>) {
+        let page = e.retire(&mut st);
+        self.unmap_entry(e);
+        drop(st);
+        drop(page);
+        cache.release_frames(1);
+    }
+
     pub(crate) fn remember_error(&self, e: Error) {
         let mut slot = lock(&self.error);
         if slot.is_none() {
@@ -278,11 +291,7 @@ impl Drop for FileInner {
                 continue;
             }
             take_dirty(&cache, self, &mut st);
-            let page = e.retire(&mut st);
-            self.unmap_entry(&e);
-            drop(st);
-            drop(page);
-            cache.release_frames(1);
+            self.retire(&cache, &e, st);
         }
     }
 }
@@ -670,12 +679,7 @@ impl CachedFile {
                 continue;
             }
             take_dirty(&self.cache, &self.file, &mut st);
-            let page = e.retire(&mut st);
-            // Out of the map before the lock goes, as the evictor does.
-            self.file.unmap_entry(&e);
-            drop(st);
-            drop(page);
-            self.cache.release_frames(1);
+            self.file.retire(&self.cache, &e, st);
             self.cache.stats.stale_drops.fetch_add(u64::from(!all), Ordering::Relaxed);
         }
         kept_end

@@ -562,14 +562,7 @@ impl Inner {
                 return Look::Gone;
             }
         }
-        let page = e.retire(&mut st);
-        // Out of the map before the lock goes: a thread that finds the
-        // entry gone looks again and must not find it there (it would
-        // spin). The frame goes last, after the removal (`read_cached`).
-        file.unmap_entry(e);
-        drop(st);
-        drop(page);
-        self.release_frames(1);
+        file.retire(self, e, st);
         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         if wrote {
             file.note_own_write();
