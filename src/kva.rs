@@ -36,7 +36,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::extent::Extents;
 use crate::mmu::{Mmu, MmuStats, Slot};
-use crate::phys::{contiguous_prefix, Page, Pfn};
+use crate::phys::{Page, Pfn};
 use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
 
 /// What happens to the mapping of an entry the cache evicts.
@@ -353,12 +353,14 @@ impl KvaSpace {
     /// frames of this window's memory.
     pub(crate) fn run_key<'a>(&self, pages: &'a [Page]) -> Result<(MapKey, Hold<'a>)> {
         let first = pages.first().ok_or_else(|| Error::config("pages", "a run needs at least one page"))?;
-        for p in pages {
+        // One pass (a huge-page run is 512 pages): every page of this
+        // memory, and each frame the one after the last.
+        let pfn0 = first.pfn().0;
+        for (n, p) in pages.iter().enumerate() {
             self.check_page(p)?;
-        }
-        let n = contiguous_prefix(pages, usize::MAX);
-        if let Some(p) = pages.get(n) {
-            return Err(Error::config("pages", format!("frame {} breaks the run at index {n}", p.pfn().0)));
+            if p.pfn().0 != pfn0.wrapping_add(n) {
+                return Err(Error::config("pages", format!("frame {} breaks the run at index {n}", p.pfn().0)));
+            }
         }
         let key = self.key_of(first.pfn().0, pages.len());
         if self.slots_for(key.pages) > self.capacity() {

@@ -379,6 +379,10 @@ pub mod mutants {
         /// waiters without taking the entries out of the map, so every
         /// later lookup of the page finds a gone entry and looks again.
         FailedFillMapped,
+        /// A slot reservation reads a word of slot states and writes it
+        /// back with the `BUSY` bits set in two steps instead of one
+        /// read-modify-write, so two enters of one slot can both pass.
+        ReserveNotAtomic,
     }
 
     std::thread_local! {

@@ -517,6 +517,37 @@ fn two_mib_frames(b: Backend) {
 
 // === views ===
 
+/// `write_u64` / `read_u64` at every offset of a word, aligned or not, at
+/// both ends of a frame: the value round-trips, is stored native-endian
+/// (as `write_at` of its bytes would), and no neighbouring byte changes.
+#[test]
+fn u64_helpers_at_every_alignment() {
+    let fs = system_page_size();
+    let mem = memory().frames(4).build().unwrap();
+    let page = mem.alloc_page().unwrap();
+    let k = page.direct().unwrap();
+    let v = 0x0102_0304_0506_0708u64;
+    for off in (0..=16).chain(fs - 16..=fs - 8) {
+        k.fill(0xee);
+        k.write_u64(off, v).unwrap();
+        assert_eq!(k.read_u64(off).unwrap(), v, "offset {off}");
+        let mut frame = vec![0u8; fs];
+        k.read_at(0, &mut frame).unwrap();
+        assert_eq!(&frame[off..off + 8], &v.to_ne_bytes(), "offset {off}");
+        assert!(
+            frame[..off].iter().chain(&frame[off + 8..]).all(|&b| b == 0xee),
+            "a neighbour of offset {off} changed"
+        );
+        // And the other way round: bytes written as bytes read as a word.
+        k.write_at(off, &u64::MAX.to_ne_bytes()).unwrap();
+        assert_eq!(k.read_u64(off).unwrap(), u64::MAX, "offset {off}");
+    }
+    for off in [fs - 7, fs - 1, fs, usize::MAX - 7, usize::MAX] {
+        assert!(matches!(k.read_u64(off), Err(Error::OutOfBounds { len: 8, .. })), "offset {off}");
+        assert!(matches!(k.write_u64(off, 1), Err(Error::OutOfBounds { len: 8, .. })), "offset {off}");
+    }
+}
+
 #[test]
 fn direct_view_bounds() {
     let fs = system_page_size();

@@ -44,19 +44,24 @@ fn assert_bytes_among(bytes: &[u8], allowed: &[u8], what: &str) {
 }
 
 /// One writer's rounds through `k`: the whole frame (`fill`), a 64-byte
-/// range (`write_at`), one aligned word (`write_u64`), then a read of the
-/// first `CHECKED` bytes (`read_at`, `read_u64`), which may see the other
-/// writer's bytes, ours, or zeros from before anyone wrote.
+/// range (`write_at`), an aligned and an unaligned word (`write_u64`), then
+/// a read of the first `CHECKED` bytes (`read_at`, `read_u64` aligned and
+/// not), which may see the other writer's bytes, ours, or zeros from
+/// before anyone wrote.
 fn write_and_read(k: Kaddr<'_>, v: u8) {
     let mut buf = [0u8; CHECKED];
     for _ in 0..ROUNDS {
         k.fill(v);
         k.write_at(64, &[v; 64]).expect("write_at");
         k.write_u64(128, u64::from_ne_bytes([v; 8])).expect("write_u64");
+        // An unaligned word spans two machine words (two merges).
+        k.write_u64(141, u64::from_ne_bytes([v; 8])).expect("unaligned write_u64");
         k.read_at(0, &mut buf).expect("read_at");
         assert_bytes_among(&buf, &[0, VALUES[0], VALUES[1]], "read during the writes");
         let w = k.read_u64(192).expect("read_u64");
         assert_bytes_among(&w.to_ne_bytes(), &[0, VALUES[0], VALUES[1]], "word read during the writes");
+        let w = k.read_u64(139).expect("unaligned read_u64");
+        assert_bytes_among(&w.to_ne_bytes(), &[0, VALUES[0], VALUES[1]], "unaligned word read during the writes");
     }
 }
 

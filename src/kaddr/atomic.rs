@@ -109,6 +109,42 @@ pub(crate) unsafe fn load(src: *mut u8, dst: &mut [u8]) {
     }
 }
 
+/// Load the native-endian `u64` at `src`: on 64-bit targets, one word load
+/// when `src` is aligned (the common case, a field of a page); otherwise as
+/// [`load`].
+///
+/// # Safety
+/// As [`load`]'s, for the 8 bytes at `src`.
+#[inline(always)]
+pub(crate) unsafe fn load_u64(src: *mut u8) -> u64 {
+    #[cfg(target_pointer_width = "64")]
+    if (src as usize) % WORD == 0 {
+        // SAFETY: an aligned word inside the mapping (caller's contract).
+        return unsafe { atomic(src.cast::<usize>()) }.load(Ordering::Relaxed) as u64;
+    }
+    let mut b = [0u8; 8];
+    // SAFETY: the caller's contract is `load`'s.
+    unsafe { load(src, &mut b) };
+    u64::from_ne_bytes(b)
+}
+
+/// Store the native-endian `u64` `v` at `dst`: on 64-bit targets, one word
+/// store when `dst` is aligned; otherwise as [`store`].
+///
+/// # Safety
+/// As [`store`]'s, for the 8 bytes at `dst`.
+#[inline(always)]
+pub(crate) unsafe fn store_u64(dst: *mut u8, v: u64) {
+    #[cfg(target_pointer_width = "64")]
+    if (dst as usize) % WORD == 0 {
+        // SAFETY: an aligned word inside the mapping (caller's contract);
+        // the store covers the whole word, so no neighbour's byte is lost.
+        return unsafe { atomic(dst.cast::<usize>()) }.store(v as usize, Ordering::Relaxed);
+    }
+    // SAFETY: the caller's contract is `store`'s.
+    unsafe { store(dst, &v.to_ne_bytes()) }
+}
+
 /// Merge `bytes` into the word at `w` from byte `off`, leaving its other
 /// bytes as they are (a compare-exchange loop).
 ///

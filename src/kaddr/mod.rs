@@ -148,15 +148,22 @@ impl<'a> Kaddr<'a> {
     }
 
     /// Read a native-endian `u64` at `offset` (unaligned is fine).
+    #[inline]
     pub fn read_u64(&self, offset: usize) -> Result<u64> {
-        let mut b = [0u8; 8];
-        self.read_at(offset, &mut b)?;
-        Ok(u64::from_ne_bytes(b))
+        self.check(offset, 8)?;
+        // SAFETY: as in `read_at`: `check` keeps the 8 bytes inside the
+        // mapping.
+        Ok(unsafe { atomic::load_u64(self.ptr.as_ptr().add(offset)) })
     }
 
     /// Write a native-endian `u64` at `offset` (unaligned is fine).
+    #[inline]
     pub fn write_u64(&self, offset: usize, v: u64) -> Result<()> {
-        self.write_at(offset, &v.to_ne_bytes())
+        self.check(offset, 8)?;
+        // SAFETY: as in `write_at`: `check` keeps the 8 bytes inside the
+        // mapping, which is writable.
+        unsafe { atomic::store_u64(self.ptr.as_ptr().add(offset), v) };
+        Ok(())
     }
 
     /// Fill the whole mapping with `byte` (word stores; see the memory
