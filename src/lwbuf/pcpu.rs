@@ -157,7 +157,7 @@ impl Local {
     /// Find or create the entry for `key`, take a reference, and return its
     /// address. A hit makes no system call and no allocation, and touches
     /// only the index (where the entry lives).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn acquire(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
         if let Some(e) = self.map.get_mut(key) {
             e.refs = e.refs.checked_add(1).expect("lwbuf: entry reference count overflow");
@@ -175,6 +175,7 @@ impl Local {
     /// finds no room is retried after reclaiming other CPUs' caches, and
     /// one call must count once.
     #[cold]
+    #[inline(never)]
     fn acquire_miss(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
         let mapping = self.map_new(kva, key)?;
         self.counters.misses += 1;

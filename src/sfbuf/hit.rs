@@ -101,7 +101,7 @@ fn pin_row() -> usize {
 impl SfPool {
     /// A hit, if `key` is cached: pinned, else through the hint, else
     /// through the map.
-    #[inline]
+    #[inline(always)]
     pub(super) fn try_cached<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Option<SfBuf<'a>> {
         if let Some(b) = self.try_pin(key, hold) {
             return Some(b);
@@ -114,7 +114,7 @@ impl SfPool {
     /// The pinned hit (9): on a cached entry nobody holds, count the
     /// reference in this thread's row of pins, writing no line another core
     /// writes.
-    #[inline]
+    #[inline(always)]
     fn try_pin<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Option<SfBuf<'a>> {
         let Hint { slot, gen } = self.hint.get(self.kva.granule_index(key)?)?;
         let e = &self.entries[slot as usize];

@@ -249,6 +249,7 @@ impl SfPool {
     /// [`close`](Self::close), hit or miss),
     /// [`Error::MapLimit`] / [`Error::Sys`] when the mapping budget or the
     /// kernel refuses and nothing is left to evict, without waiting.
+    #[inline(always)]
     pub fn alloc<'a>(&'a self, page: &'a Page, how: Wait<'_>) -> Result<SfBuf<'a>> {
         let (key, hold) = self.kva.page_key(page)?;
         self.alloc_key(key, hold, how)
@@ -334,12 +335,22 @@ impl SfPool {
         Ok(())
     }
 
-    #[inline]
+    /// Inlined whole into the caller, so that a hit's handle is built in
+    /// registers: returned through memory from a call, its fields were
+    /// stored piecewise and loaded back wider, which stalled every hit on
+    /// failed store forwarding (measured: most of an lwbuf hit's time).
+    #[inline(always)]
     fn alloc_key<'a>(&'a self, key: MapKey, hold: Hold<'a>, how: Wait<'_>) -> Result<SfBuf<'a>> {
         self.check_open()?;
         if let Some(b) = self.try_cached(key, hold) {
             return Ok(b);
         }
+        self.alloc_miss(key, hold, how)
+    }
+
+    /// `alloc_key` past the cache: map, evict or wait.
+    #[inline(never)]
+    fn alloc_miss<'a>(&'a self, key: MapKey, hold: Hold<'a>, how: Wait<'_>) -> Result<SfBuf<'a>> {
         let (slot, addr) = WaitQueue::wait_for(&self.waitq, how, || self.try_room(key), |o| self.count_wait(o))?;
         Ok(self.handle(key, hold, slot, addr))
     }
