@@ -326,6 +326,77 @@ fn tokio_readiness_loop(b: Backend) {
     assert_eq!(reader.join().expect("reader"), want);
 }
 
+/// `prefault` checks its range as the copies do, and changes no byte: on
+/// a run mapping through both caches, at the edges and past them.
+fn prefault_checks_ranges_and_changes_nothing(b: Backend) {
+    let fs = lwbuf::system_page_size();
+    let mem = b.phys(64);
+    let run = stamped_run(&mem, 20);
+    let want = expected(&run);
+    let pool = sfpool(b, &mem, 32);
+    let h = pool.alloc_run(&run, Wait::NoWait).expect("alloc_run");
+    let k = h.kva();
+    for (off, len) in [(0, 0), (0, 1), (0, k.len()), (k.len(), 0), (fs - 3, 5), (k.len() - 1, 1), (17, 16 * fs)] {
+        k.prefault(off, len).unwrap_or_else(|e| panic!("prefault({off}, {len}): {e}"));
+    }
+    for (off, len) in [(k.len(), 1), (1, k.len()), (usize::MAX, 1), (1, usize::MAX)] {
+        assert!(matches!(k.prefault(off, len), Err(Error::OutOfBounds { .. })), "prefault({off}, {len})");
+    }
+    let mut got = vec![0u8; k.len()];
+    k.read_at(0, &mut got).expect("read");
+    assert!(got == want, "prefault changed the bytes");
+    drop(h);
+    let lw = Lwbufs::builder(b.mmu(&mem, 32)).cpus(1).build().expect("Lwbufs");
+    let _cpu = lw.bind(0).expect("bind");
+    let h = lw.alloc_run(&run).expect("alloc_run");
+    let k = h.kva().expect("kva");
+    k.prefault(0, k.len()).expect("prefault");
+    k.read_at(0, &mut got).expect("read");
+    assert!(got == want, "prefault changed the bytes");
+}
+
+/// Whether the page at `addr` has a page-table entry in this process
+/// (bit 63 of its `/proc/self/pagemap` word).
+fn page_present(addr: usize) -> bool {
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open("/proc/self/pagemap").expect("open /proc/self/pagemap");
+    f.seek(SeekFrom::Start((addr / lwbuf::system_page_size() * 8) as u64)).expect("seek");
+    let mut w = [0u8; 8];
+    f.read_exact(&mut w).expect("read pagemap");
+    u64::from_ne_bytes(w) >> 63 == 1
+}
+
+/// A run just mapped into the window has no page-table entries; after
+/// `prefault`, every page it touched (the first of each 64 KiB block the
+/// range reaches) has one, made by a fault from user mode. What the kernel
+/// maps around each touch (`fault_around_bytes`) is its own business.
+#[test]
+#[cfg_attr(miri, ignore = "needs a memfd window and /proc")]
+fn prefault_maps_the_touched_pages_of_a_fresh_window_mapping() {
+    let fs = lwbuf::system_page_size();
+    let mem = Backend::Window.phys(128);
+    let run = stamped_run(&mem, 64);
+    let pool = sfpool(Backend::Window, &mem, 64);
+    let h = pool.alloc_run(&run, Wait::NoWait).expect("alloc_run");
+    let k = h.kva();
+    let pages: Vec<usize> = (0..run.len()).map(|i| k.addr() + i * fs).collect();
+    assert!(pages.iter().all(|&a| !page_present(a)), "a fresh window mapping already has page-table entries");
+    // From the middle of page 3 to the end: pages 3.. are reached.
+    let from = 3 * fs + 100;
+    k.prefault(from, k.len() - from).expect("prefault");
+    let block = 64 << 10;
+    for (i, &a) in pages.iter().enumerate().skip(3) {
+        let first_of_block = i == 3 || a % block == 0;
+        if first_of_block {
+            assert!(page_present(a), "page {i} was touched but has no page-table entry");
+        }
+    }
+    // A write through the same view then reads back (the pages are the
+    // frames, and writable).
+    k.write_u64(from & !7, 7).expect("write");
+    assert_eq!(run[3].direct().expect("direct").read_u64((from & !7) - 3 * fs).expect("read"), 7);
+}
+
 on_both_backends!(
     #[cfg_attr(miri, ignore = "needs a pipe")]
     short_write_then_would_block_pipe,
@@ -341,4 +412,5 @@ on_both_backends!(
     unusable_descriptors,
     #[cfg_attr(miri, ignore = "needs a socketpair and tokio's I/O driver")]
     tokio_readiness_loop,
+    prefault_checks_ranges_and_changes_nothing,
 );

@@ -95,6 +95,16 @@ impl Held {
         }
     }
 
+    /// Fault bytes `at..at + len` in from user mode (`Kaddr::prefault`),
+    /// so that the kernel's copy out of a fresh mapping does not wait
+    /// behind other threads' `mmap`s.
+    fn prefault(&self, at: usize, len: usize) -> lwbuf::Result<()> {
+        match self {
+            Held::Sf(h) => h.kva().prefault(at, len),
+            Held::Lw(h) => h.kva()?.prefault(at, len),
+        }
+    }
+
     /// Bytes `at..at + len` of the mapping as a piece of a batch, at the
     /// address valid on the calling thread's CPU.
     fn io_vec(&self, at: usize, len: usize) -> lwbuf::Result<IoVec<'_>> {
@@ -302,6 +312,7 @@ pub async fn send_file(
             let npages = held.pages();
             let at = (idx - from) * fs + off;
             let take = left.min(npages * fs - at);
+            held.prefault(at, take)?;
             q.bytes += take;
             q.pieces.push_back(Piece { held, at, len: take });
             idx = from + npages;

@@ -236,8 +236,19 @@ impl<'a> Kaddr<'a> {
         self.io_vec(offset, len).map_err(io::Error::from)
     }
 
+    /// The range as a piece for a call that copies out of it, its pages
+    /// faulted in from user mode first ([`prefault`](Self::prefault)).
+    fn io_range_out(&self, offset: usize, len: usize) -> io::Result<IoVec<'a>> {
+        let piece = self.io_range(offset, len)?;
+        // SAFETY: `io_range` checked the range against the mapping, which
+        // is readable for `'a`.
+        unsafe { super::prefault_range(piece.as_ptr(), piece.len()) };
+        Ok(piece)
+    }
+
     /// Write bytes `offset..offset + len` of the mapping to `fd`: one
-    /// `writev(2)`, no copy through a Rust buffer. Returns the bytes
+    /// `writev(2)`, no copy through a Rust buffer, after faulting the
+    /// range in from user mode ([`prefault`](Self::prefault)). Returns the bytes
     /// written: on a non-blocking descriptor possibly fewer than `len` (a
     /// short write), and [`io::ErrorKind::WouldBlock`] when it takes none.
     /// A zero `len` makes no system call and returns 0.
@@ -269,7 +280,7 @@ impl<'a> Kaddr<'a> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn write_to(&self, fd: impl AsFd, offset: usize, len: usize) -> io::Result<usize> {
-        let piece = self.io_range(offset, len)?;
+        let piece = self.io_range_out(offset, len)?;
         if len == 0 {
             return Ok(0);
         }
@@ -281,7 +292,7 @@ impl<'a> Kaddr<'a> {
     /// gone is `EPIPE`, never `SIGPIPE`). `ENOTSOCK` on anything but a
     /// socket.
     pub fn send_to(&self, fd: impl AsFd, offset: usize, len: usize, flags: i32) -> io::Result<usize> {
-        let piece = self.io_range(offset, len)?;
+        let piece = self.io_range_out(offset, len)?;
         if len == 0 {
             return Ok(0);
         }
@@ -295,7 +306,7 @@ impl<'a> Kaddr<'a> {
     /// [`write_to`](Self::write_to) instead. Errors as `write_to`, and
     /// [`io::ErrorKind::WriteZero`] if the kernel takes nothing.
     pub fn write_all_to(&self, fd: impl AsFd, offset: usize, len: usize) -> io::Result<()> {
-        let mut piece = [self.io_range(offset, len)?];
+        let mut piece = [self.io_range_out(offset, len)?];
         IoVec::write_all_vectored(fd, &mut &mut piece[..])
     }
 

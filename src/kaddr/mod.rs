@@ -15,6 +15,25 @@
 mod atomic;
 mod io;
 
+/// How far apart [`Kaddr::prefault`] touches a mapping: the kernel maps the
+/// pages around a read fault of a file mapping up to this block
+/// (`fault_around_bytes`, 64 KiB by default, mm/memory.c), so one touch per
+/// block faults in all of a freshly mapped range that is in the page cache
+/// (a memfd's frames always are).
+pub(crate) const PREFAULT_STRIDE: usize = 64 << 10;
+
+/// Fault in the pages of `ptr..ptr + len` from user mode (see
+/// [`Kaddr::prefault`]), one touch per [`PREFAULT_STRIDE`].
+///
+/// # Safety
+/// `ptr..ptr + len` lies inside one mapping of frames, readable for the
+/// duration of the call.
+pub(crate) unsafe fn prefault_range(ptr: *const u8, len: usize) {
+    // SAFETY: the caller's contract; every access to mapped frames is an
+    // atomic word access or the kernel's.
+    unsafe { atomic::prefault(ptr, len, PREFAULT_STRIDE) }
+}
+
 pub use io::{IoVec, IOV_MAX};
 
 use std::fmt;
@@ -154,6 +173,46 @@ impl<'a> Kaddr<'a> {
         // SAFETY: as in `read_at`: `check` keeps the 8 bytes inside the
         // mapping.
         Ok(unsafe { atomic::load_u64(self.ptr.as_ptr().add(offset)) })
+    }
+
+    /// Fault bytes `offset..offset + len` of the mapping in from user mode,
+    /// without changing them: one word load per 64 KiB (the kernel maps the
+    /// pages around a fault of a file mapping up to that block).
+    ///
+    /// Why: on x86-64 Linux a page fault taken inside a system call that
+    /// copies from user memory (`writev`, `sendmsg`) always takes the
+    /// process's mmap lock (`do_user_addr_fault` in arch/x86/mm/fault.c
+    /// uses the per-VMA lock only for faults from user mode), so it waits
+    /// behind every `mmap` another thread is making, and a mapping cache
+    /// makes them all the time. A window slot just mapped has no page-table
+    /// entries. Touching it first moves those faults to user mode, where
+    /// they take only the mapping's own lock. [`write_to`](Self::write_to),
+    /// [`send_to`](Self::send_to) and [`write_all_to`](Self::write_all_to)
+    /// do it for the range they send, and the send engine for every piece
+    /// of a window or cache it sends; call it before handing
+    /// [`io_vec`](Self::io_vec)s of a fresh mapping to the kernel yourself.
+    ///
+    /// Errors: [`Error::OutOfBounds`] for a range outside the mapping
+    /// (nothing touched).
+    ///
+    /// ```
+    /// use lwbuf::{Backing, PhysMem};
+    ///
+    /// let mem = PhysMem::builder().frames(2).backing(Backing::Heap).build()?;
+    /// let page = mem.alloc_page()?;
+    /// let view = page.direct()?;
+    /// view.prefault(0, view.len())?; // changes nothing
+    /// assert_eq!(view.read_u64(0)?, 0);
+    /// assert!(view.prefault(1, view.len()).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[inline]
+    pub fn prefault(&self, offset: usize, len: usize) -> Result<()> {
+        self.check(offset, len)?;
+        // SAFETY: `check` keeps the range inside the mapping, readable for
+        // `'a` (constructor contract).
+        unsafe { prefault_range(self.ptr.as_ptr().add(offset), len) };
+        Ok(())
     }
 
     /// Write a native-endian `u64` at `offset` (unaligned is fine).

@@ -245,6 +245,9 @@ impl MapSource for SfBufSource {
     fn mmu_stats(&self) -> Option<MmuStats> {
         Some(self.pool.mmu().stats())
     }
+    fn prefault(&self) -> bool {
+        true
+    }
 }
 
 // === LwbufSource ===
@@ -393,5 +396,8 @@ impl MapSource for LwbufSource {
 
     fn mmu_stats(&self) -> Option<MmuStats> {
         Some(self.sys.mmu().stats())
+    }
+    fn prefault(&self) -> bool {
+        true
     }
 }

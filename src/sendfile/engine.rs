@@ -268,6 +268,7 @@ pub fn send_mapped<M: MapSource>(
     unsafe { q.push(header.as_ptr(), header.len(), None) };
     let fs = file.page_size();
     let grid = source.run_grid();
+    let prefault = source.prefault();
     for run in runs {
         // The pages to ask for: from `idx` to the end of the piece, or with
         // a grid, the chunk of the allocation run that holds page `idx`.
@@ -299,9 +300,13 @@ pub fn send_mapped<M: MapSource>(
             }
             let at = skip * fs + off;
             let take = left.min(npages * fs - at);
-            // SAFETY: `at + take` is within the mapping (`check_mapping`
-            // counted its pages), which `m`, queued as the owner of these
-            // bytes, keeps mapped until they are sent.
+            if prefault {
+                // SAFETY: `at + take` is within the mapping (`check_mapping`
+                // counted its pages), which `m` keeps mapped.
+                unsafe { crate::kaddr::prefault_range(m.as_ptr().wrapping_add(at), take) };
+            }
+            // SAFETY: as above; `m`, queued as the owner of these bytes,
+            // keeps them mapped until they are sent.
             unsafe { q.push(m.as_ptr().wrapping_add(at), take, Some(m)) };
             idx = from + npages;
             off = 0;

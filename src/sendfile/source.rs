@@ -81,6 +81,16 @@ pub trait MapSource {
     fn mmu_stats(&self) -> Option<MmuStats> {
         None
     }
+
+    /// Whether the send engine faults in the pages it sends from this
+    /// source from user mode before each send ([`Kaddr::prefault`](crate::Kaddr::prefault)):
+    /// true for sources whose mappings come and go (a window slot just
+    /// mapped has no page-table entries, and a fault inside the kernel's
+    /// copy waits behind other threads' `mmap`s). Default: false (the
+    /// direct map stays mapped, and a touch would only cost a cache miss).
+    fn prefault(&self) -> bool {
+        false
+    }
 }
 
 /// `MapSource` is implemented for references too, so a borrowed source can
@@ -105,6 +115,10 @@ impl<T: MapSource> MapSource for &T {
 
     fn mmu_stats(&self) -> Option<MmuStats> {
         (**self).mmu_stats()
+    }
+
+    fn prefault(&self) -> bool {
+        (**self).prefault()
     }
 }
 
@@ -301,5 +315,8 @@ impl MapSource for WindowSource {
 
     fn mmu_stats(&self) -> Option<MmuStats> {
         Some(self.kva.mmu_stats())
+    }
+    fn prefault(&self) -> bool {
+        true
     }
 }
