@@ -14,6 +14,11 @@
 //! - `(b) enter+touch+remove/run of 64, per page`: 64 contiguous frames in one
 //!   call, each touched, removed in one call; the time is divided by 64. With
 //!   the same two spinner variants.
+//! - `map_prot/(d) in-place map of 512 frames ...`: a granule mapped
+//!   straight over the previous one with a second thread running, in a
+//!   read-write window and in a read-only one (`WindowBuilder::read_only`):
+//!   what the dirty page-table entries of a writable shmem mapping cost at
+//!   eviction.
 //! - `(c) direct map read/8 B` and `/whole page`: a frame chosen at random
 //!   from 1024, read through the direct map (no system call).
 //! - `map_cycle_raw`: the C-equivalent mapping cycle with raw system calls
@@ -229,7 +234,7 @@ fn bench_mapping(g: &mut BenchmarkGroup<'_, WallTime>, mem: &PhysMem) {
     // fault on first touch, as for a page-cache page).
     let pages = mem.alloc_run(FRAMES).expect("frames");
     for p in &pages {
-        p.direct().expect("direct map").fill(0xaa);
+        p.direct().expect("direct map").fill(0xaa).expect("fill");
     }
     let base = pages[0].pfn().0;
 
@@ -268,7 +273,7 @@ fn bench_direct(g: &mut BenchmarkGroup<'_, WallTime>, mem: &PhysMem) {
     let fs = system_page_size();
     let pages: Vec<Page> = (0..FRAMES).map(|_| mem.alloc_page().expect("frame")).collect();
     for (i, p) in pages.iter().enumerate() {
-        p.direct().expect("direct map").fill(i as u8);
+        p.direct().expect("direct map").fill(i as u8).expect("fill");
     }
     // A fixed random sequence of frames, so the read is the only cost.
     let mut rng = SmallRng::seed_from_u64(0x1b0f);
@@ -296,12 +301,65 @@ fn bench_direct(g: &mut BenchmarkGroup<'_, WallTime>, mem: &PhysMem) {
     });
 }
 
+/// Frames of the granule `(d)` maps in place.
+const PROT_GRANULE: usize = 512;
+
+/// `(d)`: a granule of 512 frames mapped straight over the previous one
+/// (`Mmu::replace`, one `mmap(MAP_FIXED)`) in a window of one granule,
+/// going round the memory, one word of every 16th page read (the kernel
+/// maps the pages around each read fault), with a second thread of this
+/// process running on the other CPU: a read-write window against a
+/// read-only one. shmem pages mapped writable get dirty page-table entries,
+/// and zapping dirty entries of a shared file flushes the other CPU's TLB
+/// once more (before the rmap goes): two shootdowns per map instead of one.
+fn bench_prot(g: &mut BenchmarkGroup<'_, WallTime>, mem: &PhysMem) {
+    let granules = mem.stats().free / PROT_GRANULE;
+    let pages = mem.alloc_run(granules * PROT_GRANULE).expect("frames");
+    for p in &pages {
+        p.direct().expect("direct map").fill(0xaa).expect("fill");
+    }
+    let base = pages[0].pfn().0;
+    for read_only in [false, true] {
+        let win = Window::builder(mem).slots(PROT_GRANULE).read_only(read_only).build().expect("window");
+        let fs = win.slot_size();
+        // SAFETY: the bench owns the window; slot 0.. are empty.
+        unsafe { win.enter(Slot(0), Pfn(base), PROT_GRANULE) }.expect("enter");
+        let _spinner = Spinner::start(Spin::Thread);
+        let mut k = 0usize;
+        let name = if read_only { "read-only" } else { "read-write" };
+        g.bench_function(format!("(d) in-place map of 512 frames, per page, second thread running, {name}"), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    k = (k + 1) % granules;
+                    // SAFETY: the slots hold the previous granule, which
+                    // nothing refers to between iterations.
+                    let p = unsafe { win.replace(Slot(0), Pfn(base + k * PROT_GRANULE), PROT_GRANULE, PROT_GRANULE) }
+                        .expect("replace");
+                    for i in (0..PROT_GRANULE).step_by(16) {
+                        // SAFETY: inside the granule just mapped, readable.
+                        black_box(unsafe { p.as_ptr().add(i * fs).cast::<u64>().read_volatile() });
+                    }
+                }
+                start.elapsed() / PROT_GRANULE as u32
+            })
+        });
+        // SAFETY: nothing refers to the last granule.
+        unsafe { win.remove(Slot(0), PROT_GRANULE) }.expect("remove");
+    }
+}
+
 fn map_per_page(c: &mut Criterion) {
     let mem = PhysMem::builder().frames(4 * FRAMES).name("lwbuf-bench").build().expect("PhysMem");
     let mut g = c.benchmark_group("map_per_page");
     g.sample_size(30).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     bench_mapping(&mut g, &mem);
     bench_direct(&mut g, &mem);
+    g.finish();
+    let mem = PhysMem::builder().frames(8 * PROT_GRANULE).name("lwbuf-bench").build().expect("PhysMem");
+    let mut g = c.benchmark_group("map_prot");
+    g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    bench_prot(&mut g, &mem);
     g.finish();
 }
 

@@ -134,6 +134,12 @@ pub enum Error {
     /// are handed out by one slot allocator at a time. Build a window for
     /// each cache, or wait until the other cache is dropped.
     WindowClaimed,
+    /// A write through a read-only view: the mapping behind it is
+    /// `PROT_READ` (a [`Window`](crate::Window) built with
+    /// [`read_only`](crate::WindowBuilder::read_only), or a model MMU made
+    /// with [`ModelMmu::new_read_only`](crate::ModelMmu::new_read_only)).
+    /// Nothing was written.
+    ReadOnly,
     /// [`Mmu::enter`](crate::Mmu::enter) was asked to map over a slot that
     /// already has a frame entered (nothing was changed).
     SlotOccupied {
@@ -241,6 +247,7 @@ impl fmt::Display for Error {
                 "the window already serves another cache or has frames entered by hand (one slot allocator per window)",
             ),
             Error::SlotOccupied { slot } => write!(f, "slot {slot} already has a frame entered"),
+            Error::ReadOnly => write!(f, "a write through a read-only mapping"),
             Error::HugePages { needed, free, size } => write!(
                 f,
                 "the memory needs {needed} huge pages of {} KiB and {free} are free: reserve more with \
@@ -278,6 +285,7 @@ impl From<Error> for io::Error {
                 io::Error::new(io::ErrorKind::InvalidInput, e)
             }
             Error::FileChanged { .. } => io::Error::new(io::ErrorKind::UnexpectedEof, e),
+            Error::ReadOnly => io::Error::new(io::ErrorKind::PermissionDenied, e),
             other => io::Error::other(other),
         }
     }

@@ -152,6 +152,8 @@ pub(crate) struct KvaSpace {
     /// The memory the MMU maps, held here so that checking a page's memory
     /// on every `alloc` makes no indirect call.
     phys: crate::phys::PhysMem,
+    /// Whether the MMU maps writable, read once for every handle's view.
+    writable: bool,
 }
 
 /// The default budget of live mappings for one window: what
@@ -197,6 +199,7 @@ impl KvaSpace {
         let slots = Extents::new(mmu.capacity() >> shift);
         let budget = budget.unwrap_or_else(default_map_budget);
         let slot_size = mmu.slot_size();
+        let writable = mmu.writable();
         let frames = phys.frames();
         Ok(KvaSpace {
             mmu,
@@ -213,7 +216,20 @@ impl KvaSpace {
             frames,
             slot_size,
             phys,
+            writable,
         })
+    }
+
+    /// A view of `len` mapped bytes at `addr`, read-only when the MMU maps
+    /// read-only.
+    ///
+    /// # Safety
+    /// As [`Kaddr::new`]'s: `addr..addr + len` stays mapped (readable, and
+    /// writable if the MMU maps writable) for `'a`.
+    #[inline]
+    pub(crate) unsafe fn view<'a>(&self, addr: NonNull<u8>, len: usize) -> crate::kaddr::Kaddr<'a> {
+        // SAFETY: the caller's contract; the access follows the MMU's.
+        unsafe { crate::kaddr::Kaddr::with_access(addr, len, self.writable) }
     }
 
     /// The mapping granule, in frames (and slots).

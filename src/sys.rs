@@ -137,13 +137,13 @@ pub(crate) unsafe fn map_shared_at(
     fd: BorrowedFd<'_>,
     offset: i64,
     noreplace: bool,
+    writable: bool,
 ) -> Result<(), Errno> {
     let fixed = if noreplace { MapFlags::MAP_FIXED_NOREPLACE } else { MapFlags::MAP_FIXED };
+    let prot = if writable { ProtFlags::PROT_READ | ProtFlags::PROT_WRITE } else { ProtFlags::PROT_READ };
     let at = NonZeroUsize::new(addr.as_ptr() as usize).expect("non-null");
     // SAFETY: the caller owns the range and nothing refers to it (contract).
-    let p = unsafe {
-        mmap(Some(at), len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED | fixed, fd, offset)
-    }?;
+    let p = unsafe { mmap(Some(at), len, prot, MapFlags::MAP_SHARED | fixed, fd, offset) }?;
     if p.cast::<u8>() != addr {
         // SAFETY: `p` is the mapping just made, at an address the kernel
         // chose; nobody else knows it.

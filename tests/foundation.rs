@@ -528,7 +528,7 @@ fn u64_helpers_at_every_alignment() {
     let k = page.direct().unwrap();
     let v = 0x0102_0304_0506_0708u64;
     for off in (0..=16).chain(fs - 16..=fs - 8) {
-        k.fill(0xee);
+        k.fill(0xee).expect("fill");
         k.write_u64(off, v).unwrap();
         assert_eq!(k.read_u64(off).unwrap(), v, "offset {off}");
         let mut frame = vec![0u8; fs];
@@ -573,7 +573,7 @@ fn direct_view_bounds() {
     assert_eq!(k.read_u64(fs - 8).unwrap(), u64::MAX);
     k.read_at(fs, &mut []).unwrap();
     k.write_at(0, &vec![3u8; fs]).unwrap();
-    k.fill(9);
+    k.fill(9).expect("fill");
     assert_eq!(read_frame(&mem, page.pfn(), 0, fs), vec![9u8; fs]);
 
     // Frames outside the memory, through `PhysMem`.

@@ -51,7 +51,7 @@ fn assert_bytes_among(bytes: &[u8], allowed: &[u8], what: &str) {
 fn write_and_read(k: Kaddr<'_>, v: u8) {
     let mut buf = [0u8; CHECKED];
     for _ in 0..ROUNDS {
-        k.fill(v);
+        k.fill(v).expect("fill");
         k.write_at(64, &[v; 64]).expect("write_at");
         k.write_u64(128, u64::from_ne_bytes([v; 8])).expect("write_u64");
         // An unaligned word spans two machine words (two merges).

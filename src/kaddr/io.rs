@@ -321,7 +321,9 @@ impl<'a> Kaddr<'a> {
     /// what was read.
     ///
     /// Errors: a range outside the mapping as [`io::ErrorKind::InvalidInput`]
-    /// (wrapping [`Error::OutOfBounds`](crate::Error::OutOfBounds); nothing is read), else the kernel's.
+    /// (wrapping [`Error::OutOfBounds`](crate::Error::OutOfBounds); nothing is read), a read-only view
+    /// as [`io::ErrorKind::PermissionDenied`] (wrapping
+    /// [`Error::ReadOnly`](crate::Error::ReadOnly)), else the kernel's.
     ///
     /// ```
     /// use std::io::Write;
@@ -340,6 +342,7 @@ impl<'a> Kaddr<'a> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn read_from(&self, fd: impl AsFd, offset: usize, len: usize) -> io::Result<usize> {
+        self.check_writable()?;
         let piece = self.io_range(offset, len)?;
         if len == 0 {
             return Ok(0);
@@ -357,6 +360,7 @@ impl<'a> Kaddr<'a> {
     /// [`read_from`](Self::read_from).
     pub fn read_exact_from(&self, fd: impl AsFd, offset: usize, len: usize) -> io::Result<()> {
         let fd = fd.as_fd();
+        self.check_writable()?;
         self.io_range(offset, len)?;
         let mut done = 0;
         while done < len {

@@ -98,9 +98,15 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy)]
 pub struct Kaddr<'a> {
     ptr: NonNull<u8>,
+    /// The length, and [`READ_ONLY`] for a view of a `PROT_READ` mapping
+    /// (a length never reaches that bit: mappings are at most `isize::MAX`
+    /// bytes), which keeps the view two words.
     len: usize,
     _borrow: PhantomData<&'a ()>,
 }
+
+/// The flag in [`Kaddr`]'s `len` that marks a read-only view.
+const READ_ONLY: usize = 1 << (usize::BITS - 1);
 
 // SAFETY: a `Kaddr` is an address plus a length; it only ever copies through
 // raw pointers, which is as valid from any thread as from the one that
@@ -116,7 +122,36 @@ impl<'a> Kaddr<'a> {
     /// word copies of [`atomic`] rely on), and the bytes are only ever
     /// accessed through those copies or by callers of the `unsafe` slices.
     pub(crate) unsafe fn new(ptr: NonNull<u8>, len: usize) -> Self {
+        debug_assert!(len < READ_ONLY);
         Kaddr { ptr, len, _borrow: PhantomData }
+    }
+
+    /// As [`new`](Self::new) for a mapping that may be only readable
+    /// (`writable == false`): every write through the view is refused
+    /// with [`Error::ReadOnly`] before it touches the bytes.
+    ///
+    /// # Safety
+    /// As `new`'s, with "readable" for "writable" when `!writable`.
+    #[inline]
+    pub(crate) unsafe fn with_access(ptr: NonNull<u8>, len: usize, writable: bool) -> Self {
+        debug_assert!(len < READ_ONLY);
+        Kaddr { ptr, len: if writable { len } else { len | READ_ONLY }, _borrow: PhantomData }
+    }
+
+    /// Whether writes through this view are allowed: false for a view of a
+    /// read-only mapping (see [`Error::ReadOnly`]).
+    #[inline]
+    pub fn is_writable(&self) -> bool {
+        self.len & READ_ONLY == 0
+    }
+
+    #[inline]
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.is_writable() {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly)
+        }
     }
 
     /// The address of the first byte.
@@ -132,13 +167,13 @@ impl<'a> Kaddr<'a> {
     /// Bytes mapped: the frame size, or the run's length for a run mapping.
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
-        self.len
+        self.len & !READ_ONLY
     }
 
     fn check(&self, offset: usize, len: usize) -> Result<()> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.len => Ok(()),
-            _ => Err(Error::OutOfBounds { offset, len, size: self.len }),
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(Error::OutOfBounds { offset, len, size: self.len() }),
         }
     }
 
@@ -160,6 +195,7 @@ impl<'a> Kaddr<'a> {
     /// memory model above).
     #[inline]
     pub fn write_at(&self, offset: usize, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
         self.check(offset, buf.len())?;
         // SAFETY: as in `read_at`; the mapping is writable.
         unsafe { atomic::store(self.ptr.as_ptr().add(offset), buf) };
@@ -218,6 +254,7 @@ impl<'a> Kaddr<'a> {
     /// Write a native-endian `u64` at `offset` (unaligned is fine).
     #[inline]
     pub fn write_u64(&self, offset: usize, v: u64) -> Result<()> {
+        self.check_writable()?;
         self.check(offset, 8)?;
         // SAFETY: as in `write_at`: `check` keeps the 8 bytes inside the
         // mapping, which is writable.
@@ -227,10 +264,14 @@ impl<'a> Kaddr<'a> {
 
     /// Fill the whole mapping with `byte` (word stores; see the memory
     /// model above).
-    pub fn fill(&self, byte: u8) {
-        // SAFETY: the whole range is mapped writable for `'a`, page-aligned
-        // and whole pages (constructor contract).
-        unsafe { atomic::fill(self.ptr.as_ptr(), self.len, byte) };
+    ///
+    /// Errors: [`Error::ReadOnly`] for a read-only view (nothing written).
+    pub fn fill(&self, byte: u8) -> Result<()> {
+        self.check_writable()?;
+        // SAFETY: the whole range is mapped writable for `'a` (checked just
+        // above), page-aligned and whole pages (constructor contract).
+        unsafe { atomic::fill(self.ptr.as_ptr(), self.len(), byte) };
+        Ok(())
     }
 
     /// The bytes as a shared slice.
@@ -241,7 +282,7 @@ impl<'a> Kaddr<'a> {
     /// copies of any `Kaddr`, another process).
     pub unsafe fn as_slice(&self) -> &'a [u8] {
         // SAFETY: the range is mapped for `'a`; the caller promises no writer.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len()) }
     }
 
     /// The bytes as a mutable slice.
@@ -250,16 +291,25 @@ impl<'a> Kaddr<'a> {
     /// While the slice lives, no one else may read or write these bytes
     /// through any mapping of the frame (the safe copies of any `Kaddr`
     /// included), and no other slice of them may exist.
+    ///
+    /// # Panics
+    /// On a read-only view ([`is_writable`](Self::is_writable) is false):
+    /// a write through the slice would fault.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn as_mut_slice(&self) -> &'a mut [u8] {
-        // SAFETY: the range is mapped writable for `'a`; the caller promises
-        // exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        assert!(self.is_writable(), "as_mut_slice of a read-only view");
+        // SAFETY: the range is mapped writable for `'a` (asserted above);
+        // the caller promises exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len()) }
     }
 }
 
 impl fmt::Debug for Kaddr<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Kaddr").field("addr", &self.ptr).field("len", &self.len).finish()
+        f.debug_struct("Kaddr")
+            .field("addr", &self.ptr)
+            .field("len", &self.len())
+            .field("writable", &self.is_writable())
+            .finish()
     }
 }

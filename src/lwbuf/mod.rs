@@ -755,7 +755,7 @@ impl<'a> Lwbuf<'a> {
         // SAFETY: the handle holds a reference on this CPU's entry for its
         // whole life (home entry, or the entry added to the mask), so the
         // mapping of `len` bytes stays for the borrow of `self`.
-        Ok(unsafe { Kaddr::new(addr, self.len()) })
+        Ok(unsafe { self.sys.kva.view(addr, self.len()) })
     }
 
     #[cold]

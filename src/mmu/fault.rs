@@ -202,6 +202,10 @@ impl Mmu for FaultyMmu {
         self.inner.slot_size()
     }
 
+    fn writable(&self) -> bool {
+        self.inner.writable()
+    }
+
     unsafe fn enter(&self, slot: Slot, pfn: Pfn, count: usize) -> Result<NonNull<u8>> {
         // Relaxed: counters, read by tests after the fact.
         self.enters.fetch_add(1, Ordering::Relaxed);

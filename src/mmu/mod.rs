@@ -82,6 +82,14 @@ pub trait Mmu: sealed::Sealed + Send + Sync + fmt::Debug {
         self.phys().frame_size()
     }
 
+    /// Whether frames are entered writable. False for a read-only window
+    /// ([`WindowBuilder::read_only`](crate::WindowBuilder::read_only),
+    /// [`ModelMmu::new_read_only`]): the caches' views of its mappings then
+    /// refuse writes with [`Error::ReadOnly`](crate::Error::ReadOnly).
+    fn writable(&self) -> bool {
+        true
+    }
+
     /// Map `count` contiguous frames starting at `pfn` into the `count`
     /// adjacent slots starting at `slot`, with one operation (one system call
     /// for the window). Returns the address of the first slot; the run is

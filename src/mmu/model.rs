@@ -29,6 +29,7 @@ use crate::phys::{Pfn, PhysMem};
 pub struct ModelMmu {
     phys: PhysMem,
     table: SlotTable,
+    writable: bool,
 }
 
 impl ModelMmu {
@@ -41,7 +42,16 @@ impl ModelMmu {
         if slots == 0 {
             return Err(Error::config("slots", "a window needs at least one slot"));
         }
-        Ok(ModelMmu { phys: phys.clone(), table: SlotTable::new(slots, phys.frames()) })
+        Ok(ModelMmu { phys: phys.clone(), table: SlotTable::new(slots, phys.frames()), writable: true })
+    }
+
+    /// As [`new`](Self::new), for a model of a read-only window
+    /// ([`WindowBuilder::read_only`](crate::WindowBuilder::read_only)): the
+    /// caches' views of its mappings refuse writes. (The model's "mapping"
+    /// is the direct map, which stays writable through
+    /// [`Page::direct`](crate::Page::direct).)
+    pub fn new_read_only(phys: &PhysMem, slots: usize) -> Result<ModelMmu> {
+        Ok(ModelMmu { writable: false, ..ModelMmu::new(phys, slots)? })
     }
 }
 
@@ -62,6 +72,10 @@ impl super::sealed::Sealed for ModelMmu {
 impl Mmu for ModelMmu {
     fn phys(&self) -> &PhysMem {
         &self.phys
+    }
+
+    fn writable(&self) -> bool {
+        self.writable
     }
 
     unsafe fn enter(&self, slot: Slot, pfn: Pfn, count: usize) -> Result<NonNull<u8>> {

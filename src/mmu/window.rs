@@ -16,6 +16,7 @@ use crate::sys::{self, Errno};
 pub struct WindowBuilder {
     phys: PhysMem,
     slots: usize,
+    writable: bool,
 }
 
 impl WindowBuilder {
@@ -23,6 +24,19 @@ impl WindowBuilder {
     /// at most 65,536).
     pub fn slots(mut self, n: usize) -> Self {
         self.slots = n;
+        self
+    }
+
+    /// Map frames `PROT_READ` only (default: false, read and write). Views
+    /// of such a window refuse writes with [`Error::ReadOnly`]; a hardened
+    /// store's readers cannot write through it, and a cache that only sends
+    /// pays less per mapping: shmem pages mapped writable get dirty
+    /// page-table entries, whose removal (each eviction) flushes the TLB of
+    /// the process's other CPUs twice instead of once (measured in
+    /// `benches/baseline.rs`, group `map_prot`). The sendfile layer's
+    /// own windows are read-only.
+    pub fn read_only(mut self, yes: bool) -> Self {
+        self.writable = !yes;
         self
     }
 
@@ -54,7 +68,7 @@ impl WindowBuilder {
         let base = sys::reserve_aligned(nz, align).map_err(|e| Error::sys("mmap(reserve window)", e))?;
         let table = SlotTable::new(self.slots, self.phys.frames());
         table.syscall();
-        Ok(Window { phys: self.phys, base, slot_size, len, table })
+        Ok(Window { phys: self.phys, base, slot_size, len, table, writable: self.writable })
     }
 }
 
@@ -89,6 +103,7 @@ pub struct Window {
     slot_size: usize,
     len: usize,
     table: SlotTable,
+    writable: bool,
 }
 
 // SAFETY: the window owns its reservation; all mutation of mappings goes
@@ -101,7 +116,7 @@ unsafe impl Sync for Window {}
 impl Window {
     /// A builder for a window mapping frames of `phys`.
     pub fn builder(phys: &PhysMem) -> WindowBuilder {
-        WindowBuilder { phys: phys.clone(), slots: phys.frames().min(1 << 16) }
+        WindowBuilder { phys: phys.clone(), slots: phys.frames().min(1 << 16), writable: true }
     }
 
     /// The first byte of the window.
@@ -148,6 +163,10 @@ impl Mmu for Window {
         &self.phys
     }
 
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
     unsafe fn enter(&self, slot: Slot, pfn: Pfn, count: usize) -> Result<NonNull<u8>> {
         self.table.check(slot, Some(pfn), count)?;
         let fd = self.phys.memfd().expect("window PhysMem is memfd-backed");
@@ -164,7 +183,7 @@ impl Mmu for Window {
         // slots (method contract) and `reserve` found nothing entered in
         // them, so MAP_FIXED replaces only our own PROT_NONE reservation;
         // holes use MAP_FIXED_NOREPLACE instead.
-        match unsafe { sys::map_shared_at(addr, len, fd, offset, noreplace) } {
+        match unsafe { sys::map_shared_at(addr, len, fd, offset, noreplace, self.writable) } {
             Ok(()) => {
                 self.table.entered(slot, pfn, count);
                 Ok(addr)
@@ -238,7 +257,7 @@ impl Mmu for Window {
         // slots and nothing accesses the old mapping (method contract), and
         // `reserve_replace` found exactly the caller's old mapping and our
         // own reservation there, so MAP_FIXED replaces only those.
-        match unsafe { sys::map_shared_at(addr, len, fd, offset, false) } {
+        match unsafe { sys::map_shared_at(addr, len, fd, offset, false, self.writable) } {
             Ok(()) => {
                 self.table.replaced(slot, pfn, count, old);
                 Ok(addr)

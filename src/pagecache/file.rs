@@ -920,7 +920,7 @@ impl CachedFile {
         for (k, f) in frames.iter().enumerate() {
             let filled = expect.saturating_sub(k * fs).min(fs);
             if filled == 0 {
-                f.fill(0);
+                f.fill(0)?;
             } else if filled < fs {
                 zero(f, filled, fs - filled)?;
             }

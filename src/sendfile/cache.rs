@@ -157,8 +157,9 @@ impl SfBufSource {
         Ok(Self::new(pool, max_run, wait))
     }
 
-    /// A pool over a new [`Window`] of `slots` slots of `phys` (one
-    /// `mmap(PROT_NONE)`).
+    /// A pool over a new read-only [`Window`] of `slots` slots of `phys`
+    /// (one `mmap(PROT_NONE)`; sending only reads, and a read-only
+    /// mapping costs less to evict: [`WindowBuilder::read_only`](crate::WindowBuilder::read_only)).
     pub fn window(
         phys: &PhysMem,
         slots: usize,
@@ -166,7 +167,7 @@ impl SfBufSource {
         max_run: usize,
         wait: Option<Duration>,
     ) -> Result<SfBufSource> {
-        Self::with_mmu(Arc::new(Window::builder(phys).slots(slots).build()?), max_excess, max_run, wait)
+        Self::with_mmu(Arc::new(Window::builder(phys).slots(slots).read_only(true).build()?), max_excess, max_run, wait)
     }
 
     /// The pool, for its [`stats`](SfPool::stats) and tuning, and for
@@ -289,7 +290,7 @@ impl LwbufSource {
         Ok(Self::new(sys, max_run))
     }
 
-    /// Caches for `cpus` CPUs over a new [`Window`] of `cpus *
+    /// Caches for `cpus` CPUs over a new read-only [`Window`] of `cpus *
     /// slots_per_cpu` slots of `phys` (one `mmap(PROT_NONE)`): every CPU
     /// can cache `slots_per_cpu` pages, because every CPU maps the pages it
     /// sends itself.
@@ -303,7 +304,7 @@ impl LwbufSource {
         let slots = cpus
             .checked_mul(slots_per_cpu)
             .ok_or_else(|| Error::config("window_slots", format!("{cpus} x {slots_per_cpu} slots overflow")))?;
-        Self::with_mmu(Arc::new(Window::builder(phys).slots(slots).build()?), cpus, max_excess, max_run)
+        Self::with_mmu(Arc::new(Window::builder(phys).slots(slots).read_only(true).build()?), cpus, max_excess, max_run)
     }
 
     /// The caches, for their [`stats`](Lwbufs::stats) and checks, and for

@@ -206,9 +206,10 @@ impl WindowSource {
         })
     }
 
-    /// A new [`Window`] of `slots` slots over `phys`: one `mmap(PROT_NONE)`.
+    /// A new read-only [`Window`] of `slots` slots over `phys`: one
+    /// `mmap(PROT_NONE)`.
     pub fn window(phys: &PhysMem, slots: usize) -> Result<WindowSource> {
-        Self::new(Arc::new(Window::builder(phys).slots(slots).build()?))
+        Self::new(Arc::new(Window::builder(phys).slots(slots).read_only(true).build()?))
     }
 
     /// The MMU.

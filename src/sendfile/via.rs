@@ -177,7 +177,7 @@ impl Plain {
 fn window(given: Option<Arc<dyn Mmu>>, phys: &PhysMem, slots: impl FnOnce() -> Result<usize>) -> Result<Arc<dyn Mmu>> {
     match given {
         Some(mmu) => Ok(mmu),
-        None => Ok(Arc::new(Window::builder(phys).slots(slots()?).build()?)),
+        None => Ok(Arc::new(Window::builder(phys).slots(slots()?).read_only(true).build()?)),
     }
 }
 

@@ -115,7 +115,7 @@ impl<'a> SfBuf<'a> {
         let len = self.hold.len() * self.pool.kva.slot_size();
         // SAFETY: the handle holds a reference on the entry, which keeps the
         // mapping of `len` bytes until the handle is dropped.
-        unsafe { Kaddr::new(self.addr, len) }
+        unsafe { self.pool.kva.view(self.addr, len) }
     }
 
     /// The first (or only) page.
