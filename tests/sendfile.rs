@@ -904,3 +904,29 @@ fn zerocopy_from_the_cache_sources() {
     assert!(lw.cache_stats().hits > 0);
     assert!(all_released(&file));
 }
+
+/// `mapping_len` and `chunk_grid`, the piece sizes every send loop shares:
+/// gaps in the frames, granule ends, `max_run` at both extremes.
+#[test]
+fn mapping_len_cuts_at_gaps_granule_ends_and_max_run() {
+    use lwbuf::sendfile::{chunk_grid, mapping_len};
+    let mem = PhysMem::builder().frames(64).backing(Backing::Heap).build().expect("mem");
+    let run = mem.alloc_run(40).expect("run"); // frames 0..40
+    assert_eq!(mapping_len(&[], 16, 1), 0);
+    assert_eq!(mapping_len(&run, 0, 1), 1, "at least the first page");
+    assert_eq!(mapping_len(&run, usize::MAX, 1), 40);
+    assert_eq!(mapping_len(&run, usize::MAX, usize::MAX), 40);
+    assert_eq!(mapping_len(&run[5..], usize::MAX, 8), 3, "frames 5..8: the end of granule 0");
+    assert_eq!(mapping_len(&run[8..], usize::MAX, 8), 8);
+    assert_eq!(mapping_len(&run[39..], usize::MAX, 64), 1);
+    // A gap in the frames ends the piece wherever the granule ends.
+    let gap: Vec<Page> = [0, 1, 2, 5].iter().map(|&i| run[i].clone()).collect();
+    assert_eq!(mapping_len(&gap, usize::MAX, 1), 3);
+    assert_eq!(mapping_len(&gap, 2, 1), 2);
+    assert_eq!(mapping_len(&gap, usize::MAX, 2), 2);
+    assert_eq!(chunk_grid(16, 1), Some(16));
+    assert_eq!(chunk_grid(1, 1), None);
+    assert_eq!(chunk_grid(0, 1), None);
+    assert_eq!(chunk_grid(16, 512), None);
+    assert_eq!(chunk_grid(usize::MAX, 1), Some(usize::MAX));
+}

@@ -67,10 +67,26 @@ impl Caches {
         }
     }
 
-    /// Map a prefix of `run` (pages with contiguous frames): up to
-    /// `max_run` pages as one mapping. Never waits.
+    /// The caches' mapping granule, in frames.
+    fn granule(&self) -> usize {
+        match self {
+            Caches::SfBuf { pool, .. } => pool.granule(),
+            Caches::Lwbuf { lw, .. } => lw.granule(),
+        }
+    }
+
+    /// The chunk grid to walk a file's runs by, as the library's sources
+    /// give `send_mapped` (`sendfile::chunk_grid`).
+    fn grid(&self) -> Option<usize> {
+        lwbuf::sendfile::chunk_grid(self.max_run(), self.granule())
+    }
+
+    /// Map a prefix of `run` (pages with contiguous frames) as one mapping:
+    /// as much as the library's sources map (`sendfile::mapping_len`: at
+    /// most `max_run` pages, never past the first page's granule). Never
+    /// waits.
     fn map(&self, run: &[Page]) -> lwbuf::Result<Held> {
-        let n = run.len().min(self.max_run()).max(1);
+        let n = lwbuf::sendfile::mapping_len(run, self.max_run(), self.granule()).max(1);
         Ok(match self {
             Caches::SfBuf { pool, .. } if n == 1 => Held::Sf(pool.alloc_owned(&run[0], Wait::NoWait)?),
             Caches::SfBuf { pool, .. } => Held::Sf(pool.alloc_run_owned(&run[..n], Wait::NoWait)?),
@@ -285,7 +301,7 @@ pub async fn send_file(
     let mut st = SendStats::default();
     let mut q = Queue { head, pieces: VecDeque::new(), bytes: 0 };
     let fs = file.page_size();
-    let grid = Some(caches.max_run());
+    let grid = caches.grid();
     for run in runs {
         // As `send_mapped`: with a grid, ask for the chunk of the file's run
         // that holds page `idx`, so that every request maps (and finds) the

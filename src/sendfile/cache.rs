@@ -189,7 +189,7 @@ impl SfBufSource {
     }
 
     fn alloc<'s>(&'s self, run: &'s [Page], how: Wait<'_>) -> Result<SfMapping<'s>> {
-        let n = within_granule(run, contiguous_prefix(run, self.max_run), self.pool.granule());
+        let n = mapping_len(run, self.max_run, self.pool.granule());
         let buf = match n {
             0 => return Err(Error::config("run", "no pages to map")),
             1 => self.pool.alloc(&run[0], how)?,
@@ -201,14 +201,40 @@ impl SfBufSource {
     }
 }
 
-/// The first `n` pages of `run`, cut at the end of the first page's
-/// granule: a mapping then hits (or makes) that granule's entry, and a
-/// frame is never mapped by two entries of one cache.
-fn within_granule(run: &[Page], n: usize, granule: usize) -> usize {
+/// How many pages of `run` one mapping of a cache covers on the send
+/// paths: the prefix of contiguous frames, at most `max_run` pages, cut at
+/// the end of the first page's granule (a mapping then hits, or makes,
+/// that granule's entry, and never maps a second granule for one request's
+/// piece). 0 for an empty run. [`SfBufSource`] and [`LwbufSource`] map
+/// this much; a sender of its own (over owned handles, say) should too.
+///
+/// ```
+/// use lwbuf::sendfile::mapping_len;
+/// use lwbuf::{Backing, PhysMem};
+///
+/// let mem = PhysMem::builder().frames(64).backing(Backing::Heap).build()?;
+/// let run = mem.alloc_run(40)?; // frames 0..40
+/// assert_eq!(mapping_len(&run, 16, 1), 16);
+/// assert_eq!(mapping_len(&run[10..], 16, 16), 6); // frames 10..16: granule 0
+/// assert_eq!(mapping_len(&run, 64, 32), 32);
+/// assert_eq!(mapping_len(&[], 16, 1), 0);
+/// # Ok::<(), lwbuf::Error>(())
+/// ```
+pub fn mapping_len(run: &[Page], max_run: usize, granule: usize) -> usize {
+    let n = contiguous_prefix(run, max_run);
     match run.first() {
         Some(p) if granule > 1 => n.min(granule - p.pfn().0 % granule),
         _ => n,
     }
+}
+
+/// The chunk grid a cache with runs of `max_run` pages and a mapping
+/// granule of `granule` frames asks the send engine for
+/// ([`MapSource::run_grid`](super::MapSource::run_grid)): runs of `max_run`
+/// with single-frame granules, none otherwise (every mapping is then keyed
+/// by its granule, wherever the pages asked for start).
+pub fn chunk_grid(max_run: usize, granule: usize) -> Option<usize> {
+    (max_run > 1 && granule == 1).then_some(max_run)
 }
 
 impl fmt::Debug for SfBufSource {
@@ -240,7 +266,7 @@ impl MapSource for SfBufSource {
     /// With a granule above one frame, none: every mapping is keyed by
     /// its granule, wherever the pages asked for start.
     fn run_grid(&self) -> Option<usize> {
-        (self.max_run > 1 && self.pool.granule() == 1).then_some(self.max_run)
+        chunk_grid(self.max_run, self.pool.granule())
     }
 
     fn mmu_stats(&self) -> Option<MmuStats> {
@@ -377,7 +403,7 @@ impl MapSource for LwbufSource {
     /// one `mmap` (plus an unmap if it evicts). [`Error::NotBound`] on a thread without a CPU (see
     /// [`with_cpu`](Self::with_cpu)).
     fn map<'s>(&'s self, run: &'s [Page]) -> Result<LwbufMapping<'s>> {
-        let n = within_granule(run, contiguous_prefix(run, self.max_run), self.sys.granule());
+        let n = mapping_len(run, self.max_run, self.sys.granule());
         let buf = match n {
             0 => return Err(Error::config("run", "no pages to map")),
             1 => self.sys.alloc(&run[0])?,
@@ -392,7 +418,7 @@ impl MapSource for LwbufSource {
     /// Runs of `max_run` pages (none for single pages).
     /// As for the sf_buf pool: none with a granule above one frame.
     fn run_grid(&self) -> Option<usize> {
-        (self.max_run > 1 && self.sys.granule() == 1).then_some(self.max_run)
+        chunk_grid(self.max_run, self.sys.granule())
     }
 
     fn mmu_stats(&self) -> Option<MmuStats> {

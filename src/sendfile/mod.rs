@@ -77,7 +77,9 @@ mod zerocopy;
 
 use std::time::Duration;
 
-pub use cache::{CacheStats, CachedMapping, LwbufMapping, LwbufSource, SfBufSource, SfMapping};
+pub use cache::{
+    chunk_grid, mapping_len, CacheStats, CachedMapping, LwbufMapping, LwbufSource, SfBufSource, SfMapping,
+};
 pub use conn::Connection;
 pub use engine::{send_copy, send_mapped};
 pub use file::{ChunkGrid, FileRun, PageFile, PageFileBuilder, Runs};
