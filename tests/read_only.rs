@@ -68,6 +68,39 @@ fn every_handle_of_a_read_only_window_refuses_writes(b: Backend) {
     d.write_u64(0, 5).expect("the direct map stays writable");
 }
 
+/// A read-only MMU says so; an lwbuf run and a view on another CPU of a
+/// read-only window refuse writes too; `read_from` and `read_exact_from`
+/// are refused before any system call (any descriptor will do).
+fn read_only_mmus_runs_foreign_views_and_reads_into_them(b: Backend) {
+    let mem = b.phys(16);
+    let run = stamped_run(&mem, 4);
+    let mmu = read_only_mmu(b, &mem, 16);
+    assert!(!mmu.writable());
+    let lw = Lwbufs::builder(mmu).cpus(2).build().expect("Lwbufs");
+    let h = {
+        let _cpu0 = lw.bind(0).expect("bind 0");
+        let h = lw.alloc_run(&run).expect("alloc_run");
+        assert!(matches!(h.kva().expect("kva").write_u64(0, 1), Err(Error::ReadOnly)));
+        h
+    };
+    {
+        let _cpu1 = lw.bind(1).expect("bind 1");
+        let k = h.kva().expect("kva on CPU 1");
+        check_read_only_view(k, run[0].pfn().0);
+        let fd = std::io::stdin();
+        for e in
+            [k.read_from(&fd, 0, 8).expect_err("read_from"), k.read_exact_from(&fd, 0, 8).expect_err("read_exact_from")]
+        {
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+            assert!(matches!(e.into_inner().expect("inner").downcast::<Error>().map(|b| *b), Ok(Error::ReadOnly)));
+        }
+        assert_eq!(k.read_from(&fd, 0, 0).expect_err("even for 0 bytes").kind(), std::io::ErrorKind::PermissionDenied);
+        drop(h);
+    }
+    assert_eq!(Error::ReadOnly.to_string(), "a write through a read-only mapping");
+    assert_eq!(Error::ReadOnly.errno(), None);
+}
+
 /// A default window and model are writable, and so are their views.
 fn default_windows_stay_writable(b: Backend) {
     let mem = b.phys(8);
@@ -99,6 +132,7 @@ fn as_mut_slice_of_a_read_only_view_panics(b: Backend) {
 
 on_both_backends!(
     every_handle_of_a_read_only_window_refuses_writes,
+    read_only_mmus_runs_foreign_views_and_reads_into_them,
     default_windows_stay_writable,
     as_mut_slice_of_a_read_only_view_panics,
 );
@@ -135,4 +169,22 @@ fn the_real_window_maps_read_only_slots_prot_read() {
             assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
         }
     }
+}
+
+/// The sendfile layer's own windows only send, so they are read-only;
+/// windows a user builds stay read-write unless asked.
+#[test]
+#[cfg_attr(miri, ignore = "needs a memfd window")]
+fn the_sendfile_layers_own_windows_are_read_only() {
+    use lwbuf::sendfile::{LwbufSource, SfBufSource, WindowSource};
+    let mem = Backend::Window.phys(64);
+    let sf = SfBufSource::window(&mem, 16, None, 4, None).expect("SfBufSource");
+    assert!(!sf.pool().mmu().writable());
+    let lw = LwbufSource::window(&mem, 2, 16, None, 4).expect("LwbufSource");
+    assert!(!lw.lwbufs().mmu().writable());
+    let ws = WindowSource::window(&mem, 16).expect("WindowSource");
+    assert!(!ws.mmu().writable());
+    assert!(Window::builder(&mem).slots(4).build().expect("Window").writable());
+    assert!(!Window::builder(&mem).slots(4).read_only(true).build().expect("Window").writable());
+    assert!(Window::builder(&mem).slots(4).read_only(true).read_only(false).build().expect("Window").writable());
 }

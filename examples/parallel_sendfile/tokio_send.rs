@@ -111,23 +111,20 @@ impl Held {
         }
     }
 
-    /// Fault bytes `at..at + len` in from user mode (`Kaddr::prefault`),
-    /// so that the kernel's copy out of a fresh mapping does not wait
-    /// behind other threads' `mmap`s.
-    fn prefault(&self, at: usize, len: usize) -> lwbuf::Result<()> {
-        match self {
-            Held::Sf(h) => h.kva().prefault(at, len),
-            Held::Lw(h) => h.kva()?.prefault(at, len),
-        }
-    }
-
     /// Bytes `at..at + len` of the mapping as a piece of a batch, at the
     /// address valid on the calling thread's CPU.
+    /// Its pages are faulted in from user mode first (`Kaddr::prefault`),
+    /// so that the kernel's copy out of a fresh mapping does not wait
+    /// behind other threads' `mmap`s: here rather than when the piece was
+    /// mapped, because a task resumed on another worker gets that CPU's
+    /// own lwbuf mapping.
     fn io_vec(&self, at: usize, len: usize) -> lwbuf::Result<IoVec<'_>> {
-        match self {
-            Held::Sf(h) => h.kva().io_vec(at, len),
-            Held::Lw(h) => h.kva()?.io_vec(at, len),
-        }
+        let k = match self {
+            Held::Sf(h) => h.kva(),
+            Held::Lw(h) => h.kva()?,
+        };
+        k.prefault(at, len)?;
+        k.io_vec(at, len)
     }
 }
 
@@ -328,7 +325,6 @@ pub async fn send_file(
             let npages = held.pages();
             let at = (idx - from) * fs + off;
             let take = left.min(npages * fs - at);
-            held.prefault(at, take)?;
             q.bytes += take;
             q.pieces.push_back(Piece { held, at, len: take });
             idx = from + npages;

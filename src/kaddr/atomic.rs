@@ -51,6 +51,21 @@ unsafe fn atomic<'a>(w: *mut usize) -> &'a AtomicUsize {
     unsafe { AtomicUsize::from_ptr(w) }
 }
 
+/// One relaxed load of the aligned word at `w`.
+///
+/// # Safety
+/// `w` is aligned and valid for reads for the duration of the call, and
+/// every concurrent access to it is an atomic access of a word. The memory
+/// may be read-only (a `PROT_READ` window): a `Relaxed` atomic load of at
+/// most a register's width is allowed there (core::sync::atomic, "Atomic
+/// accesses to read-only memory"), and every load of this module is one.
+#[inline(always)]
+unsafe fn load_word(w: *mut usize) -> usize {
+    // SAFETY: the caller's contract, with the read-only exception above for
+    // `from_ptr`'s "valid for writes".
+    unsafe { AtomicUsize::from_ptr(w) }.load(Ordering::Relaxed)
+}
+
 /// Copy `dst.len()` bytes from shared memory at `src` into `dst`.
 ///
 /// # Safety
@@ -70,7 +85,7 @@ pub(crate) unsafe fn load(src: *mut u8, dst: &mut [u8]) {
     let mut done = 0;
     if off != 0 {
         // SAFETY: the containing word lies inside the mapping (module docs).
-        let v = unsafe { atomic(w) }.load(Ordering::Relaxed).to_ne_bytes();
+        let v = unsafe { load_word(w) }.to_ne_bytes();
         done = (WORD - off).min(n);
         // SAFETY: `done <= n` bytes into `dst`, from a local array.
         unsafe { std::ptr::copy_nonoverlapping(v.as_ptr().add(off), out, done) };
@@ -83,12 +98,7 @@ pub(crate) unsafe fn load(src: *mut u8, dst: &mut [u8]) {
         // SAFETY: four whole aligned words inside the range.
         let w = unsafe {
             let p = src.add(done).cast::<usize>();
-            [
-                atomic(p).load(Ordering::Relaxed),
-                atomic(p.add(1)).load(Ordering::Relaxed),
-                atomic(p.add(2)).load(Ordering::Relaxed),
-                atomic(p.add(3)).load(Ordering::Relaxed),
-            ]
+            [load_word(p), load_word(p.add(1)), load_word(p.add(2)), load_word(p.add(3))]
         };
         // SAFETY: `done + 4 * WORD <= n`, inside `dst`, which may be unaligned.
         unsafe { out.add(done).cast::<[usize; 4]>().write_unaligned(w) };
@@ -96,14 +106,14 @@ pub(crate) unsafe fn load(src: *mut u8, dst: &mut [u8]) {
     }
     while n - done >= WORD {
         // SAFETY: a whole aligned word inside the range.
-        let v = unsafe { atomic(src.add(done).cast::<usize>()) }.load(Ordering::Relaxed);
+        let v = unsafe { load_word(src.add(done).cast::<usize>()) };
         // SAFETY: `done + WORD <= n`, inside `dst`, which may be unaligned.
         unsafe { out.add(done).cast::<usize>().write_unaligned(v) };
         done += WORD;
     }
     if done < n {
         // SAFETY: the word holding the last bytes lies inside the mapping.
-        let v = unsafe { atomic(src.add(done).cast::<usize>()) }.load(Ordering::Relaxed).to_ne_bytes();
+        let v = unsafe { load_word(src.add(done).cast::<usize>()) }.to_ne_bytes();
         // SAFETY: the last `n - done < WORD` bytes of `dst`, from a local array.
         unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.add(done), n - done) };
     }
@@ -120,7 +130,7 @@ pub(crate) unsafe fn load_u64(src: *mut u8) -> u64 {
     #[cfg(target_pointer_width = "64")]
     if (src as usize) % WORD == 0 {
         // SAFETY: an aligned word inside the mapping (caller's contract).
-        return unsafe { atomic(src.cast::<usize>()) }.load(Ordering::Relaxed) as u64;
+        return unsafe { load_word(src.cast::<usize>()) } as u64;
     }
     let mut b = [0u8; 8];
     // SAFETY: the caller's contract is `load`'s.
@@ -164,7 +174,7 @@ pub(crate) unsafe fn prefault(ptr: *const u8, len: usize, stride: usize) {
         if w.checked_add(WORD).is_some_and(|e| e <= end) {
             // SAFETY: an aligned word inside the range (caller's contract);
             // the offset keeps `ptr`'s provenance.
-            let v = unsafe { atomic(ptr.wrapping_add(w - start).cast_mut().cast::<usize>()) }.load(Ordering::Relaxed);
+            let v = unsafe { load_word(ptr.wrapping_add(w - start).cast_mut().cast::<usize>()) };
             std::hint::black_box(v);
         }
         at = (at & !(stride - 1)).saturating_add(stride);

@@ -82,10 +82,14 @@ pub trait Mmu: sealed::Sealed + Send + Sync + fmt::Debug {
         self.phys().frame_size()
     }
 
-    /// Whether frames are entered writable. False for a read-only window
+    /// Whether frames are entered writable; fixed when the MMU is built
+    /// (the caches read it once). False for a read-only window
     /// ([`WindowBuilder::read_only`](crate::WindowBuilder::read_only),
     /// [`ModelMmu::new_read_only`]): the caches' views of its mappings then
-    /// refuse writes with [`Error::ReadOnly`](crate::Error::ReadOnly).
+    /// refuse writes with [`Error::ReadOnly`](crate::Error::ReadOnly), and
+    /// the addresses [`enter`](Self::enter), [`replace`](Self::replace) and
+    /// [`kva`](Self::kva) return are readable only (a raw write through them
+    /// faults).
     fn writable(&self) -> bool {
         true
     }
@@ -93,7 +97,8 @@ pub trait Mmu: sealed::Sealed + Send + Sync + fmt::Debug {
     /// Map `count` contiguous frames starting at `pfn` into the `count`
     /// adjacent slots starting at `slot`, with one operation (one system call
     /// for the window). Returns the address of the first slot; the run is
-    /// contiguous from there.
+    /// contiguous from there, readable, and writable if
+    /// [`writable`](Self::writable).
     ///
     /// Slots that already have a frame entered are refused with
     /// [`Error::SlotOccupied`](crate::Error::SlotOccupied) before anything changes.

@@ -14,10 +14,11 @@ use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 ///
 /// The state bits are what keep two enters of one slot apart and refuse an
 /// enter over a live slot; packing them makes that one atomic
-/// read-modify-write per word of slots instead of several per slot (a
-/// granule of 512 slots: 16 instead of 1,536 locked instructions per map
-/// and remove, which on huge pages cost more than the kernel's work). The
-/// frame numbers are then plain stores by the slots' owner.
+/// read-modify-write per word of slots instead of several per slot: for a
+/// granule of 512 slots, 48 locked instructions for a map and its remove
+/// (16 each for reserve, publish and remove) instead of 1,536, which on
+/// huge pages cost more than the kernel's own work. The frame numbers are
+/// then plain stores by the slots' owner.
 #[derive(Debug)]
 pub struct SlotTable {
     slots: Box<[AtomicUsize]>,
@@ -167,8 +168,11 @@ impl SlotTable {
     ) -> Result<()> {
         for (w, live) in spans(slot.0, count) {
             let both = live | (live << 1);
-            // Relaxed: the bits only keep two enters apart; the frame number
-            // is published by `entered`'s Release.
+            // Acquire on success: pairs with the Release of the `publish` or
+            // `removed` that last changed the word, so this reserve's own
+            // record stores come after that remove's (the records are
+            // other atomics than the bits). The caches order these calls
+            // through their slot allocator anyway.
             let r = if crate::sync::mutant!(ReserveNotAtomic) {
                 let v = self.state[w].load(Ordering::Relaxed);
                 match refuse(w, v & both, live) {
@@ -179,7 +183,7 @@ impl SlotTable {
                     Some(_) => Err(v),
                 }
             } else {
-                self.state[w].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                self.state[w].fetch_update(Ordering::Acquire, Ordering::Relaxed, |v| {
                     refuse(w, v & both, live).is_none().then_some(v | (live << 1))
                 })
             };
@@ -241,7 +245,7 @@ impl SlotTable {
         for (w, live) in spans(slot.0, count) {
             let was = live_mask(w, slot.0, slot.0 + old);
             // Clear BUSY, set LIVE where it was not: one XOR. Release: pairs
-            // with a later reserve's read of the word.
+            // with a later reserve's Acquire of the word.
             let prev = self.state[w].fetch_xor((live << 1) | (live & !was), Ordering::Release);
             debug_assert_eq!(prev & (live | (live << 1)), (live << 1) | was, "publish of slots not reserved");
         }

@@ -41,8 +41,8 @@ impl WindowBuilder {
     }
 
     /// Reserve the window: one `mmap(PROT_NONE, MAP_NORESERVE)`. It costs
-    /// address space, plus 8 bytes of bookkeeping per slot, itself allocated
-    /// zeroed and made resident only as slots are used.
+    /// address space, plus about 8.25 bytes of bookkeeping per slot, itself
+    /// allocated zeroed and made resident only as slots are used.
     pub fn build(self) -> Result<Window> {
         if self.phys.backing() == Backing::Heap {
             return Err(Error::config("backing", "the real window maps a memfd; use ModelMmu for heap memory"));

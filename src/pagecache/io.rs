@@ -57,8 +57,10 @@ pub struct FrameRange<'a> {
 impl<'a> FrameRange<'a> {
     /// Bytes `offset..offset + len` of `frame`;
     /// [`Error::OutOfBounds`](crate::Error::OutOfBounds) if they are not
-    /// all inside it.
+    /// all inside it, [`Error::ReadOnly`](crate::Error::ReadOnly) if
+    /// `frame` is a read-only view (a fill writes into the range).
     pub fn new(frame: Kaddr<'a>, offset: usize, len: usize) -> crate::Result<FrameRange<'a>> {
+        frame.check_writable()?;
         frame.io_vec(offset, len)?;
         Ok(FrameRange { frame, offset, len })
     }

@@ -202,11 +202,14 @@ impl SfBufSource {
 }
 
 /// How many pages of `run` one mapping of a cache covers on the send
-/// paths: the prefix of contiguous frames, at most `max_run` pages, cut at
-/// the end of the first page's granule (a mapping then hits, or makes,
+/// paths: the prefix of contiguous frame numbers, at most `max_run` pages
+/// (but always the first page: a `max_run` of 0 counts as 1), cut at the
+/// end of the first page's granule (a mapping then hits, or makes,
 /// that granule's entry, and never maps a second granule for one request's
-/// piece). 0 for an empty run. [`SfBufSource`] and [`LwbufSource`] map
-/// this much; a sender of its own (over owned handles, say) should too.
+/// piece). 0 for an empty run. Only frame numbers are compared: pages of
+/// another memory are the cache's to refuse (`Error::ForeignPage`).
+/// [`SfBufSource`] and [`LwbufSource`] map this much; a sender of its own
+/// (over owned handles, say) should too.
 ///
 /// ```
 /// use lwbuf::sendfile::mapping_len;
@@ -272,7 +275,7 @@ impl MapSource for SfBufSource {
     fn mmu_stats(&self) -> Option<MmuStats> {
         Some(self.pool.mmu().stats())
     }
-    fn prefault(&self) -> bool {
+    fn prefault(&self, _: super::source::private::Token) -> bool {
         true
     }
 }
@@ -424,7 +427,7 @@ impl MapSource for LwbufSource {
     fn mmu_stats(&self) -> Option<MmuStats> {
         Some(self.sys.mmu().stats())
     }
-    fn prefault(&self) -> bool {
+    fn prefault(&self, _: super::source::private::Token) -> bool {
         true
     }
 }

@@ -268,7 +268,7 @@ pub fn send_mapped<M: MapSource>(
     unsafe { q.push(header.as_ptr(), header.len(), None) };
     let fs = file.page_size();
     let grid = source.run_grid();
-    let prefault = source.prefault();
+    let prefault = source.prefault(super::source::private::Token);
     for run in runs {
         // The pages to ask for: from `idx` to the end of the piece, or with
         // a grid, the chunk of the allocation run that holds page `idx`.

@@ -84,13 +84,24 @@ pub trait MapSource {
 
     /// Whether the send engine faults in the pages it sends from this
     /// source from user mode before each send ([`Kaddr::prefault`](crate::Kaddr::prefault)):
-    /// true for sources whose mappings come and go (a window slot just
-    /// mapped has no page-table entries, and a fault inside the kernel's
-    /// copy waits behind other threads' `mmap`s). Default: false (the
-    /// direct map stays mapped, and a touch would only cost a cache miss).
-    fn prefault(&self) -> bool {
+    /// true for the crate's sources whose mappings come and go (a window
+    /// slot just mapped has no page-table entries, and a fault inside the
+    /// kernel's copy waits behind other threads' `mmap`s). The engine then
+    /// reads the mappings' words itself, so it must trust their addresses:
+    /// only the crate's own sources can say yes (the argument's type cannot
+    /// be named elsewhere), and every other implementation keeps the
+    /// default, false.
+    #[doc(hidden)]
+    fn prefault(&self, _: private::Token) -> bool {
         false
     }
+}
+
+/// What keeps [`MapSource::prefault`] the crate's own.
+pub(crate) mod private {
+    /// Only the crate can name (and so pass or accept) this.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Token;
 }
 
 /// `MapSource` is implemented for references too, so a borrowed source can
@@ -117,8 +128,8 @@ impl<T: MapSource> MapSource for &T {
         (**self).mmu_stats()
     }
 
-    fn prefault(&self) -> bool {
-        (**self).prefault()
+    fn prefault(&self, t: private::Token) -> bool {
+        (**self).prefault(t)
     }
 }
 
@@ -317,7 +328,7 @@ impl MapSource for WindowSource {
     fn mmu_stats(&self) -> Option<MmuStats> {
         Some(self.kva.mmu_stats())
     }
-    fn prefault(&self) -> bool {
+    fn prefault(&self, _: private::Token) -> bool {
         true
     }
 }

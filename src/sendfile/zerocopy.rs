@@ -187,7 +187,7 @@ impl<'s, M: MapSource> ZeroCopy<'s, M> {
                 let npages = check_mapping(&m, fs, pages.len())?;
                 let take = left.min(npages * fs - off);
                 let ptr = m.as_ptr().wrapping_add(off);
-                if source.prefault() {
+                if source.prefault(super::source::private::Token) {
                     // SAFETY: `off + take` is within the mapping
                     // (`check_mapping` counted its pages), which `m` keeps
                     // mapped. (The kernel pins the pages of a zero-copy send
