@@ -122,8 +122,8 @@ impl<'a> Kaddr<'a> {
     /// word copies of [`atomic`] rely on), and the bytes are only ever
     /// accessed through those copies or by callers of the `unsafe` slices.
     pub(crate) unsafe fn new(ptr: NonNull<u8>, len: usize) -> Self {
-        debug_assert!(len < READ_ONLY);
-        Kaddr { ptr, len, _borrow: PhantomData }
+        // SAFETY: the caller's contract, for a writable mapping.
+        unsafe { Kaddr::with_access(ptr, len, true) }
     }
 
     /// As [`new`](Self::new) for a mapping that may be only readable

@@ -157,15 +157,10 @@ impl SlotTable {
     }
 
     /// Set the `BUSY` bits of slots `slot..slot + count` if, word by word,
-    /// `refuse(word, its state bits for those slots, their LIVE mask)` names
-    /// no slot; otherwise undo the words already done and report the slot
-    /// it names (the first offending one).
-    fn reserve_with(
-        &self,
-        slot: Slot,
-        count: usize,
-        refuse: impl Fn(usize, usize, usize) -> Option<usize>,
-    ) -> Result<()> {
+    /// `refuse(word, its state bits for those slots)` names no slot;
+    /// otherwise undo the words already done and report the slot it names
+    /// (the first offending one).
+    fn reserve_with(&self, slot: Slot, count: usize, refuse: impl Fn(usize, usize) -> Option<usize>) -> Result<()> {
         for (w, live) in spans(slot.0, count) {
             let both = live | (live << 1);
             // Acquire on success: pairs with the Release of the `publish` or
@@ -175,7 +170,7 @@ impl SlotTable {
             // through their slot allocator anyway.
             let r = if crate::sync::mutant!(ReserveNotAtomic) {
                 let v = self.state[w].load(Ordering::Relaxed);
-                match refuse(w, v & both, live) {
+                match refuse(w, v & both) {
                     None => {
                         self.state[w].store(v | (live << 1), Ordering::Relaxed);
                         Ok(v)
@@ -184,11 +179,11 @@ impl SlotTable {
                 }
             } else {
                 self.state[w].fetch_update(Ordering::Acquire, Ordering::Relaxed, |v| {
-                    refuse(w, v & both, live).is_none().then_some(v | (live << 1))
+                    refuse(w, v & both).is_none().then_some(v | (live << 1))
                 })
             };
             if let Err(v) = r {
-                let bad = refuse(w, v & both, live).expect("a refused word names a slot");
+                let bad = refuse(w, v & both).expect("a refused word names a slot");
                 self.unreserve(slot, (w * PER_WORD).max(slot.0) - slot.0);
                 return Err(Error::SlotOccupied { slot: bad });
             }
@@ -201,7 +196,7 @@ impl SlotTable {
     /// the first such slot. Undo with [`unreserve`](Self::unreserve), or
     /// complete with [`entered`](Self::entered).
     pub(crate) fn reserve(&self, slot: Slot, count: usize) -> Result<()> {
-        self.reserve_with(slot, count, |w, bits, _| (bits != 0).then(|| first_slot(w, bits)))
+        self.reserve_with(slot, count, |w, bits| (bits != 0).then(|| first_slot(w, bits)))
     }
 
     /// Mark `count` slots from `slot` as being entered in place of a
@@ -217,7 +212,7 @@ impl SlotTable {
         if let Some(i) = (slot.0..slot.0 + count).find(|&i| self.is_hole(i)) {
             return Err(Error::SlotOccupied { slot: i });
         }
-        self.reserve_with(slot, count, |w, bits, _| {
+        self.reserve_with(slot, count, |w, bits| {
             // Wanted: exactly the old mapping's slots live, nothing busy.
             let diff = bits ^ live_mask(w, slot.0, slot.0 + old);
             (diff != 0).then(|| first_slot(w, diff))
