@@ -175,6 +175,17 @@ pub fn default_map_budget() -> usize {
     (max.saturating_sub(headroom) / 2).max(1)
 }
 
+/// [`KvaSpace::granule_index`] for a granule of `1 << shift` frames (the
+/// per-CPU indexes use it too, so both agree on where a key lives).
+#[inline]
+pub(crate) fn granule_index(shift: u32, key: MapKey) -> Option<usize> {
+    if shift == 0 {
+        return (key.pages <= 1).then_some(key.pfn);
+    }
+    let g = 1usize << shift;
+    (key.pfn & (g - 1) == 0 && key.pages <= g).then_some(key.pfn >> shift)
+}
+
 impl KvaSpace {
     /// The slot allocator of `mmu`'s window. [`Error::WindowClaimed`] if
     /// another allocator has it (two would hand out the same slots) or
@@ -267,11 +278,7 @@ impl KvaSpace {
     /// and its granule number.
     #[inline]
     pub(crate) fn granule_index(&self, key: MapKey) -> Option<usize> {
-        if self.shift == 0 {
-            return (key.pages <= 1).then_some(key.pfn);
-        }
-        let g = self.granule();
-        (key.pfn & (g - 1) == 0 && key.pages <= g).then_some(key.pfn >> self.shift)
+        granule_index(self.shift, key)
     }
 
     /// log2 of the granule.

@@ -49,6 +49,7 @@ on_both_backends!(
     excess_limit_evicts_least_recently_used_first,
     set_max_excess_takes_effect_at_run_time,
     made_on_0_used_on_3_dropped_on_5,
+    mail_waits_through_home_releases_for_the_next_alloc,
     made_on_0_used_on_3_dropped_unbound,
     spread_over_cpus_beyond_64,
     idle_owner_mailbox_stays_bounded,
@@ -386,6 +387,42 @@ fn made_on_0_used_on_3_dropped_on_5(b: Backend) {
     assert_quiescent(lw);
     drop(g0);
     assert_quiescent(lw);
+}
+
+/// A release at home touches its own entry only: a decref message waiting
+/// for CPU 0 stays queued through CPU 0's home releases (each still counted
+/// and still holding the excess limit) and is applied by its next `alloc`.
+fn mail_waits_through_home_releases_for_the_next_alloc(b: Backend) {
+    let mem = b.phys(64);
+    let pages = stamped_pages(&mem, 4);
+    let lw = b.system(&mem, 32, 4, 8);
+    lw.set_max_excess(1);
+    let _g0 = lw.bind(0).unwrap();
+    let shared = lw.alloc(&pages[0]).unwrap();
+    let mine: Vec<Lwbuf<'_>> = pages[1..].iter().map(|p| lw.alloc(p).unwrap()).collect();
+    thread::scope(|s| {
+        s.spawn(|| {
+            let _g1 = lw.bind(1).unwrap();
+            check_read(&shared, &mut rng(11));
+            drop(shared); // one message to CPU 0, one local decref on 1
+        });
+    });
+    let st = lw.stats();
+    assert_eq!((st.per_cpu[0].mailbox, st.per_cpu[0].decrefs_applied), (1, 0), "{st}");
+    // Three releases at home: the message waits, the limit (1) holds.
+    drop(mine);
+    let st = lw.stats();
+    assert_eq!((st.per_cpu[0].mailbox, st.per_cpu[0].decrefs_applied), (1, 0), "{st}");
+    assert_eq!((st.per_cpu[0].cached, st.per_cpu[0].evictions), (1, 2), "{st}");
+    assert_eq!(lw.check_consistency(), Ok(1), "CPU 0 still counts the shared page");
+    // The next alloc applies it: two unused entries, one over the limit, so
+    // the older (page 3's, released first) goes before page 3 maps again.
+    let h = lw.alloc(&pages[3]).unwrap();
+    let st = lw.stats();
+    assert_eq!((st.per_cpu[0].mailbox, st.per_cpu[0].decrefs_applied), (0, 1), "{st}");
+    assert_eq!((st.per_cpu[0].cached, st.per_cpu[0].evictions, st.per_cpu[0].hits), (1, 3, 0), "{st}");
+    drop(h);
+    assert_quiescent(&lw);
 }
 
 /// The same handle dropped on a thread with no CPU: its messages are counted

@@ -63,6 +63,9 @@ struct Cold {
     mapping: Mapping,
 }
 
+/// The index of an entry that is not in the per-frame table (a run).
+pub(crate) const NOT_INDEXED: usize = usize::MAX;
+
 /// Frames per leaf of [`Entries`]' per-frame index (4 KiB of entries).
 const LEAF: usize = 256;
 
@@ -114,22 +117,40 @@ impl Entries {
     /// The table index of a granule key (see `KvaSpace::granule_index`).
     #[inline]
     fn table_index(&self, key: Key) -> Option<usize> {
-        if self.shift == 0 {
-            return (key.pages <= 1).then_some(key.pfn);
+        crate::kva::granule_index(self.shift, key)
+    }
+
+    /// Where `key`'s entry is (or would be): its place in the per-frame
+    /// table, or [`NOT_INDEXED`] for a run kept in the hash map. Handles
+    /// keep it, so that a release finds its entry without the key.
+    #[inline]
+    pub(crate) fn index_of(&self, key: Key) -> usize {
+        self.table_index(key).unwrap_or(NOT_INDEXED)
+    }
+
+    /// The entry at `index` (from [`index_of`](Self::index_of)), or
+    /// `key`'s when the index is [`NOT_INDEXED`]. `key` is called only
+    /// then.
+    #[inline(always)]
+    pub(crate) fn at_mut(&mut self, index: usize, key: impl FnOnce() -> Key) -> Option<&mut Entry> {
+        if index == NOT_INDEXED {
+            return self.run_mut(key());
         }
-        let g = 1usize << self.shift;
-        (key.pfn & (g - 1) == 0 && key.pages <= g).then_some(key.pfn >> self.shift)
+        let leaf = self.leaves.get_mut(index / LEAF)?.as_deref_mut()?;
+        Some(&mut leaf.entries[index % LEAF]).filter(|e| e.addr.is_some())
+    }
+
+    /// A run's entry: out of line, so that the hash lookup stays out of the
+    /// single-page hit path.
+    #[inline(never)]
+    fn run_mut(&mut self, key: Key) -> Option<&mut Entry> {
+        self.runs.get_mut(&key)
     }
 
     /// `key`'s entry.
     #[inline]
     pub(crate) fn get_mut(&mut self, key: Key) -> Option<&mut Entry> {
-        if let Some(i) = self.table_index(key) {
-            let leaf = self.leaves.get_mut(i / LEAF)?.as_deref_mut()?;
-            Some(&mut leaf.entries[i % LEAF]).filter(|e| e.addr.is_some())
-        } else {
-            self.runs.get_mut(&key)
-        }
+        self.at_mut(self.index_of(key), || key)
     }
 
     pub(crate) fn get(&self, key: Key) -> Option<&Entry> {

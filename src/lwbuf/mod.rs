@@ -5,7 +5,8 @@
 //! asking for the address on a CPU d outside the mask makes (or bumps) d's
 //! entry and adds d; dropping the handle decrefs the current CPU's entry
 //! locally and posts one decref message to every other CPU in the mask,
-//! which applies it at its next library call (a passive IPI). Entries whose
+//! which applies it at its next `alloc` or `poll` (a passive IPI; a release
+//! at home of a handle used nowhere else touches its entry alone). Entries whose
 //! count reaches zero stay mapped on an LRU for reuse, up to the per-CPU
 //! *excess* limit. The owner's cache and its clock are in `pcpu.rs`, its entry index in
 //! `index.rs`, the owner/stealer protocol in `cpu/owned.rs`.
@@ -27,6 +28,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
+use index::NOT_INDEXED;
 use pcpu::{Key, Local, Miss, Pcpu};
 
 use crate::cpu::{self, BindTable, CpuMask, Others, OwnerGuard, StealGuard};
@@ -273,6 +275,9 @@ pub struct Lwbuf<'a> {
     /// The CPUs besides `home` with an entry for this handle: its cpumask
     /// is `{home} + others`.
     others: Others,
+    /// The home entry's place in its CPU's index (`Local::index_of`), so
+    /// that a release at home finds it without computing its key.
+    index: usize,
     home_addr: NonNull<u8>,
 }
 
@@ -354,7 +359,8 @@ impl Lwbufs {
     }
 
     /// Change the excess limit. CPUs not running the library right now are
-    /// trimmed at once; the others at their next library call.
+    /// trimmed at once; the others at their next `alloc`, `poll` or
+    /// release.
     pub fn set_max_excess(&self, n: usize) {
         self.max_excess.store(n, Ordering::Relaxed);
         for cpu in 0..self.cpus.len() {
@@ -420,22 +426,23 @@ impl Lwbufs {
     #[inline(always)]
     fn alloc_key<'a>(&'a self, key: Key, hold: Hold<'a>) -> Result<Lwbuf<'a>> {
         let cpu = self.require_cpu()?;
-        let addr = self.kva.addr_in(key, self.acquire_on(cpu, key)?, hold[0].pfn().0);
-        Ok(Lwbuf { sys: self, hold, others: Others::new(), home: cpu as u32, home_addr: addr })
+        let index = self.kva.granule_index(key).unwrap_or(NOT_INDEXED);
+        let addr = self.kva.addr_in(key, self.acquire_on(cpu, index, key)?, hold[0].pfn().0);
+        Ok(Lwbuf { sys: self, hold, others: Others::new(), home: cpu as u32, index, home_addr: addr })
     }
 
     /// Take a reference on `key` in `cpu`'s cache, reclaiming slots from
     /// other CPUs if the window is otherwise full.
     #[inline(always)]
-    fn acquire_on(&self, cpu: usize, key: Key) -> Result<NonNull<u8>> {
+    fn acquire_on(&self, cpu: usize, index: usize, key: Key) -> Result<NonNull<u8>> {
         // A statement of its own: the guard must be gone before the slow
         // path steals other CPUs (a guard in a `match` scrutinee would live
         // through it, and two CPUs reclaiming at once would each wait for
         // the other to leave its cache).
-        let r = self.enter_cpu(cpu).acquire(&self.kva, key);
+        let r = self.enter_cpu(cpu).acquire(&self.kva, index, || key);
         match r {
             Ok(addr) => Ok(addr),
-            Err(m) => self.acquire_full(cpu, key, m),
+            Err(m) => self.acquire_full(cpu, index, key, m),
         }
     }
 
@@ -446,7 +453,7 @@ impl Lwbufs {
     /// a reclaim pass found nothing to free and the window had no free slot
     /// (a few rounds, in case releases on other CPUs raced the pass).
     #[cold]
-    fn acquire_full(&self, cpu: usize, key: Key, first: Miss) -> Result<NonNull<u8>> {
+    fn acquire_full(&self, cpu: usize, index: usize, key: Key, first: Miss) -> Result<NonNull<u8>> {
         let Miss::NoRoom(mut err) = first else { return Err(first.into_error()) };
         let mut freed = Vec::new();
         for round in 0..RECLAIM_ROUNDS {
@@ -471,7 +478,7 @@ impl Lwbufs {
                 }
                 self.kva.give_batch(freed.drain(..));
                 self.reclaiming.fetch_sub(1, Ordering::Relaxed);
-                l.acquire(&self.kva, key)
+                l.acquire(&self.kva, index, || key)
             };
             match r {
                 Ok(addr) => return Ok(addr),
@@ -494,7 +501,8 @@ impl Lwbufs {
     }
 
     /// Apply this CPU's pending messages and enforce the excess limit now
-    /// (otherwise done at the start of every call on this CPU).
+    /// (otherwise done by the next `alloc` on this CPU; a release at home
+    /// leaves the mailbox alone, to touch only its entry).
     pub fn poll(&self) -> Result<()> {
         let cpu = self.require_cpu()?;
         drop(self.enter_cpu(cpu));
@@ -768,7 +776,8 @@ impl<'a> Lwbuf<'a> {
         }
         // Only a thread bound to `cpu` adds `cpu` to a mask, under its lock:
         // the test above cannot race with another insert of the same CPU.
-        let addr = sys.kva.addr_in(key, sys.acquire_on(cpu, key)?, pfn);
+        let index = sys.kva.granule_index(key).unwrap_or(NOT_INDEXED);
+        let addr = sys.kva.addr_in(key, sys.acquire_on(cpu, index, key)?, pfn);
         sys.enter_cpu(cpu).counters.foreign += 1;
         self.others.insert(cpu, sys.cpus.len());
         Ok(addr)
@@ -776,15 +785,18 @@ impl<'a> Lwbuf<'a> {
 }
 
 impl Drop for Lwbuf<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         let sys = self.sys;
         let home = self.home as usize;
         // The common case: released on its home CPU, used nowhere else.
+        // No mailbox check here: messages wait for the next `alloc` or
+        // `poll`, so that a release costs its decref alone.
         if sys.current_cpu() == Some(home) && self.others.is_empty() {
-            let mut l = sys.enter_cpu(home);
-            l.decref(self.release_key());
-            l.trim(&sys.kva, sys.max_excess());
+            let max = sys.max_excess();
+            let mut l = sys.cpus[home].local.owner();
+            let index = if crate::sync::mutant!(ReleasePageKey) { l.index_of(self.release_key()) } else { self.index };
+            l.release(&sys.kva, max, index, || self.release_key());
             return;
         }
         self.release_spread();

@@ -18,7 +18,7 @@ use crate::error::Error;
 pub(crate) use crate::kva::MapKey as Key;
 use crate::kva::{KvaSpace, Mapping, SlotRun};
 
-use super::index::{Entries, QUEUED, REFERENCED};
+use super::index::{Entries, NOT_INDEXED, QUEUED, REFERENCED};
 use crate::phys::Pfn;
 use crate::sync::{env, AtomicU64};
 
@@ -76,6 +76,9 @@ pub(crate) struct Local {
     /// queued entry with this key is the newest on the queue, known
     /// without reading the queue on the release path.
     newest: Key,
+    /// `newest`'s index (see `Entries::index_of`): a release that knows
+    /// its entry's index compares it instead of the key.
+    newest_index: usize,
     /// Entries with a count of zero.
     unused: usize,
     /// Unmapped single granules this CPU holds for its next misses.
@@ -112,6 +115,7 @@ impl Local {
             map: Entries::new(shift),
             clock: VecDeque::new(),
             newest: NO_KEY,
+            newest_index: NOT_INDEXED,
             unused: 0,
             free_slots: Vec::new(),
             spare: Vec::new(),
@@ -156,10 +160,17 @@ impl Local {
 
     /// Find or create the entry for `key`, take a reference, and return its
     /// address. A hit makes no system call and no allocation, and touches
-    /// only the index (where the entry lives).
+    /// only the index (where the entry lives). `index` is `key`'s place in
+    /// the index ([`index_of`](Self::index_of)), which the caller may know
+    /// without computing the key.
     #[inline(always)]
-    pub(crate) fn acquire(&mut self, kva: &KvaSpace, key: Key) -> std::result::Result<NonNull<u8>, Miss> {
-        if let Some(e) = self.map.get_mut(key) {
+    pub(crate) fn acquire(
+        &mut self,
+        kva: &KvaSpace,
+        index: usize,
+        key: impl Fn() -> Key,
+    ) -> std::result::Result<NonNull<u8>, Miss> {
+        if let Some(e) = self.map.at_mut(index, &key) {
             e.refs = e.refs.checked_add(1).expect("lwbuf: entry reference count overflow");
             let (addr, first) = (e.addr.expect("a present entry has an address"), e.refs == 1);
             if first {
@@ -168,7 +179,14 @@ impl Local {
             self.counters.hits += 1;
             return Ok(addr);
         }
-        self.acquire_miss(kva, key)
+        self.acquire_miss(kva, key())
+    }
+
+    /// Where `key`'s entry is (or would be) in this CPU's index: handles
+    /// keep it for their release.
+    #[inline]
+    pub(crate) fn index_of(&self, key: Key) -> usize {
+        self.map.index_of(key)
     }
 
     /// Counted (an alloc, a miss) only when it succeeds: an attempt that
@@ -269,21 +287,47 @@ impl Local {
     /// holds no reference on `key`.
     #[inline]
     pub(crate) fn decref(&mut self, key: Key) {
-        let e = match self.map.get_mut(key) {
+        self.decref_at(self.map.index_of(key), || key);
+    }
+
+    /// [`decref`](Self::decref) of the entry at `index` (`key`'s, called
+    /// only for a run or when the entry joins the clock), then the excess
+    /// limit: a release on the entry's own CPU.
+    #[inline(always)]
+    pub(crate) fn release(&mut self, kva: &KvaSpace, max_excess: usize, index: usize, key: impl Fn() -> Key) {
+        self.decref_at(index, key);
+        if self.unused > max_excess {
+            self.trim_cold(kva, max_excess);
+        }
+    }
+
+    /// The work of `decref` and `release`.
+    #[inline(always)]
+    fn decref_at(&mut self, index: usize, key: impl Fn() -> Key) {
+        let e = match self.map.at_mut(index, &key) {
             Some(e) if e.refs > 0 => e,
-            _ => self.no_reference(key),
+            _ => self.no_reference(key()),
         };
         e.refs -= 1;
-        if e.refs == 0 {
-            if !e.queued() {
-                e.set(QUEUED, true);
-                self.queue(key);
-            } else if key != self.newest {
-                // Used again since others were released: spare it once.
-                e.set(REFERENCED, true);
-            }
-            self.unused += 1;
+        if e.refs != 0 {
+            return;
         }
+        if !e.queued() {
+            e.set(QUEUED, true);
+            self.queue_new(key());
+        } else if if index == NOT_INDEXED { key() != self.newest } else { index != self.newest_index } {
+            // Used again since others were released: spare it once.
+            e.set(REFERENCED, true);
+        }
+        self.unused += 1;
+    }
+
+    /// [`queue`](Self::queue) for a release: out of the hit path (an
+    /// entry joins the queue once, then stays until the clock hand passes).
+    #[cold]
+    #[inline(never)]
+    fn queue_new(&mut self, key: Key) {
+        self.queue(key);
     }
 
     /// Put `key` at the back of the clock queue.
@@ -291,12 +335,20 @@ impl Local {
     fn queue(&mut self, key: Key) {
         self.clock.push_back(key);
         self.newest = key;
+        self.newest_index = self.map.index_of(key);
     }
 
     #[cold]
     #[inline(never)]
     fn no_reference(&self, key: Key) -> ! {
         panic!("lwbuf: decref of {key:?} on CPU {}, which holds no reference on it", self.cpu)
+    }
+
+    /// [`trim`](Self::trim), out of the release path.
+    #[cold]
+    #[inline(never)]
+    fn trim_cold(&mut self, kva: &KvaSpace, max_excess: usize) {
+        self.trim(kva, max_excess);
     }
 
     /// Evict unused entries beyond `max_excess`, oldest first.
@@ -382,6 +434,7 @@ impl Local {
         }
         self.clock.clear();
         self.newest = NO_KEY;
+        self.newest_index = NOT_INDEXED;
         self.unused = 0;
         kva.give_batch(self.free_slots.drain(..));
     }

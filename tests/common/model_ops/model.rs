@@ -512,7 +512,11 @@ impl Model {
     pub(super) fn release(&mut self, h: HandleModel, me: Option<usize>) {
         let max = self.max_excess;
         if me == Some(h.home) {
-            self.enter_cpu(h.home);
+            // A release at home of a handle used nowhere else touches only
+            // its entry (the mailbox waits for the next alloc or poll).
+            if h.mask.len() > 1 {
+                self.enter_cpu(h.home);
+            }
             self.decref(h.home, h.key);
             self.trim(h.home, max);
             if h.mask.len() == 1 {
