@@ -35,6 +35,7 @@
 //! targets. Targets are reported, not asserted.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -508,6 +509,26 @@ fn summary() {
             r.b_ns,
             r.ratio,
             verdict(r.ratio <= 1.5)
+        );
+        // What the shared pool's hit cannot do without, on this machine: a
+        // pinned hit takes its reference with one locked add and gives it
+        // back with another and a SeqCst fence (`hit.rs`, 9; `handle.rs`,
+        // 11), where an lwbuf hit stores to its own CPU's cache only.
+        let cell = AtomicU64::new(0);
+        let r = common::paired(
+            31,
+            20_000,
+            ns,
+            |_| {
+                black_box(&cell).fetch_add(1, Ordering::Relaxed);
+                black_box(&cell).fetch_sub(1, Ordering::Release);
+                std::sync::atomic::fence(Ordering::SeqCst);
+            },
+            |i| f.lw_op(&lw, i),
+        );
+        println!(
+            "  (reported) two locked adds and a SeqCst fence alone: {:.1} ns = {:.2}x the lwbuf hit",
+            r.a_ns, r.ratio
         );
     }
     {
