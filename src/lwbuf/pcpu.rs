@@ -301,6 +301,38 @@ impl Local {
         }
     }
 
+    /// The common release, or nothing: on a per-frame entry (`index` from
+    /// the table) with more than one reference, or with one on an entry
+    /// still on the clock (a cached entry hit again) while the unused
+    /// entries stay within `max_excess`, drop the reference as `release`
+    /// would and return true; in every other case change nothing and
+    /// return false (the caller then takes `release`).
+    #[inline(always)]
+    pub(crate) fn release_fast(&mut self, index: usize, max_excess: usize) -> bool {
+        let (unused, newest) = (self.unused, self.newest_index);
+        if index == NOT_INDEXED || unused >= max_excess {
+            return false;
+        }
+        let Some(e) = self.map.at_mut(index, || unreachable!("a table index")) else { return false };
+        match e.refs {
+            0 => false,
+            1 if !e.queued() => false,
+            1 => {
+                e.refs = 0;
+                if index != newest {
+                    // Used again since others were released: spare it once.
+                    e.set(REFERENCED, true);
+                }
+                self.unused = unused + 1;
+                true
+            }
+            _ => {
+                e.refs -= 1;
+                true
+            }
+        }
+    }
+
     /// The work of `decref` and `release`.
     #[inline(always)]
     fn decref_at(&mut self, index: usize, key: impl Fn() -> Key) {
