@@ -128,8 +128,9 @@ impl Default for Striped {
 }
 
 impl Striped {
-    /// Add `n` (wrapping: `sub` adds the two's complement).
-    #[inline]
+    /// Add `n` (wrapping: `sub` adds the two's complement). On the sf_buf
+    /// hit path: inlined whole.
+    #[inline(always)]
     pub(super) fn add(&self, n: u64) {
         let (s, mine) = claim::stripe();
         let c = &self.cells[s];
@@ -142,7 +143,7 @@ impl Striped {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(super) fn inc(&self) {
         self.add(1);
     }

@@ -45,6 +45,7 @@ impl Entry {
 
     /// The key. Relaxed: read after an Acquire of the state word that
     /// published it (`hit.rs`, 7), or under the map's shard lock.
+    #[inline]
     pub(super) fn key(&self) -> MapKey {
         MapKey { pfn: self.pfn.load(Ordering::Relaxed), pages: self.pages.load(Ordering::Relaxed) }
     }

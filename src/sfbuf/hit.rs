@@ -94,6 +94,7 @@ pub(super) const PIN_STRIPES: usize = 1;
 /// loom always 0, so that replays of an execution touch the same rows).
 // Under loom `PIN_STRIPES` is 1, and the modulo is the point.
 #[cfg_attr(loom, allow(clippy::modulo_one))]
+#[inline]
 fn pin_row() -> usize {
     super::counter::thread_stripe() % PIN_STRIPES
 }

@@ -186,10 +186,18 @@ impl WaitQueue {
 
     /// [`wake`](Self::wake) for a caller that issued the SeqCst fence itself
     /// after making room.
+    #[inline]
     pub(crate) fn wake_fenced(&self) {
         if self.waiters.load(Ordering::SeqCst) == 0 {
             return;
         }
+        self.wake_waiters();
+    }
+
+    /// `wake_fenced` when someone waits: out of the release path.
+    #[cold]
+    #[inline(never)]
+    fn wake_waiters(&self) {
         if !crate::sync::mutant!(LostWakeup) {
             self.gen.fetch_add(1, Ordering::SeqCst);
             self.tally_own_wake();
