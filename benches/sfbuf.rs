@@ -510,10 +510,11 @@ fn summary() {
             r.ratio,
             verdict(r.ratio <= 1.5)
         );
-        // What the shared pool's hit cannot do without, on this machine: a
-        // pinned hit takes its reference with one locked add and gives it
-        // back with another and a SeqCst fence (`hit.rs`, 9; `handle.rs`,
-        // 11), where an lwbuf hit stores to its own CPU's cache only.
+        // Why pins are counted in rows their threads own (`hit.rs`, 9): a
+        // pinned hit that took its reference with a locked add and gave it
+        // back with another and a SeqCst fence paid this much for those
+        // alone; now it pays the fence (an lwbuf hit stores to its own
+        // CPU's cache only).
         let cell = AtomicU64::new(0);
         let r = common::paired(
             31,
@@ -527,7 +528,7 @@ fn summary() {
             |i| f.lw_op(&lw, i),
         );
         println!(
-            "  (reported) two locked adds and a SeqCst fence alone: {:.1} ns = {:.2}x the lwbuf hit",
+            "  (reported) two locked adds and a SeqCst fence, what pins in shared rows cost: {:.1} ns = {:.2}x the lwbuf hit",
             r.a_ns, r.ratio
         );
     }

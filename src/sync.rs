@@ -379,6 +379,11 @@ pub mod mutants {
         /// waiters without taking the entries out of the map, so every
         /// later lookup of the page finds a gone entry and looks again.
         FailedFillMapped,
+        /// A thread that gives back a pin taken in another thread's own
+        /// row writes that row with a load and a store, as its owner does,
+        /// instead of subtracting in its own shared row: the two writers
+        /// race and one update is lost.
+        ForeignUnpinPlain,
         /// A slot reservation reads a word of slot states and writes it
         /// back with the `BUSY` bits set in two steps instead of one
         /// read-modify-write, so two enters of one slot can both pass.

@@ -84,6 +84,7 @@ on_both_backends!(
     close_wakes_every_waiter_with_closed,
     closed_pool_refuses_every_allocation,
     eviction_races_hits_on_four_threads,
+    pinned_hits_given_back_on_other_threads,
     alloc_all_sleeps_instead_of_spinning,
     alloc_all_cannot_deadlock_two_threads,
     alloc_all_runs_cannot_deadlock_two_threads,
@@ -751,6 +752,52 @@ fn two_greedy_threads(b: Backend, per_thread: usize, contiguous: bool, max_run: 
     assert_eq!((s.used, s.waiters), (0, 0), "{s}");
     assert!(s.cached <= s.max_excess, "{s}");
     assert_eq!(s.unmap_errors, 0, "{s}");
+}
+
+/// Hits on cached frames are pinned in the hitting thread's own row of
+/// pins. Two threads hit the same four frames over and over and hand half
+/// of their handles to a third thread, which drops them, while they keep
+/// hitting: a pin given back by a thread that does not own its row must
+/// not disturb the owner's count. At the end nothing is held, and with the
+/// cap at zero every entry is evicted (a pin left counted would keep its
+/// entry mapped for ever).
+fn pinned_hits_given_back_on_other_threads(b: Backend) {
+    let rig = b.rig(16, 8);
+    let pool = rig.pool(8);
+    let pages = stamped_pages(&rig.mem, 4);
+    for p in &pages {
+        drop(pool.alloc(p, Wait::NoWait).expect("miss"));
+    }
+    let rounds = if cfg!(miri) { 20 } else { 5_000 };
+    let (tx, rx) = std::sync::mpsc::channel::<SfBuf<'_>>();
+    thread::scope(|s| {
+        for t in 0..2 {
+            let (tx, pool, pages) = (tx.clone(), &pool, &pages);
+            s.spawn(move || {
+                let mut r = SmallRng::seed_from_u64(t);
+                for i in 0..rounds {
+                    let sf = pool.alloc(&pages[(i + t as usize) % 4], Wait::NoWait).expect("hit");
+                    check_words(&sf, &mut r);
+                    if i % 2 == 0 {
+                        tx.send(sf).expect("send");
+                    }
+                }
+            });
+        }
+        drop(tx);
+        s.spawn(move || {
+            let mut r = SmallRng::seed_from_u64(9);
+            for sf in rx {
+                check_words(&sf, &mut r);
+                drop(sf);
+            }
+        });
+    });
+    let st = assert_quiescent(&pool);
+    assert_eq!(st.misses, 4, "every alloc after the first four was a hit: {st}");
+    pool.set_max_excess(0);
+    let st = pool.stats();
+    assert_eq!((st.mapped, st.used, st.mmu.mapped), (0, 0, 0), "an entry stayed mapped: {st}");
 }
 
 fn alloc_all_sleeps_instead_of_spinning(b: Backend) {

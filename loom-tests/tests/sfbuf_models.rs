@@ -461,6 +461,87 @@ fn sfbuf_unpin_trims_mutant_recheck_no_revoked() {
     expect_failure("sfbuf_unpin_trims", Mutant::PinRecheckNoRevoked, unpin_trims);
 }
 
+/// 7e. A thread that owns a row of pins writes it with a plain load and
+/// store (`hit.rs`, 9). Here the main thread pins the cached frame `f` in
+/// its row and hands the handle to another thread, which gives the pin
+/// back while the main thread pins `f` again in the same row. The giver
+/// must not write the main thread's row (it subtracts in its own shared
+/// row): at the end no pin is left and `f` is cached, unused.
+fn foreign_unpin() {
+    let (_mem, mmu, pool, pages) = pinned_once(1);
+    let f: &'static lwbuf::Page = leak(pages[0].clone());
+    let fpfn = f.pfn();
+    let sf = pool.alloc(f, Wait::NoWait).unwrap();
+    let giver = thread::spawn(move || drop(sf));
+    let again = pool.alloc(f, Wait::NoWait).unwrap();
+    assert_eq!(mmu.translate(again.slot()), Some(fpfn));
+    drop(again);
+    giver.join().unwrap();
+    let s = settled(pool, &mmu);
+    assert_eq!((s.cached, mmu.stats().mapped), (1, 1), "{s}");
+    // SAFETY: the thread is joined; every handle is dropped.
+    unsafe {
+        unleak(pool);
+        unleak(f);
+    }
+}
+
+#[test]
+fn sfbuf_foreign_unpin() {
+    model("sfbuf_foreign_unpin", foreign_unpin);
+}
+
+/// A giver that writes the owner's row as the owner does races with the
+/// owner's own load and store: one update is lost and a pin stays counted
+/// (the entry never becomes evictable again).
+#[test]
+fn sfbuf_foreign_unpin_mutant_plain() {
+    expect_failure("sfbuf_foreign_unpin", Mutant::ForeignUnpinPlain, foreign_unpin);
+}
+
+/// 7f. A pin given back by another thread while the main thread needs the
+/// slot: the pin is counted in its taker's row and subtracted in the
+/// giver's shared row, and the evictor, which sums every row, must neither
+/// evict under the pin nor miss its release (it waits for the slot).
+fn foreign_unpin_vs_eviction() {
+    let (mem, mmu, pool) = pool(2, 1, 1);
+    let f: &'static lwbuf::Page = leak(mem.alloc_page().unwrap());
+    let g = mem.alloc_page().unwrap();
+    let (fpfn, gpfn) = (f.pfn(), g.pfn());
+    drop(pool.alloc(f, Wait::NoWait).unwrap());
+    let sf = pool.alloc(f, Wait::NoWait).unwrap(); // pinned, in the main thread's row
+    let umm = mmu.clone();
+    let giver = thread::spawn(move || {
+        assert_eq!(umm.translate(sf.slot()), Some(fpfn), "slot evicted under a pinned handle");
+        thread::yield_now();
+        assert_eq!(umm.translate(sf.slot()), Some(fpfn), "slot evicted under a pinned handle");
+        drop(sf);
+    });
+    let sg = pool.alloc(&g, Wait::Forever).unwrap();
+    assert_eq!(mmu.translate(sg.slot()), Some(gpfn));
+    drop(sg);
+    giver.join().unwrap();
+    let s = pool.stats();
+    assert_eq!(s.used, 0, "{s}");
+    assert_eq!(mmu.stats().mapped, s.mapped, "a mapping is neither in use nor cached: {s}");
+    // SAFETY: the thread is joined; every handle is dropped.
+    unsafe {
+        unleak(pool);
+        unleak(f);
+    }
+}
+
+#[test]
+fn sfbuf_foreign_unpin_vs_eviction() {
+    model("sfbuf_foreign_unpin_vs_eviction", foreign_unpin_vs_eviction);
+}
+
+/// An evictor that ignores pins evicts `f` while the giver still holds it.
+#[test]
+fn sfbuf_foreign_unpin_vs_eviction_mutant_pin_unchecked() {
+    expect_failure("sfbuf_foreign_unpin_vs_eviction", Mutant::PinUnchecked, foreign_unpin_vs_eviction);
+}
+
 // === 8. lazy reclaim: evicted mappings mapped over in place ===
 
 /// A pool under lazy reclaim (the default) with one page per frame of the

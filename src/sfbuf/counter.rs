@@ -106,11 +106,12 @@ mod claim {
 }
 
 /// The calling thread's stripe: its own (below 64) while it holds one, else
-/// the shared index. Also used to spread other per-thread state (the sf_buf
-/// pool's pin rows) over cache lines.
+/// the shared index, and whether it is the thread's alone. Also used to
+/// give out other per-thread state (the sf_buf pool's pin rows).
+#[cfg_attr(loom, allow(dead_code))]
 #[inline]
-pub(super) fn thread_stripe() -> usize {
-    claim::stripe().0
+pub(super) fn thread_stripe() -> (usize, bool) {
+    claim::stripe()
 }
 
 /// A counter whose increments go to the calling thread's own cache line;

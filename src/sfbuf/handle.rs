@@ -28,8 +28,11 @@
 //! `sfbuf_pinned_reset` (9: a second-chance look clears `PINNED` between
 //! a hitter's two reads; `PinRecheckNoPinned`), `sfbuf_stale_pin_reuse`
 //! (11: a backed-off pin counted against the slot's next generation;
-//! `UnlistNoRecount`) and `sfbuf_unpin_trims` (12: an unpin over the cap
-//! trims while a hit pins; `PinRecheckNoRevoked`). `peak` counts only the
+//! `UnlistNoRecount`), `sfbuf_unpin_trims` (12: an unpin over the cap
+//! trims while a hit pins; `PinRecheckNoRevoked`) and `sfbuf_foreign_unpin`
+//! (9: a pin given back by a thread that does not own its row;
+//! `ForeignUnpinPlain`); `sfbuf_foreign_unpin_vs_eviction` gives a pin back
+//! on another thread while the evictor waits for the slot. `peak` counts only the
 //! entries' own counts (pins are not seen at the moment they are taken).
 
 use std::fmt;
@@ -95,8 +98,8 @@ pub struct SfBuf<'a> {
     pub(super) hold: Hold<'a>,
     pub(super) slot: u32,
     pub(super) addr: NonNull<u8>,
-    /// The pin count this handle holds its reference in, or `NO_PIN` for
-    /// the entry's own count.
+    /// The row of pins this handle's reference was counted in (`hit.rs`,
+    /// 9), or `NO_PIN` for the entry's own count.
     pub(super) pin: u32,
 }
 
@@ -160,8 +163,21 @@ impl SfPool {
     /// push nothing and trim nothing), so nothing shared is written (12).
     pub(super) fn unpin(&self, slot: u32, pin: u32) {
         // Release: the evictor's Acquire read of the pins sees every access
-        // this holder made through the address before it unmaps.
-        self.pins[pin as usize].fetch_sub(1, Ordering::Release);
+        // this holder made through the address before it unmaps. The row's
+        // owner takes its pin back out of its own row with a load and a
+        // store; any other thread (the pin's handle was sent to it, or the
+        // row changed hands) subtracts in its own shared row, never writing
+        // a row it does not own (the sum over the rows is what counts).
+        let n = self.entries.len();
+        let rows = self.pin_rows();
+        let cell = &self.pins[pin as usize * n + slot as usize];
+        let owner = rows.own == Some(pin as usize)
+            || (crate::sync::mutant!(ForeignUnpinPlain) && (pin as usize) < super::hit::PIN_STRIPES);
+        if owner {
+            cell.store(cell.load(Ordering::Relaxed).wrapping_sub(1), Ordering::Release);
+        } else {
+            self.pins[rows.shared * n + slot as usize].fetch_sub(1, Ordering::Release);
+        }
         // SeqCst: against an evictor that takes the entry off the LRU and
         // then reads the pins (`after_unlisting`): either it sees this
         // decrement, or we see `ON_LRU` cleared below and list it again.

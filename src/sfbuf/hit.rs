@@ -56,7 +56,14 @@
 //! release: two cores hitting the same frames pass that line back and forth.
 //! A hit on a cached entry that nobody holds (listed on the LRU, count zero)
 //! instead counts its reference in the calling thread's row of *pins* (one
-//! count per slot per row; a row's lines are written by its threads only):
+//! count per slot per row). The first threads to hold a statistics stripe
+//! of their own (`counter.rs`) each own a row and write it alone, with a
+//! plain load and store: such a hit and its release make no locked
+//! instruction (two locked adds and a SeqCst fence cost about an lwbuf hit
+//! on some hosts). Other threads add in a shared row (read-modify-writes,
+//! rows shared by stripe); a thread that gives back a pin counted in a row
+//! it does not own subtracts in its shared row. The pins on a slot are the
+//! wrapping sum of every row (64-bit counts, so no row wraps round):
 //!
 //! 9. The hitter reads the state (same generation, live, listed, count zero,
 //!    not `REVOKED`), sets `PINNED` if it is not set yet (a CAS: one shared
@@ -68,10 +75,22 @@
 //!    `PINNED` is set. (The evictor's half is `miss.rs`, 10; releases are
 //!    `handle.rs`, 11-12.)
 //!
+//! A sum read while pins come and go is no snapshot: a pin given back in a
+//! shared row may be seen without its take in its owner's row. Where it
+//! matters the reader has issued a barrier that the take could not have
+//! missed: the evictor's heavy barrier after `REVOKED` (a pin taken after it
+//! backs off in its owner's own row, so no other thread gives it back;
+//! one taken before it is seen), or a SeqCst fence after a release
+//! (`handle.rs`, 11: of racing last releases, the one latest in the fences'
+//! order sees every take that happened before the others' releases). Other
+//! readers (statistics) take the sum as a hint.
+//!
 //! The loom model `sfbuf_pinned_reset` races a second-chance look that
 //! clears `PINNED` between a hitter's two reads, and fails when the
-//! re-check ignores `PINNED` (`PinRecheckNoPinned`); the other pin models
-//! are listed in `handle.rs`.
+//! re-check ignores `PINNED` (`PinRecheckNoPinned`); `sfbuf_foreign_unpin`
+//! gives a pin back on another thread while its owner pins again, and
+//! fails when the giver writes the owner's row (`ForeignUnpinPlain`); the
+//! other pin models are listed in `handle.rs`.
 
 use std::ptr::NonNull;
 
@@ -83,20 +102,67 @@ use crate::kva::{Hold, MapKey};
 use crate::sync::barrier;
 use crate::sync::Ordering;
 
-/// Rows of pin counts: threads share a row when there are more of them.
+/// Rows of pin counts a thread may own: the first threads to hold a
+/// statistics stripe of their own (`counter.rs`) write their row alone.
 #[cfg(not(loom))]
 pub(super) const PIN_STRIPES: usize = 8;
-/// Under loom one row (the models check the protocol, not the spreading).
+/// Under loom two (the models check the protocol, not the spreading): the
+/// first two threads of an execution to pin own one each.
 #[cfg(loom)]
-pub(super) const PIN_STRIPES: usize = 1;
+pub(super) const PIN_STRIPES: usize = 2;
+/// Every row: `PIN_STRIPES` owned rows, then as many shared ones.
+pub(super) const PIN_ROWS: usize = 2 * PIN_STRIPES;
 
-/// The calling thread's row of pins: its statistics stripe, folded (under
-/// loom always 0, so that replays of an execution touch the same rows).
-// Under loom `PIN_STRIPES` is 1, and the modulo is the point.
+/// The calling thread's rows of pins (9, 11): the row it alone writes, if
+/// it has one, and the shared row it adds to with read-modify-writes
+/// (its pins when it owns no row; the pins of other rows it gives back).
+#[derive(Clone, Copy)]
+pub(super) struct PinRows {
+    pub(super) own: Option<usize>,
+    pub(super) shared: usize,
+}
+
+// Under loom the shared row is always `PIN_STRIPES` (one shared row is
+// used), and the modulo is the point.
 #[cfg_attr(loom, allow(clippy::modulo_one))]
 #[inline]
-fn pin_row() -> usize {
-    super::counter::thread_stripe() % PIN_STRIPES
+fn shared_row(stripe: usize) -> usize {
+    PIN_STRIPES + stripe % PIN_STRIPES
+}
+
+impl SfPool {
+    /// See [`PinRows`]. A thread owns row `s` while it holds statistics
+    /// stripe `s < PIN_STRIPES` alone (it gives it back when it exits, and
+    /// the next holder continues the row: `counter.rs`).
+    #[cfg(not(loom))]
+    #[inline]
+    pub(super) fn pin_rows(&self) -> PinRows {
+        let (s, alone) = super::counter::thread_stripe();
+        PinRows { own: (alone && s < PIN_STRIPES).then_some(s), shared: shared_row(s) }
+    }
+
+    /// Under loom, statistics stripes are never exclusive: the first
+    /// `PIN_STRIPES` threads of an execution to pin on this pool own a row
+    /// each, counted by the pool (thread-locals start afresh with every
+    /// execution).
+    #[cfg(loom)]
+    pub(super) fn pin_rows(&self) -> PinRows {
+        use std::cell::Cell;
+        crate::sync::thread_local! {
+            static OWN: Cell<Option<(usize, Option<usize>)>> = Cell::new(None);
+        }
+        let me = self as *const SfPool as usize;
+        let own = OWN.with(|c| match c.get() {
+            Some((pool, own)) if pool == me => own,
+            _ => {
+                let n = self.pin_owners.fetch_add(1, Ordering::Relaxed);
+                let own = (n < PIN_STRIPES).then_some(n);
+                c.set(Some((me, own)));
+                own
+            }
+        });
+        PinRows { own, shared: shared_row(0) }
+    }
 }
 
 impl SfPool {
@@ -136,11 +202,18 @@ impl SfPool {
             // once.
             s = e.state.mark_pinned(s)?;
         }
-        let pin = pin_row() * self.entries.len() + slot as usize;
-        let old = self.pins[pin].fetch_add(1, Ordering::Relaxed);
-        // As for the entry's own count: a count this high means leaked
-        // handles, and a wrap to zero would let an evictor kill under them.
-        assert!(old < u32::MAX / 2, "sf_buf: pin count overflow (leaked handles)");
+        let rows = self.pin_rows();
+        let row = rows.own.unwrap_or(rows.shared);
+        let cell = &self.pins[row * self.entries.len() + slot as usize];
+        if rows.own.is_some() {
+            // This thread writes its own row alone: a load and a store, no
+            // locked instruction. (Counts are 64-bit and summed wrapping:
+            // no row can wrap round within any program's life.)
+            cell.store(cell.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        } else {
+            cell.fetch_add(1, Ordering::Relaxed);
+        }
+        let pin = row as u32;
         // Against the evictor's REVOKED store + heavy barrier + read of the
         // pins: either it sees our pin, or we see REVOKED below.
         barrier::light();
@@ -150,14 +223,14 @@ impl SfPool {
         if !s.pin_holds(now) {
             // A full release, not just the decrement: an evictor may have
             // counted this pin and taken the entry off the LRU meanwhile.
-            self.unpin(slot, pin as u32);
+            self.unpin(slot, pin);
             return None;
         }
         // Another frame of the hint's bucket, or a wrapped generation (7-8),
         // as in `try_hint`.
         #[cfg(not(loom))]
         if e.key() != key {
-            self.unpin(slot, pin as u32);
+            self.unpin(slot, pin);
             return None;
         }
         if !now.is_referenced() {
@@ -167,13 +240,16 @@ impl SfPool {
         }
         self.counters.hits.inc();
         let addr = self.kva.addr_in(key, self.addr_of(e), hold[0].pfn().0);
-        Some(SfBuf { pool: self, hold, slot, addr, pin: pin as u32 })
+        Some(SfBuf { pool: self, hold, slot, addr, pin })
     }
 
-    /// The pinned references on `slot`, with Acquire (see `unpin`).
-    pub(super) fn pinned(&self, slot: usize) -> u32 {
+    /// The pinned references on `slot`, with Acquire (see `unpin`): the
+    /// sum of every row, wrapping (a shared row holds the pins of other
+    /// rows given back by threads that do not own them, so alone it may
+    /// be "negative").
+    pub(super) fn pinned(&self, slot: usize) -> u64 {
         let n = self.entries.len();
-        (0..PIN_STRIPES).fold(0u32, |a, r| a.wrapping_add(self.pins[r * n + slot].load(Ordering::Acquire)))
+        (0..PIN_ROWS).fold(0u64, |a, r| a.wrapping_add(self.pins[r * n + slot].load(Ordering::Acquire)))
     }
 
     /// The lock-free hit (6-8): take a reference on the generation the

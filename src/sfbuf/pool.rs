@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 use super::counter::Striped;
 use super::entry::Entry;
 use super::hint::Hints;
-use super::hit::PIN_STRIPES;
+use super::hit::PIN_ROWS;
 use super::lru::Lru;
 use super::wait::{Outcome, WaitQueue};
 use super::{SfBuf, SfStats, Wait};
@@ -19,9 +19,7 @@ use crate::kva::{Hold, KvaSpace, MapKey, Mapping, Reclaim};
 use crate::mmu::Mmu;
 use crate::phys::{contiguous_prefix, Page};
 use crate::sync::barrier;
-use crate::sync::{
-    fence, lock, Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering,
-};
+use crate::sync::{fence, lock, Arc, AtomicBool, AtomicU64, AtomicUsize, CachePadded, ConcurrentMap, Mutex, Ordering};
 
 // === impl SfPoolBuilder ===
 
@@ -93,7 +91,9 @@ impl SfPoolBuilder {
             // Indexed by granule; a hint holds the entry's slot number, so
             // its slot field is sized for every slot, not every granule.
             hint: Hints::new(cap, kva.phys().frames().div_ceil(kva.granule())),
-            pins: (0..PIN_STRIPES * cap).map(|_| AtomicU32::new(0)).collect(),
+            pins: (0..PIN_ROWS * cap).map(|_| AtomicU64::new(0)).collect(),
+            #[cfg(loom)]
+            pin_owners: AtomicUsize::new(0),
             entries: (0..cap).map(|_| CachePadded::new(Entry::new())).collect(),
             lru: Mutex::new(Lru::default()),
             lru_len: AtomicUsize::new(0),
@@ -154,10 +154,14 @@ pub struct SfPool {
     /// (`hint.rs`). Stale hints, and hints of another granule of the
     /// bucket, are harmless.
     pub(super) hint: Hints,
-    /// `PIN_STRIPES` rows of one count per slot: the references taken by
-    /// pinned hits (`hit.rs`, 9; `miss.rs`, 10; `handle.rs`, 11-12), each
-    /// row written by its threads.
-    pub(super) pins: Box<[AtomicU32]>,
+    /// `PIN_ROWS` rows of one 64-bit count per slot (128 bytes a slot): the
+    /// references taken by pinned hits (`hit.rs`, 9; `miss.rs`, 10;
+    /// `handle.rs`, 11-12); the first `PIN_STRIPES` rows each written by
+    /// the one thread that owns it, the others shared.
+    pub(super) pins: Box<[AtomicU64]>,
+    /// Under loom: threads that asked for a row of pins (see `pin_rows`).
+    #[cfg(loom)]
+    pub(super) pin_owners: AtomicUsize,
     pub(super) entries: Box<[CachePadded<Entry>]>,
     pub(super) lru: Mutex<Lru>,
     /// Mirror of the LRU's length, for the lock-free check on release.
