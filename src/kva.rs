@@ -306,6 +306,17 @@ impl KvaSpace {
         (self.live.load(Ordering::Relaxed), self.budget)
     }
 
+    /// How the send engines fault in what they send from this space
+    /// (`kaddr::Prefaulter`): the mappings are whole granules, at
+    /// addresses aligned to the fault block when a granule is at least one
+    /// ([`Window`](crate::Window) aligns its base so). Under an `Mmu` whose
+    /// slots are not so aligned, a block may straddle two mappings and a
+    /// page be left for the kernel to fault in: slower, never wrong.
+    pub(crate) fn prefault_plan(&self) -> crate::kaddr::PrefaultPlan {
+        let phys = &self.phys;
+        crate::kaddr::PrefaultPlan::new(phys.frame_size(), phys.min_granule(), self.granule())
+    }
+
     /// The memory the window maps.
     pub(crate) fn phys(&self) -> &crate::phys::PhysMem {
         &self.phys

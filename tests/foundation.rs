@@ -208,6 +208,9 @@ fn contiguous_run_is_one_vma_scattered_frames_are_many() {
     assert_eq!(win.len(), 256 * fs);
     assert!(mapped_vmas(&win).is_empty(), "a fresh window maps nothing");
     assert_eq!(vmas_in(base, base + win.len()).len(), 1, "a fresh window is one PROT_NONE reservation");
+    // Aligned to the kernel's fault-around block (64 KiB), so that a
+    // granule of 16 frames or more is mapped whole blocks at a time.
+    assert_eq!(base % (64 << 10), 0, "window base {base:#x}");
 
     // One call for 64 contiguous frames: one VMA, exactly the run.
     let run = mem.alloc_run(64).unwrap();

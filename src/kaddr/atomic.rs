@@ -158,17 +158,19 @@ pub(crate) unsafe fn store_u64(dst: *mut u8, v: u64) {
 /// Load one word in each `stride`-byte block (aligned) that
 /// `ptr..ptr + len` reaches, among the words the range covers whole, and
 /// discard it: the loads fault missing pages in from user mode. A block
-/// whose part of the range holds no whole aligned word is skipped.
+/// whose part of the range holds no whole aligned word is skipped. Returns
+/// the words loaded.
 ///
 /// # Safety
 /// `ptr..ptr + len` lies inside one mapping, readable for the duration of
 /// the call, and every concurrent access to it is made through this module
 /// or by the kernel. `stride` is a power of two.
 #[inline]
-pub(crate) unsafe fn prefault(ptr: *const u8, len: usize, stride: usize) {
+pub(crate) unsafe fn prefault(ptr: *const u8, len: usize, stride: usize) -> usize {
     debug_assert!(stride.is_power_of_two());
     let (start, end) = (ptr as usize, (ptr as usize).saturating_add(len));
     let mut at = start;
+    let mut loads = 0;
     while at < end {
         let w = at.next_multiple_of(WORD);
         if w.checked_add(WORD).is_some_and(|e| e <= end) {
@@ -176,9 +178,11 @@ pub(crate) unsafe fn prefault(ptr: *const u8, len: usize, stride: usize) {
             // the offset keeps `ptr`'s provenance.
             let v = unsafe { load_word(ptr.wrapping_add(w - start).cast_mut().cast::<usize>()) };
             std::hint::black_box(v);
+            loads += 1;
         }
         at = (at & !(stride - 1)).saturating_add(stride);
     }
+    loads
 }
 
 /// Merge `bytes` into the word at `w` from byte `off`, leaving its other

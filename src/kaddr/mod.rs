@@ -31,7 +31,87 @@ pub(crate) const PREFAULT_STRIDE: usize = 64 << 10;
 pub(crate) unsafe fn prefault_range(ptr: *const u8, len: usize) {
     // SAFETY: the caller's contract; every access to mapped frames is an
     // atomic word access or the kernel's.
-    unsafe { atomic::prefault(ptr, len, PREFAULT_STRIDE) }
+    unsafe { atomic::prefault(ptr, len, PREFAULT_STRIDE) };
+}
+
+/// How a send engine faults in what it sends from a cache's window: one
+/// touch per aligned `block` of bytes (what one read fault maps: the
+/// fault-around block, or a whole huge page), in mappings that are whole
+/// aligned `unit`s of bytes (the window's granule: one mapping, one VMA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PrefaultPlan {
+    pub(crate) block: usize,
+    pub(crate) unit: usize,
+}
+
+impl PrefaultPlan {
+    /// The plan for a window over frames of `frame_size` bytes whose
+    /// memory maps at least `min_granule` frames at once (a huge page) and
+    /// whose mappings are whole granules of `granule` frames.
+    pub(crate) fn new(frame_size: usize, min_granule: usize, granule: usize) -> PrefaultPlan {
+        let block = PREFAULT_STRIDE
+            .max(frame_size.saturating_mul(min_granule))
+            .checked_next_power_of_two()
+            .unwrap_or(1 << (usize::BITS - 1));
+        PrefaultPlan { block, unit: frame_size.saturating_mul(granule) }
+    }
+}
+
+/// The send engines' prefault (see [`Kaddr::prefault`]): one touch per
+/// block of each piece queued, and none for a block an earlier piece
+/// touched since the last [`forget`](Self::forget), when blocks lie whole
+/// inside one mapping. A cache that maps single pages out of one granule
+/// mapping hands the engine a piece per page: without the memory of the
+/// last block, the engine touched every page (each a cache miss), where
+/// one touch per block faults them all in.
+pub(crate) struct Prefaulter {
+    plan: PrefaultPlan,
+    /// The block of the last word touched, while its mapping is held.
+    last: Option<usize>,
+}
+
+impl Prefaulter {
+    pub(crate) fn new(plan: PrefaultPlan) -> Prefaulter {
+        Prefaulter { plan, last: None }
+    }
+
+    /// Fault in `ptr..ptr + len`, skipping its first block if the last
+    /// touch was there and a block cannot straddle two mappings. Returns
+    /// the words loaded.
+    ///
+    /// # Safety
+    /// As [`prefault_range`]'s; and every mapping touched since the last
+    /// [`forget`](Self::forget) is still mapped (a block touched once keeps
+    /// its page-table entries while its mapping lives).
+    pub(crate) unsafe fn touch(&mut self, ptr: *const u8, len: usize) -> usize {
+        let PrefaultPlan { block, unit } = self.plan;
+        let start = ptr as usize;
+        let end = start.saturating_add(len);
+        let mut from = start;
+        if block <= unit && self.last == Some(start / block) {
+            from = (start / block).saturating_add(1).saturating_mul(block).min(end);
+        }
+        let mut loads = 0;
+        if from < end {
+            // SAFETY: a part of the caller's range, inside its mapping; the
+            // offset keeps `ptr`'s provenance.
+            loads = unsafe { atomic::prefault(ptr.wrapping_add(from - start), end - from, block) };
+        }
+        // The block of the range's last whole aligned word, if it has one:
+        // the touch of that block (at or before that word) was made.
+        const WORD: usize = std::mem::size_of::<usize>();
+        let last_word = (end & !(WORD - 1)).checked_sub(WORD).filter(|&w| w >= start.next_multiple_of(WORD));
+        if let Some(w) = last_word {
+            self.last = Some(w / block);
+        }
+        loads
+    }
+
+    /// Mappings touched so far may be gone (sent and released): touch
+    /// every block again from now on.
+    pub(crate) fn forget(&mut self) {
+        self.last = None;
+    }
 }
 
 pub use io::{IoVec, IOV_MAX};
@@ -311,5 +391,80 @@ impl fmt::Debug for Kaddr<'_> {
             .field("len", &self.len())
             .field("writable", &self.is_writable())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PrefaultPlan, Prefaulter, PREFAULT_STRIDE};
+
+    const KIB: usize = 1 << 10;
+
+    /// Zeroed memory of `blocks` whole blocks of `block` bytes, and the
+    /// first block-aligned address in it.
+    fn blocks(block: usize, blocks: usize) -> (Vec<u64>, *const u8) {
+        let buf = vec![0u64; (blocks + 1) * block / 8];
+        let p = buf.as_ptr().cast::<u8>();
+        let off = (p as usize).next_multiple_of(block) - p as usize;
+        (buf, p.wrapping_add(off))
+    }
+
+    #[test]
+    fn plans_follow_the_memory_and_the_granule() {
+        assert_eq!(PrefaultPlan::new(4 * KIB, 1, 1), PrefaultPlan { block: PREFAULT_STRIDE, unit: 4 * KIB });
+        assert_eq!(PrefaultPlan::new(4 * KIB, 1, 512), PrefaultPlan { block: 64 * KIB, unit: 2048 * KIB });
+        // A huge page is faulted in whole: one touch per 2 MiB.
+        assert_eq!(PrefaultPlan::new(4 * KIB, 512, 512), PrefaultPlan { block: 2048 * KIB, unit: 2048 * KIB });
+        // Extreme sizes saturate instead of overflowing.
+        let p = PrefaultPlan::new(usize::MAX, 1, usize::MAX);
+        assert_eq!((p.block, p.unit), (1 << (usize::BITS - 1), usize::MAX));
+    }
+
+    #[test]
+    fn one_touch_per_block_of_page_sized_pieces() {
+        let plan = PrefaultPlan::new(4 * KIB, 1, 512);
+        let (_buf, base) = blocks(plan.block, 2);
+        let mut pf = Prefaulter::new(plan);
+        let pages = 2 * plan.block / (4 * KIB);
+        // SAFETY: every piece lies in `_buf`, alive and not shared.
+        let loads: Vec<usize> =
+            (0..pages).map(|i| unsafe { pf.touch(base.wrapping_add(i * 4 * KIB), 4 * KIB) }).collect();
+        assert_eq!(loads.iter().sum::<usize>(), 2, "{loads:?}");
+        assert_eq!((loads[0], loads[pages / 2]), (1, 1));
+        // After a drain the held mappings may be gone: touch again.
+        pf.forget();
+        // SAFETY: as above.
+        assert_eq!(unsafe { pf.touch(base.wrapping_add(4 * KIB), 4 * KIB) }, 1);
+    }
+
+    #[test]
+    fn granules_smaller_than_a_block_touch_every_piece() {
+        // Single-frame granules: a block may span two mappings, so no block
+        // is taken as touched by another piece.
+        let plan = PrefaultPlan::new(4 * KIB, 1, 1);
+        let (_buf, base) = blocks(plan.block, 1);
+        let mut pf = Prefaulter::new(plan);
+        for i in 0..16 {
+            // SAFETY: inside `_buf`.
+            assert_eq!(unsafe { pf.touch(base.wrapping_add(i * 4 * KIB), 4 * KIB) }, 1, "piece {i}");
+        }
+    }
+
+    #[test]
+    fn a_piece_without_a_whole_word_does_not_count_as_a_touch() {
+        let plan = PrefaultPlan::new(4 * KIB, 1, 512);
+        let (_buf, base) = blocks(plan.block, 3);
+        let mut pf = Prefaulter::new(plan);
+        // SAFETY: every range below lies in `_buf`.
+        unsafe {
+            // 7 bytes from an odd address: no aligned word, nothing loaded.
+            assert_eq!(pf.touch(base.wrapping_add(1), 7), 0);
+            assert_eq!(pf.touch(base.wrapping_add(4 * KIB), 4 * KIB), 1);
+            // From the middle of the touched block across two more: the
+            // first is skipped, the next two are touched.
+            assert_eq!(pf.touch(base.wrapping_add(8 * KIB), 2 * plan.block), 2);
+            // Empty and zero-length pieces load nothing.
+            assert_eq!(pf.touch(base, 0), 0);
+        }
     }
 }

@@ -306,6 +306,11 @@ impl Lwbufs {
         self.kva.granule()
     }
 
+    /// How the send engines prefault this caches's mappings.
+    pub(crate) fn prefault_plan(&self) -> crate::kaddr::PrefaultPlan {
+        self.kva.prefault_plan()
+    }
+
     /// The MMU below the caches.
     pub fn mmu(&self) -> &std::sync::Arc<dyn Mmu> {
         self.kva.mmu()

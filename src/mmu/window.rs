@@ -63,8 +63,11 @@ impl WindowBuilder {
         })?;
         let nz = NonZeroUsize::new(len).expect("len > 0");
         // Aligned to the memory's smallest granule, so that a huge page's
-        // slots start on a huge-page boundary.
-        let align = self.phys.min_granule() * slot_size;
+        // slots start on a huge-page boundary, and at least to the kernel's
+        // fault-around block, so that a granule of that size or more is
+        // mapped whole blocks at a time (the send engines' prefault touches
+        // a block once: `kaddr::Prefaulter`).
+        let align = (self.phys.min_granule() * slot_size).max(crate::kaddr::PREFAULT_STRIDE);
         let base = sys::reserve_aligned(nz, align).map_err(|e| Error::sys("mmap(reserve window)", e))?;
         let table = SlotTable::new(self.slots, self.phys.frames());
         table.syscall();

@@ -275,8 +275,8 @@ impl MapSource for SfBufSource {
     fn mmu_stats(&self) -> Option<MmuStats> {
         Some(self.pool.mmu().stats())
     }
-    fn prefault(&self, _: super::source::private::Token) -> bool {
-        true
+    fn prefault(&self, _: super::source::private::Token) -> Option<super::source::private::Plan> {
+        Some(super::source::private::Plan(self.pool.prefault_plan()))
     }
 }
 
@@ -427,7 +427,7 @@ impl MapSource for LwbufSource {
     fn mmu_stats(&self) -> Option<MmuStats> {
         Some(self.sys.mmu().stats())
     }
-    fn prefault(&self, _: super::source::private::Token) -> bool {
-        true
+    fn prefault(&self, _: super::source::private::Token) -> Option<super::source::private::Plan> {
+        Some(super::source::private::Plan(self.sys.prefault_plan()))
     }
 }

@@ -268,7 +268,7 @@ pub fn send_mapped<M: MapSource>(
     unsafe { q.push(header.as_ptr(), header.len(), None) };
     let fs = file.page_size();
     let grid = source.run_grid();
-    let prefault = source.prefault(super::source::private::Token);
+    let mut prefault = source.prefault(super::source::private::Token).map(|p| crate::kaddr::Prefaulter::new(p.0));
     for run in runs {
         // The pages to ask for: from `idx` to the end of the piece, or with
         // a grid, the chunk of the allocation run that holds page `idx`.
@@ -283,6 +283,9 @@ pub fn send_mapped<M: MapSource>(
                 // then ask once more (never hold some while waiting for more).
                 Err(e) if no_room(&e) && !q.is_done() => {
                     drain_queue(&mut out, &mut q, 0, opts, &mut st, drop)?;
+                    if let Some(pf) = prefault.as_mut() {
+                        pf.forget();
+                    }
                     continue;
                 }
                 // Nothing held: now the source may wait for room.
@@ -300,10 +303,11 @@ pub fn send_mapped<M: MapSource>(
             }
             let at = skip * fs + off;
             let take = left.min(npages * fs - at);
-            if prefault {
+            if let Some(pf) = prefault.as_mut() {
                 // SAFETY: `at + take` is within the mapping (`check_mapping`
-                // counted its pages), which `m` keeps mapped.
-                unsafe { crate::kaddr::prefault_range(m.as_ptr().wrapping_add(at), take) };
+                // counted its pages), which `m` keeps mapped; so does every
+                // mapping touched since the last drain (queued with it).
+                unsafe { pf.touch(m.as_ptr().wrapping_add(at), take) };
             }
             // SAFETY: as above; `m`, queued as the owner of these bytes,
             // keeps them mapped until they are sent.
@@ -313,6 +317,9 @@ pub fn send_mapped<M: MapSource>(
             left -= take;
             if q.pending_iovs() >= IOV_MAX || q.pending_bytes() >= opts.batch_bytes as u64 {
                 drain_queue(&mut out, &mut q, 0, opts, &mut st, drop)?;
+                if let Some(pf) = prefault.as_mut() {
+                    pf.forget();
+                }
             }
         }
     }

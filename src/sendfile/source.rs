@@ -82,18 +82,17 @@ pub trait MapSource {
         None
     }
 
-    /// Whether the send engine faults in the pages it sends from this
-    /// source from user mode before each send ([`Kaddr::prefault`](crate::Kaddr::prefault)):
-    /// true for the crate's sources whose mappings come and go (a window
+    /// Whether (and how) the send engine faults in the pages it sends from
+    /// this source from user mode before each send ([`Kaddr::prefault`](crate::Kaddr::prefault)):
+    /// a plan for the crate's sources whose mappings come and go (a window
     /// slot just mapped has no page-table entries, and a fault inside the
     /// kernel's copy waits behind other threads' `mmap`s). The engine then
     /// reads the mappings' words itself, so it must trust their addresses:
-    /// only the crate's own sources can say yes (the argument's type cannot
-    /// be named elsewhere), and every other implementation keeps the
-    /// default, false.
+    /// only the crate's own sources can answer (the types cannot be named
+    /// elsewhere), and every other implementation keeps the default, none.
     #[doc(hidden)]
-    fn prefault(&self, _: private::Token) -> bool {
-        false
+    fn prefault(&self, _: private::Token) -> Option<private::Plan> {
+        None
     }
 }
 
@@ -102,6 +101,10 @@ pub(crate) mod private {
     /// Only the crate can name (and so pass or accept) this.
     #[derive(Clone, Copy, Debug)]
     pub struct Token;
+
+    /// How to prefault a source's mappings (`kaddr::Prefaulter`).
+    #[derive(Clone, Copy, Debug)]
+    pub struct Plan(pub(crate) crate::kaddr::PrefaultPlan);
 }
 
 /// `MapSource` is implemented for references too, so a borrowed source can
@@ -128,7 +131,7 @@ impl<T: MapSource> MapSource for &T {
         (**self).mmu_stats()
     }
 
-    fn prefault(&self, t: private::Token) -> bool {
+    fn prefault(&self, t: private::Token) -> Option<private::Plan> {
         (**self).prefault(t)
     }
 }
@@ -328,7 +331,7 @@ impl MapSource for WindowSource {
     fn mmu_stats(&self) -> Option<MmuStats> {
         Some(self.kva.mmu_stats())
     }
-    fn prefault(&self, _: private::Token) -> bool {
-        true
+    fn prefault(&self, _: private::Token) -> Option<private::Plan> {
+        Some(private::Plan(self.kva.prefault_plan()))
     }
 }

@@ -187,13 +187,13 @@ impl<'s, M: MapSource> ZeroCopy<'s, M> {
                 let npages = check_mapping(&m, fs, pages.len())?;
                 let take = left.min(npages * fs - off);
                 let ptr = m.as_ptr().wrapping_add(off);
-                if source.prefault(super::source::private::Token) {
+                if let Some(plan) = source.prefault(super::source::private::Token) {
                     // SAFETY: `off + take` is within the mapping
                     // (`check_mapping` counted its pages), which `m` keeps
                     // mapped. (The kernel pins the pages of a zero-copy send
                     // from the page tables, falling back to the mmap lock
                     // for missing ones.)
-                    unsafe { crate::kaddr::prefault_range(ptr, take) };
+                    unsafe { crate::kaddr::Prefaulter::new(plan.0).touch(ptr, take) };
                 }
                 let held = Held { pages: pages[..npages].to_vec(), bytes: take };
                 self.held_pages += npages;

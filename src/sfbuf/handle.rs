@@ -168,15 +168,14 @@ impl SfPool {
         // store; any other thread (the pin's handle was sent to it, or the
         // row changed hands) subtracts in its own shared row, never writing
         // a row it does not own (the sum over the rows is what counts).
-        let n = self.entries.len();
         let rows = self.pin_rows();
-        let cell = &self.pins[pin as usize * n + slot as usize];
+        let cell = self.pin_cell(pin as usize, slot as usize);
         let owner = rows.own == Some(pin as usize)
             || (crate::sync::mutant!(ForeignUnpinPlain) && (pin as usize) < super::hit::PIN_STRIPES);
         if owner {
             cell.store(cell.load(Ordering::Relaxed).wrapping_sub(1), Ordering::Release);
         } else {
-            self.pins[rows.shared * n + slot as usize].fetch_sub(1, Ordering::Release);
+            self.pin_cell(rows.shared, slot as usize).fetch_sub(1, Ordering::Release);
         }
         // SeqCst: against an evictor that takes the entry off the LRU and
         // then reads the pins (`after_unlisting`): either it sees this

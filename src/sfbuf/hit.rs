@@ -78,12 +78,21 @@
 //! A sum read while pins come and go is no snapshot: a pin given back in a
 //! shared row may be seen without its take in its owner's row. Where it
 //! matters the reader has issued a barrier that the take could not have
-//! missed: the evictor's heavy barrier after `REVOKED` (a pin taken after it
-//! backs off in its owner's own row, so no other thread gives it back;
-//! one taken before it is seen), or a SeqCst fence after a release
-//! (`handle.rs`, 11: of racing last releases, the one latest in the fences'
-//! order sees every take that happened before the others' releases). Other
-//! readers (statistics) take the sum as a hint.
+//! missed, so its sum is never too low:
+//!
+//! - the evictor's heavy barrier after `REVOKED`: a pin taken before it is
+//!   seen; one taken after it sees `REVOKED` and backs off in its taker's
+//!   own row. (After a second chance a later hitter may set `PINNED` again
+//!   and keep a pin taken after the barrier; whoever gives it back read a
+//!   state written after this evictor's clearing CAS, which came after its
+//!   sum, so that give-back cannot be in the sum either.)
+//! - a SeqCst fence after a release (`handle.rs`, 11): of racing last
+//!   releases, the one latest in the fences' order sees every take that
+//!   happened before the others' releases; a sum too low there only lists
+//!   an entry that has pins, and the evictor counts again before it kills.
+//!
+//! Other readers (statistics, the count of evictable entries) take the sum
+//! as a hint.
 //!
 //! The loom model `sfbuf_pinned_reset` races a second-chance look that
 //! clears `PINNED` between a hitter's two reads, and fails when the
@@ -100,7 +109,7 @@ use super::state::Snapshot;
 use super::{SfBuf, SfPool};
 use crate::kva::{Hold, MapKey};
 use crate::sync::barrier;
-use crate::sync::Ordering;
+use crate::sync::{AtomicU64, Ordering};
 
 /// Rows of pin counts a thread may own: the first threads to hold a
 /// statistics stripe of their own (`counter.rs`) write their row alone.
@@ -112,6 +121,14 @@ pub(super) const PIN_STRIPES: usize = 8;
 pub(super) const PIN_STRIPES: usize = 2;
 /// Every row: `PIN_STRIPES` owned rows, then as many shared ones.
 pub(super) const PIN_ROWS: usize = 2 * PIN_STRIPES;
+
+/// Counts in a row of pins for `slots` slots: whole 128-byte blocks (a
+/// line and its prefetched neighbour), so that rows written by different
+/// threads share no line.
+#[inline(always)]
+pub(super) const fn pin_row_len(slots: usize) -> usize {
+    slots.next_multiple_of(16)
+}
 
 /// The calling thread's rows of pins (9, 11): the row it alone writes, if
 /// it has one, and the shared row it adds to with read-modify-writes
@@ -204,7 +221,7 @@ impl SfPool {
         }
         let rows = self.pin_rows();
         let row = rows.own.unwrap_or(rows.shared);
-        let cell = &self.pins[row * self.entries.len() + slot as usize];
+        let cell = self.pin_cell(row, slot as usize);
         if rows.own.is_some() {
             // This thread writes its own row alone: a load and a store, no
             // locked instruction. (Counts are 64-bit and summed wrapping:
@@ -243,13 +260,19 @@ impl SfPool {
         Some(SfBuf { pool: self, hold, slot, addr, pin })
     }
 
+    /// Row `row`'s count of pins on `slot`. Rows are padded to whole
+    /// pairs of cache lines, so that no two rows share a line.
+    #[inline(always)]
+    pub(super) fn pin_cell(&self, row: usize, slot: usize) -> &AtomicU64 {
+        &self.pins[row * pin_row_len(self.entries.len()) + slot]
+    }
+
     /// The pinned references on `slot`, with Acquire (see `unpin`): the
     /// sum of every row, wrapping (a shared row holds the pins of other
     /// rows given back by threads that do not own them, so alone it may
     /// be "negative").
     pub(super) fn pinned(&self, slot: usize) -> u64 {
-        let n = self.entries.len();
-        (0..PIN_ROWS).fold(0u64, |a, r| a.wrapping_add(self.pins[r * n + slot].load(Ordering::Acquire)))
+        (0..PIN_ROWS).fold(0u64, |a, r| a.wrapping_add(self.pin_cell(r, slot).load(Ordering::Acquire)))
     }
 
     /// The lock-free hit (6-8): take a reference on the generation the

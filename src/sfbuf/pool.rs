@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 use super::counter::Striped;
 use super::entry::Entry;
 use super::hint::Hints;
-use super::hit::PIN_ROWS;
+use super::hit::{pin_row_len, PIN_ROWS};
 use super::lru::Lru;
 use super::wait::{Outcome, WaitQueue};
 use super::{SfBuf, SfStats, Wait};
@@ -91,7 +91,7 @@ impl SfPoolBuilder {
             // Indexed by granule; a hint holds the entry's slot number, so
             // its slot field is sized for every slot, not every granule.
             hint: Hints::new(cap, kva.phys().frames().div_ceil(kva.granule())),
-            pins: (0..PIN_ROWS * cap).map(|_| AtomicU64::new(0)).collect(),
+            pins: (0..PIN_ROWS * pin_row_len(cap)).map(|_| AtomicU64::new(0)).collect(),
             #[cfg(loom)]
             pin_owners: AtomicUsize::new(0),
             entries: (0..cap).map(|_| CachePadded::new(Entry::new())).collect(),
@@ -154,7 +154,8 @@ pub struct SfPool {
     /// (`hint.rs`). Stale hints, and hints of another granule of the
     /// bucket, are harmless.
     pub(super) hint: Hints,
-    /// `PIN_ROWS` rows of one 64-bit count per slot (128 bytes a slot): the
+    /// `PIN_ROWS` rows of one 64-bit count per slot (128 bytes a slot; each
+    /// row padded to whole 128-byte blocks: `pin_row_len`): the
     /// references taken by pinned hits (`hit.rs`, 9; `miss.rs`, 10;
     /// `handle.rs`, 11-12); the first `PIN_STRIPES` rows each written by
     /// the one thread that owns it, the others shared.
@@ -213,6 +214,11 @@ impl SfPool {
     /// The mapping granule, in frames (see [`SfPoolBuilder::granule`]).
     pub fn granule(&self) -> usize {
         self.kva.granule()
+    }
+
+    /// How the send engines prefault this pool's mappings.
+    pub(crate) fn prefault_plan(&self) -> crate::kaddr::PrefaultPlan {
+        self.kva.prefault_plan()
     }
 
     /// The cap on cached unused sf_bufs.
