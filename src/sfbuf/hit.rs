@@ -139,9 +139,7 @@ pub(super) struct PinRows {
     pub(super) shared: usize,
 }
 
-// Under loom the shared row is always `PIN_STRIPES` (one shared row is
-// used), and the modulo is the point.
-#[cfg_attr(loom, allow(clippy::modulo_one))]
+/// The shared row of a thread of statistics stripe `stripe`.
 #[inline]
 fn shared_row(stripe: usize) -> usize {
     PIN_STRIPES + stripe % PIN_STRIPES
