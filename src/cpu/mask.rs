@@ -146,7 +146,7 @@ impl fmt::Debug for CpuMask {
 pub(crate) struct Others {
     low: AtomicU64,
     /// Null, or a leaked `Box<CpuMask>` for `ncpus` CPUs (only ids >= 64
-    /// are set in it), freed by `Drop`.
+    /// are set in it), freed by [`free`](Self::free).
     high: AtomicPtr<CpuMask>,
 }
 
@@ -168,7 +168,7 @@ impl Others {
         // mask, so its words are initialized when read.
         let p = self.high.load(Ordering::Acquire);
         // SAFETY: a non-null `high` points to a CpuMask leaked by `insert`
-        // and freed only by `Drop`, which has `&mut self`: it outlives the
+        // and freed only by `free`, which has `&mut self`: it outlives the
         // borrow of `self`.
         unsafe { p.as_ref() }
     }
@@ -195,7 +195,7 @@ impl Others {
             None => {
                 let fresh = Box::into_raw(Box::new(CpuMask::new(ncpus)));
                 match self.high.compare_exchange(std::ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
-                    // SAFETY: just published; freed only by `Drop`.
+                    // SAFETY: just published; freed only by `free`.
                     Ok(_) => unsafe { &*fresh },
                     Err(theirs) => {
                         // SAFETY: `fresh` was never shared: the CAS failed.
@@ -224,12 +224,16 @@ impl Others {
     }
 }
 
-impl Drop for Others {
-    #[inline]
-    fn drop(&mut self) {
+impl Others {
+    /// Free the mask of ids >= 64, if any. Not a `Drop`: a handle released
+    /// at home, used nowhere else, has none, and without drop glue of its
+    /// own the handle's `drop` inlines whole into its caller. The handle
+    /// calls this on every release that finds the set non-empty; a handle
+    /// leaked with `mem::forget` leaks the mask with it.
+    pub(crate) fn free(&mut self) {
         // A load, not `get_mut` (loom's atomics have none); `&mut self`
         // means no one else can store.
-        let p = self.high.load(Ordering::Acquire);
+        let p = self.high.swap(std::ptr::null_mut(), Ordering::Acquire);
         if !p.is_null() {
             // SAFETY: leaked by `insert` and owned by this set alone.
             drop(unsafe { Box::from_raw(p) });
@@ -281,7 +285,7 @@ mod tests {
     #[test]
     fn others_low_and_high() {
         for n in [1, 64, 65, 256, 300] {
-            let o = Others::new();
+            let mut o = Others::new();
             assert!(o.is_empty());
             let want: Vec<usize> = [0, 5, 63, 64, 200, 299].into_iter().filter(|&c| c < n).collect();
             for &c in want.iter().rev() {
@@ -293,6 +297,9 @@ mod tests {
             assert_eq!(o.is_empty(), want.is_empty());
             assert_eq!(o.iter().collect::<Vec<_>>(), want);
             assert!(!o.contains(n - 1) || want.contains(&(n - 1)));
+            o.free();
+            assert_eq!(o.iter().collect::<Vec<_>>(), want.iter().copied().filter(|&c| c < 64).collect::<Vec<_>>());
+            o.free();
         }
     }
 }

@@ -846,6 +846,9 @@ impl Lwbuf<'_> {
                 sys.send_decref(me, cpu, self.release_key());
             }
         }
+        // The only release that can find a mask of ids >= 64 (the others
+        // require `others` empty).
+        self.others.free();
     }
 }
 
