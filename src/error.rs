@@ -21,7 +21,10 @@ pub enum Error {
     ///   overflowing;
     /// - `"frame_size"`: not a power-of-two multiple of the page size;
     /// - `"slots"` / `"backing"`: a window of 0 slots or above 64 TiB, or a
-    ///   real [`Window`](crate::Window) over heap memory;
+    ///   real [`Window`](crate::Window) over heap memory; a window or an
+    ///   sf_buf pool whose per-slot bookkeeping the allocator refuses (the
+    ///   slot table, 8 bytes a slot; a pool's pin rows, 128 bytes a slot,
+    ///   and entries, 128 bytes a slot), with the bytes asked for;
     /// - `"cpus"`: [`LwbufsBuilder::cpus`](crate::LwbufsBuilder::cpus) of 0
     ///   or more than [`MAX_CPUS`](crate::MAX_CPUS);
     /// - `"shards"`: an sf_buf pool of 0 or more than 65,536 shards;

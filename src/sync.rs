@@ -58,6 +58,79 @@ pub(crate) use imp::*;
 
 pub(crate) use crossbeam_utils::CachePadded;
 
+/// Atomics whose all-zero bytes are a valid value of 0 (std documents the
+/// same size, alignment and bit validity as the integer), so a zeroed
+/// allocation is a table of them holding 0.
+///
+/// # Safety
+/// Implementors must have the representation of an integer whose zero is
+/// all-zero bytes.
+#[cfg(not(loom))]
+pub(crate) unsafe trait ZeroedAtomic: Sized {}
+// SAFETY: `AtomicU64` has the size, alignment and bit validity of `u64`.
+#[cfg(not(loom))]
+unsafe impl ZeroedAtomic for AtomicU64 {}
+// SAFETY: `AtomicUsize` has the size, alignment and bit validity of `usize`.
+#[cfg(not(loom))]
+unsafe impl ZeroedAtomic for AtomicUsize {}
+
+/// Under loom: atomics made one by one (loom's are not plain integers).
+#[cfg(loom)]
+pub(crate) trait ZeroedAtomic: Sized {
+    fn zero() -> Self;
+}
+#[cfg(loom)]
+impl ZeroedAtomic for AtomicU64 {
+    fn zero() -> Self {
+        AtomicU64::new(0)
+    }
+}
+#[cfg(loom)]
+impl ZeroedAtomic for AtomicUsize {
+    fn zero() -> Self {
+        AtomicUsize::new(0)
+    }
+}
+
+/// `n` atomics holding 0, or `None` if the allocator refuses (callers turn
+/// that into an error naming the setting, instead of the abort of an
+/// infallible allocation). The memory comes zeroed from the allocator: for
+/// a large table, fresh anonymous memory, resident only where written, so
+/// a table sized for a huge window costs address space until it is used.
+#[cfg(not(loom))]
+pub(crate) fn try_zeroed<A: ZeroedAtomic>(n: usize) -> Option<Box<[A]>> {
+    let layout = std::alloc::Layout::array::<A>(n).ok()?;
+    let ptr = if layout.size() == 0 {
+        std::ptr::NonNull::<A>::dangling().as_ptr()
+    } else {
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        if p.is_null() {
+            return None;
+        }
+        p.cast::<A>()
+    };
+    // SAFETY: `ptr` is an allocation of the global allocator with the layout
+    // of `[A; n]` (or dangling and aligned for a zero-sized one), every byte
+    // zero, which is `n` valid atomics holding 0 (`ZeroedAtomic`); the box
+    // frees it with that same layout.
+    Some(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) })
+}
+
+#[cfg(loom)]
+pub(crate) fn try_zeroed<A: ZeroedAtomic>(n: usize) -> Option<Box<[A]>> {
+    Some((0..n).map(|_| A::zero()).collect())
+}
+
+/// A table of `n` values made by `make`, or `None` if the allocator refuses
+/// its `n * size_of::<T>()` bytes (see [`try_zeroed`]).
+pub(crate) fn try_table<T>(n: usize, make: impl FnMut() -> T) -> Option<Box<[T]>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    v.extend(std::iter::repeat_with(make).take(n));
+    Some(v.into_boxed_slice())
+}
+
 /// Lock a mutex, ignoring poisoning: every critical section in the crate
 /// leaves its data consistent before anything that can panic, so a poisoned
 /// lock (a panic elsewhere while it was held) still guards valid state.

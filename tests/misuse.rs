@@ -276,6 +276,68 @@ fn zero_or_absurd_configurations() {
     assert!(SfPool::builder(mmu()).shards(1).max_excess(0).build().is_ok());
 }
 
+/// Bytes of RAM plus swap, from `/proc/meminfo` (`None` if unreadable).
+fn memory_and_swap_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((kib("MemTotal:")? + kib("SwapTotal:")?) * 1024)
+}
+
+/// A window or pool whose bookkeeping the allocator refuses is
+/// `Config { what: "slots" }` saying how many bytes, never an abort of the
+/// process on a failed allocation. Then the system still builds what fits.
+#[test]
+#[cfg_attr(miri, ignore = "allocations of terabytes")]
+fn bookkeeping_too_large_to_allocate() {
+    // 2^45 slots of a model window: a slot table of 256 TiB, more than the
+    // address space of a process, refused on any machine.
+    let heap = PhysMem::builder().frames(4).backing(Backing::Heap).build().unwrap();
+    config(ModelMmu::new(&heap, 1 << 45), "slots");
+    config(ModelMmu::new(&heap, usize::MAX / 2), "slots");
+    assert!(ModelMmu::new(&heap, 4).is_ok(), "a small model window after the refusals");
+
+    // A real window of 2^32 slots (16 TiB of address space, under the
+    // 64 TiB limit) has a 32 GiB slot table, and a pool over a window of
+    // 2^28 slots 32 GiB of pin rows (the window's own table: 2 GiB).
+    // Whether the allocator refuses those depends on the machine, so each
+    // is checked only where the kernel's heuristic overcommit (mode 0)
+    // refuses an allocation larger than RAM plus swap. Elsewhere an
+    // accepted pool would fill gigabytes of entries.
+    let overcommit = std::fs::read_to_string("/proc/sys/vm/overcommit_memory").ok();
+    let ram = memory_and_swap_bytes();
+    let refused = |bytes: u64| {
+        overcommit.as_deref().map(str::trim) == Some("0") && ram.is_some_and(|r| r.saturating_add(r / 8) < bytes)
+    };
+    let mem = PhysMem::builder().frames(4).build().unwrap();
+    if refused(32 << 30) {
+        config(Window::builder(&mem).slots(1 << 32).build(), "slots");
+        let win = Arc::new(Window::builder(&mem).slots(1 << 28).build().expect("a 2 GiB slot table"));
+        match SfPool::builder(win.clone()).build() {
+            Err(Error::Config { what: "slots", why }) => {
+                assert!(why.contains("pin rows") && why.contains("34359738368 bytes"), "{why}")
+            }
+            other => panic!("expected the pin rows refused, got {other:?}"),
+        }
+        // The failed build gave the window back: a pool of it can be built
+        // again (and fails the same way), and a smaller window serves.
+        assert!(matches!(SfPool::builder(win).build(), Err(Error::Config { what: "slots", .. })));
+    } else {
+        println!(
+            "skipping the real window and pool cases: overcommit mode {:?}, RAM + swap {ram:?} bytes: \
+             a 32 GiB allocation may be accepted here",
+            overcommit.as_deref().map(str::trim)
+        );
+    }
+    let pool = SfPool::builder(Arc::new(Window::builder(&mem).slots(4).build().unwrap())).build().unwrap();
+    let page = mem.alloc_page().unwrap();
+    let sf = pool.alloc(&page, Wait::NoWait).unwrap();
+    sf.kva().write_u64(0, 7).unwrap();
+    assert_eq!(page.direct().unwrap().read_u64(0).unwrap(), 7);
+}
+
 /// Copies outside a mapping, a frame or the memory: `OutOfBounds`.
 #[test]
 fn out_of_bounds_kaddr_access() {

@@ -42,7 +42,7 @@ impl ModelMmu {
         if slots == 0 {
             return Err(Error::config("slots", "a window needs at least one slot"));
         }
-        Ok(ModelMmu { phys: phys.clone(), table: SlotTable::new(slots, phys.frames()), writable: true })
+        Ok(ModelMmu { phys: phys.clone(), table: SlotTable::new(slots, phys.frames())?, writable: true })
     }
 
     /// As [`new`](Self::new), for a model of a read-only window

@@ -76,30 +76,26 @@ fn first_slot(w: usize, diff: usize) -> usize {
     w * PER_WORD + diff.trailing_zeros() as usize / STATE_BITS
 }
 
-/// `n` zeroed words. Outside loom they come from `calloc`, whose large
-/// allocations are fresh anonymous memory: a huge window costs 8 bytes per
-/// slot of *address space*, made resident only as slots are used.
-#[cfg(not(loom))]
-fn zeroed_slots(n: usize) -> Box<[AtomicUsize]> {
-    let zeros: Box<[usize]> = vec![0usize; n].into_boxed_slice();
-    let len = zeros.len();
-    let ptr = Box::into_raw(zeros) as *mut usize as *mut AtomicUsize;
-    // SAFETY: `AtomicUsize` has the same size, alignment and bit validity as
-    // `usize` (std documents it), so the allocation of `len` zeroed `usize`s
-    // is one of `len` `AtomicUsize`s holding 0, freed with the same layout.
-    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) }
-}
-
-#[cfg(loom)]
-fn zeroed_slots(n: usize) -> Box<[AtomicUsize]> {
-    (0..n).map(|_| AtomicUsize::new(0)).collect()
-}
-
 impl SlotTable {
-    pub(crate) fn new(capacity: usize, frames: usize) -> Self {
-        SlotTable {
-            slots: zeroed_slots(capacity),
-            state: zeroed_slots(capacity.div_ceil(PER_WORD)),
+    /// The table of a window of `capacity` slots over `frames` frames: 8
+    /// bytes per slot plus its state bits, allocated zeroed (address space,
+    /// made resident only as slots are used). [`Error::Config`] naming
+    /// `"slots"` if the allocator refuses it.
+    pub(crate) fn new(capacity: usize, frames: usize) -> Result<Self> {
+        let (slots, state) = crate::sync::try_zeroed(capacity)
+            .zip(crate::sync::try_zeroed(capacity.div_ceil(PER_WORD)))
+            .ok_or_else(|| {
+                Error::config(
+                    "slots",
+                    format!(
+                        "{capacity} slots: the slot table ({} bytes) cannot be allocated",
+                        capacity.saturating_mul(std::mem::size_of::<usize>())
+                    ),
+                )
+            })?;
+        Ok(SlotTable {
+            slots,
+            state,
             claimed: AtomicBool::new(false),
             frames,
             enters: AtomicU64::new(0),
@@ -111,7 +107,7 @@ impl SlotTable {
             mapped: AtomicU64::new(0),
             replaces: AtomicU64::new(0),
             pages_replaced: AtomicU64::new(0),
-        }
+        })
     }
 
     pub(crate) fn capacity(&self) -> usize {
@@ -359,7 +355,7 @@ mod tests {
 
     #[test]
     fn reserve_refuses_the_first_busy_or_live_slot_and_changes_nothing() {
-        let t = SlotTable::new(4 * PER_WORD, 1 << 20);
+        let t = SlotTable::new(4 * PER_WORD, 1 << 20).expect("table");
         let a = Slot(PER_WORD - 3);
         t.reserve(a, 5).unwrap();
         t.entered(a, Pfn(100), 5);
@@ -389,7 +385,7 @@ mod tests {
 
     #[test]
     fn reserve_replace_wants_exactly_the_old_mapping() {
-        let t = SlotTable::new(3 * PER_WORD, 1 << 20);
+        let t = SlotTable::new(3 * PER_WORD, 1 << 20).expect("table");
         let s = Slot(PER_WORD - 2);
         t.reserve(s, 4).unwrap();
         t.entered(s, Pfn(10), 4);
@@ -418,7 +414,7 @@ mod tests {
 
     #[test]
     fn racing_reserves_of_overlapping_ranges_never_both_win() {
-        let t = std::sync::Arc::new(SlotTable::new(2 * PER_WORD, 1 << 20));
+        let t = std::sync::Arc::new(SlotTable::new(2 * PER_WORD, 1 << 20).expect("table"));
         let ranges = [(PER_WORD - 4, 6), (PER_WORD - 1, 4)];
         for _ in 0..if cfg!(miri) { 8 } else { 2000 } {
             let wins: Vec<bool> = std::thread::scope(|sc| {

@@ -68,8 +68,9 @@ impl WindowBuilder {
         // mapped whole blocks at a time (the send engines' prefault touches
         // a block once: `kaddr::Prefaulter`).
         let align = (self.phys.min_granule() * slot_size).max(crate::kaddr::PREFAULT_STRIDE);
+        // The table first: nothing to give back if it cannot be allocated.
+        let table = SlotTable::new(self.slots, self.phys.frames())?;
         let base = sys::reserve_aligned(nz, align).map_err(|e| Error::sys("mmap(reserve window)", e))?;
-        let table = SlotTable::new(self.slots, self.phys.frames());
         table.syscall();
         Ok(Window { phys: self.phys, base, slot_size, len, table, writable: self.writable })
     }

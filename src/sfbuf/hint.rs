@@ -67,8 +67,9 @@ impl Hints {
     /// A table for a window of `slots` slots (at most `u32::MAX - 1`) over
     /// a memory of `frames` frames: one bucket per frame when that is
     /// smaller, and always under loom (whose models skip the key check that
-    /// a shared bucket needs, see `env::HINTS_EXACT`).
-    pub(super) fn new(slots: usize, frames: usize) -> Hints {
+    /// a shared bucket needs, see `env::HINTS_EXACT`). Allocated zeroed;
+    /// `Err` with the bytes asked for if the allocator refuses them.
+    pub(super) fn new(slots: usize, frames: usize) -> Result<Hints, usize> {
         debug_assert!(slots < u32::MAX as usize, "slot + 1 must fit the low half");
         let exact = frames.max(2).checked_next_power_of_two().unwrap_or(1 << (usize::BITS - 1));
         let by_slots = slots.saturating_mul(BUCKETS_PER_SLOT).max(MIN_BUCKETS).next_power_of_two();
@@ -76,15 +77,17 @@ impl Hints {
         let bits = buckets.trailing_zeros();
         let slot_bits = u64::BITS - (slots as u64).leading_zeros();
         let slot_mask = (1u64 << slot_bits) - 1;
-        Hints {
-            words: (0..buckets * WAYS).map(|_| AtomicU64::new(0)).collect(),
+        let n = buckets.saturating_mul(WAYS);
+        let words = crate::sync::try_zeroed::<AtomicU64>(n).ok_or(n.saturating_mul(8))?;
+        Ok(Hints {
+            words,
             mask: buckets - 1,
             bits,
             hash_shift: u64::BITS - bits,
             slot_bits,
             slot_mask,
             tag_mask: LOW & !slot_mask,
-        }
+        })
     }
 
     /// The first word of `pfn`'s bucket, and its tag (in place).
@@ -204,7 +207,7 @@ mod tests {
 
     #[test]
     fn small_memories_get_one_bucket_per_frame() {
-        let h = Hints::new(1024, 1000);
+        let h = Hints::new(1024, 1000).expect("hints");
         assert!(h.is_exact(1000));
         for pfn in 0..1000 {
             assert_eq!(h.place(pfn), (pfn * WAYS, 0), "frame {pfn}");
@@ -215,17 +218,17 @@ mod tests {
     #[test]
     fn the_table_follows_the_window_not_the_memory() {
         for frames in [1 << 20, 1 << 28, 1 << 34, usize::MAX] {
-            let h = Hints::new(1024, frames);
+            let h = Hints::new(1024, frames).expect("hints");
             assert!(!h.is_exact(frames));
             assert_eq!(h.bytes(), 2 * 1024 * WAYS * 8, "{frames} frames");
         }
-        assert_eq!(Hints::new(1, 1 << 34).bytes(), MIN_BUCKETS * WAYS * 8);
+        assert_eq!(Hints::new(1, 1 << 34).expect("hints").bytes(), MIN_BUCKETS * WAYS * 8);
     }
 
     #[test]
     fn hints_at_both_ends_of_64_tib_of_frames() {
         let frames = 1usize << 34;
-        let h = Hints::new(16, frames);
+        let h = Hints::new(16, frames).expect("hints");
         let pfns = [0, 1, 2, frames / 2, frames - 2, frames - 1];
         for (slot, &pfn) in pfns.iter().enumerate() {
             assert_eq!(h.get(pfn), None);
@@ -236,7 +239,7 @@ mod tests {
 
     #[test]
     fn a_block_of_frames_never_shares_a_bucket() {
-        let h = Hints::new(64, 1 << 30);
+        let h = Hints::new(64, 1 << 30).expect("hints");
         let base = 0x1234_5678 & !h.mask;
         let mut seen = std::collections::HashSet::new();
         for pfn in base..=base + h.mask {
@@ -246,7 +249,7 @@ mod tests {
 
     #[test]
     fn two_frames_of_one_bucket_keep_a_way_each_and_a_third_drops_the_older() {
-        let h = Hints::new(64, 1 << 30);
+        let h = Hints::new(64, 1 << 30).expect("hints");
         // Frames of one bucket and different tags.
         let (i, _) = h.place(5);
         let mates: Vec<usize> = (1..).map(|k| 5 + k * (h.mask + 1)).filter(|&p| h.place(p).0 == i).take(3).collect();

@@ -74,6 +74,10 @@ impl SfPoolBuilder {
     }
 
     /// Create the pool. No system call; no mapping is made until used.
+    /// Its bookkeeping is about 300 bytes per slot of the window (pin rows
+    /// and the hint table allocated zeroed, resident as they are used;
+    /// entries written at once). [`Error::Config`] naming `"slots"` if the
+    /// allocator refuses any of it.
     pub fn build(self) -> Result<SfPool> {
         if self.shards == 0 || self.shards > 1 << 16 {
             return Err(Error::config("shards", format!("{} is not in 1..=65536", self.shards)));
@@ -85,16 +89,28 @@ impl SfPoolBuilder {
         if cap >= u32::MAX as usize {
             return Err(Error::config("slots", format!("{cap} slots: a pool takes fewer than {}", u32::MAX)));
         }
+        // The per-slot tables, allocated fallibly: a window too large for
+        // this machine's memory is an error naming it, not an abort.
+        let refused = |what: &str, bytes: usize| {
+            Error::config("slots", format!("{cap} slots: the pool's {what} ({bytes} bytes) cannot be allocated"))
+        };
+        let pin_count = PIN_ROWS * pin_row_len(cap);
+        let pins = crate::sync::try_zeroed::<AtomicU64>(pin_count)
+            .ok_or_else(|| refused("pin rows", pin_count.saturating_mul(8)))?;
+        let entries = crate::sync::try_table(cap, || CachePadded::new(Entry::new()))
+            .ok_or_else(|| refused("entries", cap.saturating_mul(std::mem::size_of::<CachePadded<Entry>>())))?;
+        // Indexed by granule; a hint holds the entry's slot number, so
+        // its slot field is sized for every slot, not every granule.
+        let hint = Hints::new(cap, kva.phys().frames().div_ceil(kva.granule()))
+            .map_err(|bytes| refused("hint table", bytes))?;
         barrier::init();
         Ok(SfPool {
             map: ConcurrentMap::new(self.shards),
-            // Indexed by granule; a hint holds the entry's slot number, so
-            // its slot field is sized for every slot, not every granule.
-            hint: Hints::new(cap, kva.phys().frames().div_ceil(kva.granule())),
-            pins: (0..PIN_ROWS * pin_row_len(cap)).map(|_| AtomicU64::new(0)).collect(),
+            hint,
+            pins,
             #[cfg(loom)]
             pin_owners: AtomicUsize::new(0),
-            entries: (0..cap).map(|_| CachePadded::new(Entry::new())).collect(),
+            entries,
             lru: Mutex::new(Lru::default()),
             lru_len: AtomicUsize::new(0),
             stale: Mutex::new(Vec::new()),
