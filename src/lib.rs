@@ -95,6 +95,15 @@ pub use error::{Error, Inconsistency, Result};
 pub mod __loom {
     pub use crate::lwbuf::entry_slot as lwbuf_entry_slot;
     pub use crate::sync::mutants::{set as set_mutant, Mutant};
+
+    /// What a thread's exit does outside loom, where a thread-local
+    /// destructor runs it: give the thread's statistics stripe, and with it
+    /// its row of sf_buf pins, back for the next thread to claim. A model
+    /// calls it last in a thread whose row it hands on (loom runs
+    /// thread-local destructors too late for that, see `sfbuf/counter.rs`).
+    pub fn exit_thread() {
+        crate::sfbuf::exit_thread();
+    }
 }
 
 pub use extent::ExtentStats;

@@ -43,6 +43,9 @@ mod imp {
 #[cfg(loom)]
 mod imp {
     pub(crate) use loom::cell::UnsafeCell;
+    /// A static made afresh for every execution (a loom atomic cannot be
+    /// a plain `static`).
+    pub(crate) use loom::lazy_static;
     pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
     pub(crate) use loom::thread;
@@ -461,6 +464,11 @@ pub mod mutants {
         /// back with the `BUSY` bits set in two steps instead of one
         /// read-modify-write, so two enters of one slot can both pass.
         ReserveNotAtomic,
+        /// A thread claims a statistics stripe, and with it a row of pins,
+        /// with a `Relaxed` CAS instead of an `AcqRel` one: it does not see
+        /// the counts the last owner stored, and its load and store of the
+        /// row can start from an old count and lose theirs.
+        ClaimRelaxed,
     }
 
     std::thread_local! {

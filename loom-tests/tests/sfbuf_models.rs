@@ -1,7 +1,7 @@
 //! Loom models of the sf_buf pool: a hit racing an eviction, and waiting
-//! for a slot (plain, timeout, cancel, close), pins, and lazy reclaim (a
-//! miss mapping over an evicted mapping in place, a batch removal racing
-//! it).
+//! for a slot (plain, timeout, cancel, close), pins (and a row of pins
+//! handed from an exited thread to the next), and lazy reclaim (a miss
+//! mapping over an evicted mapping in place, a batch removal racing it).
 
 #![cfg(loom)]
 
@@ -540,6 +540,61 @@ fn sfbuf_foreign_unpin_vs_eviction() {
 #[test]
 fn sfbuf_foreign_unpin_vs_eviction_mutant_pin_unchecked() {
     expect_failure("sfbuf_foreign_unpin_vs_eviction", Mutant::PinUnchecked, foreign_unpin_vs_eviction);
+}
+
+/// 7g. A row of pins changes hands (`hit.rs`, 9; `counter.rs`). Thread A
+/// claims a statistics stripe, and with it a row, the first time it pins:
+/// it pins the cached frame `f` in its row, gives the pin back and pins
+/// `f` again (each a plain load and store of the row); then it exits,
+/// giving the stripe back, and hands its pin to the main thread. Thread B
+/// pins `f` and gives the pin back meanwhile: when it claims the stripe A
+/// gave back, it continues A's row with loads and stores that must start
+/// from A's last count (the claim's Acquire pairs with the give-back's
+/// Release). While A's pin is out the rows must not sum to zero; once
+/// every handle is gone no pin may be left.
+fn pin_row_handover() {
+    let (mem, mmu, pool) = pool(1, 1, 1);
+    let f: &'static lwbuf::Page = leak(mem.alloc_page().unwrap());
+    let fpfn = f.pfn();
+    drop(pool.alloc(f, Wait::NoWait).unwrap()); // a miss, then cached: no thread holds a row yet
+    let a = thread::spawn(move || {
+        drop(pool.alloc(f, Wait::NoWait).unwrap()); // pinned and given back in A's row
+        let kept = pool.alloc(f, Wait::NoWait).unwrap(); // pinned in A's row
+        lwbuf::__loom::exit_thread(); // A's stripe and row are free for the next thread to claim
+        kept
+    });
+    let b = thread::spawn(move || {
+        // In A's row if B claims after A's exit, else in a row of its own.
+        drop(pool.alloc(f, Wait::NoWait).unwrap());
+        lwbuf::__loom::exit_thread();
+    });
+    let kept = a.join().unwrap();
+    assert_eq!(mmu.translate(kept.slot()), Some(fpfn));
+    assert_eq!(pool.stats().used, 1, "a pin is out, but the rows of pins sum to zero");
+    drop(kept); // a foreign unpin, or (if the main thread claims A's row now) its new owner's
+    b.join().unwrap();
+    let s = pool.stats();
+    assert_eq!(s.used, 0, "every handle is gone, but the rows of pins do not sum to zero: {s}");
+    assert_eq!((s.cached, mmu.stats().mapped), (1, 1), "{s}");
+    // SAFETY: the threads are joined; every handle is dropped.
+    unsafe {
+        unleak(pool);
+        unleak(f);
+    }
+}
+
+#[test]
+fn sfbuf_pin_row_handover() {
+    model("sfbuf_pin_row_handover", pin_row_handover);
+}
+
+/// A claim without Acquire: B's load of A's row may read a count older
+/// than A's last, and B's store then loses A's later ones (A's pin no
+/// longer counted, or a pin given back still counted).
+#[test]
+fn sfbuf_pin_row_handover_mutant_claim_relaxed() {
+    let msg = expect_failure("sfbuf_pin_row_handover", Mutant::ClaimRelaxed, pin_row_handover);
+    assert!(msg.contains("rows of pins"), "failed for another reason: {msg}");
 }
 
 // === 8. lazy reclaim: evicted mappings mapped over in place ===

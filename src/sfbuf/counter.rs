@@ -10,33 +10,62 @@
 //! beyond [`STRIPES`] at once share one more cell and add atomically (for
 //! their whole life: a thread looks for a stripe once).
 //! Readers sum the cells; a stripe handed from an exited thread to a new
-//! one keeps its count, so sums never lose an increment.
+//! one keeps its count, so sums never lose an increment: the exiting thread
+//! clears its bit with Release, the next claim is an AcqRel CAS, so the new
+//! owner's first load of a cell reads the last owner's final store. The
+//! sf_buf pool's rows of pins (`hit.rs`, 9) change hands with the stripes.
+//!
+//! The loom model `sfbuf_pin_row_handover` hands a stripe and its row of
+//! pins from an exited thread to the next, and fails with the claim made
+//! Relaxed (`ClaimRelaxed`). Under loom there are two stripes, only
+//! threads that pin claim one, and a thread gives its stripe back by
+//! calling `exit_thread` last, instead of from a thread-local destructor
+//! (see `Keep`). A give-back made Relaxed is not caught there: every write
+//! of a row is followed by a SeqCst fence under loom (the pin's light
+//! barrier, the unpin's fence), and a fence releases what precedes it to
+//! any Acquire that reads a later store, Relaxed or not. Outside loom the
+//! light barrier may be only a compiler barrier, and the counters' plain
+//! stores have no fence at all: there the Release is what hands them on.
 
 use crate::sync::{AtomicU64, CachePadded, Ordering};
 
 #[cfg(not(loom))]
 const STRIPES: usize = 64;
-/// Under loom no stripe is exclusive: every add is a read-modify-write on
-/// the shared cell (the counters are not what the models check).
+/// Under loom two, as many as the sf_buf pool's rows of pins (`hit.rs`):
+/// the first two threads of an execution to pin own one each, and the
+/// models hand stripes on through the code below. The counters themselves
+/// do not use them under loom: every add is a read-modify-write on the
+/// shared cell (the counters are not what the models check, and a load
+/// and a store per count would multiply the interleavings of every
+/// model), so only threads that pin claim a stripe.
 #[cfg(loom)]
-const STRIPES: usize = 0;
+const STRIPES: usize = 2;
 
 /// The cell of threads without a stripe of their own.
 const SHARED: usize = STRIPES;
 
-#[cfg(not(loom))]
 mod claim {
     use std::cell::Cell;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::{SHARED, STRIPES};
+    use crate::sync::{AtomicU64, Ordering};
 
     /// Stripes claimed by live threads, one bit each.
+    #[cfg(not(loom))]
     static CLAIMED: AtomicU64 = AtomicU64::new(0);
-    const _: () = assert!(STRIPES == 64, "CLAIMED is one 64-bit word");
+    // Under loom a static atomic is made afresh for every execution (see
+    // `init`).
+    #[cfg(loom)]
+    crate::sync::lazy_static! {
+        static ref CLAIMED: AtomicU64 = AtomicU64::new(0);
+    }
+    const _: () = assert!(STRIPES >= 1 && STRIPES <= 64, "CLAIMED is one 64-bit word");
+    /// The bits of `CLAIMED` that name stripes (every bit outside loom).
+    const ALL: u64 = u64::MAX >> (64 - STRIPES);
 
     const UNCLAIMED: usize = usize::MAX;
 
+    #[cfg(not(loom))]
     thread_local! {
         /// This thread's stripe, `SHARED`, or `UNCLAIMED` before its first
         /// count. No destructor, so reading it is a plain thread-local
@@ -45,20 +74,39 @@ mod claim {
         /// Gives the stripe back when the thread exits.
         static KEEP: Keep = const { Keep };
     }
+    // Loom's thread-locals take no `const` initializer.
+    #[cfg(loom)]
+    crate::sync::thread_local! {
+        static MINE: Cell<usize> = Cell::new(UNCLAIMED);
+        static KEEP: Keep = Keep;
+    }
 
     struct Keep;
 
+    /// Under loom `Keep` has no destructor, and the models give a stripe
+    /// back by calling `give_back` last in a thread (`exit_thread`): loom
+    /// takes every thread-local of an exiting thread before it drops any
+    /// (so `MINE` would be gone), does so only after the thread's joiner
+    /// may have gone on, and drops the thread-locals of a failed execution
+    /// outside the model, where no loom atomic may be touched.
+    #[cfg(not(loom))]
     impl Drop for Keep {
         fn drop(&mut self) {
-            let _ = MINE.try_with(|m| {
-                let s = m.replace(SHARED);
-                if s < STRIPES {
-                    // Release: the next owner's claim (AcqRel) sees every
-                    // count this thread stored.
-                    CLAIMED.fetch_and(!(1 << s), Ordering::Release);
-                }
-            });
+            give_back();
         }
+    }
+
+    /// Give the calling thread's stripe back, if it holds one; from then on
+    /// it shares. Run by the thread's destructor of `KEEP` as it exits.
+    pub(super) fn give_back() {
+        let _ = MINE.try_with(|m| {
+            let s = m.replace(SHARED);
+            if s < STRIPES {
+                // Release: the next owner's claim (AcqRel) sees every
+                // count this thread stored.
+                CLAIMED.fetch_and(!(1 << s), Ordering::Release);
+            }
+        });
     }
 
     /// This thread's cell, and whether the thread owns it alone.
@@ -80,14 +128,18 @@ mod claim {
             let _ = MINE.try_with(|m| m.set(SHARED));
             return (SHARED, false);
         }
+        // AcqRel on success: the Acquire half pairs with the last owner's
+        // Release give-back, so this thread continues the stripe (and its
+        // row of pins) from every count that owner stored.
+        let success = if crate::sync::mutant!(ClaimRelaxed) { Ordering::Relaxed } else { Ordering::AcqRel };
         let mut claimed = CLAIMED.load(Ordering::Relaxed);
         let s = loop {
-            let free = !claimed;
+            let free = !claimed & ALL;
             if free == 0 {
                 break SHARED;
             }
             let s = free.trailing_zeros() as usize;
-            match CLAIMED.compare_exchange_weak(claimed, claimed | 1 << s, Ordering::AcqRel, Ordering::Relaxed) {
+            match CLAIMED.compare_exchange_weak(claimed, claimed | 1 << s, success, Ordering::Relaxed) {
                 Ok(_) => break s,
                 Err(now) => claimed = now,
             }
@@ -95,23 +147,38 @@ mod claim {
         let _ = MINE.try_with(|m| m.set(s));
         (s, s < STRIPES)
     }
-}
 
-#[cfg(loom)]
-mod claim {
-    #[inline]
-    pub(super) fn stripe() -> (usize, bool) {
-        (super::SHARED, false)
+    /// Under loom: make this execution's `CLAIMED` now, on the thread
+    /// building a pool, before it spawns the threads that claim. (Loom's
+    /// lazy static synchronizes every reader with its initializer, an edge
+    /// the real static does not have; made by the builder, the edge adds
+    /// nothing a spawned thread does not already see.)
+    #[cfg(loom)]
+    pub(super) fn init() {
+        let _: &AtomicU64 = &CLAIMED;
     }
 }
 
-/// The calling thread's stripe: its own (below 64) while it holds one, else
-/// the shared index, and whether it is the thread's alone. Also used to
-/// give out other per-thread state (the sf_buf pool's pin rows).
-#[cfg_attr(loom, allow(dead_code))]
+/// The calling thread's stripe: its own (below `STRIPES`) while it holds
+/// one, else the shared index, and whether it is the thread's alone. Also
+/// used to give out other per-thread state (the sf_buf pool's pin rows).
 #[inline]
 pub(super) fn thread_stripe() -> (usize, bool) {
     claim::stripe()
+}
+
+/// Under loom: what a thread's exit does outside loom, where the
+/// thread-local destructor runs it: give the thread's stripe (and with it
+/// its row of pins) back, for the next thread to claim.
+#[cfg(loom)]
+pub(crate) fn exit_thread() {
+    claim::give_back();
+}
+
+/// Under loom: see `claim::init`. Called by the pool's builder.
+#[cfg(loom)]
+pub(super) fn init() {
+    claim::init();
 }
 
 /// A counter whose increments go to the calling thread's own cache line;
@@ -133,7 +200,11 @@ impl Striped {
     /// hit path: inlined whole.
     #[inline(always)]
     pub(super) fn add(&self, n: u64) {
+        #[cfg(not(loom))]
         let (s, mine) = claim::stripe();
+        // Under loom the counters always share (see `STRIPES`).
+        #[cfg(loom)]
+        let (s, mine) = (SHARED, false);
         let c = &self.cells[s];
         // Relaxed: statistics only. An exclusive cell has one writer, this
         // thread, so a load and a store lose nothing.

@@ -32,8 +32,11 @@
 //! trims while a hit pins; `PinRecheckNoRevoked`) and `sfbuf_foreign_unpin`
 //! (9: a pin given back by a thread that does not own its row;
 //! `ForeignUnpinPlain`); `sfbuf_foreign_unpin_vs_eviction` gives a pin back
-//! on another thread while the evictor waits for the slot. `peak` counts only the
-//! entries' own counts (pins are not seen at the moment they are taken).
+//! on another thread while the evictor waits for the slot;
+//! `sfbuf_pin_row_handover` (9: a row handed from an exited owner to the
+//! next, while a pin taken in it is out; `ClaimRelaxed`).
+//! `peak` counts only the entries' own counts (pins are not seen at the
+//! moment they are taken).
 
 use std::fmt;
 use std::ptr::NonNull;

@@ -98,8 +98,11 @@
 //! clears `PINNED` between a hitter's two reads, and fails when the
 //! re-check ignores `PINNED` (`PinRecheckNoPinned`); `sfbuf_foreign_unpin`
 //! gives a pin back on another thread while its owner pins again, and
-//! fails when the giver writes the owner's row (`ForeignUnpinPlain`); the
-//! other pin models are listed in `handle.rs`.
+//! fails when the giver writes the owner's row (`ForeignUnpinPlain`);
+//! `sfbuf_pin_row_handover` hands a row from an exited owner to the next
+//! thread, which continues it with a load and a store, and fails when the
+//! row is claimed with Relaxed (`ClaimRelaxed`; `counter.rs`); the other
+//! pin models are listed in `handle.rs`.
 
 use std::ptr::NonNull;
 
@@ -115,8 +118,9 @@ use crate::sync::{AtomicU64, Ordering};
 /// statistics stripe of their own (`counter.rs`) write their row alone.
 #[cfg(not(loom))]
 pub(super) const PIN_STRIPES: usize = 8;
-/// Under loom two (the models check the protocol, not the spreading): the
-/// first two threads of an execution to pin own one each.
+/// Under loom two (the models check the protocol, not the spreading), as
+/// many as statistics stripes: the first two threads to pin own one each,
+/// and a row given back is handed to the next thread that pins.
 #[cfg(loom)]
 pub(super) const PIN_STRIPES: usize = 2;
 /// Every row: `PIN_STRIPES` owned rows, then as many shared ones.
@@ -149,34 +153,10 @@ impl SfPool {
     /// See [`PinRows`]. A thread owns row `s` while it holds statistics
     /// stripe `s < PIN_STRIPES` alone (it gives it back when it exits, and
     /// the next holder continues the row: `counter.rs`).
-    #[cfg(not(loom))]
     #[inline]
     pub(super) fn pin_rows(&self) -> PinRows {
         let (s, alone) = super::counter::thread_stripe();
         PinRows { own: (alone && s < PIN_STRIPES).then_some(s), shared: shared_row(s) }
-    }
-
-    /// Under loom, statistics stripes are never exclusive: the first
-    /// `PIN_STRIPES` threads of an execution to pin on this pool own a row
-    /// each, counted by the pool (thread-locals start afresh with every
-    /// execution).
-    #[cfg(loom)]
-    pub(super) fn pin_rows(&self) -> PinRows {
-        use std::cell::Cell;
-        crate::sync::thread_local! {
-            static OWN: Cell<Option<(usize, Option<usize>)>> = Cell::new(None);
-        }
-        let me = self as *const SfPool as usize;
-        let own = OWN.with(|c| match c.get() {
-            Some((pool, own)) if pool == me => own,
-            _ => {
-                let n = self.pin_owners.fetch_add(1, Ordering::Relaxed);
-                let own = (n < PIN_STRIPES).then_some(n);
-                c.set(Some((me, own)));
-                own
-            }
-        });
-        PinRows { own, shared: shared_row(0) }
     }
 }
 

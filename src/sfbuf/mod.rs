@@ -76,3 +76,6 @@ pub use owned::OwnedSfBuf;
 pub use pool::{SfPool, SfPoolBuilder};
 pub use stats::SfStats;
 pub use wait::{CancelToken, Wait};
+
+#[cfg(loom)]
+pub(crate) use counter::exit_thread;

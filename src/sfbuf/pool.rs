@@ -104,12 +104,12 @@ impl SfPoolBuilder {
         let hint = Hints::new(cap, kva.phys().frames().div_ceil(kva.granule()))
             .map_err(|bytes| refused("hint table", bytes))?;
         barrier::init();
+        #[cfg(loom)]
+        super::counter::init();
         Ok(SfPool {
             map: ConcurrentMap::new(self.shards),
             hint,
             pins,
-            #[cfg(loom)]
-            pin_owners: AtomicUsize::new(0),
             entries,
             lru: Mutex::new(Lru::default()),
             lru_len: AtomicUsize::new(0),
@@ -176,9 +176,6 @@ pub struct SfPool {
     /// `handle.rs`, 11-12); the first `PIN_STRIPES` rows each written by
     /// the one thread that owns it, the others shared.
     pub(super) pins: Box<[AtomicU64]>,
-    /// Under loom: threads that asked for a row of pins (see `pin_rows`).
-    #[cfg(loom)]
-    pub(super) pin_owners: AtomicUsize,
     pub(super) entries: Box<[CachePadded<Entry>]>,
     pub(super) lru: Mutex<Lru>,
     /// Mirror of the LRU's length, for the lock-free check on release.
