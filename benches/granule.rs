@@ -17,7 +17,8 @@
 //!   `sfbuf_run_...`: the same granules taken as one run each
 //!   (`alloc_run` of the granule's G pages: one handle, one word read of
 //!   each page), where the miss is spread over the pages without a hit
-//!   per page.
+//!   per page. `lwbuf_local_...`: the per-page cycle through the scoped
+//!   `CpuGuard::map_local` (no handle) instead of `alloc`.
 //!
 //! After the groups, the summary measures each library cycle and its raw
 //! cycle side by side (alternating rounds, median per-round ratio) and
@@ -34,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::Criterion;
-use lwbuf::{Backing, Lwbufs, MmuStats, Page, PhysMem, Reclaim, SfPool, Wait, Window};
+use lwbuf::{Backing, CpuGuard, Lwbufs, MmuStats, Page, PhysMem, Reclaim, SfPool, Wait, Window};
 
 mod common;
 #[path = "common/raw.rs"]
@@ -105,6 +106,17 @@ impl Memory {
         sum
     }
 
+    /// Granule `k` through `cpu`'s `map_local`, a page at a time, one word
+    /// read of each (the scoped form of [`lw_cycle`](Self::lw_cycle)).
+    #[inline(always)]
+    fn local_cycle(&self, cpu: &CpuGuard<'_>, k: usize) -> u64 {
+        let mut sum = 0u64;
+        for p in self.granule_pages(k) {
+            sum = sum.wrapping_add(cpu.map_local(p, |kva| kva.read_u64(0).expect("read")).expect("map_local"));
+        }
+        sum
+    }
+
     /// Granule `k` through `lw` as one run: one handle for its G pages
     /// (`alloc_run`), one word read of each.
     #[inline(always)]
@@ -139,6 +151,7 @@ impl Memory {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Cache {
     Lwbuf,
+    LwbufLocal,
     SfBuf,
     LwbufRun,
     SfBufRun,
@@ -148,6 +161,7 @@ impl Cache {
     fn name(self) -> &'static str {
         match self {
             Cache::Lwbuf => "lwbuf",
+            Cache::LwbufLocal => "lwbuf_local",
             Cache::SfBuf => "sfbuf",
             Cache::LwbufRun => "lwbuf_run",
             Cache::SfBufRun => "sfbuf_run",
@@ -184,28 +198,31 @@ fn id(cache: Cache, r: Reclaim, cfg: Config) -> String {
 }
 
 const RECLAIMS: [Reclaim; 2] = [Reclaim::Strict, Reclaim::Lazy];
-const CACHES: [Cache; 4] = [Cache::Lwbuf, Cache::SfBuf, Cache::LwbufRun, Cache::SfBufRun];
+const CACHES: [Cache; 5] = [Cache::Lwbuf, Cache::LwbufLocal, Cache::SfBuf, Cache::LwbufRun, Cache::SfBufRun];
 
-/// A cache under test (boxed: the two differ much in size).
+/// A cache under test (boxed: the two differ much in size), and which of
+/// its cycles.
 enum Lib {
-    Lw(Box<Lwbufs>, bool),
+    Lw(Box<Lwbufs>, Cache),
     Sf(Box<SfPool>, bool),
 }
 
 impl Lib {
     fn new(m: &Memory, cache: Cache, r: Reclaim) -> Lib {
         match cache {
-            Cache::Lwbuf | Cache::LwbufRun => Lib::Lw(Box::new(m.lwbufs(r)), cache.run()),
+            Cache::Lwbuf | Cache::LwbufLocal | Cache::LwbufRun => Lib::Lw(Box::new(m.lwbufs(r)), cache),
             Cache::SfBuf | Cache::SfBufRun => Lib::Sf(Box::new(m.pool(r)), cache.run()),
         }
     }
 
-    /// Granule `k` of `m`; for lwbuf, on the calling thread's CPU.
+    /// Granule `k` of `m`; for lwbuf, on the calling thread's CPU, whose
+    /// guard `cpu` is.
     #[inline(always)]
-    fn cycle(&self, m: &Memory, k: usize) -> u64 {
+    fn cycle(&self, m: &Memory, k: usize, cpu: Option<&CpuGuard<'_>>) -> u64 {
         match self {
-            Lib::Lw(lw, false) => m.lw_cycle(lw, k),
-            Lib::Lw(lw, true) => m.lw_run_cycle(lw, k),
+            Lib::Lw(lw, Cache::LwbufRun) => m.lw_run_cycle(lw, k),
+            Lib::Lw(_, Cache::LwbufLocal) => m.local_cycle(cpu.expect("bound"), k),
+            Lib::Lw(lw, _) => m.lw_cycle(lw, k),
             Lib::Sf(pool, false) => m.sf_cycle(pool, k),
             Lib::Sf(pool, true) => m.sf_run_cycle(pool, k),
         }
@@ -227,7 +244,7 @@ fn granule_miss(c: &mut Criterion) {
         for cache in CACHES {
             for r in RECLAIMS {
                 let lib = Lib::new(&m, cache, r);
-                let _cpu0 = if let Lib::Lw(lw, _) = &lib { Some(lw.bind(0).expect("bind")) } else { None };
+                let cpu0 = if let Lib::Lw(lw, _) = &lib { Some(lw.bind(0).expect("bind")) } else { None };
                 let mut k = 0;
                 // iter_custom divided by G: the reported time is per page.
                 g.bench_function(id(cache, r, cfg), |b| {
@@ -235,7 +252,7 @@ fn granule_miss(c: &mut Criterion) {
                         let t = raw::now();
                         for _ in 0..iters {
                             k += 1;
-                            black_box(lib.cycle(&m, k));
+                            black_box(lib.cycle(&m, k, cpu0.as_ref()));
                         }
                         (raw::now() - t) / cfg.granule as u32
                     })
@@ -289,9 +306,9 @@ fn summary() {
             let how = raw_cycle(r);
             for cache in CACHES {
                 let lib = Lib::new(&m, cache, r);
-                let _cpu0 = if let Lib::Lw(lw, _) = &lib { Some(lw.bind(0).expect("bind")) } else { None };
+                let cpu0 = if let Lib::Lw(lw, _) = &lib { Some(lw.bind(0).expect("bind")) } else { None };
                 let before = lib.mmu_stats();
-                let p = common::paired(ROUNDS, iters, ns, |k| lib.cycle(&m, k), |_| rawm.cycle(how));
+                let p = common::paired(ROUNDS, iters, ns, |k| lib.cycle(&m, k, cpu0.as_ref()), |_| rawm.cycle(how));
                 let d = lib.mmu_stats().since(&before);
                 let g = cfg.granule as f64;
                 let (a, b) = (p.a_ns / g, p.b_ns / g);

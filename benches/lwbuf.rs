@@ -9,7 +9,8 @@
 //!   frames, all cached on CPU 0 beforehand, so (a) is always a hit.
 //!   Targets: (a) within 1.3x of (b), and at least 300x faster than (c).
 //!   Beside them, reported: (d) the same hit in a cache stripped to the
-//!   least its protocol does (see [`Floor`]), against (b) and (a).
+//!   least its protocol does (see [`Floor`]), against (b) and (a); (e) the
+//!   hit as one scoped `CpuGuard::map_local` call, against (b) and (a).
 //!   (c) is measured twice: alone, and while another thread of the process
 //!   runs on the other core (then every remap of a touched page is a TLB
 //!   shootdown, the cost the library exists to avoid).
@@ -50,7 +51,7 @@ use rand::{Rng, SeedableRng};
 mod common;
 
 use common::median_ns;
-use lwbuf::{pin_to_core, Lwbuf, Lwbufs, Mmu, Page, PhysMem, Slot, Window};
+use lwbuf::{pin_to_core, CpuGuard, Lwbuf, Lwbufs, Mmu, Page, PhysMem, Slot, Window};
 
 /// Frames the hot benchmarks cycle through (all cached on CPU 0).
 const FRAMES: usize = 512;
@@ -106,6 +107,14 @@ impl Fixture {
         let (p, off) = self.seq[i & (SEQ - 1)];
         let h = self.lw.alloc(&self.pages[p]).expect("alloc");
         h.kva().expect("kva").read_u64(off).expect("read")
+    }
+
+    /// (e): (a) as one `CpuGuard::map_local` call on `cpu` (the scoped
+    /// mapping: no handle, no question of which CPU the thread is on).
+    #[inline(always)]
+    fn local_hit_8(&self, cpu: &CpuGuard<'_>, i: usize) -> u64 {
+        let (p, off) = self.seq[i & (SEQ - 1)];
+        cpu.map_local(&self.pages[p], |kva| kva.read_u64(off).expect("read")).expect("map_local")
     }
 
     /// (a) with an owned handle.
@@ -312,6 +321,15 @@ fn read_8<M: Measurement>(c: &mut Criterion<M>, clock: Clock) {
         })
     });
     assert_eq!(f.lw.stats().total.misses, misses, "every alloc was a hit");
+
+    let mut i = 0;
+    g.bench_function("map_local_hit", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(f.local_hit_8(&_cpu0, i))
+        })
+    });
+    assert_eq!(f.lw.stats().total.misses, misses, "every map_local was a hit");
 
     let mut i = 0;
     g.bench_function("direct_map", |b| {
@@ -628,7 +646,7 @@ fn summary(clock: Clock) {
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     println!("\n== lwbuf bench summary ({})", clock.describe());
     println!("criterion medians:");
-    for b in ["lwbuf_hit", "direct_map", "mmap_touch_remap", "mmap_touch_remap_sibling_running"] {
+    for b in ["lwbuf_hit", "map_local_hit", "direct_map", "mmap_touch_remap", "mmap_touch_remap_sibling_running"] {
         println!("  {g8}/{b}: {}", show(median_ns(&g8, b)));
     }
     let go = clock.group("lwbuf_owned_hit");
@@ -652,6 +670,13 @@ fn summary(clock: Clock) {
         r.ratio,
         verdict(r.ratio <= 1.3)
     );
+    let r = common::paired(31, 20_000, ns, |i| f.local_hit_8(&_cpu0, i), |i| f.direct_8(i));
+    println!(
+        "  (e) map_local hit {:.1} ns / (b) direct map {:.1} ns = {:.2}x (reported: the scoped mapping)",
+        r.a_ns, r.b_ns, r.ratio
+    );
+    let r = common::paired(31, 20_000, ns, |i| f.local_hit_8(&_cpu0, i), |i| f.hit_8(i));
+    println!("  (e) map_local hit {:.1} ns / (a) hit {:.1} ns = {:.2}x (reported)", r.a_ns, r.b_ns, r.ratio);
     // (d): the least any per-CPU reference-counted cache does per hit.
     let floor = Floor::new(&f);
     let r = common::paired(31, 20_000, ns, |i| floor.hit_8(&f, i), |i| f.direct_8(i));

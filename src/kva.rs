@@ -149,6 +149,8 @@ pub(crate) struct KvaSpace {
     /// The MMU's slot size, read once: every handle's `kva()` needs it, and
     /// asking the `dyn Mmu` costs two indirect calls.
     slot_size: usize,
+    /// log2 of `slot_size` (frames are a power of two in size).
+    slot_shift: u32,
     /// The memory the MMU maps, held here so that checking a page's memory
     /// on every `alloc` makes no indirect call.
     phys: crate::phys::PhysMem,
@@ -210,6 +212,9 @@ impl KvaSpace {
         let slots = Extents::new(mmu.capacity() >> shift);
         let budget = budget.unwrap_or_else(default_map_budget);
         let slot_size = mmu.slot_size();
+        if !slot_size.is_power_of_two() {
+            return Err(Error::config("frame_size", format!("{slot_size}-byte slots: not a power of two")));
+        }
         let writable = mmu.writable();
         let frames = phys.frames();
         Ok(KvaSpace {
@@ -226,6 +231,7 @@ impl KvaSpace {
             shift,
             frames,
             slot_size,
+            slot_shift: slot_size.trailing_zeros(),
             phys,
             writable,
         })
@@ -288,17 +294,46 @@ impl KvaSpace {
     }
 
     /// The address of frame `pfn` inside a mapping of `key` at `addr`.
+    /// No branch: frames are a power of two in size, so the offset is a
+    /// shift (0 for a granule of one frame, or a granule's first page).
     #[inline]
     pub(crate) fn addr_in(&self, key: MapKey, addr: NonNull<u8>, pfn: usize) -> NonNull<u8> {
         debug_assert!(pfn >= key.pfn && pfn < key.pfn + key.pages);
-        if pfn == key.pfn {
-            // A granule of one frame, or a granule's first page: no offset
-            // (and no multiply on the hit path).
-            return addr;
-        }
+        debug_assert_eq!(1 << self.slot_shift, self.slot_size);
         // SAFETY: `pfn` is one of the key's frames, so the offset stays
         // inside the mapping that starts at `addr`.
-        unsafe { addr.add((pfn - key.pfn) * self.slot_size) }
+        unsafe { addr.add((pfn - key.pfn) << self.slot_shift) }
+    }
+
+    /// The index of the granule holding frame `pfn` (a frame of the
+    /// memory): [`page_granule`](Self::page_granule)'s second half.
+    #[inline(always)]
+    pub(crate) fn page_index(&self, pfn: usize) -> usize {
+        pfn >> self.shift
+    }
+
+    /// The address of frame `pfn` inside the mapping at `addr` of the
+    /// granule holding it: [`addr_in`](Self::addr_in) for a granule key.
+    #[inline(always)]
+    pub(crate) fn frame_in_granule(&self, addr: NonNull<u8>, pfn: usize) -> NonNull<u8> {
+        // SAFETY: `pfn`'s place in its granule is below the granule's
+        // frames that lie in the memory, all mapped from `addr`.
+        unsafe { addr.add((pfn & ((1 << self.shift) - 1)) << self.slot_shift) }
+    }
+
+    /// The key of the granule holding frame `pfn` (a frame of the memory)
+    /// and its index: [`key_of`](Self::key_of)`(pfn, 1)` and
+    /// [`granule_index`](Self::granule_index) of it, for the single-page
+    /// hit path, without a branch (with a granule of one frame the mask
+    /// keeps every bit and the cut at the memory's end leaves one page).
+    #[inline(always)]
+    pub(crate) fn page_granule(&self, pfn: usize) -> (MapKey, usize) {
+        debug_assert!(pfn < self.frames);
+        let base = (pfn >> self.shift) << self.shift;
+        let key = MapKey { pfn: base, pages: (self.frames - base).min(1 << self.shift) };
+        debug_assert_eq!(key, self.key_of(pfn, 1));
+        debug_assert_eq!(Some(pfn >> self.shift), self.granule_index(key));
+        (key, pfn >> self.shift)
     }
 
     /// Live mappings now, and the budget.

@@ -94,6 +94,7 @@ pub use error::{Error, Inconsistency, Result};
 #[doc(hidden)]
 pub mod __loom {
     pub use crate::lwbuf::entry_slot as lwbuf_entry_slot;
+    pub use crate::lwbuf::local_entry_slot as lwbuf_local_slot;
     pub use crate::sync::mutants::{set as set_mutant, Mutant};
 
     /// What a thread's exit does outside loom, where a thread-local

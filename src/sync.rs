@@ -401,6 +401,9 @@ pub mod mutants {
         /// A handle dropped on one CPU releases only that CPU's entry and
         /// sends no messages (DragonFly's first lwbuf leak, in spirit).
         NoRemoteDecref,
+        /// `CpuGuard::map_local` gives its reference back before the
+        /// closure runs instead of after.
+        LocalReleaseEarly,
         /// The sf_buf evictor kills an entry without re-checking its count.
         EvictNoRecheck,
         /// Releases do not bump the wait queue's generation.

@@ -1,11 +1,11 @@
 //! Property test: random sequences of operations on the lwbuf caches and the
 //! sf_buf pool (bind and unbind CPUs on two threads, alloc, runs, broken
 //! runs, foreign pages, the address on another CPU, drops on a CPU or with
-//! none, `set_max_excess`, `poll`, `reclaim`; sf_buf alloc, runs, drop,
-//! `set_max_excess` and `reclaim`), under a mapping granule of 1, 2 or 4
-//! frames and strict or lazy reclaim, give the results, counters and MMU
-//! calls that a small reference model predicts. The operations, the model
-//! and the runner are in `tests/common/model_ops/`, shared with the
+//! none, `set_max_excess`, `poll`, `reclaim`, `map_local`; sf_buf alloc,
+//! runs, drop, `set_max_excess` and `reclaim`), under a mapping granule of
+//! 1, 2 or 4 frames and strict or lazy reclaim, give the results, counters
+//! and MMU calls that a small reference model predicts. The operations, the
+//! model and the runner are in `tests/common/model_ops/`, shared with the
 //! cargo-fuzz target `fuzz/fuzz_targets/lwbuf_ops.rs`.
 //!
 //! A failing input found by fuzzing goes below as a `#[test]` that replays
@@ -106,6 +106,9 @@ fn scripted_sequence_covers_the_paths() {
         Bind(2),
         Alloc(7),
         Alloc(7),
+        MapLocal(7),  // a hit on the entry the handles hold
+        MapLocal(6),  // a miss, given back at once (max_excess 0: unmapped)
+        MapLocal(16), // ForeignPage
         Kva(0),
         Reclaim,
         SfAlloc(0),

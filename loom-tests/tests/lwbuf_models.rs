@@ -1,6 +1,7 @@
 //! Loom models of the per-CPU lwbuf protocol: the mailbox (passive IPI),
-//! release across CPUs, CPUs whose thread has gone, and two pages of one
-//! mapping granule used and released on two CPUs.
+//! release across CPUs, CPUs whose thread has gone, two pages of one
+//! mapping granule used and released on two CPUs, and the scoped
+//! `map_local` against a reclaim of its CPU.
 //!
 //! Each model runs the library's own code (its sync facade is loom's under
 //! `--cfg loom`) on the model MMU, with a small fixed CPU count. Each has a
@@ -15,7 +16,7 @@ use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::Mutex;
 use loom::thread;
 use loom_tests::{expect_failure, expect_failure_in_child, leak, model, unleak, Mutant};
-use lwbuf::__loom::lwbuf_entry_slot;
+use lwbuf::__loom::{lwbuf_entry_slot, lwbuf_local_slot};
 use lwbuf::{Backing, Lwbuf, Lwbufs, Mmu, ModelMmu, Pfn, PhysMem, Reclaim, Slot};
 
 fn system(frames: usize, slots: usize, cpus: usize, max_excess: usize) -> (PhysMem, Arc<ModelMmu>, &'static Lwbufs) {
@@ -294,4 +295,52 @@ fn lwbuf_granule_shared_mutant_foreign_page_key() {
         "CPU 1, first page: this CPU has no entry for the handle's granule",
         granule_shared,
     );
+}
+
+// === 5. map_local: the scoped mapping against a reclaim of its CPU ===
+
+/// A thread bound to CPU 0 reads its page inside `CpuGuard::map_local`
+/// while an unbound thread reclaims every CPU's unused mappings (stealing
+/// CPU 0 from its owner between the owner's own sections). The closure's
+/// entry is in use for the whole call, so CPU 0 keeps the page's mapping
+/// through it, whatever the interleaving; afterwards the reference is back
+/// and a reclaim unmaps everything.
+fn map_local_vs_reclaim() {
+    let (mem, mmu, lw) = system(1, 2, 2, 1);
+    let page = leak(mem.alloc_page().unwrap());
+    page.direct().unwrap().write_u64(0, mark(page)).unwrap();
+    let reclaimer = thread::spawn(move || {
+        lw.reclaim();
+    });
+    let cpu = lw.bind(0).unwrap();
+    cpu.map_local(page, |kva| {
+        let slot = lwbuf_local_slot(lw, page).expect("CPU 0 lost its entry for the page inside map_local");
+        assert_eq!(mmu.translate(slot), Some(page.pfn()), "the page's mapping went or changed inside map_local");
+        assert_eq!(kva.read_u64(0).unwrap(), mark(page));
+    })
+    .unwrap();
+    // Given back: whatever is still mapped is unused (the reclaimer may
+    // have unmapped it since).
+    let st = lw.stats();
+    assert_eq!(st.per_cpu[0].cached, st.per_cpu[0].mapped, "the reference was not given back");
+    drop(cpu);
+    reclaimer.join().unwrap();
+    lw.reclaim();
+    assert_eq!(mmu.stats().mapped, 0, "nothing left in use after a last reclaim");
+    assert_eq!(lw.check_consistency(), Ok(0));
+    // SAFETY: the reclaimer is joined; nothing borrows them any more.
+    unsafe { unleak(lw) };
+    unsafe { unleak(page) };
+}
+
+#[test]
+fn lwbuf_map_local_vs_reclaim() {
+    model("lwbuf_map_local_vs_reclaim", map_local_vs_reclaim);
+}
+
+/// The reference given back before the closure runs: a reclaim between the
+/// two unmaps the page the closure reads.
+#[test]
+fn lwbuf_map_local_vs_reclaim_mutant_release_early() {
+    expect_failure("lwbuf_map_local_vs_reclaim", Mutant::LocalReleaseEarly, map_local_vs_reclaim);
 }

@@ -176,10 +176,120 @@ pub struct CpuGuard<'a> {
     _not_send: PhantomData<*const ()>,
 }
 
-impl CpuGuard<'_> {
+impl<'a> CpuGuard<'a> {
     /// The CPU id held.
     pub fn cpu(&self) -> usize {
         self.cpu
+    }
+
+    /// Map `page` on this guard's CPU for the duration of `f`, which gets a
+    /// view of its bytes (Linux's `kmap_local_page`): an [`alloc`]
+    /// (Lwbufs::alloc), a [`kva`](Lwbuf::kva) and the handle's release in
+    /// one call, with the same cache, semantics and statistics, and without
+    /// the handle. The guard is borrowed for the call, so the thread stays
+    /// bound to its CPU throughout: nothing asks which CPU the thread is on,
+    /// and the release is the home release. The view cannot leave `f` (its
+    /// lifetime is `f`'s own), and the reference is given back even if `f`
+    /// panics. Calls nest, and `f` may use the caches in every other way.
+    ///
+    /// Errors: as [`Lwbufs::alloc`] (never [`Error::NotBound`]), before `f`
+    /// runs; `f`'s own result is returned inside `Ok`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use lwbuf::{Lwbufs, PhysMem, Window};
+    ///
+    /// let mem = PhysMem::builder().frames(64).build()?;
+    /// let lw = Lwbufs::builder(Arc::new(Window::builder(&mem).slots(16).build()?)).cpus(2).build()?;
+    /// let page = mem.alloc_page()?;
+    /// let cpu = lw.bind(0)?;
+    /// cpu.map_local(&page, |kva| kva.write_u64(8, 42))??;
+    /// assert_eq!(cpu.map_local(&page, |kva| kva.read_u64(8))??, 42);
+    /// assert_eq!(lw.stats().total.hits, 1); // the second call hit the cached mapping
+    /// # Ok::<(), lwbuf::Error>(())
+    /// ```
+    ///
+    /// The view cannot be kept past the call, which gives the reference
+    /// back:
+    ///
+    /// ```compile_fail
+    /// # use std::sync::Arc;
+    /// # use lwbuf::{Lwbufs, PhysMem, Window};
+    /// # let mem = PhysMem::builder().frames(64).build().unwrap();
+    /// # let lw = Lwbufs::builder(Arc::new(Window::builder(&mem).slots(16).build().unwrap())).build().unwrap();
+    /// # let page = mem.alloc_page().unwrap();
+    /// let cpu = lw.bind(0).unwrap();
+    /// let kept = cpu.map_local(&page, |kva| kva).unwrap(); // error: the view escapes the closure
+    /// ```
+    #[inline(always)]
+    pub fn map_local<R>(&self, page: &Page, f: impl FnOnce(Kaddr<'_>) -> R) -> Result<R> {
+        let sys = self.sys;
+        sys.kva.check_page(page)?;
+        let pfn = page.pfn().0;
+        // The key only for a miss: a hit needs the index alone.
+        let index = sys.kva.page_index(pfn);
+        let key = || sys.kva.page_granule(pfn).0;
+        let addr = sys.kva.frame_in_granule(sys.acquire_on(self.cpu, index, key)?, pfn);
+        if crate::sync::mutant!(LocalReleaseEarly) {
+            sys.release_local(self.cpu, index, pfn);
+            // SAFETY: a loom-only breakage, which the models must catch:
+            // the slot may be unmapped while `f` runs. Under loom the MMU
+            // is the model, whose views are of the memory's direct map,
+            // which stays allocated as long as the memory.
+            let r = f(unsafe { sys.kva.view(addr, sys.slot_size) });
+            return Ok(r);
+        }
+        let held = LocalRef { sys, cpu: self.cpu, index, pfn };
+        // SAFETY: `held` holds a reference on this CPU's entry for `key`
+        // until it drops, after `f` returns (or unwinds); the entry's
+        // mapping of the granule, which holds `page`'s frame at `addr`,
+        // stays that long. The view's lifetime is `f`'s argument's, so no
+        // borrow of it outlives the call.
+        let r = f(unsafe { sys.kva.view(addr, sys.slot_size) });
+        // The release inline, from registers; `held`'s drop only for an
+        // unwind (a drop call here moved it through memory, stored in four
+        // words and loaded back in two, and stalled on the store
+        // forwarding: twice the time of the whole call).
+        std::mem::forget(held);
+        sys.release_local(self.cpu, index, pfn);
+        Ok(r)
+    }
+}
+
+/// The reference a [`CpuGuard::map_local`] holds while its closure runs:
+/// given back on `cpu`, to which the guard keeps the thread bound.
+struct LocalRef<'a> {
+    sys: &'a Lwbufs,
+    cpu: usize,
+    index: usize,
+    pfn: usize,
+}
+
+impl Drop for LocalRef<'_> {
+    fn drop(&mut self) {
+        self.sys.release_local(self.cpu, self.index, self.pfn);
+    }
+}
+
+impl Lwbufs {
+    /// Give back a reference a [`CpuGuard::map_local`] took on `cpu`'s
+    /// entry at `index` for frame `pfn`: a home release, on the thread
+    /// bound to `cpu`.
+    #[inline(always)]
+    fn release_local(&self, cpu: usize, index: usize, pfn: usize) {
+        debug_assert_eq!(self.current_cpu(), Some(cpu));
+        let max = self.max_excess();
+        if !self.cpus[cpu].local.owner().release_fast(index, max) {
+            self.release_local_slow(cpu, index, pfn, max);
+        }
+    }
+
+    /// As [`Lwbuf::release_slow`] at home.
+    #[cold]
+    #[inline(never)]
+    fn release_local_slow(&self, cpu: usize, index: usize, pfn: usize, max: usize) {
+        let key = self.kva.key_of(pfn, 1);
+        self.cpus[cpu].local.owner().release(&self.kva, max, index, || key);
     }
 }
 
@@ -408,8 +518,9 @@ impl Lwbufs {
     /// is left to evict).
     #[inline(always)]
     pub fn alloc<'a>(&'a self, page: &'a Page) -> Result<Lwbuf<'a>> {
-        let (key, hold) = self.kva.page_key(page)?;
-        self.alloc_key(key, hold)
+        self.kva.check_page(page)?;
+        let (key, index) = self.kva.page_granule(page.pfn().0);
+        self.alloc_key(key, index, std::slice::from_ref(page))
     }
 
     /// Map a run of pages whose frames are contiguous (as a page-cache file
@@ -420,7 +531,7 @@ impl Lwbufs {
     /// empty.
     pub fn alloc_run<'a>(&'a self, pages: &'a [Page]) -> Result<Lwbuf<'a>> {
         let (key, hold) = self.kva.run_key(pages)?;
-        self.alloc_key(key, hold)
+        self.alloc_key(key, self.kva.granule_index(key).unwrap_or(NOT_INDEXED), hold)
     }
 
     /// Inlined whole into the caller (with `alloc` and the hit path under
@@ -429,25 +540,24 @@ impl Lwbufs {
     /// wider, and every hit stalled on failed store forwarding (24 ns a
     /// hit, 14 ns inlined, `benches/lwbuf.rs`).
     #[inline(always)]
-    fn alloc_key<'a>(&'a self, key: Key, hold: Hold<'a>) -> Result<Lwbuf<'a>> {
+    fn alloc_key<'a>(&'a self, key: Key, index: usize, hold: Hold<'a>) -> Result<Lwbuf<'a>> {
         let cpu = self.require_cpu()?;
-        let index = self.kva.granule_index(key).unwrap_or(NOT_INDEXED);
-        let addr = self.kva.addr_in(key, self.acquire_on(cpu, index, key)?, hold[0].pfn().0);
+        let addr = self.kva.addr_in(key, self.acquire_on(cpu, index, || key)?, hold[0].pfn().0);
         Ok(Lwbuf { sys: self, hold, others: Others::new(), home: cpu as u32, index, home_addr: addr })
     }
 
     /// Take a reference on `key` in `cpu`'s cache, reclaiming slots from
     /// other CPUs if the window is otherwise full.
     #[inline(always)]
-    fn acquire_on(&self, cpu: usize, index: usize, key: Key) -> Result<NonNull<u8>> {
+    fn acquire_on(&self, cpu: usize, index: usize, key: impl Fn() -> Key) -> Result<NonNull<u8>> {
         // A statement of its own: the guard must be gone before the slow
         // path steals other CPUs (a guard in a `match` scrutinee would live
         // through it, and two CPUs reclaiming at once would each wait for
         // the other to leave its cache).
-        let r = self.enter_cpu(cpu).acquire(&self.kva, index, || key);
+        let r = self.enter_cpu(cpu).acquire(&self.kva, index, &key);
         match r {
             Ok(addr) => Ok(addr),
-            Err(m) => self.acquire_full(cpu, index, key, m),
+            Err(m) => self.acquire_full(cpu, index, key(), m),
         }
     }
 
@@ -782,7 +892,7 @@ impl<'a> Lwbuf<'a> {
         // Only a thread bound to `cpu` adds `cpu` to a mask, under its lock:
         // the test above cannot race with another insert of the same CPU.
         let index = sys.kva.granule_index(key).unwrap_or(NOT_INDEXED);
-        let addr = sys.kva.addr_in(key, sys.acquire_on(cpu, index, key)?, pfn);
+        let addr = sys.kva.addr_in(key, sys.acquire_on(cpu, index, || key)?, pfn);
         sys.enter_cpu(cpu).counters.foreign += 1;
         self.others.insert(cpu, sys.cpus.len());
         Ok(addr)
@@ -861,6 +971,20 @@ pub fn entry_slot(h: &Lwbuf<'_>) -> Option<crate::Slot> {
     let cpu = h.sys.current_cpu()?;
     let key = h.key();
     let l = h.sys.enter_cpu(cpu);
+    // A binding of its own: the search borrows the guard.
+    let slot = l.entries().find(|&(k, ..)| k == key).map(|(_, slot, ..)| slot);
+    slot
+}
+
+/// Under loom only: the first slot of the calling thread's CPU's entry for
+/// the granule holding `page` (`None` if that CPU has none, or the thread
+/// is unbound): for a model to check, inside a [`CpuGuard::map_local`]
+/// closure, that the mapping stays while the closure runs.
+#[cfg(loom)]
+pub fn local_entry_slot(lw: &Lwbufs, page: &Page) -> Option<crate::Slot> {
+    let cpu = lw.current_cpu()?;
+    let (key, _) = lw.kva.page_granule(page.pfn().0);
+    let l = lw.enter_cpu(cpu);
     // A binding of its own: the search borrows the guard.
     let slot = l.entries().find(|&(k, ..)| k == key).map(|(_, slot, ..)| slot);
     slot

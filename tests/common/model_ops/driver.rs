@@ -207,6 +207,27 @@ impl<'a, 's> Run<'a, 's> {
         }
     }
 
+    /// `map_local` of frame `f` on the driver's CPU: as `alloc` of it
+    /// and the handle's drop at home, in the model.
+    pub(super) fn map_local(&mut self, f: u8) {
+        let (Some(guard), Some(cpu)) = (self.guard.as_ref(), self.model.main_cpu) else { return };
+        let p = self.page(f);
+        let r = guard.map_local(p, |kva| -> Result<Seen, Error> {
+            Ok(Seen { addr: kva.addr(), words: vec![kva.read_u64(0)?] })
+        });
+        if !p.phys().same_as(&self.sys.mem) {
+            self.expect_r(&r, Outcome::Err("ForeignPage"));
+            return;
+        }
+        self.expect_r(&r, Outcome::Ok);
+        let seen = r.unwrap().expect("a read inside the page");
+        let hold = (p.pfn().0, 1);
+        let key = self.model.key_of(hold.0, hold.1);
+        self.model.acquire(cpu, key);
+        self.saw(cpu, key, hold, &seen);
+        self.model.release(HandleModel { key, hold, home: cpu, mask: BTreeSet::from([cpu]) }, Some(cpu));
+    }
+
     pub(super) fn kva(&mut self, i: u8, helper: bool) {
         if self.handles.is_empty() {
             return;
@@ -324,6 +345,7 @@ impl<'a, 's> Run<'a, 's> {
                 let second = if kind % 2 == 0 { &self.sys.pages[f + 2] } else { &self.sys.foreign };
                 self.alloc(vec![&self.sys.pages[f], second], false);
             }
+            Op::MapLocal(f) => self.map_local(f),
             Op::Kva(i) => self.kva(i, false),
             Op::HelperKva(i) => self.kva(i, true),
             Op::Drop(i) => self.drop_handle(i, false),

@@ -81,12 +81,16 @@ pub enum Op {
     SfAllocRun(u8, u8),
     /// `SfPool::reclaim`.
     SfReclaim,
+    /// `CpuGuard::map_local` of frame `f` on the driver's guard (nothing
+    /// when it holds none), reading every word the model checks: an
+    /// `alloc` and a release at home in one call.
+    MapLocal(u8),
 }
 
 /// Which operation each opcode is: the common ones (alloc, drop, bind)
 /// appear more often, so that sequences build up cached entries, hits,
 /// evictions and messages rather than errors.
-pub(super) const TABLE: [u8; 38] = [
+pub(super) const TABLE: [u8; 41] = [
     0, 0, 0, // Bind
     1, // Unbind
     2, 2, // HelperBind
@@ -107,6 +111,7 @@ pub(super) const TABLE: [u8; 38] = [
     17, // SfSetMaxExcess
     18, 18, // SfAllocRun
     19, // SfReclaim
+    20, 20, 20, // MapLocal
 ];
 
 /// Distinct opcodes of [`Op::from_parts`].
@@ -147,7 +152,8 @@ impl Op {
             17 => Op::SfSetMaxExcess(a % 5),
             // Runs from the first eight frames, up to a granule of 4.
             18 => Op::SfAllocRun(a % 8, b % 4 + 1),
-            _ => Op::SfReclaim,
+            19 => Op::SfReclaim,
+            _ => Op::MapLocal(frame),
         }
     }
 }
