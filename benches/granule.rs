@@ -198,7 +198,7 @@ fn id(cache: Cache, r: Reclaim, cfg: Config) -> String {
 }
 
 const RECLAIMS: [Reclaim; 2] = [Reclaim::Strict, Reclaim::Lazy];
-const CACHES: [Cache; 5] = [Cache::Lwbuf, Cache::LwbufLocal, Cache::SfBuf, Cache::LwbufRun, Cache::SfBufRun];
+const CACHES: [Cache; 5] = [Cache::Lwbuf, Cache::SfBuf, Cache::LwbufRun, Cache::SfBufRun, Cache::LwbufLocal];
 
 /// A cache under test (boxed: the two differ much in size), and which of
 /// its cycles.
