@@ -183,12 +183,12 @@ impl<'a> CpuGuard<'a> {
     }
 
     /// Map `page` on this guard's CPU for the duration of `f`, which gets a
-    /// view of its bytes (Linux's `kmap_local_page`): an [`alloc`]
-    /// (Lwbufs::alloc), a [`kva`](Lwbuf::kva) and the handle's release in
-    /// one call, with the same cache, semantics and statistics, and without
-    /// the handle. The guard is borrowed for the call, so the thread stays
-    /// bound to its CPU throughout: nothing asks which CPU the thread is on,
-    /// and the release is the home release. The view cannot leave `f` (its
+    /// view of its bytes (Linux's `kmap_local_page`): an
+    /// [`alloc`](Lwbufs::alloc), a [`kva`](Lwbuf::kva) and the handle's
+    /// release in one call, with the same cache, semantics and statistics,
+    /// and without the handle. The guard is borrowed for the call, so the
+    /// thread stays bound to its CPU throughout: nothing asks which CPU the
+    /// thread is on, and the release is the home release. The view cannot leave `f` (its
     /// lifetime is `f`'s own), and the reference is given back even if `f`
     /// panics. Calls nest, and `f` may use the caches in every other way.
     ///
