@@ -207,14 +207,15 @@ impl KvaSpace {
         let min = phys.min_granule();
         let granule = granule.unwrap_or(min);
         check_granule(granule, min, mmu.capacity())?;
-        mmu.claim()?;
-        let shift = granule.trailing_zeros();
-        let slots = Extents::new(mmu.capacity() >> shift);
-        let budget = budget.unwrap_or_else(default_map_budget);
+        // Before the claim: an error after it would leave the window claimed.
         let slot_size = mmu.slot_size();
         if !slot_size.is_power_of_two() {
             return Err(Error::config("frame_size", format!("{slot_size}-byte slots: not a power of two")));
         }
+        mmu.claim()?;
+        let shift = granule.trailing_zeros();
+        let slots = Extents::new(mmu.capacity() >> shift);
+        let budget = budget.unwrap_or_else(default_map_budget);
         let writable = mmu.writable();
         let frames = phys.frames();
         Ok(KvaSpace {

@@ -5,11 +5,13 @@
 //! (`on_both_backends!`); reads are checked against per-frame stamps
 //! written through the direct map.
 
+use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::thread;
 
-use lwbuf::{system_page_size, Error, Lwbufs, PhysMem, Reclaim};
+use lwbuf::{system_page_size, CpuGuard, Error, Lwbufs, PhysMem, Reclaim};
 
 #[macro_use]
 #[path = "common/backend.rs"]
@@ -24,6 +26,7 @@ on_both_backends!(
     two_cpus_at_once,
     granule_pages_share_one_mapping,
     extreme_excess_limits,
+    guard_outliving_its_binding_is_not_bound,
 );
 
 fn system(b: Backend, mem: &PhysMem, slots: usize, cpus: usize, max_excess: usize, granule: usize) -> Lwbufs {
@@ -231,5 +234,88 @@ fn extreme_excess_limits(b: Backend) {
     }
     let st = lw.stats();
     assert_eq!((st.total.misses, st.total.hits, st.total.cached), (4, 8, 4), "{st}");
+    assert_eq!(lw.check_consistency(), Ok(0));
+}
+
+/// What tests leak on purpose to get `'static` borrows, kept reachable so
+/// that Miri's leak check does not count it.
+static LEAKED: Mutex<Vec<&'static (dyn Sync + Send)>> = Mutex::new(Vec::new());
+
+/// Leak `v` for the rest of the process (see `LEAKED`).
+fn leak<T: Sync + Send + 'static>(v: T) -> &'static T {
+    let r: &'static T = Box::leak(Box::new(v));
+    LEAKED.lock().unwrap().push(r);
+    r
+}
+
+thread_local! {
+    static GUARD: RefCell<Option<CpuGuard<'static>>> = const { RefCell::new(None) };
+    static BETWEEN: RefCell<RunOnDrop> = const { RefCell::new(RunOnDrop(None)) };
+}
+
+/// Runs its closure when dropped (in a thread-local: at thread exit).
+struct RunOnDrop(Option<Box<dyn FnOnce()>>);
+
+impl Drop for RunOnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+/// A guard kept in a thread-local outlives the thread's bindings, which
+/// are given back by an earlier thread-local destructor at its exit; by
+/// the time a later destructor uses the guard, another thread may own its
+/// CPU. `map_local` then says `NotBound` and never runs the closure, while
+/// the CPU's new owner maps through it undisturbed.
+fn guard_outliving_its_binding_is_not_bound(b: Backend) {
+    let mem: &'static PhysMem = leak(b.phys(16));
+    let pages: &'static Vec<lwbuf::Page> = leak(stamped_pages(mem, 4));
+    let lw: &'static Lwbufs = leak(system(b, mem, 8, 2, 2, 1));
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (bound_tx, bound_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let other = thread::spawn(move || {
+        go_rx.recv().unwrap();
+        let cpu = lw.bind(1).expect("CPU 1 given back by the exiting thread");
+        bound_tx.send(()).unwrap();
+        done_rx.recv().unwrap();
+        for p in pages.iter() {
+            cpu.map_local(p, |kva| check_stamps(&kva, p.pfn().0)).unwrap();
+        }
+    });
+    let ran: &'static AtomicBool = leak(AtomicBool::new(false));
+    let result = thread::spawn(move || {
+        let (result_tx, result_rx) = mpsc::channel();
+        // Registration order = reverse destruction order: GUARD, then
+        // BETWEEN, then the library's bindings (at the first bind).
+        GUARD.with(|_| ());
+        BETWEEN.with(|slot| {
+            slot.borrow_mut().0 = Some(Box::new(move || {
+                assert_eq!(lw.current_cpu(), None, "the bindings are given back first");
+                go_tx.send(()).unwrap();
+                bound_rx.recv().unwrap();
+                let r = GUARD.with(|g| {
+                    let g = g.borrow();
+                    let cpu = g.as_ref().expect("the guard is still there");
+                    cpu.map_local(&pages[0], |_| ran.store(true, Ordering::Relaxed)).map(|_| ())
+                });
+                result_tx.send(r).unwrap();
+                done_tx.send(()).unwrap();
+            }))
+        });
+        let g = lw.bind(1).unwrap();
+        g.map_local(&pages[1], |kva| check_stamps(&kva, pages[1].pfn().0)).unwrap();
+        GUARD.with(|s| *s.borrow_mut() = Some(g));
+        result_rx
+    })
+    .join()
+    .unwrap()
+    .recv()
+    .unwrap();
+    assert!(matches!(result, Err(Error::NotBound)), "{result:?}");
+    assert!(!ran.load(Ordering::Relaxed), "the closure ran on a CPU the thread no longer holds");
+    other.join().unwrap();
     assert_eq!(lw.check_consistency(), Ok(0));
 }

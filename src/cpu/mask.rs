@@ -201,7 +201,7 @@ impl Others {
                         // SAFETY: `fresh` was never shared: the CAS failed.
                         drop(unsafe { Box::from_raw(fresh) });
                         // SAFETY: another insert published `theirs`; freed
-                        // only by `Drop`.
+                        // only by `free`.
                         unsafe { &*theirs }
                     }
                 }
@@ -231,8 +231,8 @@ impl Others {
     /// calls this on every release that finds the set non-empty; a handle
     /// leaked with `mem::forget` leaks the mask with it.
     pub(crate) fn free(&mut self) {
-        // A load, not `get_mut` (loom's atomics have none); `&mut self`
-        // means no one else can store.
+        // A swap, not `get_mut` (loom's atomics have none); `&mut self`
+        // means no one else can store, and a second call finds null.
         let p = self.high.swap(std::ptr::null_mut(), Ordering::Acquire);
         if !p.is_null() {
             // SAFETY: leaked by `insert` and owned by this set alone.

@@ -168,12 +168,26 @@ pub struct Lwbufs {
 }
 
 /// The binding of the calling thread to one CPU of an [`Lwbufs`]; dropping
-/// it unbinds. Not `Send`: a binding belongs to its thread.
+/// it unbinds. Neither `Send` nor `Sync`: a binding belongs to its thread,
+/// and [`map_local`](Self::map_local) runs as that CPU's owner, so another
+/// thread may not even borrow the guard:
+///
+/// ```compile_fail
+/// # use std::sync::Arc;
+/// # use lwbuf::{Lwbufs, PhysMem, Window};
+/// # let mem = PhysMem::builder().frames(64).build().unwrap();
+/// # let lw = Lwbufs::builder(Arc::new(Window::builder(&mem).slots(16).build().unwrap())).build().unwrap();
+/// # let page = mem.alloc_page().unwrap();
+/// let cpu = lw.bind(0).unwrap();
+/// std::thread::scope(|s| {
+///     s.spawn(|| cpu.map_local(&page, |kva| kva.len())); // error: `CpuGuard` is not `Sync`
+/// });
+/// ```
 #[must_use = "the CPU is unbound as soon as the guard is dropped"]
 pub struct CpuGuard<'a> {
     sys: &'a Lwbufs,
     cpu: usize,
-    _not_send: PhantomData<*const ()>,
+    _not_send_or_sync: PhantomData<*const ()>,
 }
 
 impl<'a> CpuGuard<'a> {
@@ -186,14 +200,17 @@ impl<'a> CpuGuard<'a> {
     /// view of its bytes (Linux's `kmap_local_page`): an
     /// [`alloc`](Lwbufs::alloc), a [`kva`](Lwbuf::kva) and the handle's
     /// release in one call, with the same cache, semantics and statistics,
-    /// and without the handle. The guard is borrowed for the call, so the
-    /// thread stays bound to its CPU throughout: nothing asks which CPU the
-    /// thread is on, and the release is the home release. The view cannot leave `f` (its
-    /// lifetime is `f`'s own), and the reference is given back even if `f`
-    /// panics. Calls nest, and `f` may use the caches in every other way.
+    /// and without the handle. The binding is checked once, on entry; the
+    /// guard is borrowed for the call and is neither `Send` nor `Sync`, so
+    /// the thread stays bound to its CPU until the release, which is the
+    /// home release. The view cannot leave `f` (its lifetime is `f`'s own),
+    /// and the reference is given back even if `f` panics. Calls nest, and
+    /// `f` may use the caches in every other way.
     ///
-    /// Errors: as [`Lwbufs::alloc`] (never [`Error::NotBound`]), before `f`
-    /// runs; `f`'s own result is returned inside `Ok`.
+    /// Errors: as [`Lwbufs::alloc`], before `f` runs; `f`'s own result is
+    /// returned inside `Ok`. [`Error::NotBound`] only from a guard kept in a
+    /// thread-local and used by a later thread-local's destructor, after
+    /// the thread's bindings were given back at its exit.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -224,6 +241,14 @@ impl<'a> CpuGuard<'a> {
     #[inline(always)]
     pub fn map_local<R>(&self, page: &Page, f: impl FnOnce(Kaddr<'_>) -> R) -> Result<R> {
         let sys = self.sys;
+        // A guard outlives its binding in one case: kept in a thread-local
+        // whose destructor runs after the one that gives the thread's
+        // bindings back (`cpu::bind`); the CPU may be another thread's by
+        // then. Checked once: nothing ends a binding while `f` runs on this
+        // thread.
+        if sys.current_cpu() != Some(self.cpu) {
+            return Err(Error::NotBound);
+        }
         sys.kva.check_page(page)?;
         let pfn = page.pfn().0;
         // The key only for a miss: a hit needs the index alone.
@@ -438,7 +463,7 @@ impl Lwbufs {
         // A stealer that took this CPU as unowned (without the membarrier)
         // may still be inside: wait for it before we enter as the owner.
         self.cpus[cpu].local.owner_arrives();
-        Ok(CpuGuard { sys: self, cpu, _not_send: PhantomData })
+        Ok(CpuGuard { sys: self, cpu, _not_send_or_sync: PhantomData })
     }
 
     /// [`bind`](Self::bind), and pin the thread to core `cpu % cores` with

@@ -27,7 +27,7 @@ impl Drop for ForLife {
             // What `bind` returned, dropped now: unbind and drain. If the
             // binding table's own thread-local went first, it released the
             // CPU already, and `unbind` does not release it twice.
-            drop(CpuGuard { sys: &sys, cpu, _not_send: PhantomData });
+            drop(CpuGuard { sys: &sys, cpu, _not_send_or_sync: PhantomData });
         }
     }
 }
