@@ -333,8 +333,8 @@ impl KvaSpace {
         let base = (pfn >> self.shift) << self.shift;
         let key = MapKey { pfn: base, pages: (self.frames - base).min(1 << self.shift) };
         debug_assert_eq!(key, self.key_of(pfn, 1));
-        debug_assert_eq!(Some(pfn >> self.shift), self.granule_index(key));
-        (key, pfn >> self.shift)
+        debug_assert_eq!(Some(self.page_index(pfn)), self.granule_index(key));
+        (key, self.page_index(pfn))
     }
 
     /// Live mappings now, and the budget.

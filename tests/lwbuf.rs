@@ -29,7 +29,7 @@ use lwbuf::{system_page_size, CpuGuard, Error, Lwbuf, Lwbufs, Page, PhysMem, Rec
 #[macro_use]
 #[path = "common/backend.rs"]
 mod backend;
-use backend::{pattern, stamp, stamped_pages, Backend};
+use backend::{leak, pattern, stamp, stamped_pages, Backend, RunOnDrop};
 
 impl Backend {
     /// A system of `cpus` CPUs over a fresh window of `slots` slots.
@@ -681,18 +681,6 @@ thread_local! {
     static STASH: RefCell<Vec<Lwbuf<'static>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// What the thread-local tests leak on purpose (to get `'static` handles),
-/// kept reachable from a static so that leak checkers know it is meant to
-/// live until the process exits.
-static LEAKED: Mutex<Vec<&'static dyn Sync>> = Mutex::new(Vec::new());
-
-/// Leak `v` for the rest of the process (see `LEAKED`).
-fn leak<T: Sync + 'static>(v: T) -> &'static T {
-    let r: &'static T = Box::leak(Box::new(v));
-    LEAKED.lock().unwrap().push(r);
-    r
-}
-
 /// Handles kept in a thread-local, a forgotten guard, and a thread exit:
 /// whichever of the two thread-locals (the library's bindings, the stash) is
 /// destroyed first, the handles are released, their messages applied, and
@@ -776,17 +764,6 @@ fn guard_in_thread_local_dropped_after_the_bindings(b: Backend) {
     done_tx.send(()).unwrap();
     other.join().unwrap();
     drop(lw.bind(1).expect("free once its owner let go"));
-}
-
-/// Runs its closure when dropped (in a thread-local: at thread exit).
-struct RunOnDrop(Option<Box<dyn FnOnce()>>);
-
-impl Drop for RunOnDrop {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
-    }
 }
 
 // === many CPUs, many threads ===

@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 use std::thread;
 
 use lwbuf::{system_page_size, CpuGuard, Error, Lwbufs, PhysMem, Reclaim};
@@ -16,7 +16,7 @@ use lwbuf::{system_page_size, CpuGuard, Error, Lwbufs, PhysMem, Reclaim};
 #[macro_use]
 #[path = "common/backend.rs"]
 mod backend;
-use backend::{pattern, stamped_pages, stamped_run, Backend};
+use backend::{leak, pattern, stamped_pages, stamped_run, Backend, RunOnDrop};
 
 on_both_backends!(
     reads_and_writes_like_a_handle,
@@ -237,31 +237,9 @@ fn extreme_excess_limits(b: Backend) {
     assert_eq!(lw.check_consistency(), Ok(0));
 }
 
-/// What tests leak on purpose to get `'static` borrows, kept reachable so
-/// that Miri's leak check does not count it.
-static LEAKED: Mutex<Vec<&'static (dyn Sync + Send)>> = Mutex::new(Vec::new());
-
-/// Leak `v` for the rest of the process (see `LEAKED`).
-fn leak<T: Sync + Send + 'static>(v: T) -> &'static T {
-    let r: &'static T = Box::leak(Box::new(v));
-    LEAKED.lock().unwrap().push(r);
-    r
-}
-
 thread_local! {
     static GUARD: RefCell<Option<CpuGuard<'static>>> = const { RefCell::new(None) };
     static BETWEEN: RefCell<RunOnDrop> = const { RefCell::new(RunOnDrop(None)) };
-}
-
-/// Runs its closure when dropped (in a thread-local: at thread exit).
-struct RunOnDrop(Option<Box<dyn FnOnce()>>);
-
-impl Drop for RunOnDrop {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
-    }
 }
 
 /// A guard kept in a thread-local outlives the thread's bindings, which

@@ -993,12 +993,7 @@ impl Lwbuf<'_> {
 /// frames while it lives. A library call on that CPU, as `poll` is.
 #[cfg(loom)]
 pub fn entry_slot(h: &Lwbuf<'_>) -> Option<crate::Slot> {
-    let cpu = h.sys.current_cpu()?;
-    let key = h.key();
-    let l = h.sys.enter_cpu(cpu);
-    // A binding of its own: the search borrows the guard.
-    let slot = l.entries().find(|&(k, ..)| k == key).map(|(_, slot, ..)| slot);
-    slot
+    h.sys.current_entry_slot(h.key())
 }
 
 /// Under loom only: the first slot of the calling thread's CPU's entry for
@@ -1007,12 +1002,19 @@ pub fn entry_slot(h: &Lwbuf<'_>) -> Option<crate::Slot> {
 /// closure, that the mapping stays while the closure runs.
 #[cfg(loom)]
 pub fn local_entry_slot(lw: &Lwbufs, page: &Page) -> Option<crate::Slot> {
-    let cpu = lw.current_cpu()?;
-    let (key, _) = lw.kva.page_granule(page.pfn().0);
-    let l = lw.enter_cpu(cpu);
-    // A binding of its own: the search borrows the guard.
-    let slot = l.entries().find(|&(k, ..)| k == key).map(|(_, slot, ..)| slot);
-    slot
+    lw.current_entry_slot(lw.kva.page_granule(page.pfn().0).0)
+}
+
+#[cfg(loom)]
+impl Lwbufs {
+    /// The first slot of the calling thread's CPU's entry for `key`.
+    fn current_entry_slot(&self, key: Key) -> Option<crate::Slot> {
+        let cpu = self.current_cpu()?;
+        let l = self.enter_cpu(cpu);
+        // A binding of its own: the search borrows the guard.
+        let slot = l.entries().find(|&(k, ..)| k == key).map(|(_, slot, ..)| slot);
+        slot
+    }
 }
 
 impl fmt::Debug for Lwbuf<'_> {

@@ -5,7 +5,7 @@
 
 #![allow(dead_code, unused_macros)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use lwbuf::{system_page_size, Backing, Mmu, ModelMmu, Page, PhysMem, Window};
 
@@ -102,4 +102,27 @@ pub fn stamped_run(mem: &PhysMem, n: usize) -> Vec<Page> {
     let run = mem.alloc_run(n).expect("alloc_run");
     run.iter().for_each(stamp);
     run
+}
+
+/// What tests leak on purpose (to get `'static` borrows for thread-locals
+/// and threads), kept reachable from a static so that leak checkers (Miri,
+/// LeakSanitizer) know it is meant to live until the process exits.
+static LEAKED: Mutex<Vec<&'static dyn Sync>> = Mutex::new(Vec::new());
+
+/// Leak `v` for the rest of the process (see `LEAKED`).
+pub fn leak<T: Sync + 'static>(v: T) -> &'static T {
+    let r: &'static T = Box::leak(Box::new(v));
+    LEAKED.lock().unwrap().push(r);
+    r
+}
+
+/// Runs its closure when dropped (in a thread-local: at thread exit).
+pub struct RunOnDrop(pub Option<Box<dyn FnOnce()>>);
+
+impl Drop for RunOnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
 }
