@@ -21,7 +21,9 @@
 //!   `CpuGuard::map_local` (no handle) instead of `alloc`.
 //!
 //! After the groups, the summary measures each library cycle and its raw
-//! cycle side by side (alternating rounds, median per-round ratio) and
+//! cycle side by side (alternating rounds, median per-round ratio; the raw
+//! cycle maps the library's own memfd, so both touch the same frames, and
+//! an A/A line shows what a memfd of its own would have moved) and
 //! checks the target: the strict cycle at most 1.2x the raw strict cycle
 //! per page. The lazy cycle beside the raw in-place cycle is reported, with
 //! the system calls each cycle made per granule.
@@ -46,7 +48,8 @@ use raw::{Config, Cycle, RawMap};
 
 const GROUP: &str = "granule_miss";
 const RAW_GROUP: &str = "map_cycle_raw";
-/// Huge pages needed: the library's memory and the raw cycle's side by side.
+/// Huge pages needed: the library's memory, which the raw cycle shares,
+/// and in the summary the raw cycle's own memfd for its A/A line.
 const HUGE_NEEDED: usize = 2 * raw::HUGE_PAGES;
 
 /// The library's memory for one configuration: every frame allocated (in
@@ -297,11 +300,30 @@ fn summary() {
     let ns = || raw::now().as_nanos() as f64;
     for &cfg in &cfgs {
         let m = Memory::new(cfg);
-        let mut rawm = RawMap::for_config(cfg).expect("raw memfd and window");
-        // Pages per round and side: ~10 ms of small-page cycles.
-        let pages = if cfg.huge { 1 << 17 } else { 1 << 13 };
+        // The raw cycle maps the library's own memfd: the same frames in
+        // the same state (see `RawMap::sharing`).
+        let fd = m.mem.memfd().expect("a memfd backing");
+        let mut rawm = RawMap::sharing(fd, cfg.bytes(), cfg.granule).expect("raw window");
+        // Pages per round and side: whole passes round the memory (at
+        // least ~10 ms of small-page cycles), so that every granule either
+        // side maps was last mapped one round before, by one side or the
+        // other: neither finds its pages warmer in the caches.
+        let pages = cfg.bytes() / raw::PAGE * if cfg.huge { 16 } else { 1 };
         let iters = (pages / cfg.granule).max(1);
         println!("  {}:", label(cfg));
+        {
+            // A/A: the same raw cycle over a memfd of its own, as this
+            // bench measured it before: what placement alone moves.
+            let mut own = RawMap::for_config(cfg).expect("raw memfd and window");
+            let p = common::paired(ROUNDS, iters, ns, |_| own.cycle(Cycle::Strict), |_| rawm.cycle(Cycle::Strict));
+            let g = cfg.granule as f64;
+            println!(
+                "    A/A, raw strict over its own memfd: {:.1} ns / over the library's {:.1} ns = {:.2}x (reported)",
+                p.a_ns / g,
+                p.b_ns / g,
+                p.ratio
+            );
+        }
         for r in RECLAIMS {
             let how = raw_cycle(r);
             for cache in CACHES {
