@@ -425,6 +425,10 @@ pub mod mutants {
         /// An sf_buf evictor that took a pinned entry off the LRU does not
         /// count the pins again, so a pin given back meanwhile relists nothing.
         UnlistNoRecount,
+        /// An sf_buf evictor that took a pinned entry off the LRU reads the
+        /// pins with no barrier between, though the pinned release it races
+        /// issues only the light one.
+        UnlistLight,
         /// An sf_buf evictor gives up when its number of looks runs out,
         /// though an unused entry is still listed.
         LooksRunShort,

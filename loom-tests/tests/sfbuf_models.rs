@@ -411,6 +411,15 @@ fn sfbuf_stale_pin_reuse_mutant_no_recount() {
     expect_failure("sfbuf_stale_pin_reuse", Mutant::UnlistNoRecount, stale_pin_reuse);
 }
 
+/// A pinned release issues only the light barrier (`handle.rs`, 12): an
+/// evictor that unlists with no barrier of its own before it counts the
+/// pins again can miss that release's decrement while the release misses
+/// the unlisting, and `g` stays unlisted.
+#[test]
+fn sfbuf_stale_pin_reuse_mutant_unlist_light() {
+    expect_failure("sfbuf_stale_pin_reuse", Mutant::UnlistLight, stale_pin_reuse);
+}
+
 /// (`miss.rs`, 13) The hitter's alloc of `f` may miss and need `g`'s slot
 /// while the main thread pins `g` and then trims to a cap of 0: while the
 /// miss's look has `g` popped, the trim sees an empty LRU and stops. An

@@ -18,7 +18,13 @@
 //!     which generation).
 //! 12. A pinned release on an entry still listed, with the LRU within
 //!     `max_excess`, does what a last release would (nothing to push, no
-//!     trim) by writing only its pin; it still wakes waiters after its fence.
+//!     trim) by writing only its pin; it still wakes waiters. Its barrier
+//!     between the pin's store and the state's load is the light one: the
+//!     two parties that can make that read stale (an evictor taking the
+//!     entry off the LRU, `miss.rs`, 10; a waiter going to sleep,
+//!     `wait.rs`) issue the heavy barrier before they read the pins. Only
+//!     when the entry is unlisted or the LRU over its cap does it fence
+//!     fully and read the state again, as 11 needs.
 //!
 //! The loom model `sfbuf_pin_vs_eviction` checks 9-12 and fails when the
 //! evictor ignores pins (`PinUnchecked`); `sfbuf_two_pins_vs_eviction` races
@@ -46,7 +52,7 @@ use super::SfPool;
 use crate::kaddr::Kaddr;
 use crate::kva::{Hold, MapKey};
 use crate::phys::Page;
-use crate::sync::{fence, Ordering};
+use crate::sync::{barrier, fence, Ordering};
 
 // === impl SfBuf ===
 
@@ -180,13 +186,21 @@ impl SfPool {
         } else {
             self.pin_cell(rows.shared, slot as usize).fetch_sub(1, Ordering::Release);
         }
-        // SeqCst: against an evictor that takes the entry off the LRU and
-        // then reads the pins (`after_unlisting`): either it sees this
-        // decrement, or we see `ON_LRU` cleared below and list it again.
-        // It is also the fence of the wake-up argument (`wait.rs`).
-        fence(Ordering::SeqCst);
+        // The light barrier (12): against an evictor that takes the entry
+        // off the LRU, issues the heavy barrier and then reads the pins
+        // (`after_unlisting`): either it sees this decrement, or we see
+        // `ON_LRU` cleared below and take the full path. Likewise against
+        // a waiter's heavy barrier (`wait.rs`). Not a full fence: that
+        // would wait for every load before it, and a holder's last read of
+        // the page (a TLB miss, a cache miss) would then be paid in full by
+        // each release instead of overlapping the next page's work.
+        barrier::light();
         let s = self.entries[slot as usize].state.load(Ordering::Relaxed);
         if !s.is_listed() || self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
+            // The full path reads the state after a full fence, against
+            // the other kind of last release (11), which fences fully too.
+            fence(Ordering::SeqCst);
+            let s = self.entries[slot as usize].state.load(Ordering::Relaxed);
             self.after_release(slot as usize, s);
         } else {
             // A waiter may be waiting for this entry to become evictable.

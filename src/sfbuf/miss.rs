@@ -31,7 +31,8 @@
 //!     Either it sees a hitter's pin, or that hitter's second read sees
 //!     `REVOKED` and it backs off: no pin is missed, so an entry is killed
 //!     only with no reference of either kind. A pinned entry is taken off
-//!     the LRU as an entry in use is (and counted again: `handle.rs`, 11);
+//!     the LRU as an entry in use is (and counted again after a second
+//!     heavy barrier: `handle.rs`, 11-12);
 //!     `REVOKED` and `PINNED` are cleared when a look finds it unused
 //!     (second chance), so a cold entry's eviction costs no `membarrier`.
 //!
@@ -76,7 +77,7 @@ use crate::error::Result;
 use crate::kva::{MapKey, Mapping, SlotRun};
 use crate::phys::Pfn;
 use crate::sync::barrier;
-use crate::sync::{fence, lock, Ordering};
+use crate::sync::{lock, Ordering};
 
 /// What the evictor decided about an LRU entry.
 enum Verdict {
@@ -306,11 +307,15 @@ impl SfPool {
     }
 
     /// The evictor's half of the race with a last pinned release (see
-    /// `after_release`; `handle.rs`, 11): having taken the entry off the
-    /// LRU, fence, and if the pins are gone meanwhile, put it back (unless
-    /// that release did).
+    /// `after_release`; `handle.rs`, 11-12): having taken the entry off the
+    /// LRU, issue the heavy barrier, and if the pins are gone meanwhile, put
+    /// it back (unless that release did).
     fn after_unlisting(&self, slot: usize, e: &Entry) -> Verdict {
-        fence(Ordering::SeqCst);
+        // Heavy: a pinned release's barrier is the light one (`handle.rs`,
+        // 12).
+        if !crate::sync::mutant!(UnlistLight) {
+            barrier::heavy();
+        }
         if crate::sync::mutant!(UnlistNoRecount) || self.pinned(slot) != 0 {
             return Verdict::InUse;
         }

@@ -6,12 +6,14 @@
 //! waiters. The lost-wake-up argument, with `gen` a counter bumped by every
 //! room-making event that finds a waiter:
 //!
-//! - A waiter announces itself (`waiters += 1`), then a SeqCst fence, reads
+//! - A waiter announces itself (`waiters += 1`), then the heavy barrier
+//!   (`membarrier`; a SeqCst fence without it), reads
 //!   `gen`, makes its attempt *without* the queue mutex (so an attempt that
 //!   itself makes room can wake others without deadlocking), then takes the
 //!   mutex and sleeps only if `gen` has not moved.
-//! - A releaser makes room, then a SeqCst fence, then reads `waiters`; only
-//!   if there is one does it bump `gen` and notify under the mutex.
+//! - A releaser makes room, then a SeqCst fence (a pinned release: the
+//!   light barrier, which the heavy one pairs with), then reads `waiters`;
+//!   only if there is one does it bump `gen` and notify under the mutex.
 //!
 //! The two fences make the announcement and the room a store-buffering
 //! pair: either the releaser sees the waiter, or every attempt the waiter
@@ -43,7 +45,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::sync::{fence, lock, thread_local, Arc, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{barrier, fence, lock, thread_local, Arc, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
 
 // The queue whose attempt this thread is running in `sleep_loop` (its
 // address, 0 for none) and how many times the attempt bumped its `gen`.
@@ -296,8 +298,9 @@ impl WaitQueue {
         attempt: &mut impl FnMut() -> Result<Option<T>>,
     ) -> Result<T> {
         self.waiters.fetch_add(1, Ordering::SeqCst);
-        // Pairs with the fence in `wake` (module docs).
-        fence(Ordering::SeqCst);
+        // Pairs with the fence in `wake` (module docs), and, heavy, with
+        // the light barrier of a pinned release (`handle.rs`, 12).
+        barrier::heavy();
         let stop = || {
             if self.closed.load(Ordering::SeqCst) {
                 Some(Error::Closed)
