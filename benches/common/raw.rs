@@ -123,6 +123,7 @@ impl RawMap {
     /// library maps. Timing two memfds against each other measures where
     /// their pages happen to lie as much as the code: two raw cycles, each
     /// over its own memfd, differed by up to 1.4x here.
+    #[allow(dead_code, reason = "used by benches/granule.rs, not benches/baseline.rs")]
     pub fn sharing(fd: BorrowedFd<'_>, bytes: usize, granule: usize) -> io::Result<RawMap> {
         RawMap::over(fd.try_clone_to_owned()?, bytes, granule)
     }
