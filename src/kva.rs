@@ -423,13 +423,15 @@ impl KvaSpace {
     /// frames of this window's memory.
     pub(crate) fn run_key<'a>(&self, pages: &'a [Page]) -> Result<(MapKey, Hold<'a>)> {
         let first = pages.first().ok_or_else(|| Error::config("pages", "a run needs at least one page"))?;
-        // One pass (a huge-page run is 512 pages): every page of this
-        // memory, and each frame the one after the last.
-        let pfn0 = first.pfn().0;
-        for (n, p) in pages.iter().enumerate() {
-            self.check_page(p)?;
-            if p.pfn().0 != pfn0.wrapping_add(n) {
-                return Err(Error::config("pages", format!("frame {} breaks the run at index {n}", p.pfn().0)));
+        // Every page of this memory, and each frame the one after the last.
+        if !Page::is_run_of(pages, &self.phys) {
+            // Which page, for the error: a second pass, only on failure.
+            let pfn0 = first.pfn().0;
+            for (n, p) in pages.iter().enumerate() {
+                self.check_page(p)?;
+                if p.pfn().0 != pfn0.wrapping_add(n) {
+                    return Err(Error::config("pages", format!("frame {} breaks the run at index {n}", p.pfn().0)));
+                }
             }
         }
         let key = self.key_of(first.pfn().0, pages.len());

@@ -74,6 +74,18 @@ impl Page {
         self.mem_id == mem.id()
     }
 
+    /// Whether `pages` are frames of `mem` whose numbers follow one another
+    /// from the first's. One pass with no branch per page (a huge-page run
+    /// is 512 pages, checked at every mapping of it): the differences are
+    /// or-ed together and tested once.
+    pub(crate) fn is_run_of(pages: &[Page], mem: &PhysMem) -> bool {
+        let Some(first) = pages.first() else { return false };
+        let (id, pfn0) = (mem.id(), first.pfn.0);
+        let off = pages.iter().zip(pfn0..).fold(0usize, |acc, (p, want)| acc | (p.mem_id ^ id) | (p.pfn.0 ^ want));
+        // `pfn0..` cannot wrap: frame numbers index a memory.
+        off == 0
+    }
+
     /// The memory this frame belongs to.
     #[inline]
     pub fn phys(&self) -> &PhysMem {
@@ -176,5 +188,27 @@ mod tests {
         assert_eq!(contiguous_prefix(&[], 4), 0);
         let gap = vec![run[0].clone(), run[1].clone(), run[3].clone()];
         assert_eq!(contiguous_prefix(&gap, 16), 2);
+    }
+
+    #[test]
+    fn a_run_is_contiguous_frames_of_one_memory() {
+        let mem = PhysMem::builder().frames(16).backing(Backing::Heap).build().expect("phys");
+        let other = PhysMem::builder().frames(16).backing(Backing::Heap).build().expect("phys");
+        let run = mem.alloc_run(6).expect("run");
+        assert!(Page::is_run_of(&run, &mem));
+        assert!(Page::is_run_of(&run[2..3], &mem));
+        assert!(!Page::is_run_of(&[], &mem));
+        assert!(!Page::is_run_of(&run, &other));
+        // A gap, a repeat, the wrong order, and a page of another memory
+        // in the middle: each breaks the run wherever it is.
+        let swapped = vec![run[0].clone(), run[2].clone(), run[1].clone()];
+        assert!(!Page::is_run_of(&swapped, &mem));
+        let repeat = vec![run[4].clone(), run[4].clone()];
+        assert!(!Page::is_run_of(&repeat, &mem));
+        let foreign = other.alloc_run(6).expect("run");
+        let mut mixed: Vec<Page> = run.clone();
+        mixed[5] = foreign[5].clone();
+        assert!(!Page::is_run_of(&mixed, &mem));
+        assert!(!Page::is_run_of(&run[..5].iter().chain(&run[1..2]).cloned().collect::<Vec<_>>(), &mem));
     }
 }
