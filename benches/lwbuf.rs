@@ -36,9 +36,8 @@
 //! measures each thread's own CPU time instead (`CLOCK_THREAD_CPUTIME_ID`),
 //! under group names ending in `_cpu` so criterion keeps the two apart.
 
-use std::cell::{Cell, UnsafeCell};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -49,8 +48,11 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 mod common;
+#[path = "common/floor.rs"]
+mod floor;
 
 use common::median_ns;
+use floor::Floor;
 use lwbuf::{pin_to_core, CpuGuard, Lwbuf, Lwbufs, Mmu, Page, PhysMem, Slot, Window};
 
 /// Frames the hot benchmarks cycle through (all cached on CPU 0).
@@ -175,133 +177,33 @@ impl Fixture {
     }
 }
 
-thread_local! {
-    /// (d)'s CPU binding: (system id, CPU), as the library keeps it.
-    static FLOOR_CPU: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
-}
-
-/// (d): a per-CPU reference-counted mapping cache stripped to what its
-/// protocol needs on a hit, over the same window mappings as (a): find the
-/// calling thread's CPU (a thread-local), enter the CPU's cache as its owner
-/// (a flag store, a compiler barrier, a load of the stealer's flag), check
-/// for mail, find the frame's entry in a flat table, count the reference
-/// (and the unused entries, and the hit), leave; read; and on release the
-/// same entry and exit with the count going down and the excess limit
-/// checked. No page validation, no handle, no `Result`, no granule, no
-/// statistics beyond the hit count: a floor, not a usable cache.
-struct Floor {
-    id: usize,
-    inside: AtomicBool,
-    stealing: AtomicBool,
-    mail: AtomicUsize,
-    max_excess: AtomicUsize,
-    local: UnsafeCell<FloorLocal>,
-    /// The lowest frame number of the fixture (table index 0).
+/// (d) over the fixture: the floor's entries are its frames (numbered from
+/// the lowest), each cached at the address lwbuf maps it at on CPU 0.
+struct FixtureFloor {
+    floor: Floor,
+    /// The lowest frame number of the fixture (entry 0).
     base: usize,
 }
 
-struct FloorLocal {
-    table: Vec<FloorEntry>,
-    unused: usize,
-    hits: u64,
-    newest: usize,
-}
-
-struct FloorEntry {
-    addr: *const u8,
-    refs: u32,
-    referenced: bool,
-}
-
-impl Floor {
-    /// Over `f`'s frames, every one cached (unused) at the address lwbuf
-    /// maps it at on CPU 0.
-    fn new(f: &Fixture) -> Floor {
+impl FixtureFloor {
+    fn new(f: &Fixture) -> FixtureFloor {
         let base = f.pages.iter().map(|p| p.pfn().0).min().expect("frames");
         let top = f.pages.iter().map(|p| p.pfn().0).max().expect("frames");
-        let mut table: Vec<FloorEntry> =
-            (base..=top).map(|_| FloorEntry { addr: std::ptr::null(), refs: 0, referenced: false }).collect();
+        let floor = Floor::new(top - base + 1);
         for p in &f.pages {
             let h = f.lw.alloc(p).expect("alloc");
-            table[p.pfn().0 - base].addr = h.kva().expect("kva").as_ptr();
+            // SAFETY: a whole frame, mapped by the fixture's cache (cached
+            // after this handle goes) for the whole bench.
+            unsafe { floor.set_addr(p.pfn().0 - base, h.kva().expect("kva").as_ptr()) };
         }
-        let id = 1;
-        FLOOR_CPU.with(|c| c.set((id, 0)));
-        let local = FloorLocal { unused: f.pages.len(), table, hits: 0, newest: usize::MAX };
-        Floor {
-            id,
-            inside: AtomicBool::new(false),
-            stealing: AtomicBool::new(false),
-            mail: AtomicUsize::new(0),
-            max_excess: AtomicUsize::new(usize::MAX),
-            local: UnsafeCell::new(local),
-            base,
-        }
-    }
-
-    #[inline(always)]
-    fn cpu(&self) -> Option<usize> {
-        FLOOR_CPU.with(|c| {
-            let (id, cpu) = c.get();
-            (id == self.id).then_some(cpu)
-        })
-    }
-
-    #[inline(always)]
-    fn enter(&self) {
-        self.inside.store(true, Ordering::Relaxed);
-        std::sync::atomic::compiler_fence(Ordering::SeqCst);
-        assert!(!self.stealing.load(Ordering::Acquire), "no stealer in the bench");
-    }
-
-    #[inline(always)]
-    fn leave(&self) {
-        self.inside.store(false, Ordering::Release);
+        FixtureFloor { floor, base }
     }
 
     /// (d) for step `i` of the sequence (the bench thread's CPU is 0).
     #[inline(always)]
     fn hit_8(&self, f: &Fixture, i: usize) -> u64 {
         let (p, off) = f.seq[i & (SEQ - 1)];
-        let frame = f.pages[p].pfn().0 - self.base;
-        let home = self.cpu().expect("bound");
-        self.enter();
-        assert_eq!(self.mail.load(Ordering::Relaxed), 0, "no mail in the bench");
-        let addr = {
-            // SAFETY: `Floor` is not `Sync` (the cell), so only this thread
-            // reaches `local`, and no other reference to it is alive.
-            let l = unsafe { &mut *self.local.get() };
-            let e = &mut l.table[frame];
-            e.refs += 1;
-            let (addr, first) = (e.addr, e.refs == 1);
-            if first {
-                l.unused -= 1;
-            }
-            l.hits += 1;
-            addr
-        };
-        self.leave();
-        assert_eq!(self.cpu(), Some(home));
-        // SAFETY: `addr` is a window mapping of a whole frame, held by the
-        // fixture's cache for the whole bench; `off + 8 <= frame size` and
-        // is 8-aligned.
-        let v = unsafe { (*addr.add(off).cast::<AtomicU64>()).load(Ordering::Relaxed) };
-        if self.cpu() == Some(home) {
-            let max = self.max_excess.load(Ordering::Relaxed);
-            self.enter();
-            // SAFETY: as above.
-            let l = unsafe { &mut *self.local.get() };
-            let newest = l.newest;
-            let e = &mut l.table[frame];
-            e.refs -= 1;
-            if e.refs == 0 {
-                e.referenced |= frame != newest;
-                l.unused += 1;
-                assert!(l.unused <= max, "no eviction in the bench");
-            }
-            self.leave();
-        }
-        v
+        self.floor.hit(f.pages[p].pfn().0 - self.base, off)
     }
 }
 
@@ -678,7 +580,7 @@ fn summary(clock: Clock) {
     let r = common::paired(31, 20_000, ns, |i| f.local_hit_8(&_cpu0, i), |i| f.hit_8(i));
     println!("  (e) map_local hit {:.1} ns / (a) hit {:.1} ns = {:.2}x (reported)", r.a_ns, r.b_ns, r.ratio);
     // (d): the least any per-CPU reference-counted cache does per hit.
-    let floor = Floor::new(&f);
+    let floor = FixtureFloor::new(&f);
     let r = common::paired(31, 20_000, ns, |i| floor.hit_8(&f, i), |i| f.direct_8(i));
     println!(
         "  (d) protocol floor {:.1} ns / (b) direct map {:.1} ns = {:.2}x (reported: what the target leaves a hit)",

@@ -161,6 +161,17 @@ impl RawMap {
     /// One cycle over the next granule; returns the sum of the words read.
     #[inline]
     pub fn cycle(&mut self, how: Cycle) -> u64 {
+        // SAFETY: inside the granule just mapped (`cycle_with`'s contract).
+        self.cycle_with(how, |_, win, off| unsafe { win.add(off).cast::<u64>().read_volatile() })
+    }
+
+    /// [`cycle`](Self::cycle) with each page's word read by `read(granule,
+    /// window, offset)`: the granule's number, the window where it is
+    /// mapped now, and the page's offset in it (a multiple of [`PAGE`],
+    /// below the granule's bytes).
+    #[inline(always)]
+    pub fn cycle_with(&mut self, how: Cycle, mut read: impl FnMut(usize, *const u8, usize) -> u64) -> u64 {
+        let granule = self.next;
         let len = self.granule * PAGE;
         let offset = (self.next * len) as libc::off_t;
         self.next = (self.next + 1) % self.granules;
@@ -180,8 +191,7 @@ impl RawMap {
         assert_eq!(p.cast::<u8>(), self.win, "mmap(MAP_FIXED): {}", io::Error::last_os_error());
         let mut sum = 0u64;
         for off in (0..len).step_by(PAGE) {
-            // SAFETY: inside the granule just mapped.
-            sum = sum.wrapping_add(unsafe { self.win.add(off).cast::<u64>().read_volatile() });
+            sum = sum.wrapping_add(read(granule, self.win, off));
         }
         if how == Cycle::Strict {
             // SAFETY: as above: ours, and nothing refers to it.
