@@ -222,6 +222,10 @@ pub(crate) mod env {
 /// fences are sound within the model, so Miri checks everything built on
 /// the pair as a kernel without `membarrier` runs it. Under loom likewise:
 /// the models check the store-buffering argument the real pair implements.
+/// What neither can check is that every party a light side races issues
+/// the heavy side and not a plain fence: against a `SeqCst` fence the light
+/// side is no barrier at all. That is argued where each light side is used
+/// (`cpu::owned`; the sf_buf pool's `hit.rs`, 9, and `handle.rs`, 12).
 #[cfg(not(loom))]
 pub(crate) mod barrier {
     use std::sync::atomic::{compiler_fence, fence, AtomicU8, Ordering};

@@ -19,12 +19,21 @@
 //! 12. A pinned release on an entry still listed, with the LRU within
 //!     `max_excess`, does what a last release would (nothing to push, no
 //!     trim) by writing only its pin; it still wakes waiters. Its barrier
-//!     between the pin's store and the state's load is the light one: the
-//!     two parties that can make that read stale (an evictor taking the
-//!     entry off the LRU, `miss.rs`, 10; a waiter going to sleep,
-//!     `wait.rs`) issue the heavy barrier before they read the pins. Only
-//!     when the entry is unlisted or the LRU over its cap does it fence
-//!     fully and read the state again, as 11 needs.
+//!     between the pin's store and the state's load is the light one, so
+//!     whoever can make that read stale issues the heavy barrier before
+//!     it reads the pins: an evictor taking the entry off the LRU
+//!     (`miss.rs`, 10), whether the entry is held through pins or through
+//!     its count with `PINNED` set, and a waiter going to sleep
+//!     (`wait.rs`). The second case matters: a pin and a central
+//!     reference can be out at once (a hitter that lost the race to set
+//!     `PINNED` takes the lock-free path), the evictor unlists the entry
+//!     for the central reference, the pinned release reads it as still
+//!     listed and takes the fast path, and the last central release,
+//!     fenced but not paired with a light barrier, can still see the pin
+//!     and list nothing; the evictor's second count after its heavy
+//!     barrier sees the pin gone and lists the entry again. Only when the
+//!     entry is unlisted or the LRU over its cap does the pinned release
+//!     fence fully and read the state again, as 11 needs.
 //!
 //! The loom model `sfbuf_pin_vs_eviction` checks 9-12 and fails when the
 //! evictor ignores pins (`PinUnchecked`); `sfbuf_two_pins_vs_eviction` races

@@ -31,8 +31,9 @@
 //!     Either it sees a hitter's pin, or that hitter's second read sees
 //!     `REVOKED` and it backs off: no pin is missed, so an entry is killed
 //!     only with no reference of either kind. A pinned entry is taken off
-//!     the LRU as an entry in use is (and counted again after a second
-//!     heavy barrier: `handle.rs`, 11-12);
+//!     the LRU as an entry in use is, and counted again after a second
+//!     heavy barrier, as is an entry in use through its count with
+//!     `PINNED` set (`handle.rs`, 11-12);
 //!     `REVOKED` and `PINNED` are cleared when a look finds it unused
 //!     (second chance), so a cold entry's eviction costs no `membarrier`.
 //!

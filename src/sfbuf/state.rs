@@ -275,11 +275,12 @@ pub(super) enum Look {
     /// Used since the last pass: left listed, `REFERENCED` (and the pin
     /// flags) cleared.
     SecondChance,
-    /// Held through its own count: taken off the LRU; its last release
-    /// lists it again.
+    /// Held through its own count, with no pin out: taken off the LRU;
+    /// its last release lists it again.
     InUse,
-    /// Held through pins: taken off the LRU; the caller counts the pins
-    /// again (`handle.rs`, 11).
+    /// Held through pins (or through its count with `PINNED` set): taken
+    /// off the LRU; the caller issues the heavy barrier and counts the pins
+    /// again (`handle.rs`, 11-12).
     Unlisted,
 }
 
@@ -418,8 +419,13 @@ impl AtomicState {
                 return Step::Set(s.killed(), Look::Evict);
             }
             if s.ref_count() != 0 {
-                // In use: off the LRU; its last release puts it back.
-                return Step::Set(s.unlisted(), Look::InUse);
+                // In use: off the LRU; its last release puts it back. With
+                // `PINNED` a pin may be out too, and its release reads the
+                // state behind the light barrier only: `Unlisted`, so the
+                // evictor counts the pins again behind the heavy one
+                // (`handle.rs`, 12).
+                let seen = if s.is_pinned() { Look::Unlisted } else { Look::InUse };
+                return Step::Set(s.unlisted(), seen);
             }
             // With no PINNED, no pin was taken since the entry was last
             // found unused, and none can be without changing the state: no
