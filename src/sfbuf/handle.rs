@@ -33,7 +33,10 @@
 //!     and list nothing; the evictor's second count after its heavy
 //!     barrier sees the pin gone and lists the entry again. Only when the
 //!     entry is unlisted or the LRU over its cap does the pinned release
-//!     fence fully and read the state again, as 11 needs.
+//!     fence fully and read the state again, as 11 needs. A pin that backs
+//!     off (`hit.rs`, 9) may be out while `PINNED` is clear, where no
+//!     evictor recounts; its give-back fences fully, pairing with the last
+//!     central release's fence as in 11.
 //!
 //! The loom model `sfbuf_pin_vs_eviction` checks 9-12 and fails when the
 //! evictor ignores pins (`PinUnchecked`); `sfbuf_two_pins_vs_eviction` races
@@ -180,6 +183,23 @@ impl SfPool {
     /// LRU within its cap, that is all a last release would do (it would
     /// push nothing and trim nothing), so nothing shared is written (12).
     pub(super) fn unpin(&self, slot: u32, pin: u32) {
+        self.unpin_with(slot, pin, false);
+    }
+
+    /// [`unpin`](Self::unpin) of a pin that backed off (`hit.rs`, 9), with
+    /// a full fence in place of the light barrier: `PINNED` may be clear
+    /// while such a pin is out (an evictor counted none and gave the entry
+    /// a second chance, or killed it and the slot was reused), so an
+    /// evictor may unlist the entry for a central reference without the
+    /// heavy barrier and recount of 12; the last central release then
+    /// fences and reads the pins, and this release's fence pairs with it
+    /// (11).
+    pub(super) fn unpin_fenced(&self, slot: u32, pin: u32) {
+        self.unpin_with(slot, pin, true);
+    }
+
+    #[inline(always)]
+    fn unpin_with(&self, slot: u32, pin: u32, fenced: bool) {
         // Release: the evictor's Acquire read of the pins sees every access
         // this holder made through the address before it unmaps. The row's
         // owner takes its pin back out of its own row with a load and a
@@ -203,7 +223,11 @@ impl SfPool {
         // would wait for every load before it, and a holder's last read of
         // the page (a TLB miss, a cache miss) would then be paid in full by
         // each release instead of overlapping the next page's work.
-        barrier::light();
+        if fenced {
+            fence(Ordering::SeqCst);
+        } else {
+            barrier::light();
+        }
         let s = self.entries[slot as usize].state.load(Ordering::Relaxed);
         if !s.is_listed() || self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
             // The full path reads the state after a full fence, against

@@ -218,14 +218,17 @@ impl SfPool {
         if !s.pin_holds(now) {
             // A full release, not just the decrement: an evictor may have
             // counted this pin and taken the entry off the LRU meanwhile.
-            self.unpin(slot, pin);
+            // Fenced fully: `PINNED` may be clear with this pin out, and
+            // then no evictor recounts behind the heavy barrier
+            // (`handle.rs`, 12).
+            self.unpin_fenced(slot, pin);
             return None;
         }
         // Another frame of the hint's bucket, or a wrapped generation (7-8),
         // as in `try_hint`.
         #[cfg(not(loom))]
         if e.key() != key {
-            self.unpin(slot, pin);
+            self.unpin_fenced(slot, pin);
             return None;
         }
         if !now.is_referenced() {
