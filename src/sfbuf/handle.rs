@@ -24,7 +24,9 @@
 //!     it reads the pins: an evictor taking the entry off the LRU
 //!     (`miss.rs`, 10), whether the entry is held through pins or through
 //!     its count with `PINNED` set, and a waiter going to sleep
-//!     (`wait.rs`). The second case matters: a pin and a central
+//!     (`wait.rs`), and an evictor deciding that nothing on the LRU is
+//!     unused, which the release's read of the LRU's length races
+//!     (`SfPool::evictable`). The second case matters: a pin and a central
 //!     reference can be out at once (a hitter that lost the race to set
 //!     `PINNED` takes the lock-free path), the evictor unlists the entry
 //!     for the central reference, the pinned release reads it as still

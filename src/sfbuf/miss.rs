@@ -377,9 +377,14 @@ impl SfPool {
         }
     }
 
-    /// Unused entries on the LRU now (a scan: for the rare exits of `trim`
-    /// and of `evict_one`, and the stats).
+    /// Unused entries on the LRU now: a scan, for the rare exits of `trim`
+    /// and of `evict_one` (13). Behind the heavy barrier, so that the pins
+    /// it reads include those of every pinned release that read the LRU's
+    /// length behind only the light barrier (`handle.rs`, 12): such a
+    /// release saw the LRU within its cap and trimmed nothing, and a scan
+    /// that still saw its pin would stop with the LRU over the cap.
     fn evictable(&self) -> usize {
+        barrier::heavy();
         self.entries
             .iter()
             .enumerate()
