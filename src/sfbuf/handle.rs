@@ -35,7 +35,12 @@
 //!     and list nothing; the evictor's second count after its heavy
 //!     barrier sees the pin gone and lists the entry again. Only when the
 //!     entry is unlisted or the LRU over its cap does the pinned release
-//!     fence fully and read the state again, as 11 needs. A pin that backs
+//!     fence fully and read the state again, as 11 needs. A last central
+//!     release that still sees a pin the fast path gave back returns
+//!     without listing, trimming or waking, and a heavy barrier elsewhere
+//!     covers each: the listing by the evictor's recount above, the trim
+//!     by `SfPool::evictable` (an evictor stops with the LRU over its cap
+//!     only after it), the wake-up by the waiter's own. A pin that backs
 //!     off (`hit.rs`, 9) may be out while `PINNED` is clear, where no
 //!     evictor recounts; its give-back fences fully, pairing with the last
 //!     central release's fence as in 11.
