@@ -544,6 +544,7 @@ fn summary() {
             r.a_ns, r.b_ns, r.ratio
         );
     }
+    heavy_barrier_cost();
     if let Some(r) = ratio(m(GROUP_THREADS, "sfbuf_hit_1_thread"), m(GROUP_THREADS, "sfbuf_hit_2_threads")) {
         let agg = 2.0 * r;
         println!(
@@ -569,6 +570,52 @@ fn summary() {
     if let Some(r) = ratio(m(GROUP_RUN, "single_x64_per_page"), m(GROUP_RUN, "run_of_64_per_page")) {
         println!("  single mapping / run mapping, per page = {r:.1}x (target >= 10x: {})", verdict(r >= 10.0));
     }
+}
+
+/// What the pool's heavy barrier costs (`membarrier(PRIVATE_EXPEDITED)`,
+/// `src/sync.rs`): an evictor issues one for each entry it takes back from
+/// pinned hits, and a waiter before it sleeps. It interrupts every other
+/// CPU that is running a thread of the process, so its price depends on
+/// whether one is: reported alone, and with a second thread spinning.
+fn heavy_barrier_cost() {
+    // The pools built above registered the process (MEMBARRIER_CMD_
+    // REGISTER_PRIVATE_EXPEDITED); MEMBARRIER_CMD_PRIVATE_EXPEDITED is 8.
+    let barrier = || {
+        // SAFETY: a system call with integer arguments only.
+        unsafe { libc::syscall(libc::SYS_membarrier, 8, 0, 0) }
+    };
+    if barrier() != 0 {
+        println!("  (reported) heavy barrier: n/a (membarrier is not available here)");
+        return;
+    }
+    let per_call = || {
+        let mut v: Vec<f64> = (0..11)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..500 {
+                    barrier();
+                }
+                t.elapsed().as_nanos() as f64 / 500.0
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let alone = per_call();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let with_sibling = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        let ns = per_call();
+        stop.store(true, Ordering::Relaxed);
+        ns
+    });
+    println!(
+        "  (reported) heavy barrier (membarrier): {alone:.0} ns alone, {with_sibling:.0} ns with a second thread running on another CPU"
+    );
 }
 
 fn main() {

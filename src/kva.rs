@@ -441,13 +441,6 @@ impl KvaSpace {
         Ok((key, pages))
     }
 
-    /// The key and hold for one page of this window's memory.
-    #[inline]
-    pub(crate) fn page_key<'a>(&self, page: &'a Page) -> Result<(MapKey, Hold<'a>)> {
-        self.check_page(page)?;
-        Ok((self.key_of(page.pfn().0, 1), std::slice::from_ref(page)))
-    }
-
     /// Claim adjacent free slots for a mapping of `pages` frames (whole
     /// granules).
     ///

@@ -201,10 +201,24 @@ impl Striped {
     #[inline(always)]
     pub(super) fn add(&self, n: u64) {
         #[cfg(not(loom))]
-        let (s, mine) = claim::stripe();
+        let stripe = claim::stripe();
         // Under loom the counters always share (see `STRIPES`).
         #[cfg(loom)]
-        let (s, mine) = (SHARED, false);
+        let stripe = (SHARED, false);
+        self.add_in(stripe, n);
+    }
+
+    /// [`add`](Self::add) by a thread that already looked up its stripe
+    /// (`thread_stripe`).
+    #[inline(always)]
+    pub(super) fn add_in(&self, stripe: (usize, bool), n: u64) {
+        // Under loom the counters always share (see `STRIPES`).
+        #[cfg(loom)]
+        let stripe = {
+            let _ = stripe;
+            (SHARED, false)
+        };
+        let (s, mine) = stripe;
         let c = &self.cells[s];
         // Relaxed: statistics only. An exclusive cell has one writer, this
         // thread, so a load and a store lose nothing.

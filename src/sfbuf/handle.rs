@@ -189,6 +189,7 @@ impl SfPool {
     /// Give back a pinned reference. On an entry still on the LRU, with the
     /// LRU within its cap, that is all a last release would do (it would
     /// push nothing and trim nothing), so nothing shared is written (12).
+    #[inline(always)]
     pub(super) fn unpin(&self, slot: u32, pin: u32) {
         self.unpin_with(slot, pin, false);
     }
@@ -237,15 +238,23 @@ impl SfPool {
         }
         let s = self.entries[slot as usize].state.load(Ordering::Relaxed);
         if !s.is_listed() || self.lru_len.load(Ordering::Relaxed) > self.max_excess() {
-            // The full path reads the state after a full fence, against
-            // the other kind of last release (11), which fences fully too.
-            fence(Ordering::SeqCst);
-            let s = self.entries[slot as usize].state.load(Ordering::Relaxed);
-            self.after_release(slot as usize, s);
+            self.unpin_full(slot);
         } else {
             // A waiter may be waiting for this entry to become evictable.
             self.waitq.wake_fenced();
         }
+    }
+
+    /// The rest of a pinned release that found the entry off the LRU or
+    /// the LRU over its cap: out of the inlined release.
+    #[cold]
+    #[inline(never)]
+    fn unpin_full(&self, slot: u32) {
+        // The full path reads the state after a full fence, against the
+        // other kind of last release (11), which fences fully too.
+        fence(Ordering::SeqCst);
+        let s = self.entries[slot as usize].state.load(Ordering::Relaxed);
+        self.after_release(slot as usize, s);
     }
 
     /// After a release that may have been the entry's last (its own count

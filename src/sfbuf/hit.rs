@@ -143,6 +143,14 @@ pub(super) struct PinRows {
     pub(super) shared: usize,
 }
 
+impl PinRows {
+    /// The rows of a thread of statistics stripe `s` (its own if `alone`).
+    #[inline(always)]
+    fn of((s, alone): (usize, bool)) -> PinRows {
+        PinRows { own: (alone && s < PIN_STRIPES).then_some(s), shared: shared_row(s) }
+    }
+}
+
 /// The shared row of a thread of statistics stripe `stripe`.
 #[inline]
 fn shared_row(stripe: usize) -> usize {
@@ -155,8 +163,7 @@ impl SfPool {
     /// the next holder continues the row: `counter.rs`).
     #[inline]
     pub(super) fn pin_rows(&self) -> PinRows {
-        let (s, alone) = super::counter::thread_stripe();
-        PinRows { own: (alone && s < PIN_STRIPES).then_some(s), shared: shared_row(s) }
+        PinRows::of(super::counter::thread_stripe())
     }
 }
 
@@ -165,10 +172,19 @@ impl SfPool {
     /// through the map.
     #[inline(always)]
     pub(super) fn try_cached<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Option<SfBuf<'a>> {
-        if let Some(b) = self.try_pin(key, hold) {
-            return Some(b);
+        self.try_cached_at(key, self.kva.granule_index(key), hold)
+    }
+
+    /// [`try_cached`](Self::try_cached) with `key`'s granule number
+    /// (`None`: not a granule key, which only the map can find).
+    #[inline(always)]
+    pub(super) fn try_cached_at<'a>(&'a self, key: MapKey, index: Option<usize>, hold: Hold<'a>) -> Option<SfBuf<'a>> {
+        if let Some(index) = index {
+            if let Some(b) = self.try_pin(key, index, hold) {
+                return Some(b);
+            }
         }
-        let (slot, addr) = self.try_hint(key).or_else(|| self.try_hit(key))?;
+        let (slot, addr) = index.and_then(|i| self.try_hint(key, i)).or_else(|| self.try_hit(key))?;
         self.counters.hits.inc();
         Some(self.handle(key, hold, slot, addr))
     }
@@ -177,8 +193,8 @@ impl SfPool {
     /// reference in this thread's row of pins, writing no line another core
     /// writes.
     #[inline(always)]
-    fn try_pin<'a>(&'a self, key: MapKey, hold: Hold<'a>) -> Option<SfBuf<'a>> {
-        let Hint { slot, gen } = self.hint.get(self.kva.granule_index(key)?)?;
+    fn try_pin<'a>(&'a self, key: MapKey, index: usize, hold: Hold<'a>) -> Option<SfBuf<'a>> {
+        let Hint { slot, gen } = self.hint.get(index)?;
         let e = &self.entries[slot as usize];
         // Acquire: pairs with the Release store that published this
         // generation (7): the key and address read below are its own.
@@ -197,7 +213,10 @@ impl SfPool {
             // once.
             s = e.state.mark_pinned(s)?;
         }
-        let rows = self.pin_rows();
+        // The thread's stripe, once: its rows of pins and its cell of the
+        // hit counter below.
+        let stripe = super::counter::thread_stripe();
+        let rows = PinRows::of(stripe);
         let row = rows.own.unwrap_or(rows.shared);
         let cell = self.pin_cell(row, slot as usize);
         if rows.own.is_some() {
@@ -236,7 +255,7 @@ impl SfPool {
             // used through pins.
             e.state.mark_referenced();
         }
-        self.counters.hits.inc();
+        self.counters.hits.add_in(stripe, 1);
         let addr = self.kva.addr_in(key, self.addr_of(e), hold[0].pfn().0);
         Some(SfBuf { pool: self, hold, slot, addr, pin })
     }
@@ -245,7 +264,8 @@ impl SfPool {
     /// pairs of cache lines, so that no two rows share a line.
     #[inline(always)]
     pub(super) fn pin_cell(&self, row: usize, slot: usize) -> &AtomicU64 {
-        &self.pins[row * pin_row_len(self.entries.len()) + slot]
+        debug_assert_eq!(self.pin_stride, pin_row_len(self.entries.len()));
+        &self.pins[row * self.pin_stride + slot]
     }
 
     /// The pinned references on `slot`, with Acquire (see `unpin`): the
@@ -259,8 +279,11 @@ impl SfPool {
     /// The lock-free hit (6-8): take a reference on the generation the
     /// frame's hint names, if it is still live.
     #[inline]
-    fn try_hint(&self, key: MapKey) -> Option<(u32, NonNull<u8>)> {
-        let Hint { slot, gen } = self.hint.get(self.kva.granule_index(key)?)?;
+    fn try_hint(&self, key: MapKey, index: usize) -> Option<(u32, NonNull<u8>)> {
+        // Under loom the key check below is skipped.
+        #[cfg(loom)]
+        let _ = key;
+        let Hint { slot, gen } = self.hint.get(index)?;
         let e = &self.entries[slot as usize];
         let unchecked = crate::sync::mutant!(HintUnchecked);
         // The first CAS guesses the usual state of a cached entry instead of

@@ -94,7 +94,8 @@ impl SfPoolBuilder {
         let refused = |what: &str, bytes: usize| {
             Error::config("slots", format!("{cap} slots: the pool's {what} ({bytes} bytes) cannot be allocated"))
         };
-        let pin_count = PIN_ROWS * pin_row_len(cap);
+        let pin_stride = pin_row_len(cap);
+        let pin_count = PIN_ROWS * pin_stride;
         let pins = crate::sync::try_zeroed::<AtomicU64>(pin_count)
             .ok_or_else(|| refused("pin rows", pin_count.saturating_mul(8)))?;
         let entries = crate::sync::try_table(cap, || CachePadded::new(Entry::new()))
@@ -110,6 +111,7 @@ impl SfPoolBuilder {
             map: ConcurrentMap::new(self.shards),
             hint,
             pins,
+            pin_stride,
             entries,
             lru: Mutex::new(Lru::default()),
             lru_len: AtomicUsize::new(0),
@@ -176,6 +178,8 @@ pub struct SfPool {
     /// `handle.rs`, 11-12); the first `PIN_STRIPES` rows each written by
     /// the one thread that owns it, the others shared.
     pub(super) pins: Box<[AtomicU64]>,
+    /// Counts in a row of `pins` (`pin_row_len` of the slots).
+    pub(super) pin_stride: usize,
     pub(super) entries: Box<[CachePadded<Entry>]>,
     pub(super) lru: Mutex<Lru>,
     /// Mirror of the LRU's length, for the lock-free check on release.
@@ -274,8 +278,16 @@ impl SfPool {
     /// kernel refuses and nothing is left to evict, without waiting.
     #[inline(always)]
     pub fn alloc<'a>(&'a self, page: &'a Page, how: Wait<'_>) -> Result<SfBuf<'a>> {
-        let (key, hold) = self.kva.page_key(page)?;
-        self.alloc_key(key, hold, how)
+        // A single page's key and granule number without a branch (one
+        // page is always within one granule): the per-page hit path.
+        self.kva.check_page(page)?;
+        let (key, index) = self.kva.page_granule(page.pfn().0);
+        let hold = std::slice::from_ref(page);
+        self.check_open()?;
+        if let Some(b) = self.try_cached_at(key, Some(index), hold) {
+            return Ok(b);
+        }
+        self.alloc_miss(key, hold, how)
     }
 
     /// Map a run of pages whose frames are contiguous into adjacent slots
