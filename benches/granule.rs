@@ -26,7 +26,10 @@
 //! an A/A line shows what a memfd of its own would have moved) and
 //! checks the target: the strict cycle at most 1.2x the raw strict cycle
 //! per page. The lazy cycle beside the raw in-place cycle is reported, with
-//! the system calls each cycle made per granule.
+//! the system calls each cycle made per granule. Also reported, per
+//! configuration: where the per-page strict cycles of sf_buf and lwbuf
+//! spend a granule (the miss, the first read, the first release with its
+//! eviction, the other pages).
 //!
 //! `cargo bench --bench granule`; `LWBUF_BENCH_CLOCK=cpu` times by the
 //! thread's CPU time (groups end in `_cpu`). Huge pages: as root,
@@ -358,6 +361,7 @@ fn summary() {
                 p.ratio
             );
         }
+        breakdown(&m);
         for r in RECLAIMS {
             let how = raw_cycle(r);
             for cache in CACHES {
@@ -383,6 +387,85 @@ fn summary() {
             }
         }
     }
+}
+
+/// Where a page-at-a-time strict cycle spends a granule, sf_buf and lwbuf
+/// in alternating rounds (reported): the first page's `alloc` (the miss
+/// that maps the granule), its read, its release (the last release of a
+/// fresh entry, which trims the LRU: the eviction of the granule before
+/// last), and the other G - 1 pages (hits, reads, releases). ns per granule,
+/// medians of the rounds, by wall time whatever the bench's clock (five
+/// readings a granule: the thread's CPU clock is a system call). Each
+/// reading waits for the instructions before it, so the parts add up to a
+/// little more than the cycle's time, and the reads overlap less.
+fn breakdown(m: &Memory) {
+    const ROUNDS: usize = 11;
+    let pool = m.pool(Reclaim::Strict);
+    let lw = m.lwbufs(Reclaim::Strict);
+    let _cpu0 = lw.bind(0).expect("bind");
+    let granules = m.pages.len() / m.granule;
+    let t0 = std::time::Instant::now();
+    let ns = || t0.elapsed().as_nanos() as f64;
+    // [side][part]: per round, ns per granule.
+    let mut parts: [[Vec<f64>; 4]; 2] = Default::default();
+    let (mut k, mut sum) = (0usize, 0u64);
+    for round in 0..ROUNDS {
+        for i in 0..2 {
+            // Alternate which side goes first.
+            let side = (i + round) % 2;
+            let mut t = [0f64; 4];
+            for _ in 0..granules {
+                k += 1;
+                let pages = m.granule_pages(k);
+                let (a, b, c, d, e);
+                if side == 0 {
+                    a = ns();
+                    let h = pool.alloc(&pages[0], Wait::NoWait).expect("alloc");
+                    b = ns();
+                    sum = sum.wrapping_add(h.kva().read_u64(0).expect("read"));
+                    c = ns();
+                    drop(h);
+                    d = ns();
+                    for p in &pages[1..] {
+                        let h = pool.alloc(p, Wait::NoWait).expect("alloc");
+                        sum = sum.wrapping_add(h.kva().read_u64(0).expect("read"));
+                    }
+                    e = ns();
+                } else {
+                    a = ns();
+                    let h = lw.alloc(&pages[0]).expect("alloc");
+                    b = ns();
+                    sum = sum.wrapping_add(h.kva().expect("kva").read_u64(0).expect("read"));
+                    c = ns();
+                    drop(h);
+                    d = ns();
+                    for p in &pages[1..] {
+                        let h = lw.alloc(p).expect("alloc");
+                        sum = sum.wrapping_add(h.kva().expect("kva").read_u64(0).expect("read"));
+                    }
+                    e = ns();
+                }
+                for (part, (from, to)) in [(a, b), (b, c), (c, d), (d, e)].into_iter().enumerate() {
+                    t[part] += to - from;
+                }
+            }
+            for (part, v) in t.iter().enumerate() {
+                parts[side][part].push(v / granules as f64);
+            }
+        }
+    }
+    black_box(sum);
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let names = ["first alloc (miss)", "first read", "first release (trim)", "the other pages"];
+    let mut line = "    breakdown per granule, sfbuf / lwbuf (reported):".to_owned();
+    for (part, name) in names.iter().enumerate() {
+        let (a, b) = (med(&mut parts[0][part]), med(&mut parts[1][part]));
+        line += &format!(" {name} {a:.0} / {b:.0} ns,");
+    }
+    println!("{}", line.trim_end_matches(','));
 }
 
 fn main() {
