@@ -6,9 +6,9 @@
 //!   with a mapping granule of G frames over a window of two granules and
 //!   `max_excess(1)`, going round the granules of 64 MiB of populated
 //!   memory (32 MiB of huge pages for `_g512_huge`). Per granule: `alloc`
-//!   each of its G pages in turn (the first a miss that maps the granule
-//!   and evicts the granule before last, the other G-1 hits), read one word
-//!   of each through the handle, drop it. Time per page. `lwbuf_strict_gG`
+//!   each of its G pages in turn (the first a miss that maps the granule,
+//!   whose release evicts the granule before last; the other G-1 hits),
+//!   read one word of each through the handle, drop it. Time per page. `lwbuf_strict_gG`
 //!   and `sfbuf_strict_gG` with `Reclaim::Strict` (the eviction remaps the
 //!   old granule `PROT_NONE`: the raw `strict` cycle); `..._lazy_gG` with
 //!   `Reclaim::Lazy` (the miss maps over the evicted granule in place: the
@@ -396,8 +396,10 @@ fn summary() {
 /// last), and the other G - 1 pages (hits, reads, releases). ns per granule,
 /// medians of the rounds, by wall time whatever the bench's clock (five
 /// readings a granule: the thread's CPU clock is a system call). Each
-/// reading waits for the instructions before it, so the parts add up to a
-/// little more than the cycle's time, and the reads overlap less.
+/// reading waits for the instructions before it (the clock's read is
+/// ordered on x86-64), so the parts add up to a little more than the
+/// cycle's time, and the reads overlap less; a pair of readings costs
+/// about 30 ns (the G=1 line's "other pages", where there are none).
 fn breakdown(m: &Memory) {
     const ROUNDS: usize = 11;
     let pool = m.pool(Reclaim::Strict);

@@ -603,12 +603,18 @@ fn heavy_barrier_cost() {
     };
     let alone = per_call();
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = std::sync::atomic::AtomicBool::new(false);
     let with_sibling = std::thread::scope(|s| {
         s.spawn(|| {
+            started.store(true, Ordering::Relaxed);
             while !stop.load(Ordering::Relaxed) {
                 std::hint::spin_loop();
             }
         });
+        // Time only once the sibling runs.
+        while !started.load(Ordering::Relaxed) {
+            std::hint::spin_loop();
+        }
         let ns = per_call();
         stop.store(true, Ordering::Relaxed);
         ns
