@@ -107,12 +107,7 @@ impl Memory {
     /// allocated, one word read, released.
     #[inline(always)]
     fn lw_cycle(&self, lw: &Lwbufs, k: usize) -> u64 {
-        let mut sum = 0u64;
-        for p in self.granule_pages(k) {
-            let h = lw.alloc(p).expect("alloc");
-            sum = sum.wrapping_add(h.kva().expect("kva").read_u64(0).expect("read"));
-        }
-        sum
+        lw_pages(lw, self.granule_pages(k))
     }
 
     /// Granule `k` through `cpu`'s `map_local`, a page at a time, one word
@@ -146,13 +141,31 @@ impl Memory {
     /// Granule `k` through `pool`, as [`lw_cycle`](Self::lw_cycle).
     #[inline(always)]
     fn sf_cycle(&self, pool: &SfPool, k: usize) -> u64 {
-        let mut sum = 0u64;
-        for p in self.granule_pages(k) {
-            let h = pool.alloc(p, Wait::NoWait).expect("alloc");
-            sum = sum.wrapping_add(h.kva().read_u64(0).expect("read"));
-        }
-        sum
+        sf_pages(pool, self.granule_pages(k))
     }
+}
+
+/// `pages` through `lw`, a handle at a time: each allocated, one word read,
+/// released.
+#[inline(always)]
+fn lw_pages(lw: &Lwbufs, pages: &[Page]) -> u64 {
+    let mut sum = 0u64;
+    for p in pages {
+        let h = lw.alloc(p).expect("alloc");
+        sum = sum.wrapping_add(h.kva().expect("kva").read_u64(0).expect("read"));
+    }
+    sum
+}
+
+/// `pages` through `pool`, as [`lw_pages`].
+#[inline(always)]
+fn sf_pages(pool: &SfPool, pages: &[Page]) -> u64 {
+    let mut sum = 0u64;
+    for p in pages {
+        let h = pool.alloc(p, Wait::NoWait).expect("alloc");
+        sum = sum.wrapping_add(h.kva().read_u64(0).expect("read"));
+    }
+    sum
 }
 
 /// Which cache and API, for the benchmark ids and the summary: a handle
@@ -428,10 +441,7 @@ fn breakdown(m: &Memory) {
                     c = ns();
                     drop(h);
                     d = ns();
-                    for p in &pages[1..] {
-                        let h = pool.alloc(p, Wait::NoWait).expect("alloc");
-                        sum = sum.wrapping_add(h.kva().read_u64(0).expect("read"));
-                    }
+                    sum = sum.wrapping_add(sf_pages(&pool, &pages[1..]));
                     e = ns();
                 } else {
                     a = ns();
@@ -441,10 +451,7 @@ fn breakdown(m: &Memory) {
                     c = ns();
                     drop(h);
                     d = ns();
-                    for p in &pages[1..] {
-                        let h = lw.alloc(p).expect("alloc");
-                        sum = sum.wrapping_add(h.kva().expect("kva").read_u64(0).expect("read"));
-                    }
+                    sum = sum.wrapping_add(lw_pages(&lw, &pages[1..]));
                     e = ns();
                 }
                 for (part, (from, to)) in [(a, b), (b, c), (c, d), (d, e)].into_iter().enumerate() {
@@ -457,14 +464,10 @@ fn breakdown(m: &Memory) {
         }
     }
     black_box(sum);
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let names = ["first alloc (miss)", "first read", "first release (trim)", "the other pages"];
     let mut line = "    breakdown per granule, sfbuf / lwbuf (reported):".to_owned();
     for (part, name) in names.iter().enumerate() {
-        let (a, b) = (med(&mut parts[0][part]), med(&mut parts[1][part]));
+        let (a, b) = (common::median(&mut parts[0][part]), common::median(&mut parts[1][part]));
         line += &format!(" {name} {a:.0} / {b:.0} ns,");
     }
     println!("{}", line.trim_end_matches(','));

@@ -598,8 +598,7 @@ fn heavy_barrier_cost() {
                 t.elapsed().as_nanos() as f64 / 500.0
             })
             .collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        common::median(&mut v)
     };
     let alone = per_call();
     let stop = std::sync::atomic::AtomicBool::new(false);

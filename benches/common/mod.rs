@@ -75,7 +75,8 @@ fn time<R>(iters: usize, clock: &impl Fn() -> f64, f: &mut impl FnMut(usize) -> 
     (clock() - t) / iters as f64
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// The median of `v` (sorted in place; the upper one of an even count).
+pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
